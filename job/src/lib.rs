@@ -1,0 +1,116 @@
+//! The job configuration: what to train, on what, with how many workers.
+//!
+//! The coordinator owns it (it loads the file and sends it to every worker as TOML); a worker
+//! in `--standalone` mode loads it itself. Both go through [`JobConfig::load`], which layers
+//! serde defaults → the TOML file → `MTL_SECTION__KEY` environment variables → `section.key=value`
+//! overrides from flags, rejects unknown keys and wrong types with the key's full path, and
+//! finally runs [`JobConfig::validate`] for invariants that span fields.
+#![warn(missing_docs)]
+
+mod error;
+mod schema;
+
+pub use error::JobConfigError;
+pub use schema::*;
+
+use std::path::Path;
+
+/// Environment variables with this prefix override config keys: `MTL_TRAIN__STEPS=10`.
+pub const ENV_PREFIX: &str = "MTL";
+
+impl JobConfig {
+    /// Loads and validates a job configuration.
+    ///
+    /// `file` is optional (defaults + overrides can make a complete job), `overrides` are
+    /// `section.key=value` strings as given on a command line, and `env` supplies the
+    /// environment (pass `std::env::vars()`; tests pass their own).
+    pub fn load(
+        file: Option<&Path>,
+        overrides: &[String],
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, JobConfigError> {
+        let mut builder = config::Config::builder();
+        if let Some(path) = file {
+            if !path.is_file() {
+                return Err(JobConfigError::MissingFile {
+                    path: path.to_owned(),
+                });
+            }
+            builder = builder.add_source(
+                config::File::from(path)
+                    .format(config::FileFormat::Toml)
+                    .required(true),
+            );
+        }
+        let prefix = format!("{ENV_PREFIX}_");
+        let env: config::Map<String, String> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(&prefix) && k.contains("__"))
+            .collect();
+        builder = builder.add_source(
+            config::Environment::with_prefix(ENV_PREFIX)
+                .prefix_separator("_")
+                .separator("__")
+                .try_parsing(true)
+                .source(Some(env)),
+        );
+        for item in overrides {
+            let (key, value) = item
+                .split_once('=')
+                .ok_or_else(|| JobConfigError::BadOverride { item: item.clone() })?;
+            builder = builder
+                .set_override(key.trim(), parse_scalar(value.trim()))
+                .map_err(|e| JobConfigError::Load {
+                    message: e.to_string(),
+                })?;
+        }
+        let merged = builder.build().map_err(|e| JobConfigError::Load {
+            message: e.to_string(),
+        })?;
+        let cfg: JobConfig =
+            serde_path_to_error::deserialize(merged).map_err(JobConfigError::from_serde)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Parses a configuration received as TOML (from the coordinator) and validates it.
+    pub fn from_toml(text: &str) -> Result<Self, JobConfigError> {
+        let de = toml::Deserializer::parse(text).map_err(|e| JobConfigError::Load {
+            message: e.to_string(),
+        })?;
+        let cfg: JobConfig =
+            serde_path_to_error::deserialize(de).map_err(JobConfigError::from_serde)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// The configuration as TOML, as sent to workers.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("a JobConfig always serialises")
+    }
+
+    /// A short hash of the configuration, stored in checkpoints to detect a changed job.
+    pub fn hash(&self) -> String {
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(self.to_toml().as_bytes());
+        digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+/// Values from `--set key=value` are typed like TOML scalars so `steps=10` is a number.
+fn parse_scalar(value: &str) -> config::Value {
+    if let Ok(v) = value.parse::<i64>() {
+        return v.into();
+    }
+    if let Ok(v) = value.parse::<f64>() {
+        return v.into();
+    }
+    match value {
+        "true" => true.into(),
+        "false" => false.into(),
+        _ => value.trim_matches('"').to_string().into(),
+    }
+}
+
+#[cfg(test)]
+mod tests;

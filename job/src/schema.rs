@@ -1,0 +1,175 @@
+//! The schema of a job file. Every field is documented; unknown keys are errors.
+use serde::{Deserialize, Serialize};
+
+use crate::JobConfigError;
+
+/// A whole job: one multi-task training run over one or more workers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobConfig {
+    /// Identity and reproducibility of the job.
+    pub job: JobSection,
+    /// Where the coordinator listens.
+    #[serde(default)]
+    pub server: ServerSection,
+    /// How workers join and how liveness is checked.
+    #[serde(default)]
+    pub rendezvous: RendezvousSection,
+    /// The optimisation schedule.
+    #[serde(default)]
+    pub train: TrainSection,
+}
+
+/// `[job]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSection {
+    /// Name of the job, shown in logs and status (required).
+    pub name: String,
+    /// Shared secret every RPC must carry; empty means no token is checked.
+    #[serde(default)]
+    pub token: String,
+    /// Seed for parameter init, data order and augmentation.
+    #[serde(default)]
+    pub seed: u64,
+}
+
+/// `[server]` (coordinator only)
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSection {
+    /// Address the coordinator's gRPC server binds, `host:port` (port 0 picks a free one).
+    pub listen: String,
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:50051".into(),
+        }
+    }
+}
+
+/// `[rendezvous]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RendezvousSection {
+    /// Workers needed before a generation forms.
+    pub min_workers: u32,
+    /// Workers admitted at most; 0 means equal to `min_workers`.
+    pub max_workers: u32,
+    /// How long a registering worker waits for the generation to form.
+    pub timeout_ms: u64,
+    /// How often workers send heartbeats.
+    pub heartbeat_interval_ms: u32,
+    /// A worker silent for this long is marked lost.
+    pub heartbeat_timeout_ms: u64,
+}
+
+impl Default for RendezvousSection {
+    fn default() -> Self {
+        Self {
+            min_workers: 1,
+            max_workers: 0,
+            timeout_ms: 300_000,
+            heartbeat_interval_ms: 1_000,
+            heartbeat_timeout_ms: 30_000,
+        }
+    }
+}
+
+impl RendezvousSection {
+    /// `max_workers` with its default resolved.
+    pub fn max_workers(&self) -> u32 {
+        if self.max_workers == 0 {
+            self.min_workers
+        } else {
+            self.max_workers
+        }
+    }
+}
+
+/// `[train]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainSection {
+    /// Optimizer steps to run.
+    pub steps: u64,
+    /// Samples per step on each rank.
+    pub batch_size: u32,
+    /// Peak learning rate.
+    pub lr: f64,
+}
+
+impl Default for TrainSection {
+    fn default() -> Self {
+        Self {
+            steps: 1,
+            batch_size: 8,
+            lr: 0.01,
+        }
+    }
+}
+
+impl JobConfig {
+    /// Checks invariants that serde cannot: ranges and relations between fields.
+    pub fn validate(&self) -> Result<(), JobConfigError> {
+        let invalid = |key: &str, message: String| JobConfigError::Invalid {
+            key: key.into(),
+            message,
+        };
+        if self.job.name.trim().is_empty() {
+            return Err(invalid("job.name", "must not be empty".into()));
+        }
+        if self.server.listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(invalid(
+                "server.listen",
+                format!(
+                    "`{}` is not a socket address like 127.0.0.1:50051",
+                    self.server.listen
+                ),
+            ));
+        }
+        let r = &self.rendezvous;
+        if r.min_workers == 0 {
+            return Err(invalid(
+                "rendezvous.min_workers",
+                "must be at least 1, got 0".into(),
+            ));
+        }
+        if r.max_workers != 0 && r.max_workers < r.min_workers {
+            return Err(invalid(
+                "rendezvous.max_workers",
+                format!(
+                    "{} is below rendezvous.min_workers = {}",
+                    r.max_workers, r.min_workers
+                ),
+            ));
+        }
+        if r.heartbeat_interval_ms == 0
+            || u64::from(r.heartbeat_interval_ms) >= r.heartbeat_timeout_ms
+        {
+            return Err(invalid(
+                "rendezvous.heartbeat_interval_ms",
+                format!(
+                    "{} must be positive and below rendezvous.heartbeat_timeout_ms = {}",
+                    r.heartbeat_interval_ms, r.heartbeat_timeout_ms
+                ),
+            ));
+        }
+        let t = &self.train;
+        if t.batch_size == 0 {
+            return Err(invalid(
+                "train.batch_size",
+                "must be at least 1, got 0".into(),
+            ));
+        }
+        if !(t.lr.is_finite() && t.lr > 0.0) {
+            return Err(invalid(
+                "train.lr",
+                format!("must be a positive number, got {}", t.lr),
+            ));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,125 @@
+use super::*;
+use std::io::Write;
+
+fn file(text: &str) -> tempfile::NamedTempFile {
+    let mut f = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    f.write_all(text.as_bytes()).unwrap();
+    f
+}
+
+fn load(text: &str) -> Result<JobConfig, JobConfigError> {
+    let f = file(text);
+    JobConfig::load(Some(f.path()), &[], Vec::new())
+}
+
+#[test]
+fn minimal_file_gets_defaults() {
+    let cfg = load("[job]\nname = \"a\"\n").unwrap();
+    assert_eq!(cfg.job.name, "a");
+    assert_eq!(cfg.rendezvous.min_workers, 1);
+    assert_eq!(cfg.rendezvous.max_workers(), 1);
+}
+
+#[test]
+fn unknown_key_is_named_with_its_section() {
+    let err = load("[job]\nname = \"a\"\n[train]\nstepz = 3\n").unwrap_err();
+    assert!(
+        matches!(&err, JobConfigError::UnknownKey { key, .. } if key == "train.stepz"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("steps"), "lists valid keys: {err}");
+}
+
+#[test]
+fn unknown_section_is_named() {
+    let err = load("[job]\nname = \"a\"\n[trian]\nsteps = 3\n").unwrap_err();
+    assert!(
+        matches!(&err, JobConfigError::UnknownKey { key, .. } if key == "trian"),
+        "{err}"
+    );
+}
+
+#[test]
+fn wrong_type_names_the_key() {
+    let err = load("[job]\nname = \"a\"\n[rendezvous]\nmin_workers = \"two\"\n").unwrap_err();
+    assert!(
+        matches!(&err, JobConfigError::Invalid { key, .. } if key == "rendezvous.min_workers"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("two"), "shows the value: {err}");
+}
+
+#[test]
+fn missing_required_key_is_named() {
+    let err = load("[job]\nseed = 1\n").unwrap_err();
+    assert!(
+        matches!(&err, JobConfigError::MissingKey { key } if key == "job.name"),
+        "{err}"
+    );
+}
+
+#[test]
+fn missing_file_is_named() {
+    let err = JobConfig::load(
+        Some(std::path::Path::new("/nonexistent/job.toml")),
+        &[],
+        Vec::new(),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("/nonexistent/job.toml"), "{err}");
+}
+
+#[test]
+fn syntax_error_names_the_file() {
+    let f = file("[job\nname = 1\n");
+    let err = JobConfig::load(Some(f.path()), &[], Vec::new()).unwrap_err();
+    let name = f.path().file_name().unwrap().to_string_lossy().to_string();
+    assert!(err.to_string().contains(&name), "{err}");
+}
+
+#[test]
+fn env_then_flags_override_the_file() {
+    let f = file("[job]\nname = \"a\"\n[train]\nsteps = 3\nbatch_size = 4\n");
+    let env = vec![
+        ("MTL_TRAIN__STEPS".to_string(), "7".to_string()),
+        ("MTL_TRAIN__BATCH_SIZE".to_string(), "5".to_string()),
+        ("UNRELATED".to_string(), "x".to_string()),
+    ];
+    let cfg = JobConfig::load(Some(f.path()), &["train.batch_size=6".into()], env).unwrap();
+    assert_eq!(cfg.train.steps, 7, "env beats file");
+    assert_eq!(cfg.train.batch_size, 6, "flag beats env");
+}
+
+#[test]
+fn unknown_env_key_is_an_error() {
+    let f = file("[job]\nname = \"a\"\n");
+    let env = vec![("MTL_TRAIN__STEPPS".to_string(), "7".to_string())];
+    let err = JobConfig::load(Some(f.path()), &[], env).unwrap_err();
+    assert!(
+        matches!(&err, JobConfigError::UnknownKey { key, .. } if key == "train.stepps"),
+        "{err}"
+    );
+}
+
+#[test]
+fn validate_checks_ranges_across_fields() {
+    let err =
+        load("[job]\nname = \"a\"\n[rendezvous]\nmin_workers = 3\nmax_workers = 2\n").unwrap_err();
+    assert!(
+        matches!(&err, JobConfigError::Invalid { key, .. } if key == "rendezvous.max_workers"),
+        "{err}"
+    );
+    let err = load("[job]\nname = \"a\"\n[train]\nlr = -1.0\n").unwrap_err();
+    assert!(
+        matches!(&err, JobConfigError::Invalid { key, .. } if key == "train.lr"),
+        "{err}"
+    );
+}
+
+#[test]
+fn toml_round_trip_is_identity() {
+    let cfg = load("[job]\nname = \"a\"\nseed = 9\n[train]\nsteps = 2\n").unwrap();
+    let back = JobConfig::from_toml(&cfg.to_toml()).unwrap();
+    assert_eq!(cfg, back);
+    assert_eq!(cfg.hash(), back.hash());
+}

@@ -1,0 +1,1 @@
+//! Metric math (placeholder until the metrics module lands).
