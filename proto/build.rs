@@ -4,8 +4,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protoc = protoc_bin_vendored::protoc_bin_path()?;
     // SAFETY: build scripts are single-threaded; tonic-prost-build reads PROTOC from the env.
     unsafe { std::env::set_var("PROTOC", protoc) };
-    tonic_prost_build::configure()
-        .compile_protos(&["proto/mtl/v1/coordinator.proto"], &["proto"])?;
+    tonic_prost_build::configure().compile_protos(&["proto/mtl/v1/coordinator.proto"], &["proto"])?;
     println!("cargo:rerun-if-changed=proto");
     Ok(())
 }

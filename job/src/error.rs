@@ -58,11 +58,7 @@ impl JobConfigError {
             }
         };
         // Strip the config crate's own "for key ..." suffix: we name the key ourselves.
-        let message = message
-            .split(" for key ")
-            .next()
-            .unwrap_or(&message)
-            .to_string();
+        let message = message.split(" for key ").next().unwrap_or(&message).to_string();
         if let Some(rest) = message.strip_prefix("unknown field `") {
             let (name, tail) = rest.split_once('`').unwrap_or((rest, ""));
             let expected = tail
@@ -70,11 +66,7 @@ impl JobConfigError {
                 .trim_start_matches(", expected ")
                 .replace('`', "");
             // The path already ends in the unknown name when the deserializer tracked it.
-            let key = if parent.rsplit('.').next() == Some(name) {
-                parent
-            } else {
-                join(name)
-            };
+            let key = if parent.rsplit('.').next() == Some(name) { parent } else { join(name) };
             return Self::UnknownKey { key, expected };
         }
         if let Some(rest) = message.strip_prefix("missing field `") {
@@ -82,13 +74,8 @@ impl JobConfigError {
             return Self::MissingKey { key: join(name) };
         }
         if let Some(rest) = message.strip_prefix("missing configuration field \"") {
-            return Self::MissingKey {
-                key: rest.trim_end_matches('"').to_string(),
-            };
+            return Self::MissingKey { key: rest.trim_end_matches('"').to_string() };
         }
-        Self::Invalid {
-            key: parent,
-            message,
-        }
+        Self::Invalid { key: parent, message }
     }
 }

@@ -32,21 +32,14 @@ impl JobConfig {
         let mut builder = config::Config::builder();
         if let Some(path) = file {
             if !path.is_file() {
-                return Err(JobConfigError::MissingFile {
-                    path: path.to_owned(),
-                });
+                return Err(JobConfigError::MissingFile { path: path.to_owned() });
             }
-            builder = builder.add_source(
-                config::File::from(path)
-                    .format(config::FileFormat::Toml)
-                    .required(true),
-            );
+            builder =
+                builder.add_source(config::File::from(path).format(config::FileFormat::Toml).required(true));
         }
         let prefix = format!("{ENV_PREFIX}_");
-        let env: config::Map<String, String> = env
-            .into_iter()
-            .filter(|(k, _)| k.starts_with(&prefix) && k.contains("__"))
-            .collect();
+        let env: config::Map<String, String> =
+            env.into_iter().filter(|(k, _)| k.starts_with(&prefix) && k.contains("__")).collect();
         builder = builder.add_source(
             config::Environment::with_prefix(ENV_PREFIX)
                 .prefix_separator("_")
@@ -55,31 +48,23 @@ impl JobConfig {
                 .source(Some(env)),
         );
         for item in overrides {
-            let (key, value) = item
-                .split_once('=')
-                .ok_or_else(|| JobConfigError::BadOverride { item: item.clone() })?;
+            let (key, value) =
+                item.split_once('=').ok_or_else(|| JobConfigError::BadOverride { item: item.clone() })?;
             builder = builder
                 .set_override(key.trim(), parse_scalar(value.trim()))
-                .map_err(|e| JobConfigError::Load {
-                    message: e.to_string(),
-                })?;
+                .map_err(|e| JobConfigError::Load { message: e.to_string() })?;
         }
-        let merged = builder.build().map_err(|e| JobConfigError::Load {
-            message: e.to_string(),
-        })?;
-        let cfg: JobConfig =
-            serde_path_to_error::deserialize(merged).map_err(JobConfigError::from_serde)?;
+        let merged = builder.build().map_err(|e| JobConfigError::Load { message: e.to_string() })?;
+        let cfg: JobConfig = serde_path_to_error::deserialize(merged).map_err(JobConfigError::from_serde)?;
         cfg.validate()?;
         Ok(cfg)
     }
 
     /// Parses a configuration received as TOML (from the coordinator) and validates it.
     pub fn from_toml(text: &str) -> Result<Self, JobConfigError> {
-        let de = toml::Deserializer::parse(text).map_err(|e| JobConfigError::Load {
-            message: e.to_string(),
-        })?;
-        let cfg: JobConfig =
-            serde_path_to_error::deserialize(de).map_err(JobConfigError::from_serde)?;
+        let de =
+            toml::Deserializer::parse(text).map_err(|e| JobConfigError::Load { message: e.to_string() })?;
+        let cfg: JobConfig = serde_path_to_error::deserialize(de).map_err(JobConfigError::from_serde)?;
         cfg.validate()?;
         Ok(cfg)
     }

@@ -44,9 +44,7 @@ pub struct ServerSection {
 
 impl Default for ServerSection {
     fn default() -> Self {
-        Self {
-            listen: "127.0.0.1:50051".into(),
-        }
+        Self { listen: "127.0.0.1:50051".into() }
     }
 }
 
@@ -103,52 +101,34 @@ pub struct TrainSection {
 
 impl Default for TrainSection {
     fn default() -> Self {
-        Self {
-            steps: 1,
-            batch_size: 8,
-            lr: 0.01,
-        }
+        Self { steps: 1, batch_size: 8, lr: 0.01 }
     }
 }
 
 impl JobConfig {
     /// Checks invariants that serde cannot: ranges and relations between fields.
     pub fn validate(&self) -> Result<(), JobConfigError> {
-        let invalid = |key: &str, message: String| JobConfigError::Invalid {
-            key: key.into(),
-            message,
-        };
+        let invalid = |key: &str, message: String| JobConfigError::Invalid { key: key.into(), message };
         if self.job.name.trim().is_empty() {
             return Err(invalid("job.name", "must not be empty".into()));
         }
         if self.server.listen.parse::<std::net::SocketAddr>().is_err() {
             return Err(invalid(
                 "server.listen",
-                format!(
-                    "`{}` is not a socket address like 127.0.0.1:50051",
-                    self.server.listen
-                ),
+                format!("`{}` is not a socket address like 127.0.0.1:50051", self.server.listen),
             ));
         }
         let r = &self.rendezvous;
         if r.min_workers == 0 {
-            return Err(invalid(
-                "rendezvous.min_workers",
-                "must be at least 1, got 0".into(),
-            ));
+            return Err(invalid("rendezvous.min_workers", "must be at least 1, got 0".into()));
         }
         if r.max_workers != 0 && r.max_workers < r.min_workers {
             return Err(invalid(
                 "rendezvous.max_workers",
-                format!(
-                    "{} is below rendezvous.min_workers = {}",
-                    r.max_workers, r.min_workers
-                ),
+                format!("{} is below rendezvous.min_workers = {}", r.max_workers, r.min_workers),
             ));
         }
-        if r.heartbeat_interval_ms == 0
-            || u64::from(r.heartbeat_interval_ms) >= r.heartbeat_timeout_ms
-        {
+        if r.heartbeat_interval_ms == 0 || u64::from(r.heartbeat_interval_ms) >= r.heartbeat_timeout_ms {
             return Err(invalid(
                 "rendezvous.heartbeat_interval_ms",
                 format!(
@@ -159,16 +139,10 @@ impl JobConfig {
         }
         let t = &self.train;
         if t.batch_size == 0 {
-            return Err(invalid(
-                "train.batch_size",
-                "must be at least 1, got 0".into(),
-            ));
+            return Err(invalid("train.batch_size", "must be at least 1, got 0".into()));
         }
         if !(t.lr.is_finite() && t.lr > 0.0) {
-            return Err(invalid(
-                "train.lr",
-                format!("must be a positive number, got {}", t.lr),
-            ));
+            return Err(invalid("train.lr", format!("must be a positive number, got {}", t.lr)));
         }
         Ok(())
     }

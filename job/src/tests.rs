@@ -23,49 +23,33 @@ fn minimal_file_gets_defaults() {
 #[test]
 fn unknown_key_is_named_with_its_section() {
     let err = load("[job]\nname = \"a\"\n[train]\nstepz = 3\n").unwrap_err();
-    assert!(
-        matches!(&err, JobConfigError::UnknownKey { key, .. } if key == "train.stepz"),
-        "{err}"
-    );
+    assert!(matches!(&err, JobConfigError::UnknownKey { key, .. } if key == "train.stepz"), "{err}");
     assert!(err.to_string().contains("steps"), "lists valid keys: {err}");
 }
 
 #[test]
 fn unknown_section_is_named() {
     let err = load("[job]\nname = \"a\"\n[trian]\nsteps = 3\n").unwrap_err();
-    assert!(
-        matches!(&err, JobConfigError::UnknownKey { key, .. } if key == "trian"),
-        "{err}"
-    );
+    assert!(matches!(&err, JobConfigError::UnknownKey { key, .. } if key == "trian"), "{err}");
 }
 
 #[test]
 fn wrong_type_names_the_key() {
     let err = load("[job]\nname = \"a\"\n[rendezvous]\nmin_workers = \"two\"\n").unwrap_err();
-    assert!(
-        matches!(&err, JobConfigError::Invalid { key, .. } if key == "rendezvous.min_workers"),
-        "{err}"
-    );
+    assert!(matches!(&err, JobConfigError::Invalid { key, .. } if key == "rendezvous.min_workers"), "{err}");
     assert!(err.to_string().contains("two"), "shows the value: {err}");
 }
 
 #[test]
 fn missing_required_key_is_named() {
     let err = load("[job]\nseed = 1\n").unwrap_err();
-    assert!(
-        matches!(&err, JobConfigError::MissingKey { key } if key == "job.name"),
-        "{err}"
-    );
+    assert!(matches!(&err, JobConfigError::MissingKey { key } if key == "job.name"), "{err}");
 }
 
 #[test]
 fn missing_file_is_named() {
-    let err = JobConfig::load(
-        Some(std::path::Path::new("/nonexistent/job.toml")),
-        &[],
-        Vec::new(),
-    )
-    .unwrap_err();
+    let err =
+        JobConfig::load(Some(std::path::Path::new("/nonexistent/job.toml")), &[], Vec::new()).unwrap_err();
     assert!(err.to_string().contains("/nonexistent/job.toml"), "{err}");
 }
 
@@ -95,25 +79,15 @@ fn unknown_env_key_is_an_error() {
     let f = file("[job]\nname = \"a\"\n");
     let env = vec![("MTL_TRAIN__STEPPS".to_string(), "7".to_string())];
     let err = JobConfig::load(Some(f.path()), &[], env).unwrap_err();
-    assert!(
-        matches!(&err, JobConfigError::UnknownKey { key, .. } if key == "train.stepps"),
-        "{err}"
-    );
+    assert!(matches!(&err, JobConfigError::UnknownKey { key, .. } if key == "train.stepps"), "{err}");
 }
 
 #[test]
 fn validate_checks_ranges_across_fields() {
-    let err =
-        load("[job]\nname = \"a\"\n[rendezvous]\nmin_workers = 3\nmax_workers = 2\n").unwrap_err();
-    assert!(
-        matches!(&err, JobConfigError::Invalid { key, .. } if key == "rendezvous.max_workers"),
-        "{err}"
-    );
+    let err = load("[job]\nname = \"a\"\n[rendezvous]\nmin_workers = 3\nmax_workers = 2\n").unwrap_err();
+    assert!(matches!(&err, JobConfigError::Invalid { key, .. } if key == "rendezvous.max_workers"), "{err}");
     let err = load("[job]\nname = \"a\"\n[train]\nlr = -1.0\n").unwrap_err();
-    assert!(
-        matches!(&err, JobConfigError::Invalid { key, .. } if key == "train.lr"),
-        "{err}"
-    );
+    assert!(matches!(&err, JobConfigError::Invalid { key, .. } if key == "train.lr"), "{err}");
 }
 
 #[test]

@@ -1,0 +1,105 @@
+//! The coordinator: the control plane of a multi-task training job.
+//!
+//! It owns the job configuration, forms generations of workers (rendezvous), watches their
+//! heartbeats, records the metrics they report and decides when the job is over. It never
+//! touches tensors and does not link LibTorch. Layout: [`state`] is the job's state machine
+//! (pure, clock passed in), `service` is its gRPC face, [`run`] wires them to a listener.
+#![warn(missing_docs)]
+
+mod error;
+mod service;
+pub mod state;
+pub mod status;
+
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub use error::CoordinatorError;
+pub use mtl_job::JobConfig;
+use mtl_proto::v1::coordinator_server::CoordinatorServer;
+pub use state::Phase;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::service::{CoordinatorService, Shared};
+use crate::state::JobState;
+
+/// How a job ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobOutcome {
+    /// Every worker finished.
+    Finished,
+    /// A worker failed or was lost.
+    Failed(String),
+    /// The shutdown signal arrived first.
+    Interrupted,
+}
+
+/// What [`run`] returns: how the job ended and its final status (workers, metrics history).
+#[derive(Debug, Clone)]
+pub struct JobReport {
+    /// How the job ended.
+    pub outcome: JobOutcome,
+    /// The job's status at the end.
+    pub status: mtl_proto::v1::JobStatus,
+}
+
+/// Serves the job on `listener` until it finishes, fails, or `shutdown` resolves.
+pub async fn run(
+    cfg: JobConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<JobReport, CoordinatorError> {
+    let addr = listener.local_addr().ok();
+    let heartbeat_check = Duration::from_millis(u64::from(cfg.rendezvous.heartbeat_interval_ms));
+    let (changed_tx, mut changed_rx) = watch::channel(());
+    let shared = Shared {
+        rendezvous_timeout: Duration::from_millis(cfg.rendezvous.timeout_ms),
+        min_workers: cfg.rendezvous.min_workers,
+        state: Arc::new(Mutex::new(JobState::new(cfg))),
+        changed_tx: Arc::new(changed_tx),
+    };
+    tracing::info!(?addr, "coordinator serving");
+
+    let outcome = {
+        let shared = shared.clone();
+        async move {
+            let mut tick = tokio::time::interval(heartbeat_check);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {
+                        if !shared.lock().check_liveness(Instant::now()).is_empty() {
+                            shared.changed_tx.send_replace(());
+                        }
+                    }
+                    changed = changed_rx.changed() => if changed.is_err() { return JobOutcome::Interrupted },
+                }
+                match shared.lock().phase() {
+                    Phase::Finished => return JobOutcome::Finished,
+                    Phase::Failed(reason) => return JobOutcome::Failed(reason.clone()),
+                    _ => {}
+                }
+            }
+        }
+    };
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<JobOutcome>();
+    let outcome_or_shutdown = async move {
+        let outcome = tokio::select! {
+            outcome = outcome => outcome,
+            _ = shutdown => JobOutcome::Interrupted,
+        };
+        let _ = stop_tx.send(outcome);
+    };
+    let server = tonic::transport::Server::builder()
+        .add_service(CoordinatorServer::new(CoordinatorService { shared: shared.clone() }))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            outcome_or_shutdown,
+        );
+    server.await?;
+    let outcome = stop_rx.await.unwrap_or(JobOutcome::Interrupted);
+    tracing::info!(?outcome, "coordinator done");
+    let status = shared.lock().status();
+    Ok(JobReport { outcome, status })
+}

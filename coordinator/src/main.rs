@@ -1,0 +1,108 @@
+//! `coordinator`: serve a training job, or print the status of a running one.
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use mtl_coordinator::{JobConfig, JobOutcome};
+
+#[derive(Parser)]
+#[command(version, about = "Control plane of a distributed multi-task vision training job")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Load a job config, serve it to workers until the job finishes or fails.
+    ///
+    /// Config layers: defaults, then the file, then MTL_SECTION__KEY environment variables,
+    /// then --set flags. Exit status: 0 finished, 1 failed, 2 bad config, 130 interrupted.
+    Serve {
+        /// The job file (TOML).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Address to listen on, overriding `server.listen` (e.g. 0.0.0.0:50051).
+        #[arg(long)]
+        listen: Option<String>,
+        /// Override any config key: --set train.steps=100 (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+        /// Write the bound address to this file once listening (for scripts using port 0).
+        #[arg(long)]
+        addr_file: Option<PathBuf>,
+    },
+    /// Print a running job's state, workers and latest metrics.
+    Status {
+        /// The coordinator's address, e.g. http://127.0.0.1:50051.
+        #[arg(long, default_value = "http://127.0.0.1:50051")]
+        addr: String,
+        /// The job token, if the job has one.
+        #[arg(long, env = "MTL_JOB_TOKEN", default_value = "")]
+        token: String,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    match cli.command {
+        Command::Serve { config, listen, mut overrides, addr_file } => {
+            if let Some(listen) = listen {
+                overrides.push(format!("server.listen={listen}"));
+            }
+            let cfg = match JobConfig::load(Some(&config), &overrides, std::env::vars()) {
+                Ok(cfg) => cfg,
+                Err(err) => {
+                    eprintln!("error: {err}");
+                    return ExitCode::from(2);
+                }
+            };
+            match runtime.block_on(serve(cfg, addr_file)) {
+                Ok(JobOutcome::Finished) => ExitCode::SUCCESS,
+                Ok(JobOutcome::Failed(reason)) => {
+                    eprintln!("error: job failed: {reason}");
+                    ExitCode::from(1)
+                }
+                Ok(JobOutcome::Interrupted) => ExitCode::from(130),
+                Err(err) => {
+                    eprintln!("error: {err:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Command::Status { addr, token } => {
+            match runtime.block_on(mtl_coordinator::status::print(&addr, &token)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(err) => {
+                    eprintln!("error: {err:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+    }
+}
+
+async fn serve(cfg: JobConfig, addr_file: Option<PathBuf>) -> anyhow::Result<JobOutcome> {
+    let listener = tokio::net::TcpListener::bind(&cfg.server.listen)
+        .await
+        .with_context(|| format!("cannot listen on server.listen = {}", cfg.server.listen))?;
+    let addr = listener.local_addr()?;
+    if let Some(path) = addr_file {
+        std::fs::write(&path, addr.to_string()).with_context(|| format!("writing {}", path.display()))?;
+    }
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let report = mtl_coordinator::run(cfg, listener, shutdown).await?;
+    print!("{}", mtl_coordinator::status::render(&report.status));
+    Ok(report.outcome)
+}

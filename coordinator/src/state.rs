@@ -1,0 +1,350 @@
+//! The job's state machine: rendezvous into generations, liveness, metrics history, completion.
+//! Pure logic behind a mutex; the gRPC service only translates requests into these calls, and
+//! time is passed in (`now`) so liveness is testable without sleeping.
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use mtl_job::JobConfig;
+use mtl_proto::v1::{
+    Directive, JobStatus, MetricPoint, MetricsKind, MetricsReport, Peer, RegisterResponse, WorkerStatus,
+};
+
+use crate::CoordinatorError;
+
+/// Where the job is in its life.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Phase {
+    /// Waiting for `min_workers` registrations.
+    Rendezvous,
+    /// A generation is training.
+    Running,
+    /// Every worker left successfully.
+    Finished,
+    /// A worker failed or was lost; the message says which and why.
+    Failed(String),
+}
+
+impl Phase {
+    fn name(&self) -> &'static str {
+        match self {
+            Phase::Rendezvous => "rendezvous",
+            Phase::Running => "running",
+            Phase::Finished => "finished",
+            Phase::Failed(_) => "failed",
+        }
+    }
+}
+
+/// What a worker said about itself when registering.
+#[derive(Debug, Clone)]
+pub(crate) struct WorkerInfo {
+    pub(crate) worker_id: String,
+    pub(crate) host: String,
+    pub(crate) device: String,
+    pub(crate) peer_addr: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MemberState {
+    Active,
+    Left,
+    Failed,
+    Lost,
+}
+
+#[derive(Debug)]
+struct Member {
+    info: WorkerInfo,
+    state: MemberState,
+    last_seen: Instant,
+    last_step: u64,
+}
+
+#[derive(Debug)]
+struct Generation {
+    id: u64,
+    /// Ordered by rank.
+    members: Vec<Member>,
+}
+
+/// The whole mutable state of one job.
+#[derive(Debug)]
+pub(crate) struct JobState {
+    cfg: JobConfig,
+    config_toml: String,
+    phase: Phase,
+    pending: BTreeMap<String, WorkerInfo>,
+    generation: Option<Generation>,
+    next_generation: u64,
+    history: Vec<MetricPoint>,
+}
+
+impl JobState {
+    pub(crate) fn new(cfg: JobConfig) -> Self {
+        let config_toml = cfg.to_toml();
+        Self {
+            cfg,
+            config_toml,
+            phase: Phase::Rendezvous,
+            pending: BTreeMap::new(),
+            generation: None,
+            next_generation: 1,
+            history: Vec::new(),
+        }
+    }
+
+    pub(crate) fn phase(&self) -> &Phase {
+        &self.phase
+    }
+
+    pub(crate) fn check_token(&self, token: &str) -> Result<(), CoordinatorError> {
+        if self.cfg.job.token.is_empty() || self.cfg.job.token == token {
+            Ok(())
+        } else {
+            Err(CoordinatorError::BadToken)
+        }
+    }
+
+    /// Errors once the job has finished or failed.
+    pub(crate) fn ensure_open(&self) -> Result<(), CoordinatorError> {
+        match self.phase {
+            Phase::Finished => Err(CoordinatorError::JobOver { state: "finished" }),
+            Phase::Failed(_) => Err(CoordinatorError::JobOver { state: "failed" }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Adds a worker to the rendezvous; forms a generation once `min_workers` are in.
+    /// Returns whether a generation was formed by this call.
+    pub(crate) fn register(&mut self, info: WorkerInfo, now: Instant) -> Result<bool, CoordinatorError> {
+        self.ensure_open()?;
+        if info.worker_id.is_empty() {
+            return Err(CoordinatorError::InvalidRequest {
+                field: "worker_id",
+                message: "must not be empty".into(),
+            });
+        }
+        if let Some(generation) = &self.generation {
+            if generation.members.iter().any(|m| m.info.worker_id == info.worker_id) {
+                return Ok(false); // a retried registration: the placement stands
+            }
+            return Err(CoordinatorError::Full {
+                job: self.cfg.job.name.clone(),
+                generation: generation.id,
+                world_size: generation.members.len() as u32,
+                max: self.cfg.rendezvous.max_workers(),
+                worker_id: info.worker_id,
+            });
+        }
+        tracing::info!(worker_id = %info.worker_id, host = %info.host, device = %info.device, "worker registered");
+        self.pending.insert(info.worker_id.clone(), info);
+        let r = &self.cfg.rendezvous;
+        if self.pending.len() >= r.min_workers as usize {
+            self.form_generation(now);
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// Ranks follow the order of worker ids, so a restarted node keeps its rank.
+    fn form_generation(&mut self, now: Instant) {
+        let max = self.cfg.rendezvous.max_workers() as usize;
+        let members: Vec<Member> = std::mem::take(&mut self.pending)
+            .into_values()
+            .take(max)
+            .map(|info| Member { info, state: MemberState::Active, last_seen: now, last_step: 0 })
+            .collect();
+        let id = self.next_generation;
+        self.next_generation += 1;
+        tracing::info!(generation = id, world_size = members.len(), "generation formed");
+        self.generation = Some(Generation { id, members });
+        self.phase = Phase::Running;
+    }
+
+    /// This worker's place in the current generation, once formed.
+    pub(crate) fn placement(&self, worker_id: &str) -> Option<RegisterResponse> {
+        let generation = self.generation.as_ref()?;
+        let rank = generation.members.iter().position(|m| m.info.worker_id == worker_id)?;
+        let peers = generation
+            .members
+            .iter()
+            .enumerate()
+            .map(|(rank, m)| Peer {
+                rank: rank as u32,
+                worker_id: m.info.worker_id.clone(),
+                peer_addr: m.info.peer_addr.clone(),
+                device: m.info.device.clone(),
+            })
+            .collect();
+        Some(RegisterResponse {
+            generation: generation.id,
+            rank: rank as u32,
+            world_size: generation.members.len() as u32,
+            peers,
+            job_config_toml: self.config_toml.clone(),
+            heartbeat_interval_ms: self.cfg.rendezvous.heartbeat_interval_ms,
+            nccl_unique_id: Vec::new(),
+        })
+    }
+
+    pub(crate) fn pending_count(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Forgets a worker that gave up waiting in the rendezvous.
+    pub(crate) fn withdraw(&mut self, worker_id: &str) {
+        self.pending.remove(worker_id);
+    }
+
+    fn member_mut(&mut self, worker_id: &str, generation: u64) -> Result<&mut Member, CoordinatorError> {
+        let unknown = || CoordinatorError::UnknownWorker { worker_id: worker_id.to_string(), generation };
+        let g = self.generation.as_mut().filter(|g| g.id == generation).ok_or_else(unknown)?;
+        g.members.iter_mut().find(|m| m.info.worker_id == worker_id).ok_or_else(unknown)
+    }
+
+    pub(crate) fn heartbeat(
+        &mut self,
+        worker_id: &str,
+        generation: u64,
+        step: u64,
+        now: Instant,
+    ) -> Result<(Directive, String), CoordinatorError> {
+        let member = self.member_mut(worker_id, generation)?;
+        member.last_seen = now;
+        member.last_step = member.last_step.max(step);
+        Ok(match &self.phase {
+            Phase::Failed(reason) => (Directive::Stop, reason.clone()),
+            Phase::Finished => (Directive::Stop, "job finished".into()),
+            _ => (Directive::Continue, String::new()),
+        })
+    }
+
+    /// Marks members silent for longer than the heartbeat timeout as lost, which ends the
+    /// generation. Returns the ids of newly lost workers.
+    pub(crate) fn check_liveness(&mut self, now: Instant) -> Vec<String> {
+        let timeout = Duration::from_millis(self.cfg.rendezvous.heartbeat_timeout_ms);
+        let Some(generation) = self.generation.as_mut() else { return Vec::new() };
+        let mut lost = Vec::new();
+        for m in generation.members.iter_mut().filter(|m| m.state == MemberState::Active) {
+            if now.saturating_duration_since(m.last_seen) > timeout {
+                m.state = MemberState::Lost;
+                lost.push(m.info.worker_id.clone());
+            }
+        }
+        if !lost.is_empty() && matches!(self.phase, Phase::Running) {
+            let reason = format!(
+                "worker(s) {} sent no heartbeat for {} ms; generation {} ended",
+                lost.join(", "),
+                timeout.as_millis(),
+                generation.id
+            );
+            tracing::error!(%reason, "worker lost");
+            self.phase = Phase::Failed(reason);
+        }
+        lost
+    }
+
+    pub(crate) fn report_metrics(
+        &mut self,
+        report: MetricsReport,
+        now: Instant,
+    ) -> Result<(), CoordinatorError> {
+        let member = self.member_mut(&report.worker_id, report.generation)?;
+        member.last_seen = now;
+        member.last_step = member.last_step.max(report.step);
+        let kind = MetricsKind::try_from(report.kind).unwrap_or(MetricsKind::Unspecified);
+        if kind == MetricsKind::Unspecified {
+            return Err(CoordinatorError::InvalidRequest {
+                field: "kind",
+                message: format!("unknown metrics kind {}", report.kind),
+            });
+        }
+        let values: String = report.scalars.iter().map(|(k, v)| format!("{k}={v:.5} ")).collect();
+        tracing::info!(
+            rank = report.rank,
+            step = report.step,
+            epoch = report.epoch,
+            values = values.trim_end(),
+            "metrics"
+        );
+        self.history.push(MetricPoint {
+            kind: kind as i32,
+            step: report.step,
+            epoch: report.epoch,
+            values: report.scalars,
+            rank: report.rank,
+            generation: report.generation,
+        });
+        Ok(())
+    }
+
+    /// A worker is done (or failed). The job finishes when every member has left.
+    pub(crate) fn leave(
+        &mut self,
+        worker_id: &str,
+        generation: u64,
+        failed: bool,
+        message: &str,
+    ) -> Result<(), CoordinatorError> {
+        let member = self.member_mut(worker_id, generation)?;
+        member.state = if failed { MemberState::Failed } else { MemberState::Left };
+        if failed {
+            let reason = format!("worker `{worker_id}` failed: {message}");
+            tracing::error!(%reason, "worker failed");
+            if !matches!(self.phase, Phase::Failed(_)) {
+                self.phase = Phase::Failed(reason);
+            }
+        } else {
+            tracing::info!(worker_id, "worker left");
+        }
+        let all_left = self
+            .generation
+            .as_ref()
+            .is_some_and(|g| g.members.iter().all(|m| m.state != MemberState::Active));
+        if all_left && matches!(self.phase, Phase::Running) {
+            self.phase = Phase::Finished;
+            tracing::info!(job = %self.cfg.job.name, "job finished");
+        }
+        Ok(())
+    }
+
+    pub(crate) fn status(&self) -> JobStatus {
+        let mut workers: Vec<WorkerStatus> = self
+            .pending
+            .values()
+            .map(|info| WorkerStatus {
+                worker_id: info.worker_id.clone(),
+                rank: 0,
+                host: info.host.clone(),
+                device: info.device.clone(),
+                state: "waiting".into(),
+                last_step: 0,
+            })
+            .collect();
+        if let Some(g) = &self.generation {
+            workers.extend(g.members.iter().enumerate().map(|(rank, m)| WorkerStatus {
+                worker_id: m.info.worker_id.clone(),
+                rank: rank as u32,
+                host: m.info.host.clone(),
+                device: m.info.device.clone(),
+                state: format!("{:?}", m.state).to_lowercase(),
+                last_step: m.last_step,
+            }));
+        }
+        JobStatus {
+            job_name: self.cfg.job.name.clone(),
+            state: self.phase.name().into(),
+            generation: self.generation.as_ref().map_or(0, |g| g.id),
+            world_size: self.generation.as_ref().map_or(0, |g| g.members.len() as u32),
+            workers,
+            history: self.history.clone(),
+            message: match &self.phase {
+                Phase::Failed(reason) => reason.clone(),
+                _ => String::new(),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,96 @@
+use super::*;
+
+fn cfg(min: u32, max: u32) -> JobConfig {
+    let mut cfg = JobConfig::from_toml("[job]\nname = \"t\"\ntoken = \"secret\"\n").unwrap();
+    cfg.rendezvous.min_workers = min;
+    cfg.rendezvous.max_workers = max;
+    cfg.rendezvous.heartbeat_interval_ms = 100;
+    cfg.rendezvous.heartbeat_timeout_ms = 1_000;
+    cfg
+}
+
+fn info(id: &str) -> WorkerInfo {
+    WorkerInfo { worker_id: id.into(), host: "h".into(), device: "cpu".into(), peer_addr: format!("{id}:1") }
+}
+
+#[test]
+fn generation_forms_at_min_workers_with_ranks_by_worker_id() {
+    let now = Instant::now();
+    let mut s = JobState::new(cfg(2, 2));
+    assert!(!s.register(info("b"), now).unwrap());
+    assert!(s.placement("b").is_none());
+    assert!(s.register(info("a"), now).unwrap());
+    let a = s.placement("a").unwrap();
+    let b = s.placement("b").unwrap();
+    assert_eq!((a.rank, b.rank, a.world_size, a.generation), (0, 1, 2, 1));
+    assert_eq!(a.peers.iter().map(|p| p.peer_addr.as_str()).collect::<Vec<_>>(), ["a:1", "b:1"]);
+    assert!(a.job_config_toml.contains("name = \"t\""));
+    assert_eq!(s.phase(), &Phase::Running);
+}
+
+#[test]
+fn full_generation_rejects_newcomers_but_accepts_retries() {
+    let now = Instant::now();
+    let mut s = JobState::new(cfg(1, 1));
+    s.register(info("a"), now).unwrap();
+    assert!(!s.register(info("a"), now).unwrap(), "a retried registration keeps its place");
+    let err = s.register(info("z"), now).unwrap_err();
+    assert!(matches!(err, CoordinatorError::Full { .. }), "{err}");
+}
+
+#[test]
+fn wrong_token_is_rejected() {
+    let s = JobState::new(cfg(1, 1));
+    assert!(matches!(s.check_token("nope"), Err(CoordinatorError::BadToken)));
+    assert!(s.check_token("secret").is_ok());
+}
+
+#[test]
+fn job_finishes_when_every_member_left() {
+    let now = Instant::now();
+    let mut s = JobState::new(cfg(2, 2));
+    s.register(info("a"), now).unwrap();
+    s.register(info("b"), now).unwrap();
+    s.leave("a", 1, false, "").unwrap();
+    assert_eq!(s.phase(), &Phase::Running);
+    s.leave("b", 1, false, "").unwrap();
+    assert_eq!(s.phase(), &Phase::Finished);
+    assert!(matches!(s.register(info("c"), now), Err(CoordinatorError::JobOver { .. })));
+}
+
+#[test]
+fn a_failed_worker_fails_the_job() {
+    let now = Instant::now();
+    let mut s = JobState::new(cfg(1, 1));
+    s.register(info("a"), now).unwrap();
+    s.leave("a", 1, true, "out of memory").unwrap();
+    assert!(matches!(s.phase(), Phase::Failed(m) if m.contains("out of memory")));
+}
+
+#[test]
+fn silent_worker_is_lost_after_the_heartbeat_timeout() {
+    let t0 = Instant::now();
+    let mut s = JobState::new(cfg(2, 2));
+    s.register(info("a"), t0).unwrap();
+    s.register(info("b"), t0).unwrap();
+    s.heartbeat("a", 1, 5, t0 + Duration::from_millis(900)).unwrap();
+    assert!(s.check_liveness(t0 + Duration::from_millis(1_000)).is_empty(), "not past the timeout yet");
+    let lost = s.check_liveness(t0 + Duration::from_millis(1_500));
+    assert_eq!(lost, ["b"]);
+    assert!(matches!(s.phase(), Phase::Failed(m) if m.contains('b')));
+    let (directive, reason) = s.heartbeat("a", 1, 6, t0 + Duration::from_millis(1_600)).unwrap();
+    assert_eq!(directive, Directive::Stop);
+    assert!(reason.contains("no heartbeat"));
+}
+
+#[test]
+fn requests_for_another_generation_are_rejected() {
+    let now = Instant::now();
+    let mut s = JobState::new(cfg(1, 1));
+    s.register(info("a"), now).unwrap();
+    assert!(matches!(
+        s.heartbeat("a", 7, 0, now),
+        Err(CoordinatorError::UnknownWorker { generation: 7, .. })
+    ));
+    assert!(matches!(s.heartbeat("x", 1, 0, now), Err(CoordinatorError::UnknownWorker { .. })));
+}

@@ -1,0 +1,55 @@
+//! `coordinator status`: fetch a job's status over gRPC and render it as a table.
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+use mtl_proto::v1::coordinator_client::CoordinatorClient;
+use mtl_proto::v1::{JobStatus, MetricsKind, StatusRequest};
+
+/// Fetches the status of the job served at `addr` and prints it to stdout.
+pub async fn print(addr: &str, token: &str) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let mut client = CoordinatorClient::connect(addr.to_string())
+        .await
+        .with_context(|| format!("cannot reach the coordinator at {addr}"))?;
+    let status = client.get_status(StatusRequest { job_token: token.to_string() }).await?.into_inner();
+    print!("{}", render(&status));
+    Ok(())
+}
+
+/// A human-readable summary: job state, workers, and the latest metrics of each kind.
+pub fn render(status: &JobStatus) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "job {}: {} (generation {}, {} workers)",
+        status.job_name, status.state, status.generation, status.world_size
+    );
+    if !status.message.is_empty() {
+        let _ = writeln!(out, "  {}", status.message);
+    }
+    let _ = writeln!(out, "  {:<5} {:<24} {:<10} {:<8} {:>8}", "rank", "worker", "device", "state", "step");
+    for w in &status.workers {
+        let _ = writeln!(
+            out,
+            "  {:<5} {:<24} {:<10} {:<8} {:>8}",
+            w.rank, w.worker_id, w.device, w.state, w.last_step
+        );
+    }
+    for (kind, title) in [(MetricsKind::Train, "train"), (MetricsKind::Eval, "eval")] {
+        // The latest value of every key, and the step it was reported at.
+        let mut latest: BTreeMap<&str, (u64, u32, f64)> = BTreeMap::new();
+        for p in status.history.iter().filter(|p| p.kind == kind as i32) {
+            for (k, v) in &p.values {
+                latest.insert(k, (p.step, p.rank, *v));
+            }
+        }
+        if latest.is_empty() {
+            continue;
+        }
+        let _ = writeln!(out, "  {title} metrics (latest):");
+        for (key, (step, rank, value)) in latest {
+            let _ = writeln!(out, "    {key:<24} {value:>12.5}   step {step} rank {rank}");
+        }
+    }
+    out
+}

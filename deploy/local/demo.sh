@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Local demo: builds the release binaries, starts a coordinator and two CPU workers on
+# loopback, waits for the job to finish and prints the coordinator's final summary.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+cargo build --release --workspace --bins --locked
+run_dir=$(mktemp -d "${TMPDIR:-/tmp}/mtl-demo.XXXXXX")
+pids=()
+cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; }
+trap cleanup EXIT
+
+./target/release/coordinator serve --config deploy/local/demo.toml --addr-file "$run_dir/addr" &
+coordinator=$!
+pids+=("$coordinator")
+for _ in $(seq 100); do [[ -s "$run_dir/addr" ]] && break; sleep 0.1; done
+[[ -s "$run_dir/addr" ]] || { echo "demo: coordinator did not start" >&2; exit 1; }
+url="http://$(cat "$run_dir/addr")"
+echo "demo: coordinator at $url; logs in $run_dir"
+
+for i in 0 1; do
+    ./target/release/worker run --coordinator "$url" --token demo --worker-id "demo-worker-$i" --device cpu \
+        2> >(sed "s/^/[worker $i] /" >&2) &
+    pids+=("$!")
+done
+status=0
+wait "$coordinator" || status=$?
+for pid in "${pids[@]:1}"; do wait "$pid" || status=$?; done
+exit $status

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Creates the project-local LibTorch: a virtual environment with the pinned torch wheel, and
+# the `.libtorch` link that .cargo/config.toml points the build at. Idempotent: seconds when done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+TORCH_VERSION=2.11.0
+VENV=.venv
+STAMP="$VENV/.torch-$TORCH_VERSION.installed"
+PYTHON=${PYTHON:-python3}
+
+if [[ ! -f "$STAMP" ]]; then
+    echo "setup: installing torch==$TORCH_VERSION into $VENV (about 2.5 GB, once)..."
+    "$PYTHON" -m venv "$VENV"
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "torch==$TORCH_VERSION"
+    touch "$STAMP"
+fi
+
+site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+if [[ ! -d "$site/torch/lib" ]]; then
+    echo "setup: $site/torch/lib is missing; delete $VENV and run again" >&2
+    exit 1
+fi
+ln -sfn "$site/torch" .libtorch

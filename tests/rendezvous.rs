@@ -1,0 +1,65 @@
+//! Coordinator + worker processes on loopback: registration, ranks, reported losses.
+mod common;
+
+use common::{job, spawn_worker, wait, InProcessCoordinator};
+use mtl_coordinator::JobOutcome;
+use mtl_proto::v1::MetricsKind;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_get_distinct_ranks_train_and_report() {
+    let coord = InProcessCoordinator::start(job(
+        "[rendezvous]\nmin_workers = 2\n[train]\nsteps = 1\nbatch_size = 4\n",
+    ))
+    .await;
+    // Started in reverse id order: ranks must follow the ids, not arrival.
+    let b = spawn_worker(&coord.url, &coord.token, "worker-b");
+    let a = spawn_worker(&coord.url, &coord.token, "worker-a");
+    let (code_a, err_a) = wait(a).await;
+    let (code_b, err_b) = wait(b).await;
+    assert_eq!(code_a, Some(0), "worker a:\n{err_a}");
+    assert_eq!(code_b, Some(0), "worker b:\n{err_b}");
+
+    let report = coord.report().await;
+    assert_eq!(report.outcome, JobOutcome::Finished);
+    let status = report.status;
+    assert_eq!(status.state, "finished");
+    assert_eq!(status.world_size, 2);
+    let mut ranks: Vec<(String, u32)> =
+        status.workers.iter().map(|w| (w.worker_id.clone(), w.rank)).collect();
+    ranks.sort();
+    assert_eq!(ranks, [("worker-a".to_string(), 0), ("worker-b".to_string(), 1)]);
+
+    let losses: Vec<(u32, f64)> = status
+        .history
+        .iter()
+        .filter(|p| p.kind == MetricsKind::Train as i32)
+        .map(|p| (p.rank, p.values["loss"]))
+        .collect();
+    assert_eq!(losses.len(), 2, "one loss per rank: {losses:?}");
+    let mut reported_ranks: Vec<u32> = losses.iter().map(|(r, _)| *r).collect();
+    reported_ranks.sort();
+    assert_eq!(reported_ranks, [0, 1]);
+    for (rank, loss) in &losses {
+        assert!(loss.is_finite() && *loss > 0.0, "rank {rank} loss {loss}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_token_is_refused_with_a_clear_error() {
+    let coord = InProcessCoordinator::start(job("")).await;
+    let w = spawn_worker(&coord.url, "not-the-token", "w");
+    let (code, stderr) = wait(w).await;
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains("job token does not match"), "{stderr}");
+    assert_eq!(coord.stop().await.outcome, JobOutcome::Interrupted);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_without_coordinator_fails_naming_the_address() {
+    // A port nothing listens on: bind one, then free it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let url = format!("http://127.0.0.1:{port}");
+    let (code, stderr) = wait(spawn_worker(&url, "", "w")).await;
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains(&url), "{stderr}");
+}

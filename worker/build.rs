@@ -1,0 +1,16 @@
+//! Link-time settings every binary that links LibTorch needs:
+//! - an rpath to LibTorch's lib dir, so `target/*/worker` runs without LD_LIBRARY_PATH;
+//! - `libtorch_cuda` kept as a dependency: nothing references it directly, so `--as-needed`
+//!   would drop it and CUDA would then be "not available" on GPU machines.
+
+fn main() {
+    // Set by torch-sys (links = "tch") for its direct dependents.
+    let lib = std::env::var("DEP_TCH_LIBTORCH_LIB").expect("torch-sys exports its LibTorch lib dir");
+    println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
+    if std::path::Path::new(&lib).join("libtorch_cuda.so").exists() {
+        println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
+        println!("cargo:rustc-link-arg=-ltorch_cuda");
+        println!("cargo:rustc-link-arg=-Wl,--as-needed");
+    }
+    println!("cargo:rustc-env=MTL_LIBTORCH_LIB={lib}");
+}

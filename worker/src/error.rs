@@ -1,0 +1,46 @@
+/// What can go wrong in a worker. Messages name the address, file or value at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// The coordinator could not be reached.
+    #[error("cannot connect to the coordinator at {addr}: {source}")]
+    Connect {
+        /// The address tried.
+        addr: String,
+        /// Why.
+        source: tonic::transport::Error,
+    },
+    /// The coordinator answered an RPC with an error.
+    #[error("coordinator rejected {rpc}: {status}")]
+    Rpc {
+        /// The RPC's name.
+        rpc: &'static str,
+        /// The coordinator's answer.
+        status: tonic::Status,
+    },
+    /// The job configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] mtl_job::JobConfigError),
+    /// A LibTorch operation failed.
+    #[error("torch: {0}")]
+    Torch(#[from] tch::TchError),
+    /// The device string is not `cpu` or `cuda:N`, or that device is not available.
+    #[error("device `{device}`: {message}")]
+    Device {
+        /// The device as given.
+        device: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// The coordinator told this worker to stop.
+    #[error("stopped by the coordinator: {reason}")]
+    Stopped {
+        /// The coordinator's reason.
+        reason: String,
+    },
+}
+
+impl WorkerError {
+    pub(crate) fn rpc(rpc: &'static str) -> impl FnOnce(tonic::Status) -> Self {
+        move |status| Self::Rpc { rpc, status }
+    }
+}

@@ -1,0 +1,165 @@
+//! A worker's membership in a job: registration, heartbeats, metric reports, leaving.
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use mtl_job::JobConfig;
+use mtl_proto::v1::coordinator_client::CoordinatorClient;
+use mtl_proto::v1::{
+    Directive, HeartbeatRequest, LeaveRequest, MetricsKind, MetricsReport, RegisterRequest, RegisterResponse,
+};
+use tokio::sync::watch;
+use tonic::transport::Channel;
+
+use crate::WorkerError;
+
+/// Who this worker is, as told to the coordinator.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    /// Stable id; ranks are ordered by it.
+    pub worker_id: String,
+    /// Host name for status output.
+    pub host: String,
+    /// `cpu` or `cuda:N`.
+    pub device: String,
+    /// Where peers reach this worker (empty when not listening).
+    pub peer_addr: String,
+}
+
+/// A registered worker: its place in the generation and the job config it was handed.
+pub struct Session {
+    client: CoordinatorClient<Channel>,
+    token: String,
+    identity: Identity,
+    /// The placement the coordinator returned.
+    pub placement: RegisterResponse,
+    /// The job, as owned by the coordinator.
+    pub config: JobConfig,
+    step: Arc<AtomicU64>,
+    stop_rx: watch::Receiver<Option<String>>,
+    heartbeat: tokio::task::JoinHandle<()>,
+}
+
+impl Session {
+    /// Connects, registers and waits for the generation to form.
+    pub async fn join(addr: &str, token: &str, identity: Identity) -> Result<Self, WorkerError> {
+        let mut client = CoordinatorClient::connect(addr.to_string())
+            .await
+            .map_err(|source| WorkerError::Connect { addr: addr.to_string(), source })?;
+        let placement = client
+            .register(RegisterRequest {
+                job_token: token.to_string(),
+                worker_id: identity.worker_id.clone(),
+                host: identity.host.clone(),
+                device: identity.device.clone(),
+                peer_addr: identity.peer_addr.clone(),
+            })
+            .await
+            .map_err(WorkerError::rpc("Register"))?
+            .into_inner();
+        let config = JobConfig::from_toml(&placement.job_config_toml)?;
+        tracing::info!(
+            rank = placement.rank,
+            world_size = placement.world_size,
+            generation = placement.generation,
+            job = %config.job.name,
+            "joined"
+        );
+        let step = Arc::new(AtomicU64::new(0));
+        let (stop_tx, stop_rx) = watch::channel(None);
+        let heartbeat = tokio::spawn(heartbeat_loop(
+            client.clone(),
+            HeartbeatRequest {
+                job_token: token.to_string(),
+                worker_id: identity.worker_id.clone(),
+                generation: placement.generation,
+                step: 0,
+            },
+            Duration::from_millis(u64::from(placement.heartbeat_interval_ms.max(1))),
+            step.clone(),
+            stop_tx,
+        ));
+        Ok(Self { client, token: token.to_string(), identity, placement, config, step, stop_rx, heartbeat })
+    }
+
+    /// Records training progress (sent with the next heartbeat).
+    pub fn set_step(&self, step: u64) {
+        self.step.store(step, Ordering::Relaxed);
+    }
+
+    /// Errors if the coordinator has told this worker to stop.
+    pub fn check_stop(&self) -> Result<(), WorkerError> {
+        match self.stop_rx.borrow().as_ref() {
+            Some(reason) => Err(WorkerError::Stopped { reason: reason.clone() }),
+            None => Ok(()),
+        }
+    }
+
+    /// Sends named scalars (losses, learning rate, ...) for one step.
+    pub async fn report(
+        &mut self,
+        kind: MetricsKind,
+        step: u64,
+        epoch: u64,
+        scalars: HashMap<String, f64>,
+        eval_stats_json: Vec<u8>,
+    ) -> Result<(), WorkerError> {
+        self.client
+            .report_metrics(MetricsReport {
+                job_token: self.token.clone(),
+                worker_id: self.identity.worker_id.clone(),
+                generation: self.placement.generation,
+                rank: self.placement.rank,
+                kind: kind as i32,
+                step,
+                epoch,
+                scalars,
+                eval_stats_json,
+            })
+            .await
+            .map_err(WorkerError::rpc("ReportMetrics"))?;
+        Ok(())
+    }
+
+    /// Tells the coordinator this worker is done (or failed) and stops heartbeating.
+    pub async fn leave(mut self, failure: Option<&str>) -> Result<(), WorkerError> {
+        self.heartbeat.abort();
+        self.client
+            .leave(LeaveRequest {
+                job_token: self.token.clone(),
+                worker_id: self.identity.worker_id.clone(),
+                generation: self.placement.generation,
+                failed: failure.is_some(),
+                message: failure.unwrap_or_default().to_string(),
+            })
+            .await
+            .map_err(WorkerError::rpc("Leave"))?;
+        Ok(())
+    }
+}
+
+async fn heartbeat_loop(
+    mut client: CoordinatorClient<Channel>,
+    mut request: HeartbeatRequest,
+    interval: Duration,
+    step: Arc<AtomicU64>,
+    stop_tx: watch::Sender<Option<String>>,
+) {
+    let mut tick = tokio::time::interval(interval);
+    loop {
+        tick.tick().await;
+        request.step = step.load(Ordering::Relaxed);
+        match client.heartbeat(request.clone()).await {
+            Ok(reply) => {
+                let reply = reply.into_inner();
+                if reply.directive == Directive::Stop as i32 {
+                    tracing::warn!(reason = %reply.reason, "coordinator says stop");
+                    stop_tx.send_replace(Some(reply.reason));
+                    return;
+                }
+            }
+            Err(status) => tracing::warn!(%status, "heartbeat failed"),
+        }
+    }
+}
