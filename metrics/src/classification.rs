@@ -14,11 +14,40 @@ use crate::MetricsError;
 
 /// Mergeable classification statistics: a `num_classes x num_classes` confusion
 /// matrix of counts, rows indexed by target, columns by prediction.
+///
+/// Deserialisation validates the shape (a `num_classes²` matrix), so statistics
+/// received from a worker cannot make `finish` panic.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "ClassificationStatsWire")]
 pub struct ClassificationStats {
     num_classes: usize,
     /// Row-major counts: `confusion[target * num_classes + pred]`.
     confusion: Vec<u64>,
+}
+
+#[derive(Deserialize)]
+struct ClassificationStatsWire {
+    num_classes: usize,
+    confusion: Vec<u64>,
+}
+
+impl TryFrom<ClassificationStatsWire> for ClassificationStats {
+    type Error = MetricsError;
+
+    fn try_from(wire: ClassificationStatsWire) -> Result<Self, MetricsError> {
+        let empty = Self::new(wire.num_classes)?;
+        if wire.confusion.len() != empty.confusion.len() {
+            return Err(MetricsError::LengthMismatch {
+                what: "classification confusion vs num_classes²".to_string(),
+                left: wire.confusion.len(),
+                right: empty.confusion.len(),
+            });
+        }
+        Ok(Self {
+            confusion: wire.confusion,
+            ..empty
+        })
+    }
 }
 
 /// Precision, recall, F1 and support of one class.

@@ -27,10 +27,32 @@ pub struct MultiLabelSample {
 /// Average precision is not decomposable into counts, so the records
 /// themselves are the sufficient statistics; merge is a union of disjoint
 /// sample sets.
+///
+/// Deserialisation re-checks every sample (lengths, finite scores), so
+/// statistics received from a worker cannot make `finish` panic.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "MultiLabelStatsWire")]
 pub struct MultiLabelStats {
     num_classes: usize,
     samples: BTreeMap<u64, MultiLabelSample>,
+}
+
+#[derive(Deserialize)]
+struct MultiLabelStatsWire {
+    num_classes: usize,
+    samples: BTreeMap<u64, MultiLabelSample>,
+}
+
+impl TryFrom<MultiLabelStatsWire> for MultiLabelStats {
+    type Error = MetricsError;
+
+    fn try_from(wire: MultiLabelStatsWire) -> Result<Self, MetricsError> {
+        let mut stats = Self::new(wire.num_classes);
+        for (id, sample) in wire.samples {
+            stats.add(id, sample.scores, sample.labels)?;
+        }
+        Ok(stats)
+    }
 }
 
 /// Finished multi-label metrics.

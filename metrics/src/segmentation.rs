@@ -15,11 +15,40 @@ pub const IGNORE_INDEX: u8 = 255;
 
 /// Mergeable segmentation statistics: a `num_classes x num_classes` pixel
 /// confusion matrix, rows indexed by target, columns by prediction.
+///
+/// Deserialisation validates the shape (a `num_classes²` matrix, at most 255
+/// classes), so statistics received from a worker cannot make `finish` panic.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "SegmentationStatsWire")]
 pub struct SegmentationStats {
     num_classes: usize,
     /// Row-major counts: `confusion[target * num_classes + pred]`.
     confusion: Vec<u64>,
+}
+
+#[derive(Deserialize)]
+struct SegmentationStatsWire {
+    num_classes: usize,
+    confusion: Vec<u64>,
+}
+
+impl TryFrom<SegmentationStatsWire> for SegmentationStats {
+    type Error = MetricsError;
+
+    fn try_from(wire: SegmentationStatsWire) -> Result<Self, MetricsError> {
+        let empty = Self::new(wire.num_classes)?;
+        if wire.confusion.len() != empty.confusion.len() {
+            return Err(MetricsError::LengthMismatch {
+                what: "segmentation confusion vs num_classes²".to_string(),
+                left: wire.confusion.len(),
+                right: empty.confusion.len(),
+            });
+        }
+        Ok(Self {
+            confusion: wire.confusion,
+            ..empty
+        })
+    }
 }
 
 /// Finished segmentation metrics.

@@ -67,10 +67,37 @@ pub struct ImageRecord {
 
 /// Mergeable detection statistics: the evaluated category ids and the per-image
 /// records keyed by image id. Merge is a union of disjoint image sets.
+///
+/// Deserialisation re-validates (sorted unique categories, finite values).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "DetectionStatsWire")]
 pub struct DetectionStats {
     category_ids: Vec<u64>,
     images: BTreeMap<u64, ImageRecord>,
+}
+
+#[derive(Deserialize)]
+struct DetectionStatsWire {
+    category_ids: Vec<u64>,
+    images: BTreeMap<u64, ImageRecord>,
+}
+
+impl TryFrom<DetectionStatsWire> for DetectionStats {
+    type Error = MetricsError;
+
+    fn try_from(wire: DetectionStatsWire) -> Result<Self, MetricsError> {
+        let mut stats = Self::new(wire.category_ids.iter().copied());
+        if stats.category_ids != wire.category_ids {
+            return Err(MetricsError::CategoryMismatch {
+                left: stats.category_ids,
+                right: wire.category_ids,
+            });
+        }
+        for (id, record) in wire.images {
+            stats.add_image(id, record.ground_truth, record.detections)?;
+        }
+        Ok(stats)
+    }
 }
 
 /// The 12 COCO summary numbers plus per-category AP. `-1` marks an undefined value
