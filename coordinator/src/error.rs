@@ -46,6 +46,24 @@ pub enum CoordinatorError {
         /// What is wrong with it.
         message: String,
     },
+    /// Two workers see different data for the same split.
+    #[error("worker `{worker_id}` sees {samples} {split} samples (index {fingerprint}) but `{first_worker}` sees {first_samples} (index {first_fingerprint}); every worker must read the same dataset")]
+    DatasetMismatch {
+        /// The split.
+        split: &'static str,
+        /// Who asked.
+        worker_id: String,
+        /// What it sees.
+        samples: u64,
+        /// Its index fingerprint.
+        fingerprint: String,
+        /// The first worker that reported this split.
+        first_worker: String,
+        /// What that one sees.
+        first_samples: u64,
+        /// Its fingerprint.
+        first_fingerprint: String,
+    },
     /// The job has already finished or failed.
     #[error("job is {state}")]
     JobOver {
@@ -67,6 +85,7 @@ impl From<CoordinatorError> for Status {
             CoordinatorError::UnknownWorker { .. } => Status::failed_precondition(message),
             CoordinatorError::InvalidRequest { .. } => Status::invalid_argument(message),
             CoordinatorError::JobOver { .. } => Status::failed_precondition(message),
+            CoordinatorError::DatasetMismatch { .. } => Status::failed_precondition(message),
             CoordinatorError::Transport(_) => Status::internal(message),
         }
     }

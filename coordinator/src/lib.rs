@@ -8,6 +8,7 @@
 
 mod error;
 mod service;
+pub mod sharding;
 pub mod state;
 pub mod status;
 

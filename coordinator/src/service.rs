@@ -103,9 +103,12 @@ impl Coordinator for CoordinatorService {
         Ok(Response::new(HeartbeatResponse { directive: directive as i32, reason }))
     }
 
+    #[tracing::instrument(skip_all, fields(worker_id = %request.get_ref().worker_id, epoch = request.get_ref().epoch))]
     async fn get_shard(&self, request: Request<ShardRequest>) -> Result<Response<ShardResponse>, Status> {
-        self.shared.lock().check_token(&request.get_ref().job_token)?;
-        Err(Status::unimplemented("sharding is not served by this coordinator version"))
+        let req = request.into_inner();
+        let mut state = self.shared.lock();
+        state.check_token(&req.job_token)?;
+        Ok(Response::new(state.shard(&req)?))
     }
 
     #[tracing::instrument(skip_all, fields(worker_id = %request.get_ref().worker_id, step = request.get_ref().step))]

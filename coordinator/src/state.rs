@@ -6,10 +6,11 @@ use std::time::{Duration, Instant};
 
 use mtl_job::JobConfig;
 use mtl_proto::v1::{
-    Directive, JobStatus, MetricPoint, MetricsKind, MetricsReport, Peer, RegisterResponse, WorkerStatus,
+    Directive, JobStatus, MetricPoint, MetricsKind, MetricsReport, Peer, RegisterResponse, ShardRequest,
+    ShardResponse, Split, WorkerStatus,
 };
 
-use crate::CoordinatorError;
+use crate::{sharding, CoordinatorError};
 
 /// Where the job is in its life.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,6 +78,10 @@ pub(crate) struct JobState {
     generation: Option<Generation>,
     next_generation: u64,
     history: Vec<MetricPoint>,
+    /// Per split: (samples, fingerprint, first worker that reported them).
+    datasets: BTreeMap<i32, (u64, String, String)>,
+    /// Samples of the current train epoch consumed before this generation started.
+    epoch_position: (u64, u64),
 }
 
 impl JobState {
@@ -90,6 +95,8 @@ impl JobState {
             generation: None,
             next_generation: 1,
             history: Vec::new(),
+            datasets: BTreeMap::new(),
+            epoch_position: (0, 0),
         }
     }
 
@@ -242,6 +249,70 @@ impl JobState {
             self.phase = Phase::Failed(reason);
         }
         lost
+    }
+
+    /// This rank's samples for one epoch of one split; checks every rank sees the same data.
+    pub(crate) fn shard(&mut self, req: &ShardRequest) -> Result<ShardResponse, CoordinatorError> {
+        let split = Split::try_from(req.split).unwrap_or(Split::Unspecified);
+        if split == Split::Unspecified {
+            return Err(CoordinatorError::InvalidRequest {
+                field: "split",
+                message: format!("unknown split {}", req.split),
+            });
+        }
+        let generation = self.generation.as_ref().filter(|g| g.id == req.generation);
+        let (rank, world_size) = generation
+            .and_then(|g| {
+                let rank = g.members.iter().position(|m| m.info.worker_id == req.worker_id)?;
+                Some((rank as u32, g.members.len() as u32))
+            })
+            .ok_or_else(|| CoordinatorError::UnknownWorker {
+                worker_id: req.worker_id.clone(),
+                generation: req.generation,
+            })?;
+        let seen = (req.dataset_samples, req.dataset_fingerprint.clone(), req.worker_id.clone());
+        let first = self.datasets.entry(req.split).or_insert(seen);
+        if (first.0, &first.1) != (req.dataset_samples, &req.dataset_fingerprint) {
+            return Err(CoordinatorError::DatasetMismatch {
+                split: split.as_str_name(),
+                worker_id: req.worker_id.clone(),
+                samples: req.dataset_samples,
+                fingerprint: req.dataset_fingerprint.clone(),
+                first_worker: first.2.clone(),
+                first_samples: first.0,
+                first_fingerprint: first.1.clone(),
+            });
+        }
+        let n = req.dataset_samples;
+        let batch_size = self.cfg.train.batch_size;
+        Ok(match split {
+            Split::Val => ShardResponse {
+                epoch: req.epoch,
+                positions: sharding::val_shard(n, world_size, rank),
+                batch_size,
+                steps: 0,
+                epoch_position: 0,
+            },
+            _ => {
+                let consumed = if self.epoch_position.0 == req.epoch { self.epoch_position.1 } else { 0 };
+                let shard = sharding::train_shard(
+                    n,
+                    self.cfg.job.seed,
+                    req.epoch,
+                    consumed,
+                    world_size,
+                    rank,
+                    batch_size,
+                );
+                ShardResponse {
+                    epoch: req.epoch,
+                    positions: shard.positions,
+                    batch_size,
+                    steps: shard.steps,
+                    epoch_position: consumed,
+                }
+            }
+        })
     }
 
     pub(crate) fn report_metrics(

@@ -43,10 +43,7 @@ impl TryFrom<ClassificationStatsWire> for ClassificationStats {
                 right: empty.confusion.len(),
             });
         }
-        Ok(Self {
-            confusion: wire.confusion,
-            ..empty
-        })
+        Ok(Self { confusion: wire.confusion, ..empty })
     }
 }
 
@@ -90,10 +87,7 @@ impl ClassificationStats {
                 reason: "must be at least 1",
             });
         }
-        Ok(Self {
-            num_classes,
-            confusion: vec![0; num_classes * num_classes],
-        })
+        Ok(Self { num_classes, confusion: vec![0; num_classes * num_classes] })
     }
 
     /// Number of classes.
@@ -108,10 +102,7 @@ impl ClassificationStats {
 
     /// Records one sample. Both indices must be below `num_classes`.
     pub fn add(&mut self, pred: usize, target: usize) -> Result<(), MetricsError> {
-        for (what, value) in [
-            ("classification prediction", pred),
-            ("classification target", target),
-        ] {
+        for (what, value) in [("classification prediction", pred), ("classification target", target)] {
             if value >= self.num_classes {
                 return Err(MetricsError::ClassOutOfRange {
                     what: what.to_string(),
@@ -161,15 +152,10 @@ impl ClassificationStats {
                 support,
             });
         }
-        let macro_of = |f: fn(&ClassMetrics) -> f64| {
-            numeric::mean(&per_class.iter().map(f).collect::<Vec<_>>())
-        };
+        let macro_of =
+            |f: fn(&ClassMetrics) -> f64| numeric::mean(&per_class.iter().map(f).collect::<Vec<_>>());
         ClassificationMetrics {
-            accuracy: if total == 0 {
-                f64::NAN
-            } else {
-                correct as f64 / total as f64
-            },
+            accuracy: if total == 0 { f64::NAN } else { correct as f64 / total as f64 },
             macro_precision: macro_of(|m| m.precision),
             macro_recall: macro_of(|m| m.recall),
             macro_f1: macro_of(|m| m.f1),

@@ -27,12 +27,7 @@ pub fn load_detection_stats(
     results: impl AsRef<Path>,
 ) -> Result<DetectionStats, MetricsError> {
     let (gt_path, res_path) = (ground_truth.as_ref(), results.as_ref());
-    parse_detection_stats(
-        &read_json(gt_path)?,
-        gt_path,
-        &read_json(res_path)?,
-        res_path,
-    )
+    parse_detection_stats(&read_json(gt_path)?, gt_path, &read_json(res_path)?, res_path)
 }
 
 /// Reads a COCO ground-truth file into detection statistics without detections.
@@ -52,38 +47,25 @@ pub fn parse_detection_stats(
 ) -> Result<DetectionStats, MetricsError> {
     let (categories, mut images) = parse_ground_truth(ground_truth, gt_name)?;
     let ctx = Ctx { path: results_name };
-    let list = results
-        .as_array()
-        .ok_or_else(|| ctx.err("<root>", "expected an array of results"))?;
+    let list = results.as_array().ok_or_else(|| ctx.err("<root>", "expected an array of results"))?;
     for (i, item) in list.iter().enumerate() {
         let field = |name: &str| format!("[{i}].{name}");
-        let obj = item
-            .as_object()
-            .ok_or_else(|| ctx.err(&format!("[{i}]"), "expected an object"))?;
+        let obj = item.as_object().ok_or_else(|| ctx.err(&format!("[{i}]"), "expected an object"))?;
         let image_id = ctx.id(obj.get("image_id"), &field("image_id"))?;
         let category_id = ctx.id(obj.get("category_id"), &field("category_id"))?;
         let bbox = ctx.bbox(obj.get("bbox"), &field("bbox"))?;
         let score = ctx.number(obj.get("score"), &field("score"))?;
-        let record = images
-            .get_mut(&image_id)
-            .ok_or_else(|| MetricsError::UnknownImage {
-                path: results_name.to_path_buf(),
-                field: field("image_id"),
-                image_id,
-            })?;
-        record.detections.push(Detection {
-            bbox,
-            score,
-            category_id,
-        });
+        let record = images.get_mut(&image_id).ok_or_else(|| MetricsError::UnknownImage {
+            path: results_name.to_path_buf(),
+            field: field("image_id"),
+            image_id,
+        })?;
+        record.detections.push(Detection { bbox, score, category_id });
     }
     build(categories, images)
 }
 
-fn build(
-    categories: Vec<u64>,
-    images: BTreeMap<u64, ImageRecord>,
-) -> Result<DetectionStats, MetricsError> {
+fn build(categories: Vec<u64>, images: BTreeMap<u64, ImageRecord>) -> Result<DetectionStats, MetricsError> {
     let mut stats = DetectionStats::new(categories);
     for (id, record) in images {
         stats.add_image(id, record.ground_truth, record.detections)?;
@@ -92,23 +74,16 @@ fn build(
 }
 
 fn read_json(path: &Path) -> Result<Value, MetricsError> {
-    let bytes = std::fs::read(path).map_err(|source| MetricsError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    serde_json::from_slice(&bytes).map_err(|source| MetricsError::Json {
-        path: path.to_path_buf(),
-        source,
-    })
+    let bytes =
+        std::fs::read(path).map_err(|source| MetricsError::Io { path: path.to_path_buf(), source })?;
+    serde_json::from_slice(&bytes).map_err(|source| MetricsError::Json { path: path.to_path_buf(), source })
 }
 
 type GroundTruthParts = (Vec<u64>, BTreeMap<u64, ImageRecord>);
 
 fn parse_ground_truth(root: &Value, path: &Path) -> Result<GroundTruthParts, MetricsError> {
     let ctx = Ctx { path };
-    let root = root
-        .as_object()
-        .ok_or_else(|| ctx.err("<root>", "expected an object"))?;
+    let root = root.as_object().ok_or_else(|| ctx.err("<root>", "expected an object"))?;
     let list = |name: &str, required: bool| -> Result<Vec<Value>, MetricsError> {
         match root.get(name) {
             Some(Value::Array(items)) => Ok(items.clone()),
@@ -152,18 +127,10 @@ fn parse_ground_truth(root: &Value, path: &Path) -> Result<GroundTruthParts, Met
                 _ => return Err(ctx.err(&field("iscrowd"), "expected 0, 1 or a boolean")),
             },
         };
-        let record = images.get_mut(&image_id).ok_or_else(|| {
-            ctx.err(
-                &field("image_id"),
-                &format!("image id {image_id} is not in images"),
-            )
-        })?;
-        record.ground_truth.push(GroundTruth {
-            bbox,
-            category_id,
-            area,
-            iscrowd,
-        });
+        let record = images
+            .get_mut(&image_id)
+            .ok_or_else(|| ctx.err(&field("image_id"), &format!("image id {image_id} is not in images")))?;
+        record.ground_truth.push(GroundTruth { bbox, category_id, area, iscrowd });
     }
     Ok((categories, images))
 }
@@ -184,12 +151,9 @@ impl Ctx<'_> {
     fn id(&self, v: Option<&Value>, field: &str) -> Result<u64, MetricsError> {
         match v {
             None => Err(self.err(field, "missing")),
-            Some(v) => v.as_u64().ok_or_else(|| {
-                self.err(
-                    field,
-                    &format!("expected a non-negative integer, found {v}"),
-                )
-            }),
+            Some(v) => v
+                .as_u64()
+                .ok_or_else(|| self.err(field, &format!("expected a non-negative integer, found {v}"))),
         }
     }
 
@@ -205,10 +169,8 @@ impl Ctx<'_> {
 
     fn bbox(&self, v: Option<&Value>, field: &str) -> Result<[f64; 4], MetricsError> {
         let v = v.ok_or_else(|| self.err(field, "missing"))?;
-        let items = v
-            .as_array()
-            .filter(|a| a.len() == 4)
-            .ok_or_else(|| self.err(field, "expected 4 numbers"))?;
+        let items =
+            v.as_array().filter(|a| a.len() == 4).ok_or_else(|| self.err(field, "expected 4 numbers"))?;
         let mut out = [0.0; 4];
         for (k, item) in items.iter().enumerate() {
             out[k] = item

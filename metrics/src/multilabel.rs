@@ -67,10 +67,7 @@ pub struct MultiLabelMetrics {
 impl MultiLabelStats {
     /// Empty statistics for `num_classes` classes.
     pub fn new(num_classes: usize) -> Self {
-        Self {
-            num_classes,
-            samples: BTreeMap::new(),
-        }
+        Self { num_classes, samples: BTreeMap::new() }
     }
 
     /// Number of classes.
@@ -85,12 +82,7 @@ impl MultiLabelStats {
 
     /// Records one sample. Fails on a duplicate id, on a length other than
     /// `num_classes`, or on a non-finite score.
-    pub fn add(
-        &mut self,
-        sample_id: u64,
-        scores: Vec<f64>,
-        labels: Vec<bool>,
-    ) -> Result<(), MetricsError> {
+    pub fn add(&mut self, sample_id: u64, scores: Vec<f64>, labels: Vec<bool>) -> Result<(), MetricsError> {
         for (what, len) in [("scores", scores.len()), ("labels", labels.len())] {
             if len != self.num_classes {
                 return Err(MetricsError::LengthMismatch {
@@ -107,13 +99,9 @@ impl MultiLabelStats {
             });
         }
         if self.samples.contains_key(&sample_id) {
-            return Err(MetricsError::DuplicateId {
-                what: "multi-label sample",
-                id: sample_id,
-            });
+            return Err(MetricsError::DuplicateId { what: "multi-label sample", id: sample_id });
         }
-        self.samples
-            .insert(sample_id, MultiLabelSample { scores, labels });
+        self.samples.insert(sample_id, MultiLabelSample { scores, labels });
         Ok(())
     }
 
@@ -127,15 +115,8 @@ impl MultiLabelStats {
                 found: other.num_classes,
             });
         }
-        if let Some(id) = other
-            .samples
-            .keys()
-            .find(|id| self.samples.contains_key(id))
-        {
-            return Err(MetricsError::DuplicateId {
-                what: "multi-label sample",
-                id: *id,
-            });
+        if let Some(id) = other.samples.keys().find(|id| self.samples.contains_key(id)) {
+            return Err(MetricsError::DuplicateId { what: "multi-label sample", id: *id });
         }
         for (id, sample) in &other.samples {
             self.samples.insert(*id, sample.clone());
@@ -147,19 +128,13 @@ impl MultiLabelStats {
     pub fn finish(&self) -> MultiLabelMetrics {
         let per_class_ap: Vec<Option<f64>> = (0..self.num_classes)
             .map(|c| {
-                let column: Vec<(f64, bool)> = self
-                    .samples
-                    .values()
-                    .map(|s| (s.scores[c], s.labels[c]))
-                    .collect();
+                let column: Vec<(f64, bool)> =
+                    self.samples.values().map(|s| (s.scores[c], s.labels[c])).collect();
                 average_precision(&column)
             })
             .collect();
         let present: Vec<f64> = per_class_ap.iter().flatten().copied().collect();
-        MultiLabelMetrics {
-            map: numeric::mean(&present),
-            per_class_ap,
-        }
+        MultiLabelMetrics { map: numeric::mean(&present), per_class_ap }
     }
 }
 
@@ -190,20 +165,14 @@ pub fn average_precision(samples: &[(f64, bool)]) -> Option<f64> {
         }
     }
     let last = *tps.last().expect("at least one threshold");
-    let precision: Vec<f64> = tps
-        .iter()
-        .zip(&fps)
-        .map(|(&tp, &fp)| tp / (tp + fp))
-        .collect();
+    let precision: Vec<f64> = tps.iter().zip(&fps).map(|(&tp, &fp)| tp / (tp + fp)).collect();
     let recall: Vec<f64> = tps.iter().map(|&tp| tp / last).collect();
     // precision_recall_curve reverses and appends (precision 1, recall 0).
     let mut p_rev: Vec<f64> = precision.into_iter().rev().collect();
     p_rev.push(1.0);
     let mut r_rev: Vec<f64> = recall.into_iter().rev().collect();
     r_rev.push(0.0);
-    let terms: Vec<f64> = (0..r_rev.len() - 1)
-        .map(|i| (r_rev[i + 1] - r_rev[i]) * p_rev[i])
-        .collect();
+    let terms: Vec<f64> = (0..r_rev.len() - 1).map(|i| (r_rev[i + 1] - r_rev[i]) * p_rev[i]).collect();
     let ap = -numeric::pairwise_sum(&terms);
     Some(if ap > 0.0 { ap } else { 0.0 })
 }

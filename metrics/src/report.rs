@@ -56,14 +56,10 @@ impl EvalStats {
     /// All parts are checked before any is modified, so on error `self` is unchanged.
     pub fn merge(&mut self, other: &Self) -> Result<(), MetricsError> {
         let mut merged = self.clone();
-        merge_part(&mut merged.classification, &other.classification, |a, b| {
-            a.merge(b)
-        })?;
+        merge_part(&mut merged.classification, &other.classification, |a, b| a.merge(b))?;
         merge_part(&mut merged.multilabel, &other.multilabel, |a, b| a.merge(b))?;
         merge_part(&mut merged.detection, &other.detection, |a, b| a.merge(b))?;
-        merge_part(&mut merged.segmentation, &other.segmentation, |a, b| {
-            a.merge(b)
-        })?;
+        merge_part(&mut merged.segmentation, &other.segmentation, |a, b| a.merge(b))?;
         *self = merged;
         Ok(())
     }
@@ -71,10 +67,7 @@ impl EvalStats {
     /// Finishes every present part.
     pub fn finish(&self) -> EvalReport {
         EvalReport {
-            classification: self
-                .classification
-                .as_ref()
-                .map(ClassificationStats::finish),
+            classification: self.classification.as_ref().map(ClassificationStats::finish),
             multilabel: self.multilabel.as_ref().map(MultiLabelStats::finish),
             detection: self.detection.as_ref().map(DetectionStats::finish),
             segmentation: self.segmentation.as_ref().map(SegmentationStats::finish),
@@ -104,10 +97,8 @@ impl EvalReport {
             put("mAP", m.map);
         }
         if let Some(d) = &self.detection {
-            const KEYS: [&str; 12] = [
-                "AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm",
-                "ARl",
-            ];
+            const KEYS: [&str; 12] =
+                ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"];
             for (k, v) in KEYS.iter().zip(d.stats()) {
                 put(k, v);
             }

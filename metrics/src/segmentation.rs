@@ -44,10 +44,7 @@ impl TryFrom<SegmentationStatsWire> for SegmentationStats {
                 right: empty.confusion.len(),
             });
         }
-        Ok(Self {
-            confusion: wire.confusion,
-            ..empty
-        })
+        Ok(Self { confusion: wire.confusion, ..empty })
     }
 }
 
@@ -73,10 +70,7 @@ impl SegmentationStats {
                 reason: "must be between 1 and 255",
             });
         }
-        Ok(Self {
-            num_classes,
-            confusion: vec![0; num_classes * num_classes],
-        })
+        Ok(Self { num_classes, confusion: vec![0; num_classes * num_classes] })
     }
 
     /// Number of classes.
@@ -159,11 +153,7 @@ impl SegmentationStats {
             .collect();
         SegmentationMetrics {
             miou: numeric::nan_mean(&per_class_iou).unwrap_or(f64::NAN),
-            pixel_accuracy: if total == 0 {
-                f64::NAN
-            } else {
-                correct as f64 / total as f64
-            },
+            pixel_accuracy: if total == 0 { f64::NAN } else { correct as f64 / total as f64 },
             per_class_iou,
         }
     }

@@ -12,16 +12,10 @@ fn worker(shard: u64, detection: mtl_metrics::DetectionStats) -> EvalStats {
     let mut segmentation = SegmentationStats::new(3).unwrap();
     for i in 0..10u64 {
         let id = shard * 100 + i;
-        classification
-            .add((id % 3) as usize, ((id / 3) % 3) as usize)
-            .unwrap();
+        classification.add((id % 3) as usize, ((id / 3) % 3) as usize).unwrap();
         let score = (id % 7) as f64 / 7.0;
-        multilabel
-            .add(id, vec![score, 1.0 - score], vec![id % 2 == 0, id % 5 == 0])
-            .unwrap();
-        segmentation
-            .add(&[(id % 3) as u8, 1], &[((id / 2) % 3) as u8, 255])
-            .unwrap();
+        multilabel.add(id, vec![score, 1.0 - score], vec![id % 2 == 0, id % 5 == 0]).unwrap();
+        segmentation.add(&[(id % 3) as u8, 1], &[((id / 2) % 3) as u8, 255]).unwrap();
     }
     EvalStats {
         classification: Some(classification),
@@ -33,16 +27,9 @@ fn worker(shard: u64, detection: mtl_metrics::DetectionStats) -> EvalStats {
 
 #[test]
 fn bundle_merge_is_order_independent_and_survives_the_wire() {
-    let det = load_detection_stats(
-        fixture("det_mixed_gt.json"),
-        fixture("det_mixed_results.json"),
-    )
-    .unwrap();
-    let shards: Vec<EvalStats> = split_detection(&det, 3, |n| n)
-        .into_iter()
-        .enumerate()
-        .map(|(i, d)| worker(i as u64, d))
-        .collect();
+    let det = load_detection_stats(fixture("det_mixed_gt.json"), fixture("det_mixed_results.json")).unwrap();
+    let shards: Vec<EvalStats> =
+        split_detection(&det, 3, |n| n).into_iter().enumerate().map(|(i, d)| worker(i as u64, d)).collect();
     let mut forward = EvalStats::default();
     for s in &shards {
         forward.merge(&wire(s)).unwrap();
@@ -90,19 +77,12 @@ fn bundle_merge_is_order_independent_and_survives_the_wire() {
 #[test]
 fn bundle_parts_missing_on_one_side_are_taken_as_is() {
     let mut coordinator = EvalStats::default();
-    let only_seg = EvalStats {
-        segmentation: Some(SegmentationStats::new(3).unwrap()),
-        ..Default::default()
-    };
+    let only_seg = EvalStats { segmentation: Some(SegmentationStats::new(3).unwrap()), ..Default::default() };
     coordinator.merge(&only_seg).unwrap();
     assert_eq!(coordinator, only_seg);
     let report = coordinator.finish();
     assert_eq!(
-        report
-            .to_map()
-            .keys()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
+        report.to_map().keys().map(String::as_str).collect::<Vec<_>>(),
         vec!["mIoU", "pixel_accuracy"]
     );
     assert!(EvalStats::default().finish().to_map().is_empty());
@@ -123,9 +103,6 @@ fn failed_bundle_merge_changes_nothing() {
     };
     let before = a.clone();
     let err = a.merge(&b).unwrap_err();
-    assert_eq!(
-        err.to_string(),
-        "segmentation merge: num_classes mismatch (3 vs 4)"
-    );
+    assert_eq!(err.to_string(), "segmentation merge: num_classes mismatch (3 vs 4)");
     assert_eq!(a, before);
 }

@@ -35,38 +35,18 @@ fn loads_like_pycocotools() {
     ]);
     let stats = parse(&gt_json(), &results).unwrap();
     assert_eq!(stats.category_ids(), &[1, 5]);
-    assert_eq!(
-        stats.images().keys().copied().collect::<Vec<_>>(),
-        vec![1, 2, 3]
-    );
+    assert_eq!(stats.images().keys().copied().collect::<Vec<_>>(), vec![1, 2, 3]);
     let img1 = &stats.images()[&1];
     assert_eq!(
         img1.ground_truth,
         vec![
-            GroundTruth {
-                bbox: [0.0, 0.0, 10.0, 20.0],
-                category_id: 1,
-                area: 150.5,
-                iscrowd: false
-            },
-            GroundTruth {
-                bbox: [5.0, 5.0, 5.0, 5.0],
-                category_id: 5,
-                area: 25.0,
-                iscrowd: false
-            },
+            GroundTruth { bbox: [0.0, 0.0, 10.0, 20.0], category_id: 1, area: 150.5, iscrowd: false },
+            GroundTruth { bbox: [5.0, 5.0, 5.0, 5.0], category_id: 5, area: 25.0, iscrowd: false },
         ]
     );
     // File order is kept (it breaks score ties); unknown categories are kept but never evaluated.
     assert_eq!(img1.detections.len(), 3);
-    assert_eq!(
-        img1.detections[1],
-        Detection {
-            bbox: [1.0, 1.0, 4.0, 5.0],
-            score: 0.5,
-            category_id: 1
-        }
-    );
+    assert_eq!(img1.detections[1], Detection { bbox: [1.0, 1.0, 4.0, 5.0], score: 0.5, category_id: 1 });
     assert_eq!(img1.detections[1].area(), 20.0);
     assert!(stats.images()[&3].ground_truth[0].iscrowd);
     assert!(stats.images()[&2].ground_truth.is_empty() && stats.images()[&2].detections.is_empty());
@@ -77,14 +57,8 @@ fn empty_results_mean_no_detections() {
     let stats = parse(&gt_json(), &json!([])).unwrap();
     let m = stats.finish();
     // Both countable boxes are small (areas 150.5 and 25): medium and large are undefined.
-    assert_eq!(
-        m.stats(),
-        [0.0, 0.0, 0.0, 0.0, -1.0, -1.0, 0.0, 0.0, 0.0, 0.0, -1.0, -1.0]
-    );
-    assert_eq!(
-        m.per_category_ap.values().copied().collect::<Vec<_>>(),
-        vec![0.0, 0.0]
-    );
+    assert_eq!(m.stats(), [0.0, 0.0, 0.0, 0.0, -1.0, -1.0, 0.0, 0.0, 0.0, 0.0, -1.0, -1.0]);
+    assert_eq!(m.per_category_ap.values().copied().collect::<Vec<_>>(), vec![0.0, 0.0]);
 }
 
 #[test]
@@ -94,14 +68,8 @@ fn result_for_an_image_outside_the_ground_truth_is_an_error() {
         {"image_id": 77, "category_id": 1, "bbox": [0, 0, 1, 1], "score": 0.5}
     ]);
     let err = parse(&gt_json(), &results).unwrap_err();
-    assert!(
-        matches!(err, MetricsError::UnknownImage { image_id: 77, .. }),
-        "{err}"
-    );
-    assert_eq!(
-        err.to_string(),
-        "res.json: [1].image_id: image id 77 is not in the ground truth"
-    );
+    assert!(matches!(err, MetricsError::UnknownImage { image_id: 77, .. }), "{err}");
+    assert_eq!(err.to_string(), "res.json: [1].image_id: image id 77 is not in the ground truth");
 }
 
 /// An edit that breaks the ground-truth JSON.
@@ -140,20 +108,14 @@ fn malformed_ground_truth_names_file_and_field() {
             Box::new(|v| v["images"][1]["id"] = json!(-4)),
             "gt.json: images[1].id: expected a non-negative integer, found -4",
         ),
-        (
-            Box::new(|v| v["images"][1]["id"] = json!(3)),
-            "gt.json: images[1].id: duplicate image id 3",
-        ),
+        (Box::new(|v| v["images"][1]["id"] = json!(3)), "gt.json: images[1].id: duplicate image id 3"),
         (
             Box::new(|v| {
                 v.as_object_mut().unwrap().remove("categories");
             }),
             "gt.json: categories: missing",
         ),
-        (
-            Box::new(|v| v["images"] = json!({})),
-            "gt.json: images: expected an array",
-        ),
+        (Box::new(|v| v["images"] = json!({})), "gt.json: images: expected an array"),
     ];
     for (mutate, message) in cases {
         let mut gt = gt_json();
@@ -167,14 +129,8 @@ fn malformed_ground_truth_names_file_and_field() {
 #[test]
 fn malformed_results_name_file_and_index() {
     let cases = [
-        (
-            json!({"image_id": 1}),
-            "res.json: <root>: expected an array of results",
-        ),
-        (
-            json!([{"image_id": 1, "category_id": 1, "bbox": [0, 0, 1, 1]}]),
-            "res.json: [0].score: missing",
-        ),
+        (json!({"image_id": 1}), "res.json: <root>: expected an array of results"),
+        (json!([{"image_id": 1, "category_id": 1, "bbox": [0, 0, 1, 1]}]), "res.json: [0].score: missing"),
         (
             json!([{"image_id": 1, "category_id": 1, "bbox": [0, 0, 1, 1], "score": 0.1}, {"image_id": 1, "category_id": 1, "bbox": [0, 1], "score": 0.1}]),
             "res.json: [1].bbox: expected 4 numbers",
@@ -185,10 +141,7 @@ fn malformed_results_name_file_and_index() {
         ),
     ];
     for (results, message) in cases {
-        assert_eq!(
-            parse(&gt_json(), &results).unwrap_err().to_string(),
-            message
-        );
+        assert_eq!(parse(&gt_json(), &results).unwrap_err().to_string(), message);
     }
 }
 
@@ -199,14 +152,10 @@ fn file_errors_name_the_path() {
     assert!(matches!(err, MetricsError::Io { .. }));
     assert!(err.to_string().contains("does_not_exist.json"), "{err}");
     // A Python script is not JSON.
-    let err =
-        load_detection_stats(fixture("det_mixed_gt.json"), fixture("gen_fixtures.py")).unwrap_err();
+    let err = load_detection_stats(fixture("det_mixed_gt.json"), fixture("gen_fixtures.py")).unwrap_err();
     assert!(matches!(err, MetricsError::Json { .. }));
     assert!(
-        err.to_string().starts_with(&format!(
-            "{}: invalid JSON",
-            fixture("gen_fixtures.py").display()
-        )),
+        err.to_string().starts_with(&format!("{}: invalid JSON", fixture("gen_fixtures.py").display())),
         "{err}"
     );
 }
@@ -217,11 +166,7 @@ fn ground_truth_only_file_has_no_detections() {
     assert_eq!(stats.images().len(), 20);
     assert_eq!(stats.category_ids(), &[1, 2, 5, 7]);
     assert!(stats.images().values().all(|r| r.detections.is_empty()));
-    let full = load_detection_stats(
-        fixture("det_mixed_gt.json"),
-        fixture("det_mixed_results.json"),
-    )
-    .unwrap();
+    let full = load_detection_stats(fixture("det_mixed_gt.json"), fixture("det_mixed_results.json")).unwrap();
     for (id, record) in stats.images() {
         assert_eq!(record.ground_truth, full.images()[id].ground_truth);
     }

@@ -10,33 +10,18 @@ use mtl_metrics::{Detection, DetectionMetrics, DetectionStats, GroundTruth, Metr
 const PERFECT: f64 = 1.0 / (1.0 + f64::EPSILON);
 
 fn gt(bbox: [f64; 4], category_id: u64) -> GroundTruth {
-    GroundTruth {
-        bbox,
-        category_id,
-        area: bbox[2] * bbox[3],
-        iscrowd: false,
-    }
+    GroundTruth { bbox, category_id, area: bbox[2] * bbox[3], iscrowd: false }
 }
 
 fn crowd(bbox: [f64; 4], category_id: u64) -> GroundTruth {
-    GroundTruth {
-        iscrowd: true,
-        ..gt(bbox, category_id)
-    }
+    GroundTruth { iscrowd: true, ..gt(bbox, category_id) }
 }
 
 fn det(bbox: [f64; 4], score: f64, category_id: u64) -> Detection {
-    Detection {
-        bbox,
-        score,
-        category_id,
-    }
+    Detection { bbox, score, category_id }
 }
 
-fn eval(
-    categories: &[u64],
-    images: Vec<(u64, Vec<GroundTruth>, Vec<Detection>)>,
-) -> DetectionMetrics {
+fn eval(categories: &[u64], images: Vec<(u64, Vec<GroundTruth>, Vec<Detection>)>) -> DetectionMetrics {
     let mut stats = DetectionStats::new(categories.iter().copied());
     for (id, g, d) in images {
         stats.add_image(id, g, d).unwrap();
@@ -51,10 +36,7 @@ const FAR: [f64; 4] = [200.0, 200.0, 40.0, 40.0];
 #[test]
 fn no_detections_at_all_gives_zero_ap_and_ar() {
     let m = eval(&[1], vec![(1, vec![gt(MED, 1)], vec![])]);
-    assert_eq!(
-        m.stats(),
-        [0.0, 0.0, 0.0, -1.0, 0.0, -1.0, 0.0, 0.0, 0.0, -1.0, 0.0, -1.0]
-    );
+    assert_eq!(m.stats(), [0.0, 0.0, 0.0, -1.0, 0.0, -1.0, 0.0, 0.0, 0.0, -1.0, 0.0, -1.0]);
     assert_eq!(m.per_category_ap[&1], 0.0);
 }
 
@@ -69,14 +51,7 @@ fn no_ground_truth_at_all_is_undefined_everywhere() {
 #[test]
 fn category_without_ground_truth_is_left_out_of_the_mean() {
     // Category 2 has only (false positive) detections: -1, excluded; category 1 is perfect.
-    let m = eval(
-        &[1, 2],
-        vec![(
-            1,
-            vec![gt(MED, 1)],
-            vec![det(MED, 0.5, 1), det(FAR, 0.9, 2)],
-        )],
-    );
+    let m = eval(&[1, 2], vec![(1, vec![gt(MED, 1)], vec![det(MED, 0.5, 1), det(FAR, 0.9, 2)])]);
     assert_eq!(m.per_category_ap[&2], -1.0);
     assert_eq!(m.per_category_ap[&1], PERFECT);
     assert_eq!(m.ap, PERFECT);
@@ -99,10 +74,7 @@ fn detections_inside_a_crowd_region_are_not_false_positives() {
         det([60.0, 60.0, 20.0, 20.0], 0.8, 1),
         det([300.0, 300.0, 40.0, 40.0], 0.7, 1),
     ];
-    let m = eval(
-        &[1],
-        vec![(1, vec![big_crowd, gt([300.0, 300.0, 40.0, 40.0], 1)], dets)],
-    );
+    let m = eval(&[1], vec![(1, vec![big_crowd, gt([300.0, 300.0, 40.0, 40.0], 1)], dets)]);
     assert_eq!(m.ap, PERFECT);
     assert_eq!(m.ar100, 1.0);
     // maxDets=1 keeps only the top detection, which is ignored: nothing recalled.
@@ -118,24 +90,13 @@ fn max_dets_is_per_image_and_category() {
         vec![(
             1,
             vec![gt(MED, 1), gt(FAR, 2)],
-            vec![
-                det(MED, 0.9, 1),
-                det(FAR, 0.3, 2),
-                det([100.0, 10.0, 40.0, 40.0], 0.2, 2),
-            ],
+            vec![det(MED, 0.9, 1), det(FAR, 0.3, 2), det([100.0, 10.0, 40.0, 40.0], 0.2, 2)],
         )],
     );
     assert_eq!(m.ar1, 1.0);
     // Within one category, a higher-scored false positive pushes the hit out of
     // the top-1 but not out of the top-10.
-    let m = eval(
-        &[1],
-        vec![(
-            1,
-            vec![gt(MED, 1)],
-            vec![det(FAR, 0.9, 1), det(MED, 0.5, 1)],
-        )],
-    );
+    let m = eval(&[1], vec![(1, vec![gt(MED, 1)], vec![det(FAR, 0.9, 1), det(MED, 0.5, 1)])]);
     assert_eq!((m.ar1, m.ar10, m.ar100), (0.0, 1.0, 1.0));
     // Precision at recall 1 is 1 / (2 + eps) = 0.5 (2 + eps rounds to 2).
     assert_eq!(m.ap, 0.5);
@@ -144,9 +105,7 @@ fn max_dets_is_per_image_and_category() {
 #[test]
 fn more_than_100_detections_per_image_and_category_are_cut() {
     let fps = |n: usize| -> Vec<Detection> {
-        (0..n)
-            .map(|i| det([500.0 + i as f64, 500.0, 10.0, 10.0], 0.9, 1))
-            .collect()
+        (0..n).map(|i| det([500.0 + i as f64, 500.0, 10.0, 10.0], 0.9, 1)).collect()
     };
     let mut dets = fps(100);
     dets.push(det(MED, 0.1, 1)); // rank 101: dropped
@@ -159,10 +118,7 @@ fn more_than_100_detections_per_image_and_category_are_cut() {
     // Precision at the hit is 1 / (99 + 1 + eps) = 0.01 at every recall and IoU threshold.
     assert_eq!(m.ap, mean(&[0.01; 1010]));
     // Another category's detections in the same image do not count towards the cap.
-    dets.extend(fps(50).into_iter().map(|d| Detection {
-        category_id: 2,
-        ..d
-    }));
+    dets.extend(fps(50).into_iter().map(|d| Detection { category_id: 2, ..d }));
     let m = eval(&[1, 2], vec![(1, vec![gt(MED, 1)], dets)]);
     assert_eq!(m.ar100, 1.0);
 }
@@ -173,27 +129,14 @@ fn area_ranges_use_the_ground_truth_area_field() {
     let large = gt([100.0, 100.0, 120.0, 120.0], 1); // area 14400
     let m = eval(
         &[1],
-        vec![(
-            1,
-            vec![small.clone(), large.clone()],
-            vec![det(small.bbox, 0.9, 1), det(large.bbox, 0.8, 1)],
-        )],
+        vec![(1, vec![small.clone(), large.clone()], vec![det(small.bbox, 0.9, 1), det(large.bbox, 0.8, 1)])],
     );
-    assert_eq!(
-        (m.ap_small, m.ap_medium, m.ap_large),
-        (PERFECT, -1.0, PERFECT)
-    );
+    assert_eq!((m.ap_small, m.ap_medium, m.ap_large), (PERFECT, -1.0, PERFECT));
     assert_eq!((m.ar_small, m.ar_medium, m.ar_large), (1.0, -1.0, 1.0));
 
     // A 50x50 box (2500, medium) whose annotation area is 900 (small): small.
-    let masked = GroundTruth {
-        area: 900.0,
-        ..gt([0.0, 0.0, 50.0, 50.0], 1)
-    };
-    let m = eval(
-        &[1],
-        vec![(1, vec![masked.clone()], vec![det(masked.bbox, 0.9, 1)])],
-    );
+    let masked = GroundTruth { area: 900.0, ..gt([0.0, 0.0, 50.0, 50.0], 1) };
+    let m = eval(&[1], vec![(1, vec![masked.clone()], vec![det(masked.bbox, 0.9, 1)])]);
     assert_eq!((m.ap_small, m.ap_medium), (PERFECT, -1.0));
 
     // An unmatched detection outside the area range is ignored for that range only.
@@ -202,10 +145,7 @@ fn area_ranges_use_the_ground_truth_area_field() {
         vec![(
             1,
             vec![small.clone()],
-            vec![
-                det([300.0, 300.0, 150.0, 150.0], 0.95, 1),
-                det(small.bbox, 0.9, 1),
-            ],
+            vec![det([300.0, 300.0, 150.0, 150.0], 0.95, 1), det(small.bbox, 0.9, 1)],
         )],
     );
     assert_eq!(m.ap_small, PERFECT);
@@ -216,10 +156,7 @@ fn area_ranges_use_the_ground_truth_area_field() {
 fn score_ties_keep_insertion_order_within_an_image() {
     let hit = det(MED, 0.5, 1);
     let miss = det(FAR, 0.5, 1);
-    let first_hit = eval(
-        &[1],
-        vec![(1, vec![gt(MED, 1)], vec![hit.clone(), miss.clone()])],
-    );
+    let first_hit = eval(&[1], vec![(1, vec![gt(MED, 1)], vec![hit.clone(), miss.clone()])]);
     let first_miss = eval(&[1], vec![(1, vec![gt(MED, 1)], vec![miss, hit])]);
     assert_eq!(first_hit.ap, PERFECT);
     assert_eq!(first_miss.ap, 0.5);
@@ -250,10 +187,7 @@ fn iou_threshold_boundaries() {
     let mut all = vec![0.0; 1010];
     all[..101].copy_from_slice(&at_05);
     assert_eq!(m.ap, mean(&all));
-    assert_eq!(
-        m.ar100,
-        mean(&[1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])
-    );
+    assert_eq!(m.ar100, mean(&[1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]));
 }
 
 #[test]
@@ -261,30 +195,19 @@ fn merge_and_add_errors_name_the_problem() {
     let mut a = DetectionStats::new([1, 2]);
     a.add_image(7, vec![], vec![]).unwrap();
     let err = a.add_image(7, vec![], vec![]).unwrap_err();
-    assert!(
-        matches!(err, MetricsError::DuplicateId { id: 7, .. }),
-        "{err}"
-    );
+    assert!(matches!(err, MetricsError::DuplicateId { id: 7, .. }), "{err}");
     assert_eq!(err.to_string(), "detection image: duplicate id 7");
 
     let mut b = DetectionStats::new([2, 1, 1]);
     b.add_image(7, vec![gt(MED, 1)], vec![]).unwrap();
     let before = a.clone();
-    assert!(matches!(
-        a.merge(&b),
-        Err(MetricsError::DuplicateId { id: 7, .. })
-    ));
+    assert!(matches!(a.merge(&b), Err(MetricsError::DuplicateId { id: 7, .. })));
     assert_eq!(a, before, "a failed merge leaves the statistics unchanged");
 
     let c = DetectionStats::new([1, 3]);
     let err = a.merge(&c).unwrap_err();
-    assert!(
-        matches!(err, MetricsError::CategoryMismatch { .. }),
-        "{err}"
-    );
+    assert!(matches!(err, MetricsError::CategoryMismatch { .. }), "{err}");
 
-    let err = a
-        .add_image(8, vec![], vec![det(MED, f64::NAN, 1)])
-        .unwrap_err();
+    let err = a.add_image(8, vec![], vec![det(MED, f64::NAN, 1)]).unwrap_err();
     assert!(err.to_string().contains("image 8 detection 0"), "{err}");
 }

@@ -17,9 +17,8 @@ fn f(v: &Value) -> f64 {
 }
 
 fn check_detection(metrics: &DetectionMetrics, expected: &Value, name: &str) {
-    const NAMES: [&str; 12] = [
-        "AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl",
-    ];
+    const NAMES: [&str; 12] =
+        ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"];
     let stats = expected["stats"].as_array().unwrap();
     for (i, (got, want)) in metrics.stats().iter().zip(stats).enumerate() {
         assert_bits(*got, f(want), &format!("{name} {}", NAMES[i]));
@@ -81,15 +80,8 @@ fn detection_sharded_merge_matches_pycocotools_in_any_order() {
                 }
                 acc
             };
-            assert_eq!(
-                merged, stats,
-                "{name}: merge of {shards} shards is the union"
-            );
-            check_detection(
-                &wire(&merged).finish(),
-                &expected,
-                &format!("{name} / {shards} shards"),
-            );
+            assert_eq!(merged, stats, "{name}: merge of {shards} shards is the union");
+            check_detection(&wire(&merged).finish(), &expected, &format!("{name} / {shards} shards"));
         }
     }
 }
@@ -98,22 +90,13 @@ fn detection_sharded_merge_matches_pycocotools_in_any_order() {
 fn classification_matches_sklearn() {
     let fx = read_fixture("classification.json");
     let num_classes = fx["num_classes"].as_u64().unwrap() as usize;
-    let preds: Vec<usize> = fx["pred"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_u64().unwrap() as usize)
-        .collect();
-    let targets: Vec<usize> = fx["target"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_u64().unwrap() as usize)
-        .collect();
+    let preds: Vec<usize> =
+        fx["pred"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
+    let targets: Vec<usize> =
+        fx["target"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
     let mut single = ClassificationStats::new(num_classes).unwrap();
-    let mut shards: Vec<ClassificationStats> = (0..3)
-        .map(|_| ClassificationStats::new(num_classes).unwrap())
-        .collect();
+    let mut shards: Vec<ClassificationStats> =
+        (0..3).map(|_| ClassificationStats::new(num_classes).unwrap()).collect();
     for (i, (&p, &t)) in preds.iter().zip(&targets).enumerate() {
         single.add(p, t).unwrap();
         shards[(i * 7) % 3].add(p, t).unwrap();
@@ -125,30 +108,14 @@ fn classification_matches_sklearn() {
     assert_eq!(merged, single);
     let m = merged.finish();
     assert_bits(m.accuracy, f(&fx["accuracy"]), "accuracy");
-    assert_bits(
-        m.macro_precision,
-        f(&fx["macro_precision"]),
-        "macro precision",
-    );
+    assert_bits(m.macro_precision, f(&fx["macro_precision"]), "macro precision");
     assert_bits(m.macro_recall, f(&fx["macro_recall"]), "macro recall");
     assert_bits(m.macro_f1, f(&fx["macro_f1"]), "macro F1");
     for (c, pc) in m.per_class.iter().enumerate() {
-        assert_bits(
-            pc.precision,
-            f(&fx["per_class_precision"][c]),
-            &format!("precision[{c}]"),
-        );
-        assert_bits(
-            pc.recall,
-            f(&fx["per_class_recall"][c]),
-            &format!("recall[{c}]"),
-        );
+        assert_bits(pc.precision, f(&fx["per_class_precision"][c]), &format!("precision[{c}]"));
+        assert_bits(pc.recall, f(&fx["per_class_recall"][c]), &format!("recall[{c}]"));
         assert_bits(pc.f1, f(&fx["per_class_f1"][c]), &format!("f1[{c}]"));
-        assert_eq!(
-            pc.support,
-            fx["support"][c].as_u64().unwrap(),
-            "support[{c}]"
-        );
+        assert_eq!(pc.support, fx["support"][c].as_u64().unwrap(), "support[{c}]");
     }
 }
 
@@ -164,12 +131,7 @@ fn multilabel_matches_sklearn_in_any_order() {
             (
                 s["id"].as_u64().unwrap(),
                 s["scores"].as_array().unwrap().iter().map(f).collect(),
-                s["labels"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|v| v.as_bool().unwrap())
-                    .collect(),
+                s["labels"].as_array().unwrap().iter().map(|v| v.as_bool().unwrap()).collect(),
             )
         })
         .collect();
@@ -177,13 +139,10 @@ fn multilabel_matches_sklearn_in_any_order() {
     let mut reference = None;
     for shards in [1usize, 2, 4, 7] {
         rng.shuffle(&mut samples);
-        let mut parts: Vec<MultiLabelStats> = (0..shards)
-            .map(|_| MultiLabelStats::new(num_classes))
-            .collect();
+        let mut parts: Vec<MultiLabelStats> =
+            (0..shards).map(|_| MultiLabelStats::new(num_classes)).collect();
         for (id, s, l) in &samples {
-            parts[rng.below(shards)]
-                .add(*id, s.clone(), l.clone())
-                .unwrap();
+            parts[rng.below(shards)].add(*id, s.clone(), l.clone()).unwrap();
         }
         let mut merged = MultiLabelStats::new(num_classes);
         for p in &parts {
@@ -191,11 +150,7 @@ fn multilabel_matches_sklearn_in_any_order() {
         }
         let m = merged.finish();
         assert_bits(m.map, f(&fx["map"]), &format!("mAP ({shards} shards)"));
-        assert_bits(
-            m.map,
-            f(&fx["sklearn_macro_over_valid"]),
-            "mAP vs sklearn macro",
-        );
+        assert_bits(m.map, f(&fx["sklearn_macro_over_valid"]), "mAP vs sklearn macro");
         for (c, ap) in m.per_class_ap.iter().enumerate() {
             match (ap, fx["per_class_ap"][c].as_f64()) {
                 (Some(got), Some(want)) => assert_bits(*got, want, &format!("AP[{c}]")),
@@ -218,12 +173,7 @@ fn segmentation_matches_numpy() {
     let mut parts = Vec::new();
     for img in fx["images"].as_array().unwrap() {
         let bytes = |k: &str| -> Vec<u8> {
-            img[k]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_u64().unwrap() as u8)
-                .collect()
+            img[k].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u8).collect()
         };
         let (pred, target) = (bytes("pred"), bytes("target"));
         single.add(&pred, &target).unwrap();

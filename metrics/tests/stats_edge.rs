@@ -6,8 +6,7 @@ mod common;
 use common::{wire, Rng};
 use mtl_metrics::numeric::mean;
 use mtl_metrics::{
-    multilabel::average_precision, ClassificationStats, MetricsError, MultiLabelStats,
-    SegmentationStats,
+    multilabel::average_precision, ClassificationStats, MetricsError, MultiLabelStats, SegmentationStats,
 };
 
 #[test]
@@ -27,42 +26,23 @@ fn classification_includes_every_class_in_the_macro_average() {
     assert_eq!(m.macro_precision, mean(&[p0, p1, 0.0]));
     assert_eq!(m.macro_recall, mean(&[r0, r1, 0.0]));
     assert_eq!(m.macro_f1, mean(&[f0, f1, 0.0]));
-    assert_eq!(
-        m.confusion,
-        vec![vec![2, 1, 0], vec![1, 1, 0], vec![0, 0, 0]]
-    );
+    assert_eq!(m.confusion, vec![vec![2, 1, 0], vec![1, 1, 0], vec![0, 0, 0]]);
 }
 
 #[test]
 fn classification_errors() {
     let mut s = ClassificationStats::new(2).unwrap();
     let err = s.add(2, 0).unwrap_err();
-    assert_eq!(
-        err.to_string(),
-        "classification prediction: class 2 out of range (num_classes = 2)"
-    );
-    assert!(s
-        .add(0, 5)
-        .unwrap_err()
-        .to_string()
-        .starts_with("classification target"));
+    assert_eq!(err.to_string(), "classification prediction: class 2 out of range (num_classes = 2)");
+    assert!(s.add(0, 5).unwrap_err().to_string().starts_with("classification target"));
     assert!(ClassificationStats::new(0).is_err());
     let err = s.merge(&ClassificationStats::new(3).unwrap()).unwrap_err();
-    assert_eq!(
-        err.to_string(),
-        "classification merge: num_classes mismatch (2 vs 3)"
-    );
-    assert!(
-        s.finish().accuracy.is_nan(),
-        "no samples: accuracy undefined"
-    );
+    assert_eq!(err.to_string(), "classification merge: num_classes mismatch (2 vs 3)");
+    assert!(s.finish().accuracy.is_nan(), "no samples: accuracy undefined");
     // A malformed wire message is rejected instead of panicking later.
     let bad = r#"{"num_classes":2,"confusion":[1,2,3]}"#;
     let err = serde_json::from_str::<ClassificationStats>(bad).unwrap_err();
-    assert!(
-        err.to_string().contains("classification confusion"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("classification confusion"), "{err}");
 }
 
 #[test]
@@ -74,9 +54,7 @@ fn classification_merge_equals_single_pass_in_any_split() {
         single.add(p, t).unwrap();
     }
     for shards in [2, 3, 8] {
-        let mut parts: Vec<_> = (0..shards)
-            .map(|_| ClassificationStats::new(4).unwrap())
-            .collect();
+        let mut parts: Vec<_> = (0..shards).map(|_| ClassificationStats::new(4).unwrap()).collect();
         for &(p, t) in &samples {
             parts[rng.below(shards)].add(p, t).unwrap();
         }
@@ -108,10 +86,8 @@ fn average_precision_matches_sklearn_examples() {
 #[test]
 fn multilabel_skips_classes_without_positives() {
     let mut s = MultiLabelStats::new(3);
-    s.add(10, vec![0.9, 0.1, 0.3], vec![true, false, false])
-        .unwrap();
-    s.add(4, vec![0.2, 0.8, 0.6], vec![false, false, true])
-        .unwrap();
+    s.add(10, vec![0.9, 0.1, 0.3], vec![true, false, false]).unwrap();
+    s.add(4, vec![0.2, 0.8, 0.6], vec![false, false, true]).unwrap();
     let m = s.finish();
     assert_eq!(m.per_class_ap, vec![Some(1.0), None, Some(1.0)]);
     assert_eq!(m.map, 1.0);
@@ -127,22 +103,13 @@ fn multilabel_errors_and_union_merge() {
         Err(MetricsError::DuplicateId { id: 1, .. })
     ));
     let err = a.add(2, vec![0.1], vec![true, false]).unwrap_err();
-    assert_eq!(
-        err.to_string(),
-        "multi-label sample 2 scores vs num_classes: length mismatch (1 vs 2)"
-    );
-    assert!(matches!(
-        a.add(3, vec![f64::NAN, 0.0], vec![true, false]),
-        Err(MetricsError::NonFinite { .. })
-    ));
+    assert_eq!(err.to_string(), "multi-label sample 2 scores vs num_classes: length mismatch (1 vs 2)");
+    assert!(matches!(a.add(3, vec![f64::NAN, 0.0], vec![true, false]), Err(MetricsError::NonFinite { .. })));
     let mut b = MultiLabelStats::new(2);
     b.add(2, vec![0.3, 0.9], vec![false, true]).unwrap();
     b.add(1, vec![0.3, 0.9], vec![false, true]).unwrap();
     let before = a.clone();
-    assert!(matches!(
-        a.merge(&b),
-        Err(MetricsError::DuplicateId { id: 1, .. })
-    ));
+    assert!(matches!(a.merge(&b), Err(MetricsError::DuplicateId { id: 1, .. })));
     assert_eq!(a, before);
     assert!(a.merge(&MultiLabelStats::new(3)).is_err());
     let mut c = MultiLabelStats::new(2);
@@ -162,23 +129,15 @@ fn segmentation_ignores_255_and_skips_absent_classes() {
     let mut s = SegmentationStats::new(4).unwrap();
     // Class 3 is absent from prediction and target; pixels with target 255 are
     // ignored whatever their prediction.
-    s.add(&[0, 0, 1, 1, 2, 0, 3], &[0, 1, 1, 1, 255, 255, 255])
-        .unwrap();
+    s.add(&[0, 0, 1, 1, 2, 0, 3], &[0, 1, 1, 1, 255, 255, 255]).unwrap();
     s.add(&[2, 0], &[2, 0]).unwrap();
     let m = s.finish();
     // class 0: inter 2, union 3 (pred 0 on a class-1 pixel); class 1: 2/3; class 2: 1/1.
-    assert_eq!(
-        m.per_class_iou,
-        vec![Some(2.0 / 3.0), Some(2.0 / 3.0), Some(1.0), None]
-    );
+    assert_eq!(m.per_class_iou, vec![Some(2.0 / 3.0), Some(2.0 / 3.0), Some(1.0), None]);
     assert_eq!(m.miou, (2.0 / 3.0 + 2.0 / 3.0 + 1.0 + 0.0) / 3.0);
     assert_eq!(m.pixel_accuracy, 5.0 / 6.0);
     assert_eq!(s.count(1, 0), 1);
-    assert_eq!(
-        (0..4).map(|p| s.count(2, p)).sum::<u64>(),
-        1,
-        "ignored pixel not counted"
-    );
+    assert_eq!((0..4).map(|p| s.count(2, p)).sum::<u64>(), 1, "ignored pixel not counted");
 }
 
 #[test]
@@ -187,30 +146,19 @@ fn segmentation_errors_leave_stats_unchanged() {
     s.add(&[0, 1], &[0, 1]).unwrap();
     let before = s.clone();
     let err = s.add(&[0, 1, 3], &[0, 1, 2]).unwrap_err();
-    assert_eq!(
-        err.to_string(),
-        "segmentation prediction at pixel 2: class 3 out of range (num_classes = 3)"
-    );
+    assert_eq!(err.to_string(), "segmentation prediction at pixel 2: class 3 out of range (num_classes = 3)");
     let err = s.add(&[0, 1, 2], &[0, 7, 2]).unwrap_err();
-    assert_eq!(
-        err.to_string(),
-        "segmentation target at pixel 1: class 7 out of range (num_classes = 3)"
-    );
+    assert_eq!(err.to_string(), "segmentation target at pixel 1: class 7 out of range (num_classes = 3)");
     // A prediction of 255 is not "ignore": only the target can ignore a pixel.
     assert!(s.add(&[255], &[0]).is_err());
-    assert!(matches!(
-        s.add(&[0, 1], &[0]),
-        Err(MetricsError::LengthMismatch { .. })
-    ));
+    assert!(matches!(s.add(&[0, 1], &[0]), Err(MetricsError::LengthMismatch { .. })));
     assert_eq!(s, before);
     assert!(s.merge(&SegmentationStats::new(4).unwrap()).is_err());
     assert!(SegmentationStats::new(0).is_err() && SegmentationStats::new(256).is_err());
     let empty = SegmentationStats::new(2).unwrap().finish();
     assert!(empty.miou.is_nan() && empty.pixel_accuracy.is_nan());
     assert_eq!(empty.per_class_iou, vec![None, None]);
-    assert!(
-        serde_json::from_str::<SegmentationStats>(r#"{"num_classes":2,"confusion":[0]}"#).is_err()
-    );
+    assert!(serde_json::from_str::<SegmentationStats>(r#"{"num_classes":2,"confusion":[0]}"#).is_err());
 }
 
 #[test]
@@ -218,15 +166,8 @@ fn segmentation_merge_equals_single_pass() {
     let mut rng = Rng(9);
     let images: Vec<(Vec<u8>, Vec<u8>)> = (0..12)
         .map(|_| {
-            let target: Vec<u8> = (0..64)
-                .map(|_| {
-                    if rng.below(10) == 0 {
-                        255
-                    } else {
-                        rng.below(5) as u8
-                    }
-                })
-                .collect();
+            let target: Vec<u8> =
+                (0..64).map(|_| if rng.below(10) == 0 { 255 } else { rng.below(5) as u8 }).collect();
             let pred: Vec<u8> = (0..64).map(|_| rng.below(5) as u8).collect();
             (pred, target)
         })

@@ -31,6 +31,9 @@ pub enum WorkerError {
         /// What is wrong.
         message: String,
     },
+    /// A collective (all-reduce, broadcast) with the other ranks failed.
+    #[error(transparent)]
+    Collective(#[from] crate::collective::CollectiveError),
     /// The coordinator told this worker to stop.
     #[error("stopped by the coordinator: {reason}")]
     Stopped {

@@ -2,6 +2,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use mtl_worker::collective::bench;
 use mtl_worker::session::Identity;
 use mtl_worker::RunConfig;
 
@@ -35,6 +36,26 @@ enum Command {
         #[arg(long, env = "MTL_DEVICE", default_value = "cpu")]
         device: String,
     },
+    /// One rank of a CPU ring all-reduce benchmark; start one process per rank.
+    ///
+    /// Rank 0 prints a JSON line per size: seconds per all-reduce, algorithm and bus bandwidth.
+    CollectiveBench {
+        /// This process's rank.
+        #[arg(long)]
+        rank: usize,
+        /// Comma-separated host:port of every rank, in rank order; this rank listens on its own.
+        #[arg(long, value_delimiter = ',', required = true)]
+        peers: Vec<std::net::SocketAddr>,
+        /// Comma-separated message sizes in MiB.
+        #[arg(long, value_delimiter = ',', default_value = "4,16,64,256")]
+        sizes_mib: Vec<usize>,
+        /// Timed all-reduces per size.
+        #[arg(long, default_value_t = 5)]
+        iterations: usize,
+        /// A transfer that makes no progress for this long fails.
+        #[arg(long, default_value_t = 30_000)]
+        timeout_ms: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -53,6 +74,20 @@ fn main() -> ExitCode {
             let worker_id = worker_id.unwrap_or_else(|| format!("{host}-{device}"));
             let identity = Identity { worker_id, host, device, peer_addr: String::new() };
             runtime.block_on(mtl_worker::run(RunConfig { coordinator, token, identity }))
+        }
+        Command::CollectiveBench { rank, peers, sizes_mib, iterations, timeout_ms } => {
+            if rank >= peers.len() {
+                eprintln!("error: --rank {rank} is outside the {} peers given", peers.len());
+                return ExitCode::from(2);
+            }
+            let cfg = bench::BenchConfig {
+                rank,
+                peers,
+                sizes_bytes: sizes_mib.iter().map(|m| m << 20).collect(),
+                iterations,
+                timeout: std::time::Duration::from_millis(timeout_ms),
+            };
+            bench::run(&cfg).map_err(mtl_worker::WorkerError::from)
         }
     };
     match result {

@@ -94,3 +94,34 @@ fn requests_for_another_generation_are_rejected() {
     ));
     assert!(matches!(s.heartbeat("x", 1, 0, now), Err(CoordinatorError::UnknownWorker { .. })));
 }
+
+fn shard_req(worker: &str, split: Split, samples: u64, fingerprint: &str) -> ShardRequest {
+    ShardRequest {
+        job_token: String::new(),
+        worker_id: worker.into(),
+        generation: 1,
+        split: split as i32,
+        epoch: 0,
+        dataset_samples: samples,
+        dataset_fingerprint: fingerprint.into(),
+    }
+}
+
+#[test]
+fn shards_cover_the_split_and_mismatched_data_is_rejected() {
+    let now = Instant::now();
+    let mut s = JobState::new(cfg(2, 2));
+    s.register(info("a"), now).unwrap();
+    s.register(info("b"), now).unwrap();
+    let a = s.shard(&shard_req("a", Split::Train, 100, "f1")).unwrap();
+    let b = s.shard(&shard_req("b", Split::Train, 100, "f1")).unwrap();
+    assert_eq!(a.steps, b.steps);
+    assert_eq!(a.steps, 100 / 16, "batch 8 per rank, 2 ranks");
+    assert!(a.positions.iter().all(|p| !b.positions.contains(p)));
+    let err = s.shard(&shard_req("b", Split::Train, 99, "f2")).unwrap_err();
+    assert!(matches!(err, CoordinatorError::DatasetMismatch { .. }), "{err}");
+    assert!(err.to_string().contains("`a` sees 100"), "{err}");
+    let va = s.shard(&shard_req("a", Split::Val, 5, "v")).unwrap();
+    let vb = s.shard(&shard_req("b", Split::Val, 5, "v")).unwrap();
+    assert_eq!(va.positions.len() + vb.positions.len(), 5);
+}

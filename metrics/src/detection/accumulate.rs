@@ -2,9 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use super::evaluate::{
-    descending, iou_thresholds, recall_thresholds, PerImage, AREA_RANGES, MAX_DETS,
-};
+use super::evaluate::{descending, iou_thresholds, recall_thresholds, PerImage, AREA_RANGES, MAX_DETS};
 use super::DetectionMetrics;
 use crate::numeric;
 
@@ -34,9 +32,8 @@ impl Accumulated {
         let Some(m) = MAX_DETS.iter().position(|&x| x == max_det) else {
             return -1.0;
         };
-        let ts: Vec<usize> = (0..self.iou_thrs.len())
-            .filter(|&t| iou_thr.is_none_or(|x| self.iou_thrs[t] == x))
-            .collect();
+        let ts: Vec<usize> =
+            (0..self.iou_thrs.len()).filter(|&t| iou_thr.is_none_or(|x| self.iou_thrs[t] == x)).collect();
         let mut values = Vec::new();
         for &t in &ts {
             if ap {
@@ -114,9 +111,7 @@ pub(super) fn accumulate(per_image: &PerImage, num_categories: usize) -> Accumul
     };
     for k in 0..num_categories {
         for a in 0..A {
-            let evals: Vec<_> = (0..per_image.num_images)
-                .filter_map(|i| per_image.get(k, a, i))
-                .collect();
+            let evals: Vec<_> = (0..per_image.num_images).filter_map(|i| per_image.get(k, a, i)).collect();
             if evals.is_empty() {
                 continue;
             }

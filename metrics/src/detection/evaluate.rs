@@ -8,12 +8,8 @@ use crate::numeric;
 /// Largest number of detections per image and category that is evaluated.
 pub(super) const MAX_DETS: [usize; 3] = [1, 10, 100];
 /// Area ranges all, small, medium, large (inclusive bounds, as pycocotools).
-pub(super) const AREA_RANGES: [(f64, f64); 4] = [
-    (0.0, 1e10),
-    (0.0, 32.0 * 32.0),
-    (32.0 * 32.0, 96.0 * 96.0),
-    (96.0 * 96.0, 1e10),
-];
+pub(super) const AREA_RANGES: [(f64, f64); 4] =
+    [(0.0, 1e10), (0.0, 32.0 * 32.0), (32.0 * 32.0, 96.0 * 96.0), (96.0 * 96.0, 1e10)];
 
 /// `np.linspace(.5, 0.95, 10)`, bit-identical to pycocotools' `iouThrs`.
 pub(super) fn iou_thresholds() -> Vec<f64> {
@@ -55,16 +51,12 @@ impl PerImage {
 pub(super) fn evaluate_all(stats: &DetectionStats) -> PerImage {
     let num_images = stats.images.len();
     let a_count = AREA_RANGES.len();
-    let mut evals: Vec<Option<EvalImg>> =
-        Vec::with_capacity(stats.category_ids.len() * a_count * num_images);
+    let mut evals: Vec<Option<EvalImg>> = Vec::with_capacity(stats.category_ids.len() * a_count * num_images);
     evals.resize_with(stats.category_ids.len() * a_count * num_images, || None);
     let thresholds = iou_thresholds();
     for (k, &cat) in stats.category_ids.iter().enumerate() {
         for (i, record) in stats.images.values().enumerate() {
-            for (a, result) in evaluate_image(record, cat, &thresholds)
-                .into_iter()
-                .enumerate()
-            {
+            for (a, result) in evaluate_image(record, cat, &thresholds).into_iter().enumerate() {
                 evals[(k * a_count + a) * num_images + i] = result;
             }
         }
@@ -97,16 +89,8 @@ fn box_iou(d: &[f64; 4], g: &[f64; 4], crowd: bool) -> f64 {
 
 /// `evaluateImg` of one image and category for each of the four area ranges.
 fn evaluate_image(record: &ImageRecord, cat: u64, thresholds: &[f64]) -> Vec<Option<EvalImg>> {
-    let gts: Vec<&GroundTruth> = record
-        .ground_truth
-        .iter()
-        .filter(|g| g.category_id == cat)
-        .collect();
-    let mut dts: Vec<_> = record
-        .detections
-        .iter()
-        .filter(|d| d.category_id == cat)
-        .collect();
+    let gts: Vec<&GroundTruth> = record.ground_truth.iter().filter(|g| g.category_id == cat).collect();
+    let mut dts: Vec<_> = record.detections.iter().filter(|d| d.category_id == cat).collect();
     if gts.is_empty() && dts.is_empty() {
         return AREA_RANGES.iter().map(|_| None).collect();
     }
@@ -114,14 +98,8 @@ fn evaluate_image(record: &ImageRecord, cat: u64, thresholds: &[f64]) -> Vec<Opt
     dts.truncate(MAX_DETS[MAX_DETS.len() - 1]);
     let num_dt = dts.len();
     // ious[d][g], ground truth in input order.
-    let ious: Vec<Vec<f64>> = dts
-        .iter()
-        .map(|d| {
-            gts.iter()
-                .map(|g| box_iou(&d.bbox, &g.bbox, g.iscrowd))
-                .collect()
-        })
-        .collect();
+    let ious: Vec<Vec<f64>> =
+        dts.iter().map(|d| gts.iter().map(|g| box_iou(&d.bbox, &g.bbox, g.iscrowd)).collect()).collect();
     let num_t = thresholds.len();
     AREA_RANGES
         .iter()
@@ -130,10 +108,8 @@ fn evaluate_image(record: &ImageRecord, cat: u64, thresholds: &[f64]) -> Vec<Opt
             // Ground truth sorted so that ignored ones come last (stable).
             let mut order: Vec<usize> = (0..gts.len()).collect();
             order.sort_by_key(|&g| gts[g].iscrowd || outside(gts[g].area));
-            let gt_ignore: Vec<bool> = order
-                .iter()
-                .map(|&g| gts[g].iscrowd || outside(gts[g].area))
-                .collect();
+            let gt_ignore: Vec<bool> =
+                order.iter().map(|&g| gts[g].iscrowd || outside(gts[g].area)).collect();
             let crowd: Vec<bool> = order.iter().map(|&g| gts[g].iscrowd).collect();
             let mut matched = vec![false; num_t * num_dt];
             let mut ignored = vec![false; num_t * num_dt];

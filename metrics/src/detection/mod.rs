@@ -162,10 +162,7 @@ impl DetectionStats {
         let mut category_ids: Vec<u64> = category_ids.into_iter().collect();
         category_ids.sort_unstable();
         category_ids.dedup();
-        Self {
-            category_ids,
-            images: BTreeMap::new(),
-        }
+        Self { category_ids, images: BTreeMap::new() }
     }
 
     /// The evaluated category ids, ascending.
@@ -187,28 +184,15 @@ impl DetectionStats {
         detections: Vec<Detection>,
     ) -> Result<(), MetricsError> {
         if self.images.contains_key(&image_id) {
-            return Err(MetricsError::DuplicateId {
-                what: "detection image",
-                id: image_id,
-            });
+            return Err(MetricsError::DuplicateId { what: "detection image", id: image_id });
         }
         for (i, g) in ground_truth.iter().enumerate() {
-            check_finite(&g.bbox, g.area, || {
-                format!("image {image_id} ground truth {i}")
-            })?;
+            check_finite(&g.bbox, g.area, || format!("image {image_id} ground truth {i}"))?;
         }
         for (i, d) in detections.iter().enumerate() {
-            check_finite(&d.bbox, d.score, || {
-                format!("image {image_id} detection {i}")
-            })?;
+            check_finite(&d.bbox, d.score, || format!("image {image_id} detection {i}"))?;
         }
-        self.images.insert(
-            image_id,
-            ImageRecord {
-                ground_truth,
-                detections,
-            },
-        );
+        self.images.insert(image_id, ImageRecord { ground_truth, detections });
         Ok(())
     }
 
@@ -222,10 +206,7 @@ impl DetectionStats {
             });
         }
         if let Some(id) = other.images.keys().find(|id| self.images.contains_key(id)) {
-            return Err(MetricsError::DuplicateId {
-                what: "detection image",
-                id: *id,
-            });
+            return Err(MetricsError::DuplicateId { what: "detection image", id: *id });
         }
         for (id, record) in &other.images {
             self.images.insert(*id, record.clone());
@@ -241,24 +222,14 @@ impl DetectionStats {
     }
 }
 
-fn check_finite(
-    bbox: &[f64; 4],
-    value: f64,
-    what: impl Fn() -> String,
-) -> Result<(), MetricsError> {
+fn check_finite(bbox: &[f64; 4], value: f64, what: impl Fn() -> String) -> Result<(), MetricsError> {
     for (k, &v) in bbox.iter().enumerate() {
         if !v.is_finite() {
-            return Err(MetricsError::NonFinite {
-                what: format!("{} bbox[{k}]", what()),
-                value: v,
-            });
+            return Err(MetricsError::NonFinite { what: format!("{} bbox[{k}]", what()), value: v });
         }
     }
     if !value.is_finite() {
-        return Err(MetricsError::NonFinite {
-            what: format!("{} score/area", what()),
-            value,
-        });
+        return Err(MetricsError::NonFinite { what: format!("{} score/area", what()), value });
     }
     Ok(())
 }

@@ -8,9 +8,7 @@ use serde_json::Value;
 
 /// Path of a file in `metrics/fixtures`.
 pub(crate) fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("fixtures")
-        .join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)
 }
 
 /// Parsed JSON fixture.
@@ -22,11 +20,7 @@ pub(crate) fn read_fixture(name: &str) -> Value {
 /// Asserts bit equality (NaN == NaN), printing both values and their difference.
 pub(crate) fn assert_bits(actual: f64, expected: f64, what: &str) {
     let same = actual.to_bits() == expected.to_bits() || (actual.is_nan() && expected.is_nan());
-    assert!(
-        same,
-        "{what}: got {actual:?}, expected {expected:?} (diff {:e})",
-        actual - expected
-    );
+    assert!(same, "{what}: got {actual:?}, expected {expected:?} (diff {:e})", actual - expected);
 }
 
 /// JSON round trip through the wire format.
@@ -41,9 +35,8 @@ pub(crate) fn split_detection(
     shards: usize,
     mut assign: impl FnMut(usize) -> usize,
 ) -> Vec<DetectionStats> {
-    let mut out: Vec<DetectionStats> = (0..shards)
-        .map(|_| DetectionStats::new(stats.category_ids().iter().copied()))
-        .collect();
+    let mut out: Vec<DetectionStats> =
+        (0..shards).map(|_| DetectionStats::new(stats.category_ids().iter().copied())).collect();
     for (n, (id, record)) in stats.images().iter().enumerate() {
         out[assign(n) % shards]
             .add_image(*id, record.ground_truth.clone(), record.detections.clone())

@@ -1,0 +1,49 @@
+//! `worker collective-bench`: one rank of a multi-process all-reduce benchmark over the CPU
+//! ring. Prints one JSON line per message size with algorithm and bus bandwidth (bus bandwidth
+//! = algbw * 2(N-1)/N, the convention of nccl-tests, comparable across world sizes).
+use std::net::{SocketAddr, TcpListener};
+use std::time::{Duration, Instant};
+
+use super::ring::Ring;
+use super::{CollectiveError, ReduceOp};
+
+/// What one bench rank does.
+#[derive(Debug, Clone)]
+pub struct BenchConfig {
+    /// This rank.
+    pub rank: usize,
+    /// Every rank's address; this rank listens on `peers[rank]`.
+    pub peers: Vec<SocketAddr>,
+    /// Message sizes in bytes.
+    pub sizes_bytes: Vec<usize>,
+    /// Timed iterations per size (after one warm-up).
+    pub iterations: usize,
+    /// Transfer timeout.
+    pub timeout: Duration,
+}
+
+/// Runs the benchmark; prints results on rank 0.
+pub fn run(cfg: &BenchConfig) -> Result<(), CollectiveError> {
+    let listener =
+        TcpListener::bind(cfg.peers[cfg.rank]).map_err(|e| CollectiveError::io("bind", cfg.rank, e))?;
+    let mut ring = Ring::connect(cfg.rank, &cfg.peers, listener, 0, Duration::from_secs(60), cfg.timeout)?;
+    let n = cfg.peers.len();
+    for &size in &cfg.sizes_bytes {
+        let mut data = vec![1f32; size / 4];
+        ring.all_reduce(&mut data, ReduceOp::Sum)?; // warm-up
+        ring.barrier()?;
+        let start = Instant::now();
+        for _ in 0..cfg.iterations {
+            ring.all_reduce(&mut data, ReduceOp::Sum)?;
+        }
+        let seconds = start.elapsed().as_secs_f64() / cfg.iterations.max(1) as f64;
+        let algbw = size as f64 / seconds / 1e9;
+        let busbw = algbw * 2.0 * (n as f64 - 1.0) / n as f64;
+        if cfg.rank == 0 {
+            println!(
+                "{{\"world_size\":{n},\"size_bytes\":{size},\"seconds\":{seconds:.6},\"algbw_gbs\":{algbw:.3},\"busbw_gbs\":{busbw:.3}}}"
+            );
+        }
+    }
+    Ok(())
+}
