@@ -1,0 +1,254 @@
+//! ResNet 18/34/50 backbones with torchvision's parameter names (`conv1.weight`, `bn1.*`,
+//! `layer1.0.conv1.weight`, `layer2.0.downsample.0.weight`, ...) so a torchvision state_dict
+//! converted to safetensors loads into them, plus a `tiny` variant (one BasicBlock per stage)
+//! for CPU tests. The forward pass returns the C3/C4/C5 taps at strides 8/16/32.
+use std::path::Path;
+
+use mtl_job::{BackboneKind, NormKind};
+use tch::{nn, Tensor};
+
+use super::norm::Norm;
+use crate::WorkerError;
+
+/// Residual block type and blocks per stage of a backbone.
+fn layout(kind: BackboneKind) -> (bool, [usize; 4]) {
+    match kind {
+        BackboneKind::Tiny => (false, [1, 1, 1, 1]),
+        BackboneKind::Resnet18 => (false, [2, 2, 2, 2]),
+        BackboneKind::Resnet34 => (false, [3, 4, 6, 3]),
+        BackboneKind::Resnet50 => (true, [3, 4, 6, 3]),
+    }
+}
+
+/// A bias-free convolution initialised as torchvision does (Kaiming normal, fan-out, ReLU).
+fn conv(path: nn::Path<'_>, c_in: i64, c_out: i64, k: i64, stride: i64) -> nn::Conv2D {
+    let cfg = nn::ConvConfig {
+        stride,
+        padding: k / 2,
+        bias: false,
+        ws_init: nn::Init::Kaiming {
+            dist: nn::init::NormalOrUniform::Normal,
+            fan: nn::init::FanInOut::FanOut,
+            non_linearity: nn::init::NonLinearity::ReLU,
+        },
+        ..Default::default()
+    };
+    nn::conv2d(path, c_in, c_out, k, cfg)
+}
+
+/// One residual block: BasicBlock (two 3x3 convs) or Bottleneck (1x1, 3x3 with the stride, 1x1).
+#[derive(Debug)]
+struct Block {
+    convs: Vec<(nn::Conv2D, Norm)>,
+    downsample: Option<(nn::Conv2D, Norm)>,
+}
+
+impl Block {
+    fn new(p: nn::Path<'_>, norm: NormKind, bottleneck: bool, c_in: i64, planes: i64, stride: i64) -> Self {
+        let (c_out, shapes): (i64, Vec<(i64, i64, i64, i64)>) = if bottleneck {
+            (planes * 4, vec![(c_in, planes, 1, 1), (planes, planes, 3, stride), (planes, planes * 4, 1, 1)])
+        } else {
+            (planes, vec![(c_in, planes, 3, stride), (planes, planes, 3, 1)])
+        };
+        let convs = shapes
+            .into_iter()
+            .enumerate()
+            .map(|(i, (ci, co, k, s))| {
+                let n = i + 1;
+                (conv(&p / format!("conv{n}"), ci, co, k, s), Norm::new(&p / format!("bn{n}"), norm, co))
+            })
+            .collect();
+        let downsample = (stride != 1 || c_in != c_out).then(|| {
+            let d = &p / "downsample";
+            (conv(&d / "0", c_in, c_out, 1, stride), Norm::new(&d / "1", norm, c_out))
+        });
+        Block { convs, downsample }
+    }
+
+    fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+        let last = self.convs.len() - 1;
+        let mut y = x.shallow_clone();
+        for (i, (c, n)) in self.convs.iter().enumerate() {
+            y = n.forward(&y.apply(c), train);
+            if i < last {
+                y = y.relu();
+            }
+        }
+        let identity = match &self.downsample {
+            Some((c, n)) => n.forward(&x.apply(c), train),
+            None => x.shallow_clone(),
+        };
+        (y + identity).relu()
+    }
+}
+
+/// A ResNet without its classifier, returning features at strides 8, 16 and 32.
+#[derive(Debug)]
+pub struct Backbone {
+    conv1: nn::Conv2D,
+    bn1: Norm,
+    stages: Vec<Vec<Block>>,
+    out_channels: [i64; 3],
+}
+
+impl Backbone {
+    /// Builds the backbone's variables under `path` (torchvision names relative to it).
+    pub fn new(path: nn::Path<'_>, kind: BackboneKind, width: i64, norm: NormKind) -> Self {
+        let (bottleneck, blocks) = layout(kind);
+        let expansion = if bottleneck { 4 } else { 1 };
+        let conv1 = conv(&path / "conv1", 3, width, 7, 2);
+        let bn1 = Norm::new(&path / "bn1", norm, width);
+        let mut c_in = width;
+        let mut stages = Vec::new();
+        for (i, &n) in blocks.iter().enumerate() {
+            let planes = width << i;
+            let stage_path = &path / format!("layer{}", i + 1);
+            let stage = (0..n)
+                .map(|j| {
+                    let stride = if i > 0 && j == 0 { 2 } else { 1 };
+                    let block = Block::new(&stage_path / j, norm, bottleneck, c_in, planes, stride);
+                    c_in = planes * expansion;
+                    block
+                })
+                .collect();
+            stages.push(stage);
+        }
+        let out_channels = [2 * width * expansion, 4 * width * expansion, 8 * width * expansion];
+        Backbone { conv1, bn1, stages, out_channels }
+    }
+
+    /// Channels of C3, C4, C5.
+    pub fn out_channels(&self) -> [i64; 3] {
+        self.out_channels
+    }
+
+    /// C3, C4, C5 for `images` (`[B,3,H,W]`).
+    pub fn forward(&self, images: &Tensor, train: bool) -> [Tensor; 3] {
+        let x = self.bn1.forward(&images.apply(&self.conv1), train).relu();
+        let mut x = x.max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false);
+        let mut taps = Vec::with_capacity(3);
+        for (i, stage) in self.stages.iter().enumerate() {
+            for block in stage {
+                x = block.forward(&x, train);
+            }
+            if i > 0 {
+                taps.push(x.shallow_clone());
+            }
+        }
+        let [c3, c4, c5]: [Tensor; 3] = taps.try_into().expect("three stages after the first");
+        [c3, c4, c5]
+    }
+}
+
+/// Spatial sizes of C3/C4/C5 (and P3/P4/P5) for an `h`x`w` input: each stride-2 layer maps n to
+/// ceil(n/2) (7x7/2 pad 3, 3x3/2 pad 1, 1x1/2 pad 0 all do).
+pub fn feature_sizes(h: i64, w: i64) -> [(i64, i64); 3] {
+    let half = |n: i64| (n + 1) / 2;
+    let mut size = (h, w);
+    let mut out = [(0, 0); 3];
+    for level in 0..5 {
+        size = (half(size.0), half(size.1));
+        if level >= 2 {
+            out[level - 2] = size;
+        }
+    }
+    out
+}
+
+/// Loads a backbone-only safetensors file (torchvision names, e.g. `layer1.0.conv1.weight`) into
+/// the variables of `vs` under `prefix.` (e.g. `backbone.`). Keys in the file that the model
+/// lacks (`fc.*`, `num_batches_tracked`, BatchNorm statistics under GroupNorm) are ignored; a
+/// variable missing from the file or with another shape is an error.
+pub fn load_backbone(vs: &nn::VarStore, prefix: &str, path: &Path) -> Result<(), WorkerError> {
+    let err = |name: &str, message: String| WorkerError::Weights {
+        path: path.to_owned(),
+        name: name.to_string(),
+        message,
+    };
+    let tensors: std::collections::HashMap<String, Tensor> =
+        Tensor::read_safetensors(path).map_err(|e| err("", e.to_string()))?.into_iter().collect();
+    let wanted = format!("{prefix}.");
+    for (name, mut var) in vs.variables() {
+        let Some(key) = name.strip_prefix(&wanted) else { continue };
+        let src = tensors.get(key).ok_or_else(|| err(key, "not in the file".into()))?;
+        if src.size() != var.size() {
+            return Err(err(
+                key,
+                format!("shape {:?} in the file, the model has {:?}", src.size(), var.size()),
+            ));
+        }
+        tch::no_grad(|| var.f_copy_(&src.to_kind(var.kind()))).map_err(|e| err(key, e.to_string()))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// torchvision's resnet18 state_dict without `fc.*`, from `tests/fixtures/resnet_keys.py`.
+    const RESNET18_KEYS: &str = include_str!("../../tests/fixtures/resnet18_keys.txt");
+
+    fn names_and_shapes(vs: &nn::VarStore) -> Vec<(String, Vec<i64>)> {
+        let mut v: Vec<_> = vs.variables().into_iter().map(|(n, t)| (n, t.size())).collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn resnet18_names_and_shapes_match_torchvision() {
+        let vs = nn::VarStore::new(tch::Device::Cpu);
+        Backbone::new(vs.root(), BackboneKind::Resnet18, 64, NormKind::Batch);
+        let mut expected: Vec<(String, Vec<i64>)> = RESNET18_KEYS
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.contains("num_batches_tracked"))
+            .map(|l| {
+                let (name, shape) = l.split_once(' ').unwrap();
+                (name.to_string(), shape.split(',').map(|d| d.parse().unwrap()).collect())
+            })
+            .collect();
+        expected.sort();
+        assert_eq!(expected.len(), 100);
+        assert_eq!(names_and_shapes(&vs), expected);
+    }
+
+    #[test]
+    fn resnet50_has_bottlenecks_and_taps_at_strides_8_16_32() {
+        let vs = nn::VarStore::new(tch::Device::Cpu);
+        let b = Backbone::new(vs.root(), BackboneKind::Resnet50, 8, NormKind::FrozenBatch);
+        let names = vs.variables();
+        assert_eq!(names["layer1.0.conv3.weight"].size(), [32, 8, 1, 1]);
+        assert_eq!(names["layer4.0.downsample.0.weight"].size(), [256, 128, 1, 1]);
+        assert!(!names["bn1.weight"].requires_grad(), "frozen BN affine is a buffer");
+        assert!(vs.variables().keys().all(|n| !n.contains("layer4.3")));
+        let taps = b.forward(&Tensor::zeros([1, 3, 50, 70], tch::kind::FLOAT_CPU), false);
+        let sizes: Vec<_> = taps.iter().map(|t| t.size()).collect();
+        let f = feature_sizes(50, 70);
+        assert_eq!(sizes[0], [1, 64, f[0].0, f[0].1]);
+        assert_eq!(sizes[2], [1, 256, f[2].0, f[2].1]);
+        assert_eq!(f, [(7, 9), (4, 5), (2, 3)]);
+    }
+
+    #[test]
+    fn backbone_only_file_loads_under_a_prefix() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("tiny.safetensors");
+        let src = nn::VarStore::new(tch::Device::Cpu);
+        Backbone::new(src.root(), BackboneKind::Tiny, 8, NormKind::Batch);
+        let mut named: Vec<_> = src.variables().into_iter().collect();
+        named.push(("fc.weight".into(), Tensor::ones([2, 64], tch::kind::FLOAT_CPU)));
+        Tensor::write_safetensors(&named, &file).unwrap();
+
+        let dst = nn::VarStore::new(tch::Device::Cpu);
+        Backbone::new(&dst.root() / "backbone", BackboneKind::Tiny, 8, NormKind::Batch);
+        load_backbone(&dst, "backbone", &file).unwrap();
+        let loaded = dst.variables();
+        for (name, t) in src.variables() {
+            assert!(loaded[&format!("backbone.{name}")].equal(&t), "{name}");
+        }
+        let wider = nn::VarStore::new(tch::Device::Cpu);
+        Backbone::new(&wider.root() / "backbone", BackboneKind::Tiny, 16, NormKind::Batch);
+        let err = load_backbone(&wider, "backbone", &file).unwrap_err().to_string();
+        assert!(err.contains("tiny.safetensors") && err.contains("shape"), "{err}");
+    }
+}
