@@ -212,6 +212,74 @@ mod tests {
         assert_eq!(names_and_shapes(&vs), expected);
     }
 
+    /// Fills every variable as `tests/fixtures/resnet_forward.py` does.
+    fn fill_deterministic(vs: &nn::VarStore) {
+        let mut vars: Vec<_> = vs.variables().into_iter().collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        for (k, (name, mut t)) in vars.into_iter().enumerate() {
+            let f = (Tensor::arange(t.numel() as i64, tch::kind::DOUBLE_CPU) * 0.37 + k as f64).sin();
+            let f = f.view(t.size().as_slice());
+            let v = if t.dim() == 4 {
+                f / ((t.numel() as i64 / t.size()[0]) as f64).sqrt()
+            } else if name.ends_with("running_var") {
+                &f * &f * 0.5 + 1.0
+            } else if name.ends_with("weight") {
+                f * 0.1 + 1.0
+            } else {
+                f * 0.1
+            };
+            tch::no_grad(|| t.copy_(&v.to_kind(tch::Kind::Float)));
+        }
+    }
+
+    /// Sum and cos(0.1 i)-weighted sum of each tap, as printed by `resnet_forward.py`.
+    fn tap_checksums(kind: BackboneKind) -> Vec<(f64, f64)> {
+        let vs = nn::VarStore::new(tch::Device::Cpu);
+        let b = Backbone::new(vs.root(), kind, 64, NormKind::Batch);
+        fill_deterministic(&vs);
+        let x = (Tensor::arange(3 * 64 * 64, tch::kind::FLOAT_CPU) * 0.01).sin().view([1, 3, 64, 64]);
+        let taps = tch::no_grad(|| b.forward(&x, false));
+        taps.iter()
+            .map(|t| {
+                let w = (Tensor::arange(t.numel() as i64, tch::kind::FLOAT_CPU) * 0.1).cos();
+                (
+                    t.sum(tch::Kind::Float).double_value(&[]),
+                    (t.flatten(0, -1) * w).sum(tch::Kind::Float).double_value(&[]),
+                )
+            })
+            .collect()
+    }
+
+    fn assert_checksums(got: &[(f64, f64)], want: &[(f64, f64)]) {
+        for (g, w) in got.iter().zip(want) {
+            let tol = 1e-4 * w.0.abs();
+            assert!((g.0 - w.0).abs() < tol && (g.1 - w.1).abs() < tol, "{got:?} vs {want:?}");
+        }
+    }
+
+    #[test]
+    fn forward_matches_torchvision_with_the_same_weights() {
+        // tests/fixtures/resnet_forward.py (torchvision 0.26.0, torch 2.11) printed:
+        // basic_1111_w64 c3 [1, 128, 8, 8] 545.6633911132812 0.8685425519943237
+        // basic_1111_w64 c4 [1, 256, 4, 4] 603.84326171875 -7.313275337219238
+        // basic_1111_w64 c5 [1, 512, 2, 2] 402.032958984375 10.196610450744629
+        // resnet50 c3 [1, 512, 8, 8] 10838.947265625 1.1255898475646973
+        // resnet50 c4 [1, 1024, 4, 4] 11706.1826171875 1.9838680028915405
+        // resnet50 c5 [1, 2048, 2, 2] 3951.27099609375 9.533833503723145
+        let basic = [
+            (545.663_391_113_281_2, 0.868_542_551_994_323_7),
+            (603.843_261_718_75, -7.313_275_337_219_238),
+            (402.032_958_984_375, 10.196_610_450_744_629),
+        ];
+        assert_checksums(&tap_checksums(BackboneKind::Tiny), &basic);
+        let r50 = [
+            (10_838.947_265_625, 1.125_589_847_564_697_3),
+            (11_706.182_617_187_5, 1.983_868_002_891_540_5),
+            (3_951.270_996_093_75, 9.533_833_503_723_145),
+        ];
+        assert_checksums(&tap_checksums(BackboneKind::Resnet50), &r50);
+    }
+
     #[test]
     fn resnet50_has_bottlenecks_and_taps_at_strides_8_16_32() {
         let vs = nn::VarStore::new(tch::Device::Cpu);
