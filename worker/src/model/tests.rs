@@ -94,3 +94,23 @@ fn tiny_step_timing() {
     eprintln!("tiny forward+backward, batch 8 at 64x64, one thread: {ms:.1} ms");
     assert!(ms < 1000.0);
 }
+
+/// A training step and a prediction on CUDA when there is a GPU (CPU otherwise): the batch
+/// stays on the CPU except the images, as the loader delivers it.
+#[test]
+fn a_step_runs_on_the_available_device() {
+    let device = Device::cuda_if_available();
+    tch::manual_seed(0);
+    let model = MultiTaskModel::new(&ModelSection::default(), &TasksSection::default(), &test_info(), device)
+        .unwrap();
+    let batch = test_batch(&[(true, true, true), (false, true, false)], 0);
+    let images = batch.images.to_device(device);
+    let targets = build_targets(&model, &batch);
+    let counts = local_counts(&batch, &targets);
+    let losses = task_losses(&model.forward(&images, true), &batch, &targets, &counts);
+    let total = losses.iter().map(|(_, l)| l.shallow_clone()).reduce(|a, b| a + b).unwrap();
+    total.backward();
+    assert!(total.double_value(&[]).is_finite());
+    assert!(model.parameters().iter().all(|(_, p)| p.grad().defined()));
+    assert_eq!(predict(&model, &images).len(), 2);
+}
