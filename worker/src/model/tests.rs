@@ -114,3 +114,24 @@ fn a_step_runs_on_the_available_device() {
     assert!(model.parameters().iter().all(|(_, p)| p.grad().defined()));
     assert_eq!(predict(&model, &images).len(), 2);
 }
+
+#[test]
+fn frozen_batch_norm_is_neither_trained_nor_updated() {
+    let frozen = ModelSection { norm: mtl_job::NormKind::FrozenBatch, ..ModelSection::default() };
+    let model = MultiTaskModel::new(&frozen, &TasksSection::default(), &test_info(), Device::Cpu).unwrap();
+    let names: Vec<String> = model.shared_parameters().into_iter().map(|(n, _)| n).collect();
+    assert!(names.iter().all(|n| !n.contains("bn") && !n.contains("downsample.1")), "{names:?}");
+    assert!(model.var_store().variables().contains_key("backbone.layer2.0.downsample.1.running_var"));
+    let x = Tensor::randn([2, 3, 32, 32], (Kind::Float, Device::Cpu));
+    let first = model.forward(&x, true).cls.unwrap();
+    let second = model.forward(&x, true).cls.unwrap();
+    assert!(first.equal(&second), "train mode must not change frozen statistics");
+
+    let batch_norm = ModelSection { norm: mtl_job::NormKind::Batch, ..ModelSection::default() };
+    let model =
+        MultiTaskModel::new(&batch_norm, &TasksSection::default(), &test_info(), Device::Cpu).unwrap();
+    let mean = || model.var_store().variables()["backbone.bn1.running_mean"].copy();
+    let before = mean();
+    let _ = model.forward(&x, true);
+    assert!(!mean().equal(&before), "BatchNorm updates its running mean in training");
+}

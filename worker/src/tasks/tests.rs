@@ -243,3 +243,18 @@ fn nms_is_class_wise_and_greedy() {
     assert_eq!(kept, vec![d(0.0, 0.9, 0), d(0.0, 0.7, 1), d(6.0, 0.6, 0)]);
     assert!((d(0.0, 1.0, 0).iou(&d(1.0, 1.0, 0)) - 90.0 / 110.0).abs() < 1e-6);
 }
+
+#[test]
+fn multi_label_classification_masks_unlabelled_rows() {
+    let tasks =
+        TasksSection { multi_label: true, detection: false, segmentation: false, ..TasksSection::default() };
+    let info = DatasetInfo { multi_label: true, ..test_info() };
+    let model = MultiTaskModel::new(&ModelSection::default(), &tasks, &info, Device::Cpu).unwrap();
+    let mut batch = test_batch(&[(true, false, false), (false, false, false)], 6);
+    batch.class_target = ClassTarget::Multi(Tensor::from_slice2(&[[1f32, 0., 1., 0.], [1., 1., 1., 1.]]));
+    let (_, losses) = total_loss(&model, &batch, None);
+    let logits = model.forward(&batch.images, true).cls.unwrap().get(0);
+    let target = Tensor::from_slice(&[1f32, 0., 1., 0.]);
+    let want = logits.binary_cross_entropy_with_logits::<Tensor>(&target, None, None, tch::Reduction::Sum);
+    assert!((losses.cls.unwrap() - want).abs().double_value(&[]) < 1e-6);
+}
