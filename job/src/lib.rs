@@ -8,9 +8,11 @@
 #![warn(missing_docs)]
 
 mod error;
+mod model;
 mod schema;
 
 pub use error::JobConfigError;
+pub use model::*;
 pub use schema::*;
 
 use std::path::Path;

@@ -1,6 +1,7 @@
 //! The schema of a job file. Every field is documented; unknown keys are errors.
 use serde::{Deserialize, Serialize};
 
+use crate::model::{ModelSection, TasksSection};
 use crate::JobConfigError;
 
 /// A whole job: one multi-task training run over one or more workers.
@@ -18,6 +19,12 @@ pub struct JobConfig {
     /// The optimisation schedule.
     #[serde(default)]
     pub train: TrainSection,
+    /// The network: backbone, normalisation, FPN width, pretrained weights.
+    #[serde(default)]
+    pub model: ModelSection,
+    /// Which task heads are built and how detections are decoded.
+    #[serde(default)]
+    pub tasks: TasksSection,
 }
 
 /// `[job]`
@@ -144,6 +151,8 @@ impl JobConfig {
         if !(t.lr.is_finite() && t.lr > 0.0) {
             return Err(invalid("train.lr", format!("must be a positive number, got {}", t.lr)));
         }
+        self.model.validate()?;
+        self.tasks.validate()?;
         Ok(())
     }
 }

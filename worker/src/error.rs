@@ -34,6 +34,24 @@ pub enum WorkerError {
     /// A collective (all-reduce, broadcast) with the other ranks failed.
     #[error(transparent)]
     Collective(#[from] crate::collective::CollectiveError),
+    /// A weights file could not be read or does not fit the model.
+    #[error("weights {path}: `{name}`: {message}")]
+    Weights {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The tensor at fault (empty when the file itself could not be read).
+        name: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// The model cannot be built from this configuration and dataset.
+    #[error("cannot build the model: `{key}`: {message}")]
+    Model {
+        /// The config key or dataset field at fault.
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
     /// The coordinator told this worker to stop.
     #[error("stopped by the coordinator: {reason}")]
     Stopped {

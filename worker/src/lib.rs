@@ -1,14 +1,18 @@
 //! The worker: the data plane of a training job, one process per GPU (or a CPU worker for
 //! development and CI). It joins the coordinator's job ([`session`]), runs LibTorch steps
 //! through `tch`, and reports metrics. Layout: `session` (coordinator RPCs and heartbeats),
-//! `device` (device selection), `smoke` (the one-step trainer used by `worker run`).
+//! `device` (device selection), `smoke` (the one-step trainer used by `worker run`), `data`
+//! (batches), `model` (backbone, FPN, the multi-task network), `tasks` (heads and losses).
 #![warn(missing_docs)]
 
 pub mod collective;
+pub mod data;
 pub mod device;
 mod error;
+pub mod model;
 pub mod session;
 pub mod smoke;
+pub mod tasks;
 
 use std::collections::HashMap;
 

@@ -1,0 +1,137 @@
+//! Model-level tests: shapes, task switches, parameter groups, prediction, timing.
+use mtl_job::{ModelSection, TasksSection};
+use tch::{Device, Kind, Tensor};
+
+use super::*;
+use crate::tasks::tests::{test_batch, test_info, test_model};
+use crate::tasks::{build_targets, local_counts, task_losses};
+
+#[test]
+fn tiny_forward_shapes() {
+    let model = test_model(&TasksSection::default());
+    let out = model.forward(&Tensor::randn([2, 3, 64, 48], (Kind::Float, Device::Cpu)), true);
+    assert_eq!(out.cls.unwrap().size(), [2, 4]);
+    let det = out.det.unwrap();
+    assert_eq!(det.cls_logits[0].size(), [2, 3, 8, 6]);
+    assert_eq!(det.ltrb[2].size(), [2, 4, 2, 2]);
+    assert_eq!(det.centerness[1].size(), [2, 1, 4, 3]);
+    assert!(det.ltrb.iter().all(|t| t.min().double_value(&[]) >= 0.0));
+    assert_eq!(out.seg.unwrap().size(), [2, 3, 64, 48]);
+}
+
+#[test]
+fn disabled_tasks_have_no_head_and_no_output() {
+    let tasks = TasksSection { classification: false, segmentation: false, ..TasksSection::default() };
+    let model = test_model(&tasks);
+    assert!(model.head_parameters(Task::Classification).is_empty());
+    assert!(model.head_parameters(Task::Segmentation).is_empty());
+    assert!(!model.head_parameters(Task::Detection).is_empty());
+    let out = model.forward(&Tensor::zeros([1, 3, 32, 32], (Kind::Float, Device::Cpu)), false);
+    assert!(out.cls.is_none() && out.seg.is_none() && out.det.is_some());
+}
+
+#[test]
+fn parameters_split_into_shared_and_per_task_groups() {
+    let model = test_model(&TasksSection::default());
+    let all: Vec<String> = model.parameters().into_iter().map(|(n, _)| n).collect();
+    let mut groups: Vec<String> = model.shared_parameters().into_iter().map(|(n, _)| n).collect();
+    for task in Task::ALL {
+        groups.extend(model.head_parameters(task).into_iter().map(|(n, _)| n));
+    }
+    groups.sort();
+    assert_eq!(groups, all, "every parameter in exactly one group");
+    assert!(all.contains(&"backbone.layer1.0.conv1.weight".to_string()));
+    assert!(all.contains(&"heads.detection.scales".to_string()));
+    let vars = model.var_store().variables();
+    assert!(MultiTaskModel::no_weight_decay(&vars["backbone.bn1.bias"]));
+    assert!(MultiTaskModel::no_weight_decay(&vars["heads.classification.fc.bias"]));
+    assert!(!MultiTaskModel::no_weight_decay(&vars["neck.output.0.weight"]));
+}
+
+#[test]
+fn dataset_mismatch_names_the_key() {
+    let tasks = TasksSection { multi_label: true, ..TasksSection::default() };
+    let err = MultiTaskModel::new(&ModelSection::default(), &tasks, &test_info(), Device::Cpu).unwrap_err();
+    assert!(err.to_string().contains("tasks.multi_label"), "{err}");
+}
+
+#[test]
+fn predictions_cover_every_enabled_task() {
+    let model =
+        test_model(&TasksSection { score_threshold: 0.0, max_detections: 7, ..TasksSection::default() });
+    let preds = predict(&model, &Tensor::randn([3, 3, 32, 40], (Kind::Float, Device::Cpu)));
+    assert_eq!(preds.len(), 3);
+    for p in &preds {
+        assert!(
+            matches!(p.class, Some(crate::tasks::classification::ClassPrediction::Single { index, .. }) if index < 4)
+        );
+        assert_eq!(p.mask.as_ref().unwrap().len(), 32 * 40);
+        assert_eq!(p.detections.len(), 7);
+        assert!(p.detections.windows(2).all(|w| w[0].score >= w[1].score));
+    }
+}
+
+/// Forward + backward of the tiny model on 8 64x64 images; `cargo test -- --ignored` prints it.
+#[test]
+#[ignore = "timing, run by hand"]
+fn tiny_step_timing() {
+    tch::set_num_threads(1);
+    let model = test_model(&TasksSection::default());
+    let batch = test_batch(&[(true, true, true); 8], 0);
+    let step = || {
+        let targets = build_targets(&model, &batch);
+        let counts = local_counts(&batch, &targets);
+        let losses = task_losses(&model.forward(&batch.images, true), &batch, &targets, &counts);
+        let total = losses.iter().map(|(_, l)| l.shallow_clone()).reduce(|a, b| a + b).unwrap();
+        total.backward();
+    };
+    step();
+    let start = std::time::Instant::now();
+    for _ in 0..5 {
+        step();
+    }
+    let ms = start.elapsed().as_secs_f64() * 1000.0 / 5.0;
+    eprintln!("tiny forward+backward, batch 8 at 64x64, one thread: {ms:.1} ms");
+    assert!(ms < 1000.0);
+}
+
+/// A training step and a prediction on CUDA when there is a GPU (CPU otherwise): the batch
+/// stays on the CPU except the images, as the loader delivers it.
+#[test]
+fn a_step_runs_on_the_available_device() {
+    let device = Device::cuda_if_available();
+    tch::manual_seed(0);
+    let model = MultiTaskModel::new(&ModelSection::default(), &TasksSection::default(), &test_info(), device)
+        .unwrap();
+    let batch = test_batch(&[(true, true, true), (false, true, false)], 0);
+    let images = batch.images.to_device(device);
+    let targets = build_targets(&model, &batch);
+    let counts = local_counts(&batch, &targets);
+    let losses = task_losses(&model.forward(&images, true), &batch, &targets, &counts);
+    let total = losses.iter().map(|(_, l)| l.shallow_clone()).reduce(|a, b| a + b).unwrap();
+    total.backward();
+    assert!(total.double_value(&[]).is_finite());
+    assert!(model.parameters().iter().all(|(_, p)| p.grad().defined()));
+    assert_eq!(predict(&model, &images).len(), 2);
+}
+
+#[test]
+fn frozen_batch_norm_is_neither_trained_nor_updated() {
+    let frozen = ModelSection { norm: mtl_job::NormKind::FrozenBatch, ..ModelSection::default() };
+    let model = MultiTaskModel::new(&frozen, &TasksSection::default(), &test_info(), Device::Cpu).unwrap();
+    let names: Vec<String> = model.shared_parameters().into_iter().map(|(n, _)| n).collect();
+    assert!(names.iter().all(|n| !n.contains("bn") && !n.contains("downsample.1")), "{names:?}");
+    assert!(model.var_store().variables().contains_key("backbone.layer2.0.downsample.1.running_var"));
+    let x = Tensor::randn([2, 3, 32, 32], (Kind::Float, Device::Cpu));
+    let first = model.forward(&x, true).cls.unwrap();
+    let second = model.forward(&x, true).cls.unwrap();
+    assert!(first.equal(&second), "train mode must not change frozen statistics");
+
+    let batch_norm = ModelSection { norm: mtl_job::NormKind::Batch, ..ModelSection::default() };
+    let model =
+        MultiTaskModel::new(&batch_norm, &TasksSection::default(), &test_info(), Device::Cpu).unwrap();
+    let mean = || model.var_store().variables()["backbone.bn1.running_mean"].copy();
+    let before = mean();
+    let _ = model.forward(&x, true);
+    assert!(!mean().equal(&before), "BatchNorm updates its running mean in training");
+}
