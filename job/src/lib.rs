@@ -8,9 +8,11 @@
 #![warn(missing_docs)]
 
 mod error;
+mod optim;
 mod schema;
 
 pub use error::JobConfigError;
+pub use optim::*;
 pub use schema::*;
 
 use std::path::Path;
