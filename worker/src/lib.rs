@@ -6,6 +6,7 @@
 
 pub mod device;
 mod error;
+pub mod optim;
 pub mod session;
 pub mod smoke;
 
