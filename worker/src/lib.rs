@@ -9,6 +9,7 @@ mod error;
 pub mod optim;
 pub mod session;
 pub mod smoke;
+pub mod weighting;
 
 use std::collections::HashMap;
 
