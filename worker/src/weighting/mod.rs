@@ -212,6 +212,13 @@ impl TaskWeighting {
         }
     }
 
+    /// Whether [`Self::backward`] leaves the gradients of `shared` already reduced across ranks
+    /// (PCGrad): the trainer's all-reduce may skip them (averaging identical values again only
+    /// costs time and rounding).
+    pub fn reduces_shared_grads(&self) -> bool {
+        matches!(self.strategy, Strategy::PcGrad(_))
+    }
+
     /// Tells DWA the mean loss of each task over the epoch (or window) that just ended; the
     /// values must be the same on every rank (reduced). Other strategies ignore it.
     pub fn end_epoch(&mut self, mean_losses: &TaskValues) {
