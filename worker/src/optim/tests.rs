@@ -19,7 +19,7 @@
 //! run(lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.1))
 //! run(lambda p: torch.optim.AdamW(p, lr=0.1, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1))
 //! ```
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use super::*;
 
@@ -31,16 +31,24 @@ const SCALES: [f64; 3] = [1.0, -0.5, 2.0];
 const LRS: [f64; 3] = [0.1, 0.05, 0.02];
 
 fn fresh_params() -> Vec<(String, Tensor)> {
+    fresh_params_on(Device::Cpu)
+}
+
+fn fresh_params_on(device: Device) -> Vec<(String, Tensor)> {
     vec![
-        ("layer.weight".into(), Tensor::from_slice(&W0).reshape([2, 3]).set_requires_grad(true)),
-        ("layer.bias".into(), Tensor::from_slice(&B0).set_requires_grad(true)),
+        (
+            "layer.weight".into(),
+            Tensor::from_slice(&W0).reshape([2, 3]).to_device(device).set_requires_grad(true),
+        ),
+        ("layer.bias".into(), Tensor::from_slice(&B0).to_device(device).set_requires_grad(true)),
     ]
 }
 
 /// Sets the fixed gradients of step `i` (as `backward` of `Σ p·g` would).
 fn set_grads(params: &[(String, Tensor)], i: usize) {
-    let gw = Tensor::from_slice(&GW).reshape([2, 3]) * SCALES[i];
-    let gb = Tensor::from_slice(&GB) * SCALES[i];
+    let device = params[0].1.device();
+    let gw = Tensor::from_slice(&GW).reshape([2, 3]).to_device(device) * SCALES[i];
+    let gb = Tensor::from_slice(&GB).to_device(device) * SCALES[i];
     for (_, p) in params {
         let mut g = p.grad();
         if g.defined() {
@@ -62,13 +70,28 @@ fn assert_close(got: &[f64], want: &[f64], tol: f64) {
 }
 
 fn run(make: impl Fn(Vec<(String, Tensor)>) -> Optimizer, steps: std::ops::Range<usize>) -> Vec<f64> {
-    let params = fresh_params();
+    run_on(make, steps, Device::Cpu)
+}
+
+fn run_on(
+    make: impl Fn(Vec<(String, Tensor)>) -> Optimizer,
+    steps: std::ops::Range<usize>,
+    device: Device,
+) -> Vec<f64> {
+    let params = fresh_params_on(device);
     let mut opt = make(params.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect());
     for i in steps {
         set_grads(&params, i);
         opt.step(LRS[i]).unwrap();
     }
     [values(&params[0].1), values(&params[1].1)].concat()
+}
+
+/// Builds an optimiser over given parameters.
+type Make = Box<dyn Fn(Vec<(String, Tensor)>) -> Optimizer>;
+
+fn makers() -> [Make; 3] {
+    [Box::new(sgd(false)), Box::new(sgd(true)), Box::new(adamw)]
 }
 
 fn sgd(nesterov: bool) -> impl Fn(Vec<(String, Tensor)>) -> Optimizer {
@@ -179,11 +202,7 @@ fn clip_grad_norm_matches_pytorch() {
 
 #[test]
 fn state_dict_round_trip_continues_identically() {
-    for make in [sgd(false), sgd(true)]
-        .into_iter()
-        .map(|f| Box::new(f) as Box<dyn Fn(_) -> _>)
-        .chain([Box::new(adamw) as Box<dyn Fn(Vec<(String, Tensor)>) -> Optimizer>])
-    {
+    for make in makers() {
         let uninterrupted = run(&make, 0..3);
         // Two steps, save, then a fresh optimiser over the saved parameters takes the third.
         let params = fresh_params();
@@ -230,4 +249,46 @@ fn decay_skips_biases_and_one_dimensional_tensors() {
     assert!(decays("conv.weight", &t2));
     assert!(!decays("bn.weight", &t1));
     assert!(!decays("fc.bias", &t1));
+}
+
+#[test]
+fn from_config_builds_the_configured_optimizer() {
+    let mut train = mtl_job::TrainSection { optimizer: mtl_job::OptimizerKind::Adamw, ..Default::default() };
+    assert!(matches!(Optimizer::from_config(&train, fresh_params()).unwrap(), Optimizer::AdamW(_)));
+    train.optimizer = mtl_job::OptimizerKind::Sgd;
+    assert!(matches!(Optimizer::from_config(&train, fresh_params()).unwrap(), Optimizer::Sgd(_)));
+}
+
+/// The GPU check (`cargo test cuda_` where CUDA is): the same updates on CUDA match the CPU's,
+/// and a state saved on the GPU resumes on the CPU. Without CUDA there is nothing to compare.
+#[test]
+fn cuda_updates_match_cpu_and_state_moves_across_devices() {
+    if !tch::Cuda::is_available() {
+        return;
+    }
+    let cuda = Device::Cuda(0);
+    for make in makers() {
+        let cpu = run(&make, 0..3);
+        assert_close(&run_on(&make, 0..3, cuda), &cpu, 1e-6);
+
+        let params = fresh_params_on(cuda);
+        let mut opt = make(params.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect());
+        for (i, &lr) in LRS.iter().enumerate().take(2) {
+            set_grads(&params, i);
+            opt.step(lr).unwrap();
+        }
+        let resumed: Vec<(String, Tensor)> = params
+            .iter()
+            .map(|(n, t)| (n.clone(), t.detach().to_device(Device::Cpu).set_requires_grad(true)))
+            .collect();
+        let mut on_cpu = make(resumed.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect());
+        on_cpu.load_state_dict(&opt.state_dict()).unwrap();
+        set_grads(&resumed, 2);
+        on_cpu.step(LRS[2]).unwrap();
+        assert_close(&[values(&resumed[0].1), values(&resumed[1].1)].concat(), &cpu, 1e-6);
+    }
+    let a = Tensor::zeros([3], (Kind::Float, cuda)).set_requires_grad(true);
+    (&a * Tensor::from_slice(&[3.0f32, 4.0, 0.0]).to_device(cuda)).sum(Kind::Float).backward();
+    assert!((clip_grad_norm(&[a.shallow_clone()], 1.0).unwrap() - 5.0).abs() < 1e-5);
+    assert_close(&values(&a.grad()), &[0.6, 0.8, 0.0], 1e-6);
 }

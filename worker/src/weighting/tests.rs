@@ -46,7 +46,13 @@ impl Toy {
     }
 
     fn copy(&self) -> Self {
-        let c = |v: &[Tensor]| v.iter().map(|t| t.detach().copy().set_requires_grad(true)).collect();
+        self.on(self.shared[0].device())
+    }
+
+    fn on(&self, device: Device) -> Self {
+        let c = |v: &[Tensor]| {
+            v.iter().map(|t| t.detach().to_device(device).copy().set_requires_grad(true)).collect()
+        };
         Self { shared: c(&self.shared), heads: c(&self.heads) }
     }
 
@@ -322,4 +328,46 @@ fn weighting_state_errors_name_the_entry() {
     assert!(err.contains("weighting.gradnorm"), "{err}");
     let err = fixed.backward(&TaskLosses::default(), &[], &[], &mut LocalReducer).unwrap_err().to_string();
     assert!(err.contains("no task loss"), "{err}");
+}
+
+/// The GPU check (`cargo test cuda_` where CUDA is): every strategy gives the same gradients and
+/// weights on CUDA as on the CPU. Without CUDA there is nothing to compare.
+#[test]
+fn cuda_strategies_match_cpu() {
+    if !tch::Cuda::is_available() {
+        return;
+    }
+    let (x, ya, yb) = batch();
+    let base = Toy::new();
+    for strategy in [
+        WeightingStrategy::Fixed,
+        WeightingStrategy::Uncertainty,
+        WeightingStrategy::Dwa,
+        WeightingStrategy::Gradnorm,
+        WeightingStrategy::Pcgrad,
+    ] {
+        let run = |device: Device| {
+            let toy = base.on(device);
+            let (x, ya, yb) = (x.to_device(device), ya.to_device(device), yb.to_device(device));
+            let mut w = TaskWeighting::new(&cfg(strategy), 5, device);
+            let mut reports = Vec::new();
+            for _ in 0..2 {
+                let r = w
+                    .backward(&toy.losses(&x, &ya, &yb, 8.0), &toy.shared, &toy.heads, &mut LocalReducer)
+                    .unwrap();
+                reports.push(vec![r.weights.cls.unwrap(), r.weights.seg.unwrap(), r.total_loss]);
+            }
+            let state: Vec<Vec<f64>> = w.state_dict().iter().map(|(_, t)| values(t)).collect();
+            (toy.grads(), reports, state)
+        };
+        let (cpu, cuda) = (run(Device::Cpu), run(Device::Cuda(0)));
+        for (a, b) in cuda.0.iter().zip(&cpu.0).chain(cuda.1.iter().zip(&cpu.1)) {
+            assert_close(a, b, 1e-5);
+        }
+        for (a, b) in cuda.2.iter().zip(&cpu.2) {
+            let (a, b): (Vec<f64>, Vec<f64>) =
+                a.iter().zip(b).filter(|(x, y)| !(x.is_nan() && y.is_nan())).map(|(x, y)| (*x, *y)).unzip();
+            assert_close(&a, &b, 1e-5);
+        }
+    }
 }
