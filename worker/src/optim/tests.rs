@@ -264,6 +264,10 @@ fn from_config_builds_the_configured_optimizer() {
 #[test]
 fn cuda_updates_match_cpu_and_state_moves_across_devices() {
     if !tch::Cuda::is_available() {
+        assert!(
+            std::env::var_os("MTL_REQUIRE_CUDA").is_none(),
+            "MTL_REQUIRE_CUDA is set but CUDA is not available"
+        );
         return;
     }
     let cuda = Device::Cuda(0);

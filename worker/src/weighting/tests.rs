@@ -335,6 +335,10 @@ fn weighting_state_errors_name_the_entry() {
 #[test]
 fn cuda_strategies_match_cpu() {
     if !tch::Cuda::is_available() {
+        assert!(
+            std::env::var_os("MTL_REQUIRE_CUDA").is_none(),
+            "MTL_REQUIRE_CUDA is set but CUDA is not available"
+        );
         return;
     }
     let (x, ya, yb) = batch();
