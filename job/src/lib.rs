@@ -9,10 +9,12 @@
 
 mod error;
 mod model;
+mod optim;
 mod schema;
 
 pub use error::JobConfigError;
 pub use model::*;
+pub use optim::*;
 pub use schema::*;
 
 use std::path::Path;

@@ -2,7 +2,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::model::{ModelSection, TasksSection};
-use crate::JobConfigError;
+use crate::{JobConfigError, OptimizerKind, WeightingSection};
 
 /// A whole job: one multi-task training run over one or more workers.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -25,6 +25,9 @@ pub struct JobConfig {
     /// Which task heads are built and how detections are decoded.
     #[serde(default)]
     pub tasks: TasksSection,
+    /// How per-task losses are weighted or their gradients combined.
+    #[serde(default)]
+    pub weighting: WeightingSection,
 }
 
 /// `[job]`
@@ -104,11 +107,43 @@ pub struct TrainSection {
     pub batch_size: u32,
     /// Peak learning rate.
     pub lr: f64,
+    /// `sgd` or `adamw`.
+    pub optimizer: OptimizerKind,
+    /// SGD momentum factor, in [0, 1).
+    pub momentum: f64,
+    /// SGD Nesterov momentum (needs `momentum` > 0).
+    pub nesterov: bool,
+    /// Weight decay (L2 added to the gradient for SGD, decoupled for AdamW); never applied to
+    /// biases and normalisation weights.
+    pub weight_decay: f64,
+    /// AdamW's `(beta1, beta2)`.
+    pub betas: [f64; 2],
+    /// AdamW's denominator epsilon.
+    pub eps: f64,
+    /// Steps of linear learning-rate warmup from 0 to `lr`.
+    pub warmup_steps: u64,
+    /// The cosine decay ends at `min_lr_ratio * lr` at step `steps`.
+    pub min_lr_ratio: f64,
+    /// Clip the global gradient L2 norm to this value; 0 turns clipping off.
+    pub clip_grad_norm: f64,
 }
 
 impl Default for TrainSection {
     fn default() -> Self {
-        Self { steps: 1, batch_size: 8, lr: 0.01 }
+        Self {
+            steps: 1,
+            batch_size: 8,
+            lr: 0.01,
+            optimizer: OptimizerKind::Sgd,
+            momentum: 0.9,
+            nesterov: false,
+            weight_decay: 1e-4,
+            betas: [0.9, 0.999],
+            eps: 1e-8,
+            warmup_steps: 0,
+            min_lr_ratio: 0.0,
+            clip_grad_norm: 0.0,
+        }
     }
 }
 
@@ -153,6 +188,8 @@ impl JobConfig {
         }
         self.model.validate()?;
         self.tasks.validate()?;
+        t.validate_optim()?;
+        self.weighting.validate()?;
         Ok(())
     }
 }

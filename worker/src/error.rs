@@ -52,6 +52,24 @@ pub enum WorkerError {
         /// What is wrong.
         message: String,
     },
+    /// Saved optimiser or task-weighting state does not fit the live one.
+    #[error("cannot load {owner} state `{key}`: {message}")]
+    State {
+        /// Whose state: `sgd`, `adamw`, `weighting`.
+        owner: &'static str,
+        /// The state entry at fault.
+        key: String,
+        /// What is missing or mismatched (shapes, counts).
+        message: String,
+    },
+    /// Task weighting was asked for something its inputs cannot give.
+    #[error("task weighting ({strategy}): {message}")]
+    Weighting {
+        /// The strategy, as in `weighting.strategy`.
+        strategy: &'static str,
+        /// What is wrong.
+        message: String,
+    },
     /// The coordinator told this worker to stop.
     #[error("stopped by the coordinator: {reason}")]
     Stopped {

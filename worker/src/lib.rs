@@ -10,9 +10,11 @@ pub mod data;
 pub mod device;
 mod error;
 pub mod model;
+pub mod optim;
 pub mod session;
 pub mod smoke;
 pub mod tasks;
+pub mod weighting;
 
 use std::collections::HashMap;
 

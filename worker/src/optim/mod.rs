@@ -1,0 +1,161 @@
+//! Optimisers written on plain tensors, so that every piece of their state can be exported
+//! with [`Optimizer::state_dict`] and restored from a checkpoint. `sgd` and `adamw` follow
+//! PyTorch's `torch.optim.SGD` / `torch.optim.AdamW` update rules exactly (their tests compare
+//! against PyTorch); `schedule` is the warmup + cosine learning rate and `clip` is
+//! `clip_grad_norm_`. The caller drives them: `step(lr)` takes the learning rate of this step
+//! from [`Schedule::lr`], so the schedule's position is just the step counter.
+//!
+//! Weight decay is applied to a parameter only when [`decays`] says so: never to biases or to
+//! 1-D tensors (normalisation weights), as is standard for both SGD and AdamW training.
+mod adamw;
+mod clip;
+mod schedule;
+mod sgd;
+#[cfg(test)]
+mod tests;
+
+pub use adamw::{AdamW, AdamWConfig};
+pub use clip::clip_grad_norm;
+pub use schedule::Schedule;
+pub use sgd::{Sgd, SgdConfig};
+
+use mtl_job::{OptimizerKind, TrainSection};
+use tch::Tensor;
+
+use crate::WorkerError;
+
+/// Whether weight decay applies to the parameter `name` of this shape: only to tensors with at
+/// least two dimensions whose name does not end in `bias` (so not to biases, BatchNorm/GroupNorm
+/// weights or other 1-D scales).
+pub fn decays(name: &str, tensor: &Tensor) -> bool {
+    tensor.dim() >= 2 && !name.ends_with("bias")
+}
+
+/// One parameter an optimiser updates.
+#[derive(Debug)]
+pub(crate) struct Param {
+    pub(crate) name: String,
+    pub(crate) tensor: Tensor,
+    pub(crate) decay: bool,
+}
+
+pub(crate) fn params(named: Vec<(String, Tensor)>) -> Vec<Param> {
+    named
+        .into_iter()
+        .map(|(name, tensor)| {
+            let decay = decays(&name, &tensor);
+            Param { name, tensor, decay }
+        })
+        .collect()
+}
+
+/// The optimiser selected by `train.optimizer`.
+#[derive(Debug)]
+pub enum Optimizer {
+    /// `train.optimizer = "sgd"`.
+    Sgd(Sgd),
+    /// `train.optimizer = "adamw"`.
+    AdamW(AdamW),
+}
+
+impl Optimizer {
+    /// Builds the configured optimiser over named parameters (e.g. `VarStore::variables()`,
+    /// plus learnable task weights).
+    pub fn from_config(train: &TrainSection, named: Vec<(String, Tensor)>) -> Result<Self, WorkerError> {
+        Ok(match train.optimizer {
+            OptimizerKind::Sgd => Self::Sgd(Sgd::new(
+                named,
+                SgdConfig {
+                    momentum: train.momentum,
+                    nesterov: train.nesterov,
+                    weight_decay: train.weight_decay,
+                },
+            )?),
+            OptimizerKind::Adamw => Self::AdamW(AdamW::new(
+                named,
+                AdamWConfig { betas: train.betas, eps: train.eps, weight_decay: train.weight_decay },
+            )?),
+        })
+    }
+
+    /// Applies one update with learning rate `lr` to every parameter that has a gradient.
+    pub fn step(&mut self, lr: f64) -> Result<(), WorkerError> {
+        match self {
+            Self::Sgd(o) => o.step(lr),
+            Self::AdamW(o) => o.step(lr),
+        }
+    }
+
+    /// Zeroes the gradients of all parameters.
+    pub fn zero_grad(&mut self) {
+        match self {
+            Self::Sgd(o) => o.zero_grad(),
+            Self::AdamW(o) => o.zero_grad(),
+        }
+    }
+
+    /// Optimiser steps taken so far.
+    pub fn steps(&self) -> u64 {
+        match self {
+            Self::Sgd(o) => o.steps(),
+            Self::AdamW(o) => o.steps(),
+        }
+    }
+
+    /// All state (buffers and step counters) as named tensors, for a checkpoint.
+    pub fn state_dict(&self) -> Vec<(String, Tensor)> {
+        match self {
+            Self::Sgd(o) => o.state_dict(),
+            Self::AdamW(o) => o.state_dict(),
+        }
+    }
+
+    /// Restores what [`Self::state_dict`] exported; every entry must be present with its shape.
+    pub fn load_state_dict(&mut self, state: &[(String, Tensor)]) -> Result<(), WorkerError> {
+        match self {
+            Self::Sgd(o) => o.load_state_dict(state),
+            Self::AdamW(o) => o.load_state_dict(state),
+        }
+    }
+}
+
+pub(crate) fn zero_grads(params: &[Param]) {
+    for p in params {
+        let mut grad = p.tensor.grad();
+        if grad.defined() {
+            let _ = grad.detach_().zero_();
+        }
+    }
+}
+
+/// The step counter as a state tensor (i64 scalar on the CPU).
+pub(crate) fn step_tensor(step: u64) -> Tensor {
+    Tensor::from(step as i64)
+}
+
+/// Copies `given` entries into the live state `live` (name → tensor): every live entry must be
+/// given with the same shape, and nothing else may be given.
+pub(crate) fn load_entries(
+    owner: &'static str,
+    live: &mut [(String, &mut Tensor)],
+    given: &[(String, Tensor)],
+) -> Result<(), WorkerError> {
+    let err = |key: &str, message: String| WorkerError::State { owner, key: key.to_string(), message };
+    for (name, _) in given {
+        if !live.iter().any(|(n, _)| n == name) {
+            return Err(err(name, "not an entry of the live state (different parameters?)".into()));
+        }
+    }
+    for (name, target) in live.iter_mut() {
+        let source = given
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, t)| t)
+            .ok_or_else(|| err(name, "missing from the saved state".into()))?;
+        if source.size() != target.size() {
+            return Err(err(name, format!("saved shape {:?}, expected {:?}", source.size(), target.size())));
+        }
+        tch::no_grad(|| target.f_copy_(source))?;
+    }
+    Ok(())
+}

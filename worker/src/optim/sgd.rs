@@ -1,0 +1,101 @@
+//! SGD with momentum and Nesterov momentum, `torch.optim.SGD` semantics (dampening 0):
+//! `g ← grad + wd·p`; `buf ← momentum·buf + g` (the first step gives `buf = g`, which a zero
+//! buffer reproduces exactly); `g ← g + momentum·buf` with Nesterov, else `g ← buf`;
+//! `p ← p − lr·g`.
+use tch::Tensor;
+
+use super::{load_entries, params, step_tensor, zero_grads, Param};
+use crate::WorkerError;
+
+/// SGD hyper-parameters other than the learning rate, which each step receives.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SgdConfig {
+    /// Momentum factor; 0 disables the momentum buffers.
+    pub momentum: f64,
+    /// Nesterov momentum.
+    pub nesterov: bool,
+    /// L2 penalty added to the gradient of decaying parameters.
+    pub weight_decay: f64,
+}
+
+/// Stochastic gradient descent over a fixed list of parameters.
+#[derive(Debug)]
+pub struct Sgd {
+    params: Vec<Param>,
+    /// One zero-initialised buffer per parameter; empty when momentum is 0.
+    momentum_buffers: Vec<Tensor>,
+    cfg: SgdConfig,
+    steps: u64,
+}
+
+impl Sgd {
+    /// An optimiser over named parameters; weight decay follows [`super::decays`].
+    pub fn new(named: Vec<(String, Tensor)>, cfg: SgdConfig) -> Result<Self, WorkerError> {
+        let params = params(named);
+        let momentum_buffers = if cfg.momentum == 0.0 {
+            Vec::new()
+        } else {
+            params.iter().map(|p| p.tensor.f_zeros_like()).collect::<Result<_, _>>()?
+        };
+        Ok(Self { params, momentum_buffers, cfg, steps: 0 })
+    }
+
+    /// One update with learning rate `lr`; parameters without a gradient are left alone.
+    pub fn step(&mut self, lr: f64) -> Result<(), WorkerError> {
+        let _guard = tch::no_grad_guard();
+        let SgdConfig { momentum, nesterov, weight_decay } = self.cfg;
+        for (i, p) in self.params.iter_mut().enumerate() {
+            let grad = p.tensor.grad();
+            if !grad.defined() {
+                continue;
+            }
+            let mut d_p =
+                if p.decay && weight_decay != 0.0 { grad.f_add(&(&p.tensor * weight_decay))? } else { grad };
+            if momentum != 0.0 {
+                let buf = &mut self.momentum_buffers[i];
+                let _ = buf.f_mul_scalar_(momentum)?.f_add_(&d_p)?;
+                d_p = if nesterov { d_p.f_add(&(&*buf * momentum))? } else { buf.shallow_clone() };
+            }
+            let _ = p.tensor.f_sub_(&(d_p * lr))?;
+        }
+        self.steps += 1;
+        Ok(())
+    }
+
+    /// Zeroes all gradients.
+    pub fn zero_grad(&mut self) {
+        zero_grads(&self.params);
+    }
+
+    /// Steps taken so far.
+    pub fn steps(&self) -> u64 {
+        self.steps
+    }
+
+    /// `{param}.momentum_buffer` per parameter (when momentum is on) and `step`.
+    pub fn state_dict(&self) -> Vec<(String, Tensor)> {
+        let mut state: Vec<(String, Tensor)> = self
+            .params
+            .iter()
+            .zip(&self.momentum_buffers)
+            .map(|(p, buf)| (format!("{}.momentum_buffer", p.name), buf.copy()))
+            .collect();
+        state.push(("step".into(), step_tensor(self.steps)));
+        state
+    }
+
+    /// Restores [`Self::state_dict`]'s entries; errors name the missing or mismatched entry.
+    pub fn load_state_dict(&mut self, state: &[(String, Tensor)]) -> Result<(), WorkerError> {
+        let mut step = step_tensor(0);
+        let mut live: Vec<(String, &mut Tensor)> = self
+            .params
+            .iter()
+            .zip(self.momentum_buffers.iter_mut())
+            .map(|(p, buf)| (format!("{}.momentum_buffer", p.name), buf))
+            .collect();
+        live.push(("step".into(), &mut step));
+        load_entries("sgd", &mut live, state)?;
+        self.steps = step.int64_value(&[]) as u64;
+        Ok(())
+    }
+}

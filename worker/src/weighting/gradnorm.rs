@@ -1,0 +1,137 @@
+//! GradNorm (Chen et al. 2018, "GradNorm: Gradient Normalization for Adaptive Loss Balancing").
+//!
+//! Each step the model's gradient is that of `Σ w_i·L_i` with the current weights `w_i`
+//! (initially 1). Then, at the last shared layer's weight `W`: `G_i = ‖∇_W w_i·L_i‖₂ = w_i·n_i`,
+//! `Ḡ = mean_i G_i`, `L̃_i = L_i/L_i(0)` (loss relative to the task's first step),
+//! `r_i = L̃_i / mean_j L̃_j`, and the target `Ḡ·r_i^α` is a constant. The weights take one
+//! gradient step of size `gradnorm_lr` on `L_grad = Σ_i |G_i − Ḡ·r_i^α|`, whose gradient is
+//! exactly `sign(G_i − target_i)·n_i` (so no second-order graph is needed), are kept above
+//! `MIN_WEIGHT`, and are renormalised to sum to the number of present tasks.
+//!
+//! Per-task gradients at `W` and the loss values are reduced across ranks before any of this,
+//! so every rank computes the same weights.
+use tch::{Kind, Tensor};
+
+use super::grads::task_grads;
+use super::{values_from, values_tensor, Reducer, Task, TaskValues, WeightReport};
+use crate::optim::load_entries;
+use crate::WorkerError;
+
+/// Weights are clamped to at least this before renormalising, so a task is never switched off
+/// or given a negative weight by one large step.
+const MIN_WEIGHT: f64 = 1e-3;
+const WEIGHTS: &str = "weighting.gradnorm.weights";
+const INITIAL_LOSSES: &str = "weighting.gradnorm.initial_losses";
+
+#[derive(Debug)]
+pub(super) struct GradNorm {
+    alpha: f64,
+    lr: f64,
+    weights: [f64; 3],
+    /// `L_i(0)`, NaN until the task's first step.
+    initial_losses: [f64; 3],
+}
+
+impl GradNorm {
+    pub(super) fn new(alpha: f64, lr: f64) -> Self {
+        Self { alpha, lr, weights: [1.0; 3], initial_losses: [f64::NAN; 3] }
+    }
+
+    pub(super) fn backward(
+        &mut self,
+        present: &[(Task, &Tensor)],
+        shared: &[Tensor],
+        reducer: &mut dyn Reducer,
+    ) -> Result<WeightReport, WorkerError> {
+        let last = shared.iter().rev().find(|t| t.dim() >= 2).ok_or_else(|| WorkerError::Weighting {
+            strategy: "gradnorm",
+            message: format!(
+                "needs a shared parameter with two or more dimensions (the last shared layer's weight); \
+                 got {} shared tensors without one",
+                shared.len()
+            ),
+        })?;
+        let last = std::slice::from_ref(last);
+        // Per-task gradients at W, then the loss values, reduced together.
+        let mut reduced = Vec::with_capacity(present.len() + 1);
+        for &(_, loss) in present {
+            reduced.push(task_grads(loss, last, true)?.remove(0));
+        }
+        let loss_values = present
+            .iter()
+            .map(|(_, l)| l.f_detach()?.f_to_kind(Kind::Double))
+            .collect::<Result<Vec<_>, _>>()?;
+        reduced.push(Tensor::f_stack(&loss_values, 0)?);
+        reducer.all_reduce_mean(&mut reduced)?;
+        let losses = Vec::<f64>::try_from(reduced.pop().expect("pushed above"))?;
+        let norms = reduced.iter().map(|g| g.f_norm()?.f_double_value(&[])).collect::<Result<Vec<_>, _>>()?;
+
+        // The model's gradient with the weights of this step.
+        let mut report = TaskValues::default();
+        let mut total: Option<Tensor> = None;
+        for &(task, loss) in present {
+            let w = self.weights[task.index()];
+            report.set(task, w);
+            let term = loss.f_mul_scalar(w)?;
+            total = Some(match total {
+                Some(t) => t.f_add(&term)?,
+                None => term,
+            });
+        }
+        let total = total.expect("present is not empty");
+        if total.requires_grad() {
+            total.f_backward()?;
+        }
+
+        self.update_weights(present, &losses, &norms);
+        Ok(WeightReport { weights: report, total_loss: total.f_double_value(&[])? })
+    }
+
+    /// One step on `L_grad` given the reduced loss values and gradient norms `n_i` of the
+    /// present tasks.
+    fn update_weights(&mut self, present: &[(Task, &Tensor)], losses: &[f64], norms: &[f64]) {
+        let k = present.len() as f64;
+        let idx: Vec<usize> = present.iter().map(|(t, _)| t.index()).collect();
+        for (&i, &l) in idx.iter().zip(losses) {
+            if self.initial_losses[i].is_nan() {
+                self.initial_losses[i] = l;
+            }
+        }
+        let g: Vec<f64> = idx.iter().zip(norms).map(|(&i, n)| self.weights[i] * n).collect();
+        let g_mean = g.iter().sum::<f64>() / k;
+        let relative: Vec<f64> =
+            idx.iter().zip(losses).map(|(&i, l)| l / self.initial_losses[i].max(f64::MIN_POSITIVE)).collect();
+        let relative_mean = relative.iter().sum::<f64>() / k;
+        for (j, &i) in idx.iter().enumerate() {
+            let target = g_mean * (relative[j] / relative_mean).powf(self.alpha);
+            let diff = g[j] - target;
+            let sign = if diff > 0.0 {
+                1.0
+            } else if diff < 0.0 {
+                -1.0
+            } else {
+                0.0
+            };
+            self.weights[i] = (self.weights[i] - self.lr * sign * norms[j]).max(MIN_WEIGHT);
+        }
+        let sum: f64 = idx.iter().map(|&i| self.weights[i]).sum();
+        for &i in &idx {
+            self.weights[i] *= k / sum;
+        }
+    }
+
+    pub(super) fn state_dict(&self) -> Vec<(String, Tensor)> {
+        vec![
+            (WEIGHTS.into(), values_tensor(&self.weights)),
+            (INITIAL_LOSSES.into(), values_tensor(&self.initial_losses)),
+        ]
+    }
+
+    pub(super) fn load_state_dict(&mut self, state: &[(String, Tensor)]) -> Result<(), WorkerError> {
+        let (mut w, mut l0) = (values_tensor(&self.weights), values_tensor(&self.initial_losses));
+        load_entries("weighting", &mut [(WEIGHTS.into(), &mut w), (INITIAL_LOSSES.into(), &mut l0)], state)?;
+        self.weights = values_from(&w)?;
+        self.initial_losses = values_from(&l0)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,305 @@
+//! Task weighting: how the losses of the three tasks (classification, detection, segmentation;
+//! any may be off or absent from a batch) become one backward pass.
+//!
+//! - `fixed`: `Σ w_t·L_t`.
+//! - `uncertainty` (Kendall et al. 2018): `Σ exp(−s_t)·L_t + s_t` with a learnable log-variance
+//!   `s_t` per task (initialised to 0, trained with the model through [`TaskWeighting::parameters`]).
+//!   This is the common simplified form of the paper's `L/(2σ²) + log σ` with `s = log σ²`: the
+//!   constant factors ½ are dropped for every task alike.
+//! - `dwa` ([`dwa`], Liu et al. 2019), `gradnorm` ([`gradnorm`], Chen et al. 2018) and `pcgrad`
+//!   ([`pcgrad`], Yu et al. 2020) are described in their modules.
+//!
+//! In data-parallel training every rank must apply the update one process would apply to the
+//! whole batch. Strategies that are linear in the gradients (fixed, uncertainty, DWA) leave the
+//! reduction to the trainer's all-reduce of `.grad()`. GradNorm and PCGrad are not linear: they
+//! reduce the per-task gradients (and GradNorm the loss values) through a [`Reducer`] *before*
+//! computing norms or projections, so all ranks compute the same weights and projections.
+//! This relies on each rank's losses being scaled so that their mean over ranks is the
+//! whole-batch loss (normalisers summed across ranks, divided by the world size).
+mod dwa;
+mod gradnorm;
+mod grads;
+mod pcgrad;
+#[cfg(test)]
+mod tests;
+
+use mtl_job::{WeightingSection, WeightingStrategy};
+use tch::{Device, Kind, Tensor};
+
+use self::{dwa::Dwa, gradnorm::GradNorm, pcgrad::PcGrad};
+use crate::optim::load_entries;
+use crate::WorkerError;
+
+/// Averages tensors across data-parallel ranks, in place; the identity in one process.
+pub trait Reducer {
+    /// Replaces each tensor by its mean over ranks. Every rank passes the same list of shapes.
+    fn all_reduce_mean(&mut self, tensors: &mut [Tensor]) -> Result<(), WorkerError>;
+}
+
+/// The reducer of a single process: leaves tensors as they are.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LocalReducer;
+
+impl Reducer for LocalReducer {
+    fn all_reduce_mean(&mut self, _tensors: &mut [Tensor]) -> Result<(), WorkerError> {
+        Ok(())
+    }
+}
+
+/// One of the three tasks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Task {
+    /// Classification.
+    Cls,
+    /// Detection.
+    Det,
+    /// Semantic segmentation.
+    Seg,
+}
+
+impl Task {
+    /// All tasks, in the fixed order used for state tensors.
+    pub const ALL: [Task; 3] = [Task::Cls, Task::Det, Task::Seg];
+
+    /// Position in [`Task::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// `cls`, `det` or `seg`, as in the config.
+    pub fn name(self) -> &'static str {
+        ["cls", "det", "seg"][self.index()]
+    }
+}
+
+/// The scalar loss of each task in this step; `None` for a task that is off. In data-parallel
+/// training a task must be present on all ranks or on none (a rank without labelled samples
+/// passes a zero loss).
+#[derive(Debug, Default)]
+pub struct TaskLosses {
+    /// Classification loss.
+    pub cls: Option<Tensor>,
+    /// Detection loss.
+    pub det: Option<Tensor>,
+    /// Segmentation loss.
+    pub seg: Option<Tensor>,
+}
+
+impl TaskLosses {
+    /// The loss of `task`, if present.
+    pub fn get(&self, task: Task) -> Option<&Tensor> {
+        match task {
+            Task::Cls => self.cls.as_ref(),
+            Task::Det => self.det.as_ref(),
+            Task::Seg => self.seg.as_ref(),
+        }
+    }
+
+    /// Present tasks with their losses, in [`Task::ALL`] order.
+    pub fn present(&self) -> Vec<(Task, &Tensor)> {
+        Task::ALL.into_iter().filter_map(|t| self.get(t).map(|l| (t, l))).collect()
+    }
+}
+
+/// One number per task, `None` where the task is absent.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct TaskValues {
+    /// Classification.
+    pub cls: Option<f64>,
+    /// Detection.
+    pub det: Option<f64>,
+    /// Segmentation.
+    pub seg: Option<f64>,
+}
+
+impl TaskValues {
+    /// The value of `task`.
+    pub fn get(&self, task: Task) -> Option<f64> {
+        [self.cls, self.det, self.seg][task.index()]
+    }
+
+    /// Sets the value of `task`.
+    pub fn set(&mut self, task: Task, value: f64) {
+        *[&mut self.cls, &mut self.det, &mut self.seg][task.index()] = Some(value);
+    }
+}
+
+/// What one weighted backward pass used.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WeightReport {
+    /// The weight each present task's loss received (for uncertainty `exp(−s_t)`).
+    pub weights: TaskValues,
+    /// The value of the combined loss (for PCGrad `Σ w_t·L_t`, whose gradient it replaces).
+    pub total_loss: f64,
+}
+
+#[derive(Debug)]
+enum Strategy {
+    Fixed,
+    /// Log-variances `s_t`, a `[3]` tensor in [`Task::ALL`] order.
+    Uncertainty(Tensor),
+    Dwa(Dwa),
+    GradNorm(GradNorm),
+    PcGrad(PcGrad),
+}
+
+/// The configured weighting strategy with its state.
+#[derive(Debug)]
+pub struct TaskWeighting {
+    strategy: Strategy,
+    /// `weighting.weights` in [`Task::ALL`] order.
+    fixed: [f64; 3],
+}
+
+const LOG_VAR: &str = "weighting.log_var";
+
+impl TaskWeighting {
+    /// The strategy `[weighting]` selects. `seed` (the job seed) drives PCGrad's task order;
+    /// `device` holds learnable weights.
+    pub fn new(cfg: &WeightingSection, seed: u64, device: Device) -> Self {
+        let fixed = [cfg.weights.cls, cfg.weights.det, cfg.weights.seg];
+        let strategy = match cfg.strategy {
+            WeightingStrategy::Fixed => Strategy::Fixed,
+            WeightingStrategy::Uncertainty => {
+                Strategy::Uncertainty(Tensor::zeros([3], (Kind::Float, device)).set_requires_grad(true))
+            }
+            WeightingStrategy::Dwa => Strategy::Dwa(Dwa::new(cfg.dwa_temperature)),
+            WeightingStrategy::Gradnorm => {
+                Strategy::GradNorm(GradNorm::new(cfg.gradnorm_alpha, cfg.gradnorm_lr))
+            }
+            WeightingStrategy::Pcgrad => Strategy::PcGrad(PcGrad::new(seed)),
+        };
+        Self { strategy, fixed }
+    }
+
+    /// Runs backward for the weighted multi-task loss, accumulating gradients into `.grad()` of
+    /// `shared` (parameters all tasks use, in forward order) and `heads` (task-specific ones) and
+    /// of [`Self::parameters`]. GradNorm balances gradients at the last tensor of `shared` with two
+    /// or more dimensions (the last shared layer's weight); PCGrad projects the gradients of all of
+    /// `shared`. Both reduce their per-task inputs with `reducer` first; the other strategies
+    /// never call it.
+    pub fn backward(
+        &mut self,
+        losses: &TaskLosses,
+        shared: &[Tensor],
+        heads: &[Tensor],
+        reducer: &mut dyn Reducer,
+    ) -> Result<WeightReport, WorkerError> {
+        let present = losses.present();
+        if present.is_empty() {
+            return Err(WorkerError::Weighting {
+                strategy: self.strategy_name(),
+                message: "no task loss in this step".into(),
+            });
+        }
+        match &mut self.strategy {
+            Strategy::Fixed => weighted_backward(&present, |t| self.fixed[t.index()]),
+            Strategy::Uncertainty(log_var) => {
+                let mut total = Tensor::zeros([], (Kind::Float, log_var.device()));
+                let mut weights = TaskValues::default();
+                for &(task, loss) in &present {
+                    let s = log_var.f_get(task.index() as i64)?;
+                    let precision = s.f_neg()?.f_exp()?;
+                    weights.set(task, precision.f_double_value(&[])?);
+                    total = total.f_add(&precision.f_mul(loss)?.f_add(&s)?)?;
+                }
+                total.f_backward()?;
+                Ok(WeightReport { weights, total_loss: total.f_double_value(&[])? })
+            }
+            Strategy::Dwa(dwa) => weighted_backward(&present, |t| dwa.weight(t)),
+            Strategy::GradNorm(gn) => gn.backward(&present, shared, reducer),
+            Strategy::PcGrad(pc) => pc.backward(&present, &self.fixed, shared, heads, reducer),
+        }
+    }
+
+    /// Whether [`Self::backward`] leaves the gradients of `shared` already reduced across ranks
+    /// (PCGrad): the trainer's all-reduce may skip them (averaging identical values again only
+    /// costs time and rounding).
+    pub fn reduces_shared_grads(&self) -> bool {
+        matches!(self.strategy, Strategy::PcGrad(_))
+    }
+
+    /// Tells DWA the mean loss of each task over the epoch (or window) that just ended; the
+    /// values must be the same on every rank (reduced). Other strategies ignore it.
+    pub fn end_epoch(&mut self, mean_losses: &TaskValues) {
+        if let Strategy::Dwa(dwa) = &mut self.strategy {
+            dwa.end_epoch(mean_losses);
+        }
+    }
+
+    /// Learnable weights to optimise (and all-reduce) with the model: uncertainty's
+    /// `weighting.log_var`; empty for the other strategies (GradNorm updates its own).
+    pub fn parameters(&self) -> Vec<(String, Tensor)> {
+        match &self.strategy {
+            Strategy::Uncertainty(log_var) => vec![(LOG_VAR.into(), log_var.shallow_clone())],
+            _ => Vec::new(),
+        }
+    }
+
+    /// All state to checkpoint, learnable weights included.
+    pub fn state_dict(&self) -> Vec<(String, Tensor)> {
+        match &self.strategy {
+            Strategy::Fixed => Vec::new(),
+            Strategy::Uncertainty(log_var) => vec![(LOG_VAR.into(), log_var.detach().copy())],
+            Strategy::Dwa(dwa) => dwa.state_dict(),
+            Strategy::GradNorm(gn) => gn.state_dict(),
+            Strategy::PcGrad(pc) => pc.state_dict(),
+        }
+    }
+
+    /// Restores [`Self::state_dict`]; errors name the missing or mismatched entry.
+    pub fn load_state_dict(&mut self, state: &[(String, Tensor)]) -> Result<(), WorkerError> {
+        match &mut self.strategy {
+            Strategy::Fixed => load_entries("weighting", &mut [], state),
+            Strategy::Uncertainty(log_var) => {
+                load_entries("weighting", &mut [(LOG_VAR.into(), log_var)], state)
+            }
+            Strategy::Dwa(dwa) => dwa.load_state_dict(state),
+            Strategy::GradNorm(gn) => gn.load_state_dict(state),
+            Strategy::PcGrad(pc) => pc.load_state_dict(state),
+        }
+    }
+
+    fn strategy_name(&self) -> &'static str {
+        match self.strategy {
+            Strategy::Fixed => "fixed",
+            Strategy::Uncertainty(_) => "uncertainty",
+            Strategy::Dwa(_) => "dwa",
+            Strategy::GradNorm(_) => "gradnorm",
+            Strategy::PcGrad(_) => "pcgrad",
+        }
+    }
+}
+
+/// `backward` of `Σ w_t·L_t` with `w_t = weight(t)`.
+fn weighted_backward(
+    present: &[(Task, &Tensor)],
+    weight: impl Fn(Task) -> f64,
+) -> Result<WeightReport, WorkerError> {
+    let mut weights = TaskValues::default();
+    let mut total: Option<Tensor> = None;
+    for &(task, loss) in present {
+        let w = weight(task);
+        weights.set(task, w);
+        let term = loss.f_mul_scalar(w)?;
+        total = Some(match total {
+            Some(t) => t.f_add(&term)?,
+            None => term,
+        });
+    }
+    let total = total.expect("present is not empty");
+    if total.requires_grad() {
+        total.f_backward()?;
+    }
+    Ok(WeightReport { weights, total_loss: total.f_double_value(&[])? })
+}
+
+/// A per-task `[3]` f64 state vector (NaN where unset), as stored in a checkpoint.
+fn values_tensor(values: &[f64; 3]) -> Tensor {
+    Tensor::from_slice(values)
+}
+
+fn values_from(tensor: &Tensor) -> Result<[f64; 3], WorkerError> {
+    let v = Vec::<f64>::try_from(tensor.to_kind(Kind::Double))?;
+    Ok([v[0], v[1], v[2]])
+}
