@@ -55,6 +55,7 @@ impl Coordinator for CoordinatorService {
                 host: req.host,
                 device: req.device,
                 peer_addr: req.peer_addr,
+                nccl_unique_id: req.nccl_unique_id,
             };
             if state.register(info, Instant::now())? {
                 drop(state);

@@ -43,6 +43,7 @@ pub(crate) struct WorkerInfo {
     pub(crate) host: String,
     pub(crate) device: String,
     pub(crate) peer_addr: String,
+    pub(crate) nccl_unique_id: Vec<u8>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -190,7 +191,7 @@ impl JobState {
             peers,
             job_config_toml: self.config_toml.clone(),
             heartbeat_interval_ms: self.cfg.rendezvous.heartbeat_interval_ms,
-            nccl_unique_id: Vec::new(),
+            nccl_unique_id: generation.members[0].info.nccl_unique_id.clone(),
         })
     }
 

@@ -72,7 +72,8 @@ fn main() -> ExitCode {
         Command::Run { coordinator, token, worker_id, device } => {
             let host = hostname();
             let worker_id = worker_id.unwrap_or_else(|| format!("{host}-{device}"));
-            let identity = Identity { worker_id, host, device, peer_addr: String::new() };
+            let identity =
+                Identity { worker_id, host, device, peer_addr: String::new(), nccl_unique_id: Vec::new() };
             runtime.block_on(mtl_worker::run(RunConfig { coordinator, token, identity }))
         }
         Command::CollectiveBench { rank, peers, sizes_mib, iterations, timeout_ms } => {

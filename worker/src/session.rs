@@ -25,6 +25,8 @@ pub struct Identity {
     pub device: String,
     /// Where peers reach this worker (empty when not listening).
     pub peer_addr: String,
+    /// An NCCL unique id for when this worker becomes rank 0 (empty on CPU).
+    pub nccl_unique_id: Vec<u8>,
 }
 
 /// A registered worker: its place in the generation and the job config it was handed.
@@ -54,6 +56,7 @@ impl Session {
                 host: identity.host.clone(),
                 device: identity.device.clone(),
                 peer_addr: identity.peer_addr.clone(),
+                nccl_unique_id: identity.nccl_unique_id.clone(),
             })
             .await
             .map_err(WorkerError::rpc("Register"))?

@@ -10,7 +10,13 @@ fn cfg(min: u32, max: u32) -> JobConfig {
 }
 
 fn info(id: &str) -> WorkerInfo {
-    WorkerInfo { worker_id: id.into(), host: "h".into(), device: "cpu".into(), peer_addr: format!("{id}:1") }
+    WorkerInfo {
+        worker_id: id.into(),
+        host: "h".into(),
+        device: "cpu".into(),
+        peer_addr: format!("{id}:1"),
+        nccl_unique_id: id.as_bytes().to_vec(),
+    }
 }
 
 #[test]
@@ -25,6 +31,11 @@ fn generation_forms_at_min_workers_with_ranks_by_worker_id() {
     assert_eq!((a.rank, b.rank, a.world_size, a.generation), (0, 1, 2, 1));
     assert_eq!(a.peers.iter().map(|p| p.peer_addr.as_str()).collect::<Vec<_>>(), ["a:1", "b:1"]);
     assert!(a.job_config_toml.contains("name = \"t\""));
+    assert_eq!(
+        (a.nccl_unique_id.as_slice(), b.nccl_unique_id.as_slice()),
+        (&b"a"[..], &b"a"[..]),
+        "rank 0's id for all"
+    );
     assert_eq!(s.phase(), &Phase::Running);
 }
 
