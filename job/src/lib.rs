@@ -7,9 +7,11 @@
 //! finally runs [`JobConfig::validate`] for invariants that span fields.
 #![warn(missing_docs)]
 
+mod data;
 mod error;
 mod schema;
 
+pub use data::*;
 pub use error::JobConfigError;
 pub use schema::*;
 

@@ -1,6 +1,7 @@
 //! The schema of a job file. Every field is documented; unknown keys are errors.
 use serde::{Deserialize, Serialize};
 
+use crate::data::DataSection;
 use crate::JobConfigError;
 
 /// A whole job: one multi-task training run over one or more workers.
@@ -18,6 +19,9 @@ pub struct JobConfig {
     /// The optimisation schedule.
     #[serde(default)]
     pub train: TrainSection,
+    /// The dataset, its loader and augmentation.
+    #[serde(default)]
+    pub data: DataSection,
 }
 
 /// `[job]`
@@ -144,6 +148,7 @@ impl JobConfig {
         if !(t.lr.is_finite() && t.lr > 0.0) {
             return Err(invalid("train.lr", format!("must be a positive number, got {}", t.lr)));
         }
+        self.data.validate()?;
         Ok(())
     }
 }

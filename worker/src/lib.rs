@@ -4,6 +4,7 @@
 //! `device` (device selection), `smoke` (the one-step trainer used by `worker run`).
 #![warn(missing_docs)]
 
+pub mod data;
 pub mod device;
 mod error;
 pub mod session;
