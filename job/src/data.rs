@@ -185,3 +185,49 @@ impl DataSection {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::{DataFormat, JobConfig, JobConfigError};
+
+    fn load(data: &str) -> Result<JobConfig, JobConfigError> {
+        let text = format!("[job]\nname = \"a\"\n{data}");
+        JobConfig::from_toml(&text)
+    }
+
+    fn invalid_key(data: &str) -> String {
+        match load(data).unwrap_err() {
+            JobConfigError::Invalid { key, .. } | JobConfigError::UnknownKey { key, .. } => key,
+            other => panic!("unexpected error {other}"),
+        }
+    }
+
+    #[test]
+    fn defaults_are_valid_and_sections_parse() {
+        let cfg = load("").unwrap();
+        assert_eq!(
+            (cfg.data.format, cfg.data.image_size, cfg.data.loader_threads),
+            (DataFormat::Synthetic, 64, 2)
+        );
+        let cfg = load(
+            "[data]\nformat = \"coco\"\ntrain = \"a.json\"\nclass_rule = \"presence\"\n[data.augment]\nhflip_prob = 0.0\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.data.class_rule, crate::ClassRule::Presence);
+        assert_eq!(cfg.data.augment.hflip_prob, 0.0);
+        assert_eq!(cfg.data.augment.scale_max, 1.25);
+        assert_eq!(JobConfig::from_toml(&cfg.to_toml()).unwrap(), cfg);
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        assert_eq!(invalid_key("[data]\nformat = \"parquet\"\n"), "data.format");
+        assert_eq!(invalid_key("[data.augment]\nhflip_prob = 2.0\n"), "data.augment.hflip_prob");
+        assert_eq!(invalid_key("[data.augment]\nscale_min = 1.5\n"), "data.augment.scale_max");
+        assert_eq!(invalid_key("[data.augment]\nblur = 1\n"), "data.augment.blur");
+        assert_eq!(invalid_key("[data]\nval = \"v.jsonl\"\n"), "data.val");
+        assert_eq!(invalid_key("[data]\nloader_threads = 0\n"), "data.loader_threads");
+        assert_eq!(invalid_key("[data]\nformat = \"jsonl\"\ntrain = \"\"\n"), "data.train");
+        assert_eq!(invalid_key("[data]\nsynthetic_val_fraction = 1.0\n"), "data.synthetic_val_fraction");
+    }
+}

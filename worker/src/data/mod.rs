@@ -70,3 +70,6 @@ pub fn open_dataset(data: &DataSection, split: Split, seed: u64) -> Result<Optio
     tracing::info!(path = %path.display(), samples = dataset.samples.len(), "dataset opened");
     Ok(Some(dataset))
 }
+
+#[cfg(test)]
+mod tests;

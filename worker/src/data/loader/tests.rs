@@ -142,3 +142,33 @@ fn unknown_ids_and_zero_sizes_are_errors() {
     assert!(err.to_string().contains("sample id 9"), "{err}");
     assert!(Loader::new(ds, &[0], cfg(0, 1, AugmentConfig::eval(16))).is_err());
 }
+
+/// Loader throughput (decode + augment + collate) on 128 px synthetic images; numbers go to
+/// docs/PERFORMANCE.md. Run: `cargo test --release -p mtl-worker --lib loader_throughput -- --ignored --nocapture`.
+#[test]
+#[ignore = "benchmark: run in release by hand"]
+fn loader_throughput() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = 512;
+    generate(dir.path(), &SyntheticConfig { n, size: 128, seed: 0, val_fraction: 0.0 }).unwrap();
+    let ds = Arc::new(read_manifest(&dir.path().join("train.jsonl")).unwrap());
+    let ids = ds.ids();
+    let data = mtl_job::DataSection { image_size: 128, ..mtl_job::DataSection::default() };
+    for threads in [1, 2] {
+        for (mode, train) in [("train", true), ("eval", false)] {
+            let mut best = 0.0f64;
+            for epoch in 0..3 {
+                let c = LoaderConfig {
+                    threads,
+                    prefetch_batches: 4,
+                    ..LoaderConfig::from_section(&data, 32, train, 0, epoch)
+                };
+                let start = std::time::Instant::now();
+                let images: usize =
+                    Loader::new(ds.clone(), &ids, c).unwrap().map(|b| b.unwrap().ids.len()).sum();
+                best = best.max(images as f64 / start.elapsed().as_secs_f64());
+            }
+            eprintln!("loader_throughput mode={mode} threads={threads} images_per_s={best:.0}");
+        }
+    }
+}
