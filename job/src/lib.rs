@@ -7,11 +7,13 @@
 //! finally runs [`JobConfig::validate`] for invariants that span fields.
 #![warn(missing_docs)]
 
+mod data;
 mod error;
 mod model;
 mod optim;
 mod schema;
 
+pub use data::*;
 pub use error::JobConfigError;
 pub use model::*;
 pub use optim::*;

@@ -1,6 +1,7 @@
 //! The schema of a job file. Every field is documented; unknown keys are errors.
 use serde::{Deserialize, Serialize};
 
+use crate::data::DataSection;
 use crate::model::{ModelSection, TasksSection};
 use crate::{JobConfigError, OptimizerKind, WeightingSection};
 
@@ -19,6 +20,9 @@ pub struct JobConfig {
     /// The optimisation schedule.
     #[serde(default)]
     pub train: TrainSection,
+    /// The dataset, its loader and augmentation.
+    #[serde(default)]
+    pub data: DataSection,
     /// The network: backbone, normalisation, FPN width, pretrained weights.
     #[serde(default)]
     pub model: ModelSection,
@@ -186,6 +190,7 @@ impl JobConfig {
         if !(t.lr.is_finite() && t.lr > 0.0) {
             return Err(invalid("train.lr", format!("must be a positive number, got {}", t.lr)));
         }
+        self.data.validate()?;
         self.model.validate()?;
         self.tasks.validate()?;
         t.validate_optim()?;

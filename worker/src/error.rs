@@ -76,6 +76,38 @@ pub enum WorkerError {
         /// The coordinator's reason.
         reason: String,
     },
+    /// An annotation file (COCO JSON, JSONL manifest, dataset info) is malformed.
+    #[error("{path}: {location}: {message}")]
+    Annotation {
+        /// The annotation file.
+        path: std::path::PathBuf,
+        /// Where in the file: `line 3, field boxes[1]` or `annotations[5].bbox`.
+        location: String,
+        /// What is wrong and what was expected.
+        message: String,
+    },
+    /// A dataset file or directory could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// An image could not be encoded or written (`gen-data`).
+    #[error("cannot write image {path}: {source}")]
+    ImageWrite {
+        /// The image file.
+        path: std::path::PathBuf,
+        /// Why.
+        source: image::ImageError,
+    },
+    /// The loader was asked for something the dataset cannot give.
+    #[error("data loader: {message}")]
+    Loader {
+        /// What is wrong.
+        message: String,
+    },
 }
 
 impl WorkerError {

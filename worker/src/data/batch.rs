@@ -1,63 +1,140 @@
-//! The batch contract between the data loader and the model (placeholder; the data branch's
-//! version replaces this file at merge).
+//! The shared data contract: what the loader hands to the training step and what a dataset
+//! says about its label spaces. Every task is labelled (or not) per sample.
 use tch::Tensor;
 
-/// One ground-truth box in pixel coordinates of the (augmented) network input, corners (x1,y1,x2,y2).
+/// One ground-truth box in pixel coordinates of the (augmented) network input, corners
+/// (x1, y1, x2, y2).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct GtBox {
-    /// Left edge.
+    /// Left edge in pixels.
     pub x1: f32,
-    /// Top edge.
+    /// Top edge in pixels.
     pub y1: f32,
-    /// Right edge.
+    /// Right edge in pixels.
     pub x2: f32,
-    /// Bottom edge.
+    /// Bottom edge in pixels.
     pub y2: f32,
-    /// 0-based contiguous category.
+    /// 0-based contiguous detection category (index into `DatasetInfo::det_categories`).
     pub category: u32,
-    /// A crowd region: not a training target.
+    /// A COCO crowd region: neither a positive nor a negative for detection.
     pub iscrowd: bool,
 }
 
-/// Image-level class targets.
+/// Image-level class targets of a batch.
 #[derive(Debug)]
 pub enum ClassTarget {
-    /// `[B]` i64, -1 = unlabelled.
+    /// Single-label: `[B]` i64 class index, -1 where unlabelled.
     Single(Tensor),
-    /// `[B,C]` f32 0/1.
+    /// Multi-label: `[B, C]` f32 0/1 (all 0 where unlabelled; see `Batch::class_labelled`).
     Multi(Tensor),
 }
 
-/// A batch of samples with per-task labels and per-sample "labelled" flags.
+/// One training or evaluation batch, all tensors on the CPU.
 #[derive(Debug)]
 pub struct Batch {
-    /// Sample ids.
+    /// Sample ids, in the order of the shard.
     pub ids: Vec<u64>,
-    /// `[B,3,H,W]` f32, normalised with ImageNet mean/std, CPU.
+    /// `[B, 3, H, W]` f32, normalised with the ImageNet mean and std.
     pub images: Tensor,
-    /// Class targets.
+    /// Image-level class targets.
     pub class_target: ClassTarget,
-    /// `[B]` bool: sample has a class label.
+    /// `[B]` bool: the sample has a class label.
     pub class_labelled: Tensor,
-    /// Boxes per image.
+    /// Ground-truth boxes per image.
     pub boxes: Vec<Vec<GtBox>>,
-    /// Detection labels present (a labelled image may have 0 boxes).
+    /// Detection labels present per image (a labelled image may have 0 boxes).
     pub boxes_labelled: Vec<bool>,
-    /// `[B,H,W]` i64 with 255 = ignore (all 255 where unlabelled).
+    /// `[B, H, W]` i64 class ids, 255 = ignore (all 255 where unlabelled).
     pub mask_target: Tensor,
-    /// `[B]` bool.
+    /// `[B]` bool: the sample has a segmentation mask.
     pub mask_labelled: Tensor,
 }
 
 /// What a dataset says about its label spaces.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct DatasetInfo {
     /// Classification classes.
     pub class_names: Vec<String>,
-    /// Classification is multi-label.
+    /// Classification is multi-label (sigmoid) rather than single-label (softmax).
     pub multi_label: bool,
-    /// Original (COCO) id and name; index = contiguous category.
+    /// Detection categories, (original id, name); the index is the contiguous category.
     pub det_categories: Vec<(u64, String)>,
-    /// Index = class id in masks; 0 is background.
+    /// Segmentation classes; the index is the class id in masks, 0 is background.
     pub seg_classes: Vec<String>,
+}
+
+/// The mask value that losses and metrics ignore.
+pub const IGNORE_INDEX: u8 = 255;
+
+/// ImageNet per-channel mean (RGB, 0..1), used to normalise images.
+pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+/// ImageNet per-channel standard deviation (RGB, 0..1).
+pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
+
+/// One sample after decoding and augmentation, ready to be stacked into a [`Batch`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Prepared {
+    /// Sample id.
+    pub id: u64,
+    /// The augmented image, boxes and mask.
+    pub sample: super::augment::Augmented,
+    /// Image-level class, if labelled.
+    pub class: Option<super::sample::ClassLabel>,
+    /// Detection labels present.
+    pub boxes_labelled: bool,
+}
+
+impl Batch {
+    /// Stacks prepared samples of one `size × size` resolution (an empty slice gives B = 0).
+    pub fn collate(items: &[Prepared], info: &DatasetInfo, size: usize) -> Result<Batch, tch::TchError> {
+        use super::sample::ClassLabel;
+        let b = items.len() as i64;
+        let s = size as i64;
+        let pixels: Vec<f32> = items.iter().flat_map(|p| p.sample.image.iter().copied()).collect();
+        let images = Tensor::f_from_slice(&pixels)?.f_view([b, 3, s, s])?;
+        let class_target = if info.multi_label {
+            let c = info.class_names.len();
+            let mut hot = vec![0f32; items.len() * c];
+            for (i, p) in items.iter().enumerate() {
+                let classes: &[u32] = match &p.class {
+                    Some(ClassLabel::Multi(v)) => v,
+                    Some(ClassLabel::Single(k)) => std::slice::from_ref(k),
+                    None => &[],
+                };
+                for &k in classes.iter().filter(|&&k| (k as usize) < c) {
+                    hot[i * c + k as usize] = 1.0;
+                }
+            }
+            ClassTarget::Multi(Tensor::f_from_slice(&hot)?.f_view([b, c as i64])?)
+        } else {
+            let labels: Vec<i64> = items
+                .iter()
+                .map(|p| match &p.class {
+                    Some(ClassLabel::Single(k)) => i64::from(*k),
+                    _ => -1,
+                })
+                .collect();
+            ClassTarget::Single(Tensor::f_from_slice(&labels)?)
+        };
+        let class_labelled: Vec<bool> = items.iter().map(|p| p.class.is_some()).collect();
+        let mask_labelled: Vec<bool> = items.iter().map(|p| p.sample.mask.is_some()).collect();
+        let mut masks = vec![i64::from(IGNORE_INDEX); items.len() * size * size];
+        for (i, p) in items.iter().enumerate() {
+            if let Some(m) = &p.sample.mask {
+                for (dst, &src) in masks[i * size * size..(i + 1) * size * size].iter_mut().zip(m) {
+                    *dst = i64::from(src);
+                }
+            }
+        }
+        Ok(Batch {
+            ids: items.iter().map(|p| p.id).collect(),
+            images,
+            class_target,
+            class_labelled: Tensor::f_from_slice(&class_labelled)?,
+            boxes: items.iter().map(|p| p.sample.boxes.clone()).collect(),
+            boxes_labelled: items.iter().map(|p| p.boxes_labelled).collect(),
+            mask_target: Tensor::f_from_slice(&masks)?.f_view([b, s, s])?,
+            mask_labelled: Tensor::f_from_slice(&mask_labelled)?,
+        })
+    }
 }

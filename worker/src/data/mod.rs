@@ -1,2 +1,75 @@
-//! Training data. Placeholder holding only the batch contract; the data branch replaces it.
+//! Data: datasets on disk, joint augmentation and the prefetching loader.
+//!
+//! Layout: `sample` (annotation records), `jsonl`, `coco` and `synthetic` (the three formats,
+//! each giving a [`Dataset`]), `rle` (COCO polygon/RLE rasterisation), `augment` (joint
+//! geometry + colour jitter), `loader` (thread pool, ordered batches) and `batch` (the
+//! [`Batch`] contract with the training step). Malformed annotation files fail when the
+//! dataset is opened; unreadable images are skipped by the loader.
+pub mod augment;
 pub mod batch;
+pub mod coco;
+pub mod jsonl;
+pub mod loader;
+pub mod rle;
+mod rng;
+pub mod sample;
+pub mod synthetic;
+#[cfg(test)]
+mod testutil;
+
+use std::path::Path;
+
+use mtl_job::{DataFormat, DataSection};
+
+pub use augment::{AugmentConfig, Augmented};
+pub use batch::{Batch, ClassTarget, DatasetInfo, GtBox};
+pub use loader::{Loader, LoaderConfig, LoaderSummary};
+pub use sample::{BoxLabel, ClassLabel, Dataset, MaskSource, SampleRecord};
+
+use crate::WorkerError;
+
+/// Which split of the dataset to open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Split {
+    /// `data.train`.
+    Train,
+    /// `data.val`.
+    Val,
+}
+
+/// Opens a split as `[data]` describes it, generating the synthetic dataset first if needed.
+/// `Ok(None)` when the split is not configured (an empty `data.val`). `seed` is `job.seed`.
+pub fn open_dataset(data: &DataSection, split: Split, seed: u64) -> Result<Option<Dataset>, WorkerError> {
+    let path = match (data.format, split) {
+        (DataFormat::Synthetic, _) => {
+            let cfg = synthetic::SyntheticConfig {
+                n: data.synthetic_n,
+                size: data.synthetic_size,
+                seed,
+                val_fraction: data.synthetic_val_fraction,
+            };
+            synthetic::ensure(&data.train, &cfg)?;
+            let name = if split == Split::Train { "train.jsonl" } else { "val.jsonl" };
+            data.train.join(name)
+        }
+        (_, Split::Train) => data.train.clone(),
+        (_, Split::Val) if data.val.as_os_str().is_empty() => return Ok(None),
+        (_, Split::Val) => data.val.clone(),
+    };
+    let dataset = match data.format {
+        DataFormat::Synthetic | DataFormat::Jsonl => jsonl::read_manifest(&path)?,
+        DataFormat::Coco => {
+            let root = if data.image_root.as_os_str().is_empty() {
+                path.parent().unwrap_or(Path::new("")).to_owned()
+            } else {
+                data.image_root.clone()
+            };
+            coco::read_coco(&path, &root, data.class_rule)?
+        }
+    };
+    tracing::info!(path = %path.display(), samples = dataset.samples.len(), "dataset opened");
+    Ok(Some(dataset))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,252 @@
+//! Joint augmentation: one random geometry (horizontal flip, scale, crop or pad to a square
+//! `image_size`) applied to the image (bilinear), its boxes and its mask (nearest neighbour,
+//! padding = 255 ignore), then colour jitter on the image alone.
+//!
+//! The randomness of a sample is keyed only by (seed, epoch, sample id), so the same sample
+//! is augmented identically whichever rank or thread loads it. Evaluation mode letterboxes
+//! (scale the longer side to `image_size`, centre, pad) with no randomness.
+use image::RgbImage;
+use mtl_job::DataSection;
+
+use super::batch::{GtBox, IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD};
+use super::rng::Rng;
+use super::sample::BoxLabel;
+
+/// How samples are transformed into network inputs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AugmentConfig {
+    /// Side of the square output in pixels.
+    pub image_size: u32,
+    /// Random augmentation (training) or deterministic letterbox (evaluation).
+    pub random: bool,
+    /// Probability of a horizontal flip.
+    pub hflip_prob: f64,
+    /// Random scale range relative to the letterboxed size.
+    pub scale_min: f64,
+    /// Upper end of the scale range.
+    pub scale_max: f64,
+    /// Brightness factor drawn from [1 - b, 1 + b].
+    pub brightness: f64,
+    /// Contrast factor drawn from [1 - c, 1 + c].
+    pub contrast: f64,
+    /// Saturation factor drawn from [1 - s, 1 + s].
+    pub saturation: f64,
+}
+
+impl AugmentConfig {
+    /// Training augmentation from `[data]` and `[data.augment]`.
+    pub fn train(data: &DataSection) -> Self {
+        let a = &data.augment;
+        Self {
+            image_size: data.image_size,
+            random: true,
+            hflip_prob: a.hflip_prob,
+            scale_min: a.scale_min,
+            scale_max: a.scale_max,
+            brightness: a.brightness,
+            contrast: a.contrast,
+            saturation: a.saturation,
+        }
+    }
+
+    /// Deterministic letterbox to `image_size` for evaluation.
+    pub fn eval(image_size: u32) -> Self {
+        Self {
+            image_size,
+            random: false,
+            hflip_prob: 0.0,
+            scale_min: 1.0,
+            scale_max: 1.0,
+            brightness: 0.0,
+            contrast: 0.0,
+            saturation: 0.0,
+        }
+    }
+}
+
+/// One transformed sample.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Augmented {
+    /// `3 × S × S` f32, normalised with the ImageNet mean and std (padding is 0).
+    pub image: Vec<f32>,
+    /// Boxes in output pixels, clipped; those left under 1 px wide or high are dropped.
+    pub boxes: Vec<GtBox>,
+    /// `S × S` class ids (row-major), 255 in padding; `None` when the input had no mask.
+    pub mask: Option<Vec<u8>>,
+}
+
+/// Where the source image lands in the output: `u = x' * k + tx` with `x' = W - x` if flipped.
+#[derive(Debug, Clone, Copy)]
+struct Geometry {
+    flip: bool,
+    k: f64,
+    tx: f64,
+    ty: f64,
+}
+
+struct Jitter {
+    brightness: f32,
+    contrast: f32,
+    saturation: f32,
+}
+
+fn draw(cfg: &AugmentConfig, w: u32, h: u32, rng: &mut Rng) -> (Geometry, Jitter) {
+    let size = f64::from(cfg.image_size);
+    let base = size / f64::from(w.max(h));
+    // Every draw happens in a fixed order whatever the config, so streams stay aligned.
+    let flip = rng.chance(cfg.hflip_prob);
+    let k = base * rng.range(cfg.scale_min, cfg.scale_max);
+    let (u_x, u_y) = (rng.unit(), rng.unit());
+    let mut factor = |amount: f64| rng.range(1.0 - amount, 1.0 + amount) as f32;
+    let jitter = Jitter {
+        brightness: factor(cfg.brightness),
+        contrast: factor(cfg.contrast),
+        saturation: factor(cfg.saturation),
+    };
+    // Slack >= 0 pads (offset in [0, slack]); slack < 0 crops (offset in [slack, 0]).
+    let place = |extent: f64, u: f64| {
+        let slack = size - extent;
+        if cfg.random {
+            u * slack
+        } else {
+            slack / 2.0
+        }
+    };
+    let geometry = Geometry { flip, k, tx: place(f64::from(w) * k, u_x), ty: place(f64::from(h) * k, u_y) };
+    (geometry, jitter)
+}
+
+/// Per output column (or row): the source sample position, if inside the image.
+struct Tap {
+    nearest: usize,
+    lo: usize,
+    hi: usize,
+    frac: f32,
+}
+
+fn taps(out: u32, src: u32, k: f64, t: f64, flip: bool) -> Vec<Option<Tap>> {
+    (0..out)
+        .map(|u| {
+            let mut x = (f64::from(u) + 0.5 - t) / k;
+            if flip {
+                x = f64::from(src) - x;
+            }
+            if !(0.0..f64::from(src)).contains(&x) {
+                return None;
+            }
+            let c = (x - 0.5).clamp(0.0, f64::from(src - 1));
+            let lo = c.floor() as usize;
+            Some(Tap {
+                nearest: x.floor() as usize,
+                lo,
+                hi: (lo + 1).min(src as usize - 1),
+                frac: (c - lo as f64) as f32,
+            })
+        })
+        .collect()
+}
+
+/// Transforms one sample. `mask` (row-major, the image's size) and `boxes` are optional.
+pub fn augment(
+    image: &RgbImage,
+    boxes: &[BoxLabel],
+    mask: Option<&[u8]>,
+    cfg: &AugmentConfig,
+    key: [u64; 3],
+) -> Augmented {
+    let (w, h) = image.dimensions();
+    let s = cfg.image_size as usize;
+    let mut rng = Rng::from_key(&key);
+    let (g, jitter) = draw(cfg, w, h, &mut rng);
+    let cols = taps(cfg.image_size, w, g.k, g.tx, g.flip);
+    let rows = taps(cfg.image_size, h, g.k, g.ty, false);
+
+    // Geometry: bilinear RGB in [0, 1], NaN marks padding.
+    let raw = image.as_raw();
+    let px = |x: usize, y: usize, c: usize| f32::from(raw[(y * w as usize + x) * 3 + c]) / 255.0;
+    let mut rgb = vec![f32::NAN; s * s * 3];
+    for (v, row) in rows.iter().enumerate() {
+        let Some(ry) = row else { continue };
+        for (u, col) in cols.iter().enumerate() {
+            let Some(cx) = col else { continue };
+            for c in 0..3 {
+                let top = px(cx.lo, ry.lo, c) * (1.0 - cx.frac) + px(cx.hi, ry.lo, c) * cx.frac;
+                let bottom = px(cx.lo, ry.hi, c) * (1.0 - cx.frac) + px(cx.hi, ry.hi, c) * cx.frac;
+                rgb[(v * s + u) * 3 + c] = top * (1.0 - ry.frac) + bottom * ry.frac;
+            }
+        }
+    }
+    if cfg.random {
+        colour_jitter(&mut rgb, &jitter);
+    }
+    let mut out = vec![0f32; 3 * s * s];
+    for p in 0..s * s {
+        for c in 0..3 {
+            let value = rgb[p * 3 + c];
+            out[c * s * s + p] =
+                if value.is_nan() { 0.0 } else { (value - IMAGENET_MEAN[c]) / IMAGENET_STD[c] };
+        }
+    }
+
+    let mask = mask.map(|m| {
+        let mut target = vec![IGNORE_INDEX; s * s];
+        for (v, row) in rows.iter().enumerate() {
+            let Some(ry) = row else { continue };
+            for (u, col) in cols.iter().enumerate() {
+                if let Some(cx) = col {
+                    target[v * s + u] = m[ry.nearest * w as usize + cx.nearest];
+                }
+            }
+        }
+        target
+    });
+
+    let size = s as f32;
+    let boxes = boxes
+        .iter()
+        .filter_map(|b| {
+            let (mut x1, mut x2) = (f64::from(b.x), f64::from(b.x + b.w));
+            if g.flip {
+                (x1, x2) = (f64::from(w) - x2, f64::from(w) - x1);
+            }
+            let map = |x: f64, t: f64| ((x * g.k + t) as f32).clamp(0.0, size);
+            let gt = GtBox {
+                x1: map(x1, g.tx),
+                x2: map(x2, g.tx),
+                y1: map(f64::from(b.y), g.ty),
+                y2: map(f64::from(b.y + b.h), g.ty),
+                category: b.category,
+                iscrowd: b.iscrowd,
+            };
+            (gt.x2 - gt.x1 >= 1.0 && gt.y2 - gt.y1 >= 1.0).then_some(gt)
+        })
+        .collect();
+    Augmented { image: out, boxes, mask }
+}
+
+/// Brightness, then contrast (around the mean grey), then saturation (around each pixel's
+/// grey), over the non-padding pixels, clamped to [0, 1].
+fn colour_jitter(rgb: &mut [f32], j: &Jitter) {
+    let grey = |p: &[f32]| 0.299 * p[0] + 0.587 * p[1] + 0.114 * p[2];
+    let (mut sum, mut n) = (0.0f64, 0usize);
+    for p in rgb.chunks_exact_mut(3).filter(|p| !p[0].is_nan()) {
+        for v in p.iter_mut() {
+            *v = (*v * j.brightness).clamp(0.0, 1.0);
+        }
+        sum += f64::from(grey(p));
+        n += 1;
+    }
+    let mean = if n > 0 { (sum / n as f64) as f32 } else { 0.0 };
+    for p in rgb.chunks_exact_mut(3).filter(|p| !p[0].is_nan()) {
+        for v in p.iter_mut() {
+            *v = ((*v - mean) * j.contrast + mean).clamp(0.0, 1.0);
+        }
+        let g = grey(p);
+        for v in p.iter_mut() {
+            *v = ((*v - g) * j.saturation + g).clamp(0.0, 1.0);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

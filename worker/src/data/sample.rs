@@ -1,0 +1,90 @@
+//! Annotation records as read from disk, before any pixel is decoded.
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use super::batch::DatasetInfo;
+use super::rle::Segmentation;
+
+/// An image-level class label.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClassLabel {
+    /// One class index.
+    Single(u32),
+    /// The set of classes present (sorted, distinct).
+    Multi(Vec<u32>),
+}
+
+/// One box in the original image's pixels, COCO style (x, y, width, height).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BoxLabel {
+    /// Left edge.
+    pub x: f32,
+    /// Top edge.
+    pub y: f32,
+    /// Width.
+    pub w: f32,
+    /// Height.
+    pub h: f32,
+    /// 0-based contiguous detection category.
+    pub category: u32,
+    /// A crowd region.
+    pub iscrowd: bool,
+    /// Object area in pixels (the COCO `area`; w*h where the source has none).
+    pub area: f32,
+}
+
+/// Where a sample's semantic mask comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum MaskSource {
+    /// A PNG of class ids (255 = ignore).
+    Png(PathBuf),
+    /// Instance shapes painted in order onto a background of 0.
+    Instances(InstanceMasks),
+}
+
+/// Instance segmentations of one image, rasterised into a semantic mask on load.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InstanceMasks {
+    /// Image width in pixels.
+    pub width: u32,
+    /// Image height in pixels.
+    pub height: u32,
+    /// (value to paint, shape) in annotation order; later ones paint over earlier ones.
+    pub shapes: Vec<(u8, Segmentation)>,
+}
+
+/// One sample: an image and whatever labels it has. `None` = that task is unlabelled.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SampleRecord {
+    /// Stable sample id (the coordinator shards by it; augmentation is keyed by it).
+    pub id: u64,
+    /// The image file.
+    pub image: PathBuf,
+    /// Image-level class.
+    pub class: Option<ClassLabel>,
+    /// Boxes (`Some(vec![])` = labelled, no objects).
+    pub boxes: Option<Vec<BoxLabel>>,
+    /// Semantic mask.
+    pub mask: Option<MaskSource>,
+}
+
+/// A whole split: label spaces and samples.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Dataset {
+    /// Label spaces.
+    pub info: DatasetInfo,
+    /// Samples in file order; ids are distinct.
+    pub samples: Vec<SampleRecord>,
+}
+
+impl Dataset {
+    /// Sample ids in file order.
+    pub fn ids(&self) -> Vec<u64> {
+        self.samples.iter().map(|s| s.id).collect()
+    }
+
+    /// Map from sample id to its index in `samples`.
+    pub fn index_by_id(&self) -> HashMap<u64, usize> {
+        self.samples.iter().enumerate().map(|(i, s)| (s.id, i)).collect()
+    }
+}
