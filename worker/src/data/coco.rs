@@ -232,6 +232,13 @@ fn parse_segmentation(
                     format!("expected a polygon [x0, y0, x1, y1, ...], got {}", short(p)),
                 )
             })?;
+            let limit = 4.0 * f64::from(height.max(width));
+            if let Some(v) = xy.iter().find(|v| v.abs() > limit) {
+                return Err(cx.bad(
+                    format!("{at}[{j}]"),
+                    format!("coordinate {v} is far outside the {width}x{height} image"),
+                ));
+            }
             if !xy.is_empty() {
                 out.push(xy);
             }

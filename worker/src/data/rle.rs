@@ -81,11 +81,15 @@ impl Rle {
     }
 
     /// Rasterises one polygon exactly as pycocotools' `rleFrPoly` does (upsampled ×5
-    /// boundary, pixel centres inside the polygon are set).
+    /// boundary, pixel centres inside the polygon are set). Work grows with the distance
+    /// between vertices: callers bound the coordinates (see `coco::read_coco`).
     pub fn from_polygon(xy: &[f64], height: u32, width: u32) -> Self {
         let (h, w) = (i64::from(height), i64::from(width));
         let scale = 5.0;
         let k = xy.len() / 2;
+        if k == 0 {
+            return Self { height, width, counts: vec![height * width] };
+        }
         let mut x: Vec<i64> = (0..k).map(|j| (scale * xy[2 * j] + 0.5) as i64).collect();
         let mut y: Vec<i64> = (0..k).map(|j| (scale * xy[2 * j + 1] + 0.5) as i64).collect();
         x.push(x[0]);

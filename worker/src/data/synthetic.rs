@@ -1,9 +1,11 @@
 //! The built-in synthetic dataset: shapes (circle, square, triangle, cross, ring) in random
-//! colours on textured backgrounds (noise, stripes, gradients, checks), 1-3 shapes per image,
-//! of varied sizes, rotated and overlapping. Every task is labelled:
+//! colours on textured backgrounds (noise, stripes, gradients, checks), 1-3 shapes per image:
+//! a large one (radius 18-32% of the image) and up to two smaller ones (8-22%) drawn over it,
+//! rotated and overlapping. Every task is labelled:
 //!
-//! - class: the shape class with the largest visible area (summed over its shapes; ties go to
-//!   the lower class index);
+//! - class: the shape class with the largest visible area (summed over its shapes); scenes are
+//!   redrawn until that area is at least [`CLASS_MARGIN`] times the runner-up's, so the class
+//!   is never a near tie;
 //! - boxes: the bounding box of the visible pixels of each shape with at least
 //!   [`MIN_VISIBLE_PX`] visible pixels (category = shape class);
 //! - mask: visible pixels of each shape = class + 1, background 0, the pixels of shapes too
@@ -198,7 +200,25 @@ fn inside(class: u32, x: f64, y: f64) -> bool {
     }
 }
 
+/// Renders scenes until the class is clear: the largest visible class area at least
+/// [`CLASS_MARGIN`] times the second (after 20 tries the last scene is kept).
 fn render(size: u32, rng: &mut Rng) -> Scene {
+    let mut tries = 0;
+    loop {
+        let (scene, area) = render_once(size, rng);
+        let mut sorted = area;
+        sorted.sort_unstable_by(|a, b| b.cmp(a));
+        tries += 1;
+        if sorted[0] as f64 >= CLASS_MARGIN * sorted[1] as f64 || tries == 20 {
+            return scene;
+        }
+    }
+}
+
+/// The largest visible class area is at least this many times the second largest.
+pub const CLASS_MARGIN: f64 = 1.5;
+
+fn render_once(size: u32, rng: &mut Rng) -> (Scene, [usize; SHAPES.len()]) {
     let n = size as usize;
     let mut rgb = background(size, rng);
     let bg_mean: [f64; 3] = std::array::from_fn(|i| rgb.iter().map(|p| p[i]).sum::<f64>() / rgb.len() as f64);
@@ -207,7 +227,8 @@ fn render(size: u32, rng: &mut Rng) -> Scene {
     let mut classes = Vec::with_capacity(count);
     for shape in 0..count {
         let class = rng.below(SHAPES.len() as u64) as u32;
-        let r = f64::from(size) * rng.range(0.10, 0.28);
+        // The first shape is large, the others (drawn over it) are smaller distractors.
+        let r = f64::from(size) * if shape == 0 { rng.range(0.18, 0.32) } else { rng.range(0.08, 0.22) };
         let (cx, cy) =
             (rng.range(r * 0.6, f64::from(size) - r * 0.6), rng.range(r * 0.6, f64::from(size) - r * 0.6));
         let angle = rng.range(0.0, std::f64::consts::TAU);
@@ -263,12 +284,13 @@ fn render(size: u32, rng: &mut Rng) -> Scene {
         .iter()
         .flat_map(|p| p.map(|v| (v + rng.range(-6.0, 6.0)).round().clamp(0.0, 255.0) as u8))
         .collect();
-    Scene {
+    let scene = Scene {
         image: RgbImage::from_raw(size, size, pixels).expect("size matches"),
         mask: GrayImage::from_raw(size, size, mask_px).expect("size matches"),
         boxes,
         class,
-    }
+    };
+    (scene, area)
 }
 
 #[cfg(test)]

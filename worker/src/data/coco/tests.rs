@@ -95,6 +95,10 @@ fn malformed_fields_are_named() {
     assert!(e.contains("annotations[1].segmentation.counts") && e.contains("sum to 17"), "{e}");
     let e = error_with(|d| d["annotations"][2]["segmentation"]["size"] = json!([8, 6]));
     assert!(e.contains("annotations[2].segmentation.size"), "{e}");
+    let e = error_with(|d| d["annotations"][0]["segmentation"] = json!([[0, 0, 1e9, 0, 4, 4]]));
+    assert!(e.contains("annotations[0].segmentation[0]") && e.contains("far outside"), "{e}");
+    let e = error_with(|d| d["annotations"][0]["segmentation"] = json!([[0, 0, 1, 0, 4]]));
+    assert!(e.contains("annotations[0].segmentation[0]") && e.contains("polygon"), "{e}");
     let e = error_with(|d| d["annotations"][0]["iscrowd"] = json!(true));
     assert!(e.contains("annotations[0].iscrowd"), "{e}");
     let e = error_with(|d| *d = json!({"images": []}));

@@ -30,6 +30,7 @@ fn hand_made_compressed_strings() {
 #[test]
 fn hand_made_axis_aligned_square_polygon() {
     // pycocotools: frPyObjects([[1,1,4,1,4,4,1,4]], 6, 6) covers pixels 1..=3 in x and y.
+    assert_eq!(Rle::from_polygon(&[], 2, 3).counts, vec![6], "an empty polygon covers nothing");
     let rle = Rle::from_polygon(&[1.0, 1.0, 4.0, 1.0, 4.0, 4.0, 1.0, 4.0], 6, 6);
     let m = mask_of(&rle);
     for y in 0..6 {
