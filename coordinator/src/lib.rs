@@ -8,7 +8,6 @@
 
 mod error;
 mod service;
-pub mod sharding;
 pub mod state;
 pub mod status;
 

@@ -10,7 +10,8 @@ use mtl_proto::v1::{
     ShardResponse, Split, WorkerStatus,
 };
 
-use crate::{sharding, CoordinatorError};
+use crate::CoordinatorError;
+use mtl_job::sharding;
 
 /// Where the job is in its life.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -9,12 +9,15 @@
 
 mod data;
 mod error;
+mod comm;
 mod model;
 mod optim;
 mod schema;
+pub mod sharding;
 
 pub use data::*;
 pub use error::JobConfigError;
+pub use comm::*;
 pub use model::*;
 pub use optim::*;
 pub use schema::*;

@@ -20,6 +20,9 @@ pub struct JobConfig {
     /// The optimisation schedule.
     #[serde(default)]
     pub train: TrainSection,
+    /// How ranks talk to each other.
+    #[serde(default)]
+    pub comm: crate::CommSection,
     /// The dataset, its loader and augmentation.
     #[serde(default)]
     pub data: DataSection,
@@ -130,6 +133,10 @@ pub struct TrainSection {
     pub min_lr_ratio: f64,
     /// Clip the global gradient L2 norm to this value; 0 turns clipping off.
     pub clip_grad_norm: f64,
+    /// Report training losses (averaged over ranks) every this many steps.
+    pub log_every_steps: u64,
+    /// Evaluate on the validation split every this many steps; 0 = only at the end.
+    pub eval_every_steps: u64,
 }
 
 impl Default for TrainSection {
@@ -147,6 +154,8 @@ impl Default for TrainSection {
             warmup_steps: 0,
             min_lr_ratio: 0.0,
             clip_grad_norm: 0.0,
+            log_every_steps: 10,
+            eval_every_steps: 0,
         }
     }
 }
@@ -191,6 +200,7 @@ impl JobConfig {
             return Err(invalid("train.lr", format!("must be a positive number, got {}", t.lr)));
         }
         self.data.validate()?;
+        self.comm.validate()?;
         self.model.validate()?;
         self.tasks.validate()?;
         t.validate_optim()?;

@@ -110,3 +110,21 @@ impl EvalReport {
         map
     }
 }
+
+/// Renders a metrics map (as [`EvalReport::to_map`] gives) as a per-task table.
+pub fn render_table(map: &BTreeMap<String, f64>) -> String {
+    const GROUPS: [(&str, &[&str]); 3] = [
+        ("classification", &["accuracy", "precision", "recall", "F1", "mAP"]),
+        ("detection", &["AP", "AP50", "AP75", "APs", "APm", "APl", "AR100"]),
+        ("segmentation", &["mIoU", "pixel_accuracy"]),
+    ];
+    let mut out = String::new();
+    for (task, keys) in GROUPS {
+        let cells: Vec<String> =
+            keys.iter().filter_map(|k| map.get(*k).map(|v| format!("{k} {v:.4}"))).collect();
+        if !cells.is_empty() {
+            out.push_str(&format!("  {task:<15} {}\n", cells.join("  ")));
+        }
+    }
+    out
+}

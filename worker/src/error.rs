@@ -70,6 +70,12 @@ pub enum WorkerError {
         /// What is wrong.
         message: String,
     },
+    /// Metric statistics could not be accumulated or merged.
+    #[error("metrics: {message}")]
+    Metrics {
+        /// The metrics crate's message.
+        message: String,
+    },
     /// The coordinator told this worker to stop.
     #[error("stopped by the coordinator: {reason}")]
     Stopped {

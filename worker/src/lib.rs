@@ -6,6 +6,7 @@
 #![warn(missing_docs)]
 
 pub mod collective;
+pub mod commands;
 pub mod data;
 pub mod device;
 mod error;
@@ -14,6 +15,7 @@ pub mod optim;
 pub mod session;
 pub mod smoke;
 pub mod tasks;
+pub mod train;
 pub mod weighting;
 
 use std::collections::HashMap;

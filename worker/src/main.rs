@@ -3,6 +3,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use mtl_worker::collective::bench;
+use mtl_worker::commands;
 use mtl_worker::data::synthetic::{generate, SyntheticConfig};
 use mtl_worker::session::Identity;
 use mtl_worker::RunConfig;
@@ -56,6 +57,51 @@ enum Command {
         /// A transfer that makes no progress for this long fails.
         #[arg(long, default_value_t = 30_000)]
         timeout_ms: u64,
+    },
+    /// Train without a coordinator: the whole job in this process (world size 1).
+    ///
+    /// Evaluates the untrained model, every `train.eval_every_steps` and at the end, printing a
+    /// per-task table (or one JSON object with --json); saves the model with --out.
+    Train {
+        /// Required: run without a coordinator (distributed training is `worker run`).
+        #[arg(long, required = true)]
+        standalone: bool,
+        /// The job file (TOML).
+        #[arg(long, short)]
+        config: std::path::PathBuf,
+        /// Override any config key: --set train.steps=100 (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+        /// Device: `cpu` or `cuda:N`.
+        #[arg(long, env = "MTL_DEVICE", default_value = "cpu")]
+        device: String,
+        /// Save the trained model (a checkpoint directory) here.
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+        /// Print the final metrics as one JSON object on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Evaluate a checkpoint on its job's validation split, or score a COCO results file.
+    ///
+    /// Either --checkpoint DIR, or --gt COCO.json with --detections RESULTS.json (scored
+    /// exactly as pycocotools' COCOeval for bbox).
+    Eval {
+        /// A checkpoint directory written by `worker train --out`.
+        #[arg(long, conflicts_with_all = ["gt", "detections"], required_unless_present = "gt")]
+        checkpoint: Option<std::path::PathBuf>,
+        /// COCO instances ground truth.
+        #[arg(long, requires = "detections")]
+        gt: Option<std::path::PathBuf>,
+        /// COCO results (a list of {image_id, category_id, bbox, score}).
+        #[arg(long, requires = "gt")]
+        detections: Option<std::path::PathBuf>,
+        /// Device for --checkpoint: `cpu` or `cuda:N`.
+        #[arg(long, env = "MTL_DEVICE", default_value = "cpu")]
+        device: String,
+        /// Print one JSON object (keys as pycocotools' stats: AP, AP50, ...; mIoU; accuracy, F1).
+        #[arg(long)]
+        json: bool,
     },
     /// Generate a dataset on disk.
     GenData {
@@ -131,6 +177,23 @@ fn main() -> ExitCode {
             };
             bench::run(&cfg).map_err(mtl_worker::WorkerError::from)
         }
+        Command::Train { standalone: _, config, overrides, device, out, json } => {
+            match mtl_job::JobConfig::load(Some(&config), &overrides, std::env::vars()) {
+                Ok(cfg) => mtl_worker::device::parse_device(&device)
+                    .and_then(|d| commands::train_standalone(&cfg, d, out.as_deref(), json)),
+                Err(err) => {
+                    eprintln!("error: {err}");
+                    return ExitCode::from(2);
+                }
+            }
+        }
+        Command::Eval { checkpoint, gt, detections, device, json } => match (checkpoint, gt, detections) {
+            (Some(dir), _, _) => {
+                mtl_worker::device::parse_device(&device).and_then(|d| commands::eval_checkpoint(&dir, d, json))
+            }
+            (None, Some(gt), Some(dets)) => commands::eval_files(&gt, &dets, json),
+            _ => unreachable!("clap requires --checkpoint or --gt with --detections"),
+        },
         Command::GenData { kind: GenData::Shapes { out, n, size, seed, val_fraction } } => {
             let cfg = SyntheticConfig { n, size, seed, val_fraction };
             generate(&out, &cfg)

@@ -1,0 +1,61 @@
+//! `[comm]`: how data-parallel ranks talk to each other.
+use serde::{Deserialize, Serialize};
+
+use crate::JobConfigError;
+
+/// The collective backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Backend {
+    /// NCCL for CUDA devices, the TCP ring for CPU.
+    Auto,
+    /// The CPU TCP ring (reduce-scatter + all-gather).
+    Ring,
+    /// NCCL (CUDA tensors only).
+    Nccl,
+}
+
+/// `[comm]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CommSection {
+    /// Collective backend: "auto" (from the device), "ring" or "nccl".
+    pub backend: Backend,
+    /// Gradients are packed into flat buckets of about this many bytes per all-reduce.
+    pub bucket_bytes: u64,
+    /// A collective transfer that makes no progress for this long fails (steady state).
+    pub timeout_ms: u64,
+    /// Bound on connecting to peers when a generation starts (peers start at different times).
+    pub setup_timeout_ms: u64,
+    /// Host or IP the worker binds for ring traffic and advertises to its peers.
+    pub peer_host: String,
+}
+
+impl Default for CommSection {
+    fn default() -> Self {
+        Self {
+            backend: Backend::Auto,
+            bucket_bytes: 25 << 20,
+            timeout_ms: 60_000,
+            setup_timeout_ms: 300_000,
+            peer_host: "127.0.0.1".into(),
+        }
+    }
+}
+
+impl CommSection {
+    /// Checks ranges.
+    pub fn validate(&self) -> Result<(), JobConfigError> {
+        let invalid = |key: &str, message: String| JobConfigError::Invalid { key: key.into(), message };
+        if self.bucket_bytes == 0 {
+            return Err(invalid("comm.bucket_bytes", "must be positive".into()));
+        }
+        if self.timeout_ms == 0 || self.setup_timeout_ms == 0 {
+            return Err(invalid("comm.timeout_ms", "timeouts must be positive".into()));
+        }
+        if self.peer_host.trim().is_empty() {
+            return Err(invalid("comm.peer_host", "must not be empty".into()));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,294 @@
+//! The training step and the loops around it.
+//!
+//! [`Trainer::step`] spells out one data-parallel step: zero grads → per-batch normalisers
+//! summed across ranks → forward → masked task losses → task weighting + backward → bucketed
+//! gradient all-reduce (mean) → clip → optimizer step. Each rank scales its losses by the world
+//! size and divides by the GLOBAL normaliser, so the mean of the ranks' gradients is exactly the
+//! gradient one process computes on the union of their batches.
+//! Layout: `eval` (metric statistics from a loader), `standalone` (`worker train --standalone`),
+//! `distributed` (`worker run`, driven by the coordinator), `checkpoint` (weights on disk).
+pub mod checkpoint;
+pub mod distributed;
+pub mod eval;
+pub mod standalone;
+
+use mtl_job::JobConfig;
+use tch::{Device, Kind, Tensor};
+
+use crate::collective::{Collective, CollectiveError, ReduceOp};
+use crate::data::{Batch, ClassTarget};
+use crate::model::MultiTaskModel;
+use crate::optim::{clip_grad_norm, Optimizer, Schedule};
+use crate::tasks::{self, Counts, Task};
+use crate::weighting::{self, Reducer, TaskValues, TaskWeighting};
+use crate::WorkerError;
+
+/// The collective of a single process: every operation is the identity.
+#[derive(Debug, Default)]
+pub struct LocalCollective;
+
+impl Collective for LocalCollective {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world_size(&self) -> usize {
+        1
+    }
+    fn all_reduce(&mut self, _: &mut [Tensor], _: ReduceOp) -> Result<(), CollectiveError> {
+        Ok(())
+    }
+    fn broadcast(&mut self, _: &mut [Tensor], _: usize) -> Result<(), CollectiveError> {
+        Ok(())
+    }
+    fn barrier(&mut self) -> Result<(), CollectiveError> {
+        Ok(())
+    }
+}
+
+/// Lets task weighting reduce per-task gradients through the job's collective.
+struct CollectiveReducer<'a>(&'a mut dyn Collective);
+
+impl Reducer for CollectiveReducer<'_> {
+    fn all_reduce_mean(&mut self, tensors: &mut [Tensor]) -> Result<(), WorkerError> {
+        Ok(self.0.all_reduce(tensors, ReduceOp::Mean)?)
+    }
+}
+
+/// What one step did. Losses are averaged over ranks only on log steps (else local values).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepReport {
+    /// 1-based optimizer step.
+    pub step: u64,
+    /// Learning rate used.
+    pub lr: f64,
+    /// Per-task loss (already normalised; the mean over ranks on log steps).
+    pub losses: TaskValues,
+    /// Per-task weight the weighting strategy applied.
+    pub weights: TaskValues,
+    /// Global gradient norm before clipping (when clipping is on).
+    pub grad_norm: Option<f64>,
+    /// Samples this step trained on, over all ranks.
+    pub samples: u64,
+}
+
+impl StepReport {
+    /// Named scalars for the coordinator and logs: `loss/<task>`, `weight/<task>`, `lr`.
+    pub fn scalars(&self) -> Vec<(String, f64)> {
+        let mut out = vec![("lr".to_string(), self.lr)];
+        for task in weighting::Task::ALL {
+            if let Some(l) = self.losses.get(task) {
+                out.push((format!("loss/{}", task.name()), l));
+            }
+            if let Some(w) = self.weights.get(task) {
+                out.push((format!("weight/{}", task.name()), w));
+            }
+        }
+        if let Some(g) = self.grad_norm {
+            out.push(("grad_norm".into(), g));
+        }
+        out
+    }
+}
+
+/// Model, optimizer, weighting, schedule and collective of one rank.
+pub struct Trainer {
+    /// The network.
+    pub model: MultiTaskModel,
+    optimizer: Optimizer,
+    weighting: TaskWeighting,
+    schedule: Schedule,
+    collective: Box<dyn Collective>,
+    clip_grad_norm: f64,
+    step: u64,
+    device: Device,
+}
+
+impl Trainer {
+    /// Builds optimizer and weighting for `model` and makes every rank start from rank 0's
+    /// parameters and buffers.
+    pub fn new(cfg: &JobConfig, model: MultiTaskModel, collective: Box<dyn Collective>) -> Result<Self, WorkerError> {
+        let device = model.var_store().device();
+        let weighting = TaskWeighting::new(&cfg.weighting, cfg.job.seed, device);
+        let mut named = model.parameters();
+        named.extend(weighting.parameters());
+        let optimizer = Optimizer::from_config(&cfg.train, named)?;
+        let mut trainer = Self {
+            model,
+            optimizer,
+            weighting,
+            schedule: Schedule::from_config(&cfg.train),
+            collective,
+            clip_grad_norm: cfg.train.clip_grad_norm,
+            step: 0,
+            device,
+        };
+        trainer.broadcast_state()?;
+        Ok(trainer)
+    }
+
+    /// Optimizer steps taken so far.
+    pub fn steps_done(&self) -> u64 {
+        self.step
+    }
+
+    /// The device the model lives on.
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// This rank and the world size.
+    pub fn rank_and_world(&self) -> (usize, usize) {
+        (self.collective.rank(), self.collective.world_size())
+    }
+
+    /// Overwrites every parameter and buffer with rank 0's.
+    fn broadcast_state(&mut self) -> Result<(), WorkerError> {
+        if self.collective.world_size() == 1 {
+            return Ok(());
+        }
+        let mut vars: Vec<Tensor> =
+            self.model.var_store().variables().into_values().chain(self.weighting.parameters().into_iter().map(|(_, t)| t)).collect();
+        tch::no_grad(|| self.collective.broadcast(&mut vars, 0))?;
+        Ok(())
+    }
+
+    /// One optimizer step on this rank's `batch` (the ranks' batches together form the global
+    /// batch). `log` also averages the reported losses over ranks.
+    pub fn step(&mut self, batch: &Batch, log: bool) -> Result<StepReport, WorkerError> {
+        let world = self.collective.world_size() as f64;
+        let batch = to_device(batch, self.device)?;
+        self.optimizer.zero_grad();
+        for (_, p) in self.weighting.parameters() {
+            let mut g = p.grad();
+            if g.defined() {
+                let _ = g.f_zero_()?;
+            }
+        }
+
+        // Normalisers summed over ranks before any loss divides by them.
+        let targets = tasks::build_targets(&self.model, &batch);
+        let local = tasks::local_counts(&batch, &targets);
+        let mut counts = [Tensor::from_slice(&local.to_array()).to_device(self.device)];
+        self.collective.all_reduce(&mut counts, ReduceOp::Sum)?;
+        let global = counts_from(&counts[0])?;
+
+        let outputs = self.model.forward(&batch.images, true);
+        let losses = tasks::task_losses(&outputs, &batch, &targets, &global);
+        let scaled = weighting::TaskLosses {
+            cls: losses.cls.map(|l| l * world),
+            det: losses.det.map(|l| l * world),
+            seg: losses.seg.map(|l| l * world),
+        };
+        let shared: Vec<Tensor> = self.model.shared_parameters().into_iter().map(|(_, t)| t).collect();
+        let heads: Vec<Tensor> = Task::ALL
+            .into_iter()
+            .flat_map(|t| self.model.head_parameters(t))
+            .map(|(_, t)| t)
+            .collect();
+        let report = self.weighting.backward(&scaled, &shared, &heads, &mut CollectiveReducer(self.collective.as_mut()))?;
+
+        // Every rank all-reduces every gradient, also of heads without labels this step.
+        let mut params: Vec<Tensor> = if self.weighting.reduces_shared_grads() {
+            heads
+        } else {
+            shared.into_iter().chain(heads).collect()
+        };
+        params.extend(self.weighting.parameters().into_iter().map(|(_, t)| t));
+        let mut grads = ensure_grads(&params)?;
+        self.collective.all_reduce(&mut grads, ReduceOp::Mean)?;
+
+        let grad_norm = if self.clip_grad_norm > 0.0 {
+            let all: Vec<Tensor> = self.model.parameters().into_iter().map(|(_, t)| t).collect();
+            Some(clip_grad_norm(&all, self.clip_grad_norm)?)
+        } else {
+            None
+        };
+        let lr = self.schedule.lr(self.step);
+        self.optimizer.step(lr)?;
+        self.step += 1;
+
+        let mut values = task_values(&scaled, 1.0 / world)?;
+        if log {
+            values = self.mean_over_ranks(&values)?;
+        }
+        Ok(StepReport {
+            step: self.step,
+            lr,
+            losses: values,
+            weights: report.weights,
+            grad_norm,
+            samples: (batch.ids.len() as f64 * world) as u64,
+        })
+    }
+
+    /// Averages per-task values over ranks (every rank has the same tasks present).
+    fn mean_over_ranks(&mut self, values: &TaskValues) -> Result<TaskValues, WorkerError> {
+        let present: Vec<weighting::Task> = weighting::Task::ALL.into_iter().filter(|t| values.get(*t).is_some()).collect();
+        let raw: Vec<f64> = present.iter().filter_map(|t| values.get(*t)).collect();
+        let mut t = [Tensor::from_slice(&raw).to_device(self.device)];
+        self.collective.all_reduce(&mut t, ReduceOp::Mean)?;
+        let reduced: Vec<f64> = Vec::<f64>::try_from(&t[0].to_device(Device::Cpu))?;
+        let mut out = TaskValues::default();
+        for (task, v) in present.into_iter().zip(reduced) {
+            out.set(task, v);
+        }
+        Ok(out)
+    }
+
+    /// Evaluation statistics of this rank's share of the validation set.
+    pub fn evaluate(
+        &self,
+        loader: impl Iterator<Item = Result<Batch, WorkerError>>,
+        info: &crate::data::DatasetInfo,
+    ) -> Result<mtl_metrics::EvalStats, WorkerError> {
+        eval::evaluate(&self.model, loader, info)
+    }
+
+    /// Mutable access to the collective (for the loops' own reductions).
+    pub fn collective_mut(&mut self) -> &mut dyn Collective {
+        self.collective.as_mut()
+    }
+}
+
+/// Loss values of the present tasks, times `scale` (to undo the world-size scaling).
+fn task_values(losses: &weighting::TaskLosses, scale: f64) -> Result<TaskValues, WorkerError> {
+    let mut out = TaskValues::default();
+    for (task, loss) in losses.present() {
+        out.set(task, loss.f_double_value(&[])? * scale);
+    }
+    Ok(out)
+}
+
+fn counts_from(t: &Tensor) -> Result<Counts, WorkerError> {
+    let v: Vec<f64> = Vec::<f64>::try_from(&t.to_device(Device::Cpu))?;
+    Ok(Counts::from_array([v[0], v[1], v[2], v[3]]))
+}
+
+/// The gradients of `params`, creating zero gradients where backward left none, so every rank
+/// passes the same list to the all-reduce.
+fn ensure_grads(params: &[Tensor]) -> Result<Vec<Tensor>, WorkerError> {
+    let missing: Vec<&Tensor> = params.iter().filter(|p| !p.grad().defined()).collect();
+    if !missing.is_empty() {
+        // d(0 * sum p)/dp = 0 defines the gradient without changing anything.
+        let zero = missing.iter().map(|p| p.sum(Kind::Float) * 0.0).fold(Tensor::zeros([], (Kind::Float, params[0].device())), |a, b| a + b);
+        zero.f_backward()?;
+    }
+    Ok(params.iter().map(|p| p.grad()).collect())
+}
+
+/// The batch's tensors on `device` (boxes stay on the host).
+pub fn to_device(batch: &Batch, device: Device) -> Result<Batch, WorkerError> {
+    Ok(Batch {
+        ids: batch.ids.clone(),
+        images: batch.images.f_to_device(device)?,
+        class_target: match &batch.class_target {
+            ClassTarget::Single(t) => ClassTarget::Single(t.f_to_device(device)?),
+            ClassTarget::Multi(t) => ClassTarget::Multi(t.f_to_device(device)?),
+        },
+        class_labelled: batch.class_labelled.f_to_device(device)?,
+        boxes: batch.boxes.clone(),
+        boxes_labelled: batch.boxes_labelled.clone(),
+        mask_target: batch.mask_target.f_to_device(device)?,
+        mask_labelled: batch.mask_labelled.f_to_device(device)?,
+    })
+}
