@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# GPU check for the NCCL backend, run on a GPU machine with no Rust and no network: the torch 2.11
+# venv is plain `python3`, and this folder holds the (stripped) lib test executable, built with
+#   cargo test -p mtl-worker --release --lib --no-run
+# and copied from target/release/deps/mtl_worker-<hash> to ./mtl_worker-test.
+set -u
+cd "$(dirname "$0")"
+TL=$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')/lib
+export LD_LIBRARY_PATH=$TL:${LD_LIBRARY_PATH:-}
+nvidia-smi -L
+python3 -c 'import torch; print("torch", torch.__version__, "nccl", torch.cuda.nccl.version())'
+# --nocapture shows the two-process outcome; NCCL_DEBUG=WARN shows NCCL's own reasons.
+MTL_REQUIRE_CUDA=1 NCCL_DEBUG=WARN timeout 120 ./mtl_worker-test collective::nccl --test-threads=1 --nocapture
+echo "exit status: $?"
