@@ -3,6 +3,7 @@
 //! CI tests, and NCCL for CUDA tensors. Tensors are packed into flat buckets of about
 //! `bucket_bytes` so each collective call moves large contiguous buffers.
 pub mod bench;
+pub mod nccl;
 pub mod ring;
 
 use std::time::Duration;
