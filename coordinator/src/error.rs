@@ -47,22 +47,16 @@ pub enum CoordinatorError {
         message: String,
     },
     /// Two workers see different data for the same split.
-    #[error("worker `{worker_id}` sees {samples} {split} samples (index {fingerprint}) but `{first_worker}` sees {first_samples} (index {first_fingerprint}); every worker must read the same dataset")]
+    #[error("worker `{worker_id}` sees different {split} data than `{first_worker}`: {detail}; every worker must read the same dataset")]
     DatasetMismatch {
         /// The split.
         split: &'static str,
         /// Who asked.
         worker_id: String,
-        /// What it sees.
-        samples: u64,
-        /// Its index fingerprint.
-        fingerprint: String,
         /// The first worker that reported this split.
         first_worker: String,
-        /// What that one sees.
-        first_samples: u64,
-        /// Its fingerprint.
-        first_fingerprint: String,
+        /// Both sides' sample counts and index fingerprints.
+        detail: String,
     },
     /// The job has already finished or failed.
     #[error("job is {state}")]

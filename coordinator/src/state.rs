@@ -84,6 +84,8 @@ pub(crate) struct JobState {
     datasets: BTreeMap<i32, (u64, String, String)>,
     /// Samples of the current train epoch consumed before this generation started.
     epoch_position: (u64, u64),
+    /// Evaluation statistics waiting for the other ranks: (generation, step) -> rank -> stats.
+    pending_eval: BTreeMap<(u64, u64), BTreeMap<u32, mtl_metrics::EvalStats>>,
 }
 
 impl JobState {
@@ -99,6 +101,7 @@ impl JobState {
             history: Vec::new(),
             datasets: BTreeMap::new(),
             epoch_position: (0, 0),
+            pending_eval: BTreeMap::new(),
         }
     }
 
@@ -278,11 +281,11 @@ impl JobState {
             return Err(CoordinatorError::DatasetMismatch {
                 split: split.as_str_name(),
                 worker_id: req.worker_id.clone(),
-                samples: req.dataset_samples,
-                fingerprint: req.dataset_fingerprint.clone(),
                 first_worker: first.2.clone(),
-                first_samples: first.0,
-                first_fingerprint: first.1.clone(),
+                detail: format!(
+                    "{} samples (index {}) vs {} samples (index {})",
+                    req.dataset_samples, req.dataset_fingerprint, first.0, first.1
+                ),
             });
         }
         let n = req.dataset_samples;
@@ -332,13 +335,18 @@ impl JobState {
                 message: format!("unknown metrics kind {}", report.kind),
             });
         }
-        let values: String = report.scalars.iter().map(|(k, v)| format!("{k}={v:.5} ")).collect();
+        if kind == MetricsKind::Eval {
+            return self.collect_eval(report);
+        }
+        let mut keys: Vec<(&String, &f64)> = report.scalars.iter().collect();
+        keys.sort_by(|a, b| a.0.cmp(b.0));
+        let values: String = keys.iter().map(|(k, v)| format!("{k}={v:.5} ")).collect();
         tracing::info!(
             rank = report.rank,
             step = report.step,
             epoch = report.epoch,
             values = values.trim_end(),
-            "metrics"
+            "train"
         );
         self.history.push(MetricPoint {
             kind: kind as i32,
@@ -346,6 +354,49 @@ impl JobState {
             epoch: report.epoch,
             values: report.scalars,
             rank: report.rank,
+            generation: report.generation,
+        });
+        Ok(())
+    }
+
+    /// Keeps one rank's evaluation statistics; once every rank of the generation has sent its
+    /// share for this step, merges them (in rank order) and records the finished metrics.
+    fn collect_eval(&mut self, report: MetricsReport) -> Result<(), CoordinatorError> {
+        let stats: mtl_metrics::EvalStats = serde_json::from_slice(&report.eval_stats_json).map_err(|e| {
+            CoordinatorError::InvalidRequest {
+                field: "eval_stats_json",
+                message: format!("rank {}: {e}", report.rank),
+            }
+        })?;
+        let world_size = self.generation.as_ref().map_or(0, |g| g.members.len());
+        let key = (report.generation, report.step);
+        let ranks = self.pending_eval.entry(key).or_default();
+        ranks.insert(report.rank, stats);
+        if ranks.len() < world_size {
+            return Ok(());
+        }
+        let ranks = self.pending_eval.remove(&key).unwrap_or_default();
+        let mut merged = mtl_metrics::EvalStats::default();
+        for (rank, stats) in &ranks {
+            merged.merge(stats).map_err(|e| CoordinatorError::InvalidRequest {
+                field: "eval_stats_json",
+                message: format!("rank {rank}'s statistics do not merge: {e}"),
+            })?;
+        }
+        let map = merged.finish().to_map();
+        tracing::info!(
+            step = report.step,
+            epoch = report.epoch,
+            ranks = ranks.len(),
+            "evaluation\n{}",
+            mtl_metrics::render_table(&map)
+        );
+        self.history.push(MetricPoint {
+            kind: MetricsKind::Eval as i32,
+            step: report.step,
+            epoch: report.epoch,
+            values: map.into_iter().collect(),
+            rank: 0,
             generation: report.generation,
         });
         Ok(())

@@ -35,7 +35,16 @@ pub fn render(status: &JobStatus) -> String {
             w.rank, w.worker_id, w.device, w.state, w.last_step
         );
     }
-    for (kind, title) in [(MetricsKind::Train, "train"), (MetricsKind::Eval, "eval")] {
+    if let Some(eval) = status.history.iter().rev().find(|p| p.kind == MetricsKind::Eval as i32) {
+        let map = eval.values.iter().map(|(k, v)| (k.clone(), *v)).collect();
+        let _ = write!(
+            out,
+            "  evaluation at step {} (all ranks merged):\n{}",
+            eval.step,
+            mtl_metrics::render_table(&map)
+        );
+    }
+    for (kind, title) in [(MetricsKind::Train, "train")] {
         // The latest value of every key, and the step it was reported at.
         let mut latest: BTreeMap<&str, (u64, u32, f64)> = BTreeMap::new();
         for p in status.history.iter().filter(|p| p.kind == kind as i32) {

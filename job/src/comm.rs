@@ -27,19 +27,11 @@ pub struct CommSection {
     pub timeout_ms: u64,
     /// Bound on connecting to peers when a generation starts (peers start at different times).
     pub setup_timeout_ms: u64,
-    /// Host or IP the worker binds for ring traffic and advertises to its peers.
-    pub peer_host: String,
 }
 
 impl Default for CommSection {
     fn default() -> Self {
-        Self {
-            backend: Backend::Auto,
-            bucket_bytes: 25 << 20,
-            timeout_ms: 60_000,
-            setup_timeout_ms: 300_000,
-            peer_host: "127.0.0.1".into(),
-        }
+        Self { backend: Backend::Auto, bucket_bytes: 25 << 20, timeout_ms: 60_000, setup_timeout_ms: 300_000 }
     }
 }
 
@@ -52,9 +44,6 @@ impl CommSection {
         }
         if self.timeout_ms == 0 || self.setup_timeout_ms == 0 {
             return Err(invalid("comm.timeout_ms", "timeouts must be positive".into()));
-        }
-        if self.peer_host.trim().is_empty() {
-            return Err(invalid("comm.peer_host", "must not be empty".into()));
         }
         Ok(())
     }

@@ -7,17 +7,17 @@
 //! finally runs [`JobConfig::validate`] for invariants that span fields.
 #![warn(missing_docs)]
 
+mod comm;
 mod data;
 mod error;
-mod comm;
 mod model;
 mod optim;
 mod schema;
 pub mod sharding;
 
+pub use comm::*;
 pub use data::*;
 pub use error::JobConfigError;
-pub use comm::*;
 pub use model::*;
 pub use optim::*;
 pub use schema::*;

@@ -34,6 +34,6 @@ pub mod segmentation;
 pub use classification::{ClassMetrics, ClassificationMetrics, ClassificationStats};
 pub use detection::{Detection, DetectionMetrics, DetectionStats, GroundTruth, ImageRecord};
 pub use error::MetricsError;
-pub use report::{render_table, EvalReport, EvalStats};
 pub use multilabel::{MultiLabelMetrics, MultiLabelSample, MultiLabelStats};
+pub use report::{render_table, EvalReport, EvalStats};
 pub use segmentation::{SegmentationMetrics, SegmentationStats, IGNORE_INDEX};

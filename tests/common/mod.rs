@@ -24,9 +24,18 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
-/// A job config for tests: the given TOML body below a `[job]` header, on port 0.
-pub fn job(extra: &str) -> JobConfig {
-    let text = format!("[job]\nname = \"test\"\ntoken = \"t0k\"\n{extra}\n");
+/// TOML for a tiny synthetic dataset in `dir` and the tiny model: 32 px, a few dozen images.
+pub fn tiny_data(dir: &std::path::Path, n: u32) -> String {
+    format!(
+        "[data]\nformat = \"synthetic\"\ntrain = \"{}\"\nsynthetic_n = {n}\nsynthetic_size = 32\nimage_size = 32\nloader_threads = 1\n\
+         [model]\nbackbone = \"tiny\"\nnorm = \"group\"\n",
+        dir.display()
+    )
+}
+
+/// A job config for tests: `[job]` with a token, then `body` (sections), on port 0.
+pub fn job(body: &str) -> JobConfig {
+    let text = format!("[job]\nname = \"test\"\ntoken = \"t0k\"\n{body}\n");
     let mut cfg = JobConfig::from_toml(&text).expect("test job config");
     cfg.server.listen = "127.0.0.1:0".into();
     cfg
@@ -74,8 +83,14 @@ impl InProcessCoordinator {
 
 /// Starts `worker run` against a coordinator, with its output captured.
 pub fn spawn_worker(url: &str, token: &str, worker_id: &str) -> Child {
+    spawn_worker_with(url, token, worker_id, &[])
+}
+
+/// Like [`spawn_worker`] with extra arguments.
+pub fn spawn_worker_with(url: &str, token: &str, worker_id: &str, extra: &[&str]) -> Child {
     Command::new(bin("worker"))
         .args(["run", "--coordinator", url, "--token", token, "--worker-id", worker_id, "--device", "cpu"])
+        .args(extra)
         .env("RUST_LOG", "info")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -18,7 +18,9 @@ pub fn print_metrics(map: &BTreeMap<String, f64>, json: bool) {
         // NaN is not JSON: undefined metrics are null.
         let obj: serde_json::Map<String, serde_json::Value> = map
             .iter()
-            .map(|(k, v)| (k.clone(), serde_json::Number::from_f64(*v).map_or(serde_json::Value::Null, Into::into)))
+            .map(|(k, v)| {
+                (k.clone(), serde_json::Number::from_f64(*v).map_or(serde_json::Value::Null, Into::into))
+            })
             .collect();
         println!("{}", serde_json::Value::Object(obj));
     } else {
@@ -27,7 +29,12 @@ pub fn print_metrics(map: &BTreeMap<String, f64>, json: bool) {
 }
 
 /// `worker train --standalone`.
-pub fn train_standalone(cfg: &JobConfig, device: tch::Device, out: Option<&Path>, json: bool) -> Result<(), WorkerError> {
+pub fn train_standalone(
+    cfg: &JobConfig,
+    device: tch::Device,
+    out: Option<&Path>,
+    json: bool,
+) -> Result<(), WorkerError> {
     let summary = standalone::run(cfg, device, out.map(Path::to_owned), json)?;
     if !json {
         println!("trained {} steps; validation metrics:", summary.steps);
@@ -43,7 +50,10 @@ pub fn eval_checkpoint(dir: &Path, device: tch::Device, json: bool) -> Result<()
     let mut model = MultiTaskModel::new(&cfg.model, &cfg.tasks, &loaded.info, device)?;
     checkpoint::load_into(&mut model, &loaded.weights)?;
     let val = open_dataset(&cfg.data, Split::Val, cfg.job.seed)?.map(OrderedSplit::new).ok_or_else(|| {
-        WorkerError::Model { key: "data.val".into(), message: "the checkpoint's job has no validation split".into() }
+        WorkerError::Model {
+            key: "data.val".into(),
+            message: "the checkpoint's job has no validation split".into(),
+        }
     })?;
     let loader = Loader::new(
         val.dataset.clone(),

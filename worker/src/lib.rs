@@ -1,7 +1,7 @@
 //! The worker: the data plane of a training job, one process per GPU (or a CPU worker for
 //! development and CI). It joins the coordinator's job ([`session`]), runs LibTorch steps
 //! through `tch`, and reports metrics. Layout: `session` (coordinator RPCs and heartbeats),
-//! `device` (device selection), `smoke` (the one-step trainer used by `worker run`), `data`
+//! `device` (device selection), `collective` (ring and NCCL all-reduce), `data`
 //! (batches), `model` (backbone, FPN, the multi-task network), `tasks` (heads and losses).
 #![warn(missing_docs)]
 
@@ -13,35 +13,58 @@ mod error;
 pub mod model;
 pub mod optim;
 pub mod session;
-pub mod smoke;
 pub mod tasks;
 pub mod train;
 pub mod weighting;
 
-use std::collections::HashMap;
-
 pub use error::WorkerError;
-use mtl_proto::v1::MetricsKind;
 
 use crate::session::{Identity, Session};
 
-/// Where `worker run` connects and who it says it is.
+/// Where `worker run` connects, who it says it is, and where it listens for peers.
 #[derive(Debug, Clone)]
 pub struct RunConfig {
     /// The coordinator's URL, e.g. `http://127.0.0.1:50051`.
     pub coordinator: String,
     /// The job token.
     pub token: String,
-    /// This worker's identity.
+    /// This worker's identity (its `peer_addr` is filled in from the bound listener).
     pub identity: Identity,
+    /// Address to bind for ring traffic (`host:0` picks a free port); its host is advertised.
+    pub peer_bind: String,
+    /// Rank 0 saves the trained model here.
+    pub out: Option<std::path::PathBuf>,
 }
 
 /// Joins the job, trains, reports, leaves. A failure is reported to the coordinator before
 /// it is returned, so the job fails fast instead of waiting for a heartbeat timeout.
-pub async fn run(cfg: RunConfig) -> Result<(), WorkerError> {
+pub async fn run(mut cfg: RunConfig) -> Result<(), WorkerError> {
     let device = device::parse_device(&cfg.identity.device)?;
-    let mut session = Session::join(&cfg.coordinator, &cfg.token, cfg.identity).await?;
-    match train(&mut session, device).await {
+    // Bound before registering, so the address peers receive is already accepting.
+    let listener = std::net::TcpListener::bind(&cfg.peer_bind)
+        .map_err(|source| WorkerError::Io { path: cfg.peer_bind.clone().into(), source })?;
+    cfg.identity.peer_addr = listener
+        .local_addr()
+        .map_err(|source| WorkerError::Io { path: cfg.peer_bind.clone().into(), source })?
+        .to_string();
+    if matches!(device, tch::Device::Cuda(_)) {
+        // Used only if this worker becomes rank 0 of an NCCL generation.
+        match collective::nccl::unique_id() {
+            Ok(id) => cfg.identity.nccl_unique_id = id,
+            Err(err) => tracing::warn!(%err, "no NCCL unique id; the nccl backend will not be available"),
+        }
+    }
+    let session = Session::join(&cfg.coordinator, &cfg.token, cfg.identity).await?;
+    let handle = tokio::runtime::Handle::current();
+    let out = cfg.out;
+    let (session, result) = tokio::task::spawn_blocking(move || {
+        let mut session = session;
+        let result = train::distributed::train(&mut session, &handle, device, listener, out);
+        (session, result)
+    })
+    .await
+    .expect("training thread panicked");
+    match result {
         Ok(()) => session.leave(None).await,
         Err(err) => {
             let message = err.to_string();
@@ -51,22 +74,4 @@ pub async fn run(cfg: RunConfig) -> Result<(), WorkerError> {
             Err(err)
         }
     }
-}
-
-async fn train(session: &mut Session, device: tch::Device) -> Result<(), WorkerError> {
-    let seed = session.config.job.seed + u64::from(session.placement.rank);
-    let batch = i64::from(session.config.train.batch_size);
-    let lr = session.config.train.lr;
-    for step in 1..=session.config.train.steps {
-        session.check_stop()?;
-        let loss = tokio::task::spawn_blocking(move || smoke::tiny_step(seed + step, device, batch, lr))
-            .await
-            .expect("training thread panicked")?;
-        session.set_step(step);
-        tracing::info!(rank = session.placement.rank, step, loss, "step done");
-        session
-            .report(MetricsKind::Train, step, 0, HashMap::from([("loss".to_string(), loss)]), Vec::new())
-            .await?;
-    }
-    Ok(())
 }

@@ -37,6 +37,13 @@ enum Command {
         /// Device to train on: `cpu` or `cuda:N`.
         #[arg(long, env = "MTL_DEVICE", default_value = "cpu")]
         device: String,
+        /// Address to listen on for peers' collective traffic, `host:port` (port 0 = any free
+        /// port). The host is what peers connect to: use this node's reachable address.
+        #[arg(long, env = "MTL_PEER_ADDR", default_value = "127.0.0.1:0")]
+        peer_addr: String,
+        /// Rank 0 saves the trained model (a checkpoint directory) here.
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
     },
     /// One rank of a CPU ring all-reduce benchmark; start one process per rank.
     ///
@@ -155,13 +162,19 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run { coordinator, token, worker_id, device } => {
+        Command::Run { coordinator, token, worker_id, device, peer_addr, out } => {
             let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
             let host = hostname();
             let worker_id = worker_id.unwrap_or_else(|| format!("{host}-{device}"));
             let identity =
                 Identity { worker_id, host, device, peer_addr: String::new(), nccl_unique_id: Vec::new() };
-            runtime.block_on(mtl_worker::run(RunConfig { coordinator, token, identity }))
+            runtime.block_on(mtl_worker::run(RunConfig {
+                coordinator,
+                token,
+                identity,
+                peer_bind: peer_addr,
+                out,
+            }))
         }
         Command::CollectiveBench { rank, peers, sizes_mib, iterations, timeout_ms } => {
             if rank >= peers.len() {
@@ -188,9 +201,8 @@ fn main() -> ExitCode {
             }
         }
         Command::Eval { checkpoint, gt, detections, device, json } => match (checkpoint, gt, detections) {
-            (Some(dir), _, _) => {
-                mtl_worker::device::parse_device(&device).and_then(|d| commands::eval_checkpoint(&dir, d, json))
-            }
+            (Some(dir), _, _) => mtl_worker::device::parse_device(&device)
+                .and_then(|d| commands::eval_checkpoint(&dir, d, json)),
             (None, Some(gt), Some(dets)) => commands::eval_files(&gt, &dets, json),
             _ => unreachable!("clap requires --checkpoint or --gt with --detections"),
         },

@@ -8,6 +8,7 @@ use mtl_job::JobConfig;
 use mtl_proto::v1::coordinator_client::CoordinatorClient;
 use mtl_proto::v1::{
     Directive, HeartbeatRequest, LeaveRequest, MetricsKind, MetricsReport, RegisterRequest, RegisterResponse,
+    ShardRequest, ShardResponse, Split,
 };
 use tokio::sync::watch;
 use tonic::transport::Channel;
@@ -123,6 +124,30 @@ impl Session {
             .await
             .map_err(WorkerError::rpc("ReportMetrics"))?;
         Ok(())
+    }
+
+    /// This rank's share of one epoch of `split`, telling the coordinator what data it sees.
+    pub async fn shard(
+        &mut self,
+        split: Split,
+        epoch: u64,
+        dataset_samples: u64,
+        dataset_fingerprint: String,
+    ) -> Result<ShardResponse, WorkerError> {
+        Ok(self
+            .client
+            .get_shard(ShardRequest {
+                job_token: self.token.clone(),
+                worker_id: self.identity.worker_id.clone(),
+                generation: self.placement.generation,
+                split: split as i32,
+                epoch,
+                dataset_samples,
+                dataset_fingerprint,
+            })
+            .await
+            .map_err(WorkerError::rpc("GetShard"))?
+            .into_inner())
     }
 
     /// Tells the coordinator this worker is done (or failed) and stops heartbeating.

@@ -131,7 +131,7 @@ fn shards_cover_the_split_and_mismatched_data_is_rejected() {
     assert!(a.positions.iter().all(|p| !b.positions.contains(p)));
     let err = s.shard(&shard_req("b", Split::Train, 99, "f2")).unwrap_err();
     assert!(matches!(err, CoordinatorError::DatasetMismatch { .. }), "{err}");
-    assert!(err.to_string().contains("`a` sees 100"), "{err}");
+    assert!(err.to_string().contains("99 samples (index f2) vs 100 samples (index f1)"), "{err}");
     let va = s.shard(&shard_req("a", Split::Val, 5, "v")).unwrap();
     let vb = s.shard(&shard_req("b", Split::Val, 5, "v")).unwrap();
     assert_eq!(va.positions.len() + vb.positions.len(), 5);

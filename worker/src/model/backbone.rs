@@ -50,12 +50,17 @@ impl Block {
         } else {
             (planes, vec![(c_in, planes, 3, stride), (planes, planes, 3, 1)])
         };
+        let last = shapes.len();
         let convs = shapes
             .into_iter()
             .enumerate()
             .map(|(i, (ci, co, k, s))| {
                 let n = i + 1;
-                (conv(&p / format!("conv{n}"), ci, co, k, s), Norm::new(&p / format!("bn{n}"), norm, co))
+                let gamma = if n == last { 0.0 } else { 1.0 };
+                (
+                    conv(&p / format!("conv{n}"), ci, co, k, s),
+                    Norm::with_gamma(&p / format!("bn{n}"), norm, co, gamma),
+                )
             })
             .collect();
         let downsample = (stride != 1 || c_in != c_out).then(|| {

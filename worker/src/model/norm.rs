@@ -18,6 +18,12 @@ pub(crate) fn group_norm(path: nn::Path<'_>, channels: i64) -> nn::GroupNorm {
     nn::group_norm(path, group_count(channels), channels, Default::default())
 }
 
+/// A GroupNorm whose scale starts at `gamma`.
+fn group_norm_init(path: nn::Path<'_>, channels: i64, gamma: f64) -> nn::GroupNorm {
+    let cfg = nn::GroupNormConfig { ws_init: nn::Init::Const(gamma), ..Default::default() };
+    nn::group_norm(path, group_count(channels), channels, cfg)
+}
+
 /// One normalisation layer of the backbone.
 #[derive(Debug)]
 pub(crate) enum Norm {
@@ -35,9 +41,20 @@ pub(crate) enum Norm {
 impl Norm {
     /// Creates the layer's variables under `path`.
     pub(crate) fn new(path: nn::Path<'_>, kind: NormKind, channels: i64) -> Self {
+        Self::with_gamma(path, kind, channels, 1.0)
+    }
+
+    /// Like [`Norm::new`] with the trainable scale starting at `gamma`. The last norm of each
+    /// residual branch starts at 0 (torchvision's `zero_init_residual`): every block starts as
+    /// the identity, which keeps early gradients small and training stable.
+    pub(crate) fn with_gamma(path: nn::Path<'_>, kind: NormKind, channels: i64, gamma: f64) -> Self {
         match kind {
-            NormKind::Batch => Norm::Batch(nn::batch_norm2d(path, channels, Default::default())),
-            NormKind::Group => Norm::Group(group_norm(path, channels)),
+            NormKind::Batch => Norm::Batch(nn::batch_norm2d(
+                path,
+                channels,
+                nn::BatchNormConfig { ws_init: nn::Init::Const(gamma), ..Default::default() },
+            )),
+            NormKind::Group => Norm::Group(group_norm_init(path, channels, gamma)),
             NormKind::FrozenBatch => Norm::Frozen {
                 weight: path.ones_no_train("weight", &[channels]),
                 bias: path.zeros_no_train("bias", &[channels]),

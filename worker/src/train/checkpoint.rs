@@ -20,10 +20,16 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> WorkerError + '_ {
 }
 
 /// Writes a checkpoint of `model` to `dir` atomically.
-pub fn save(dir: &Path, model: &MultiTaskModel, cfg: &JobConfig, info: &DatasetInfo) -> Result<(), WorkerError> {
+pub fn save(
+    dir: &Path,
+    model: &MultiTaskModel,
+    cfg: &JobConfig,
+    info: &DatasetInfo,
+) -> Result<(), WorkerError> {
     let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     fs::create_dir_all(parent).map_err(io(parent))?;
-    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "checkpoint".into());
+    let name =
+        dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "checkpoint".into());
     let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
     if tmp.exists() {
         fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
@@ -71,7 +77,8 @@ pub fn open(dir: &Path) -> Result<Loaded, WorkerError> {
     let cfg = JobConfig::from_toml(&text)?;
     let dataset = dir.join(DATASET);
     let text = fs::read_to_string(&dataset).map_err(io(&dataset))?;
-    let info = info_from_json(&text).map_err(|message| WorkerError::Model { key: dataset.display().to_string(), message })?;
+    let info = info_from_json(&text)
+        .map_err(|message| WorkerError::Model { key: dataset.display().to_string(), message })?;
     Ok(Loaded { cfg, info, weights: dir.join(WEIGHTS) })
 }
 
@@ -97,13 +104,23 @@ fn info_json(info: &DatasetInfo) -> String {
 fn info_from_json(text: &str) -> Result<DatasetInfo, String> {
     let v: serde_json::Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
     let strings = |key: &str| -> Result<Vec<String>, String> {
-        v[key].as_array().ok_or(format!("`{key}` must be a list"))?.iter().map(|s| s.as_str().map(str::to_string).ok_or(format!("`{key}` must hold strings"))).collect()
+        v[key]
+            .as_array()
+            .ok_or(format!("`{key}` must be a list"))?
+            .iter()
+            .map(|s| s.as_str().map(str::to_string).ok_or(format!("`{key}` must hold strings")))
+            .collect()
     };
     let det_categories = v["det_categories"]
         .as_array()
         .ok_or("`det_categories` must be a list")?
         .iter()
-        .map(|c| Ok((c["id"].as_u64().ok_or("det_categories[].id")?, c["name"].as_str().ok_or("det_categories[].name")?.to_string())))
+        .map(|c| {
+            Ok((
+                c["id"].as_u64().ok_or("det_categories[].id")?,
+                c["name"].as_str().ok_or("det_categories[].name")?.to_string(),
+            ))
+        })
         .collect::<Result<Vec<_>, &str>>()?;
     Ok(DatasetInfo {
         class_names: strings("class_names")?,

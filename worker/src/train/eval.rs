@@ -10,8 +10,8 @@ use mtl_metrics::{
 use tch::{Device, Kind};
 
 use crate::data::{Batch, ClassTarget, DatasetInfo};
-use crate::model::{predict, Prediction};
 use crate::model::MultiTaskModel;
+use crate::model::{predict, Prediction};
 use crate::tasks::classification::ClassPrediction;
 use crate::tasks::Task;
 use crate::WorkerError;
@@ -24,7 +24,8 @@ pub fn empty_stats(model: &MultiTaskModel, info: &DatasetInfo) -> Result<EvalSta
         if info.multi_label {
             stats.multilabel = Some(MultiLabelStats::new(info.class_names.len()));
         } else {
-            stats.classification = Some(ClassificationStats::new(info.class_names.len()).map_err(metrics_err)?);
+            stats.classification =
+                Some(ClassificationStats::new(info.class_names.len()).map_err(metrics_err)?);
         }
     }
     if model.has_task(Task::Detection) {
@@ -66,8 +67,12 @@ pub fn accumulate(
     let pixels = (size[1] * size[2]) as usize;
     let masks: Vec<i64> = Vec::<i64>::try_from(&batch.mask_target.to_device(Device::Cpu).reshape([-1]))?;
     let targets: Option<Vec<f32>> = match &batch.class_target {
-        ClassTarget::Single(t) => Some(Vec::<i64>::try_from(&t.to_device(Device::Cpu))?.into_iter().map(|v| v as f32).collect()),
-        ClassTarget::Multi(t) => Some(Vec::<f32>::try_from(&t.to_device(Device::Cpu).to_kind(Kind::Float).reshape([-1]))?),
+        ClassTarget::Single(t) => {
+            Some(Vec::<i64>::try_from(&t.to_device(Device::Cpu))?.into_iter().map(|v| v as f32).collect())
+        }
+        ClassTarget::Multi(t) => {
+            Some(Vec::<f32>::try_from(&t.to_device(Device::Cpu).to_kind(Kind::Float).reshape([-1]))?)
+        }
     };
     let num_classes = info.class_names.len();
     for (i, pred) in preds.iter().enumerate() {
@@ -90,7 +95,12 @@ pub fn accumulate(
                 .iter()
                 .map(|b| {
                     let (w, h) = (f64::from(b.x2 - b.x1), f64::from(b.y2 - b.y1));
-                    GroundTruth { bbox: [f64::from(b.x1), f64::from(b.y1), w, h], category_id: cat(b.category), area: w * h, iscrowd: b.iscrowd }
+                    GroundTruth {
+                        bbox: [f64::from(b.x1), f64::from(b.y1), w, h],
+                        category_id: cat(b.category),
+                        area: w * h,
+                        iscrowd: b.iscrowd,
+                    }
                 })
                 .collect();
             let dets = pred

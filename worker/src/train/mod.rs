@@ -106,7 +106,11 @@ pub struct Trainer {
 impl Trainer {
     /// Builds optimizer and weighting for `model` and makes every rank start from rank 0's
     /// parameters and buffers.
-    pub fn new(cfg: &JobConfig, model: MultiTaskModel, collective: Box<dyn Collective>) -> Result<Self, WorkerError> {
+    pub fn new(
+        cfg: &JobConfig,
+        model: MultiTaskModel,
+        collective: Box<dyn Collective>,
+    ) -> Result<Self, WorkerError> {
         let device = model.var_store().device();
         let weighting = TaskWeighting::new(&cfg.weighting, cfg.job.seed, device);
         let mut named = model.parameters();
@@ -146,8 +150,11 @@ impl Trainer {
         if self.collective.world_size() == 1 {
             return Ok(());
         }
-        let mut vars: Vec<Tensor> =
-            self.model.var_store().variables().into_values().chain(self.weighting.parameters().into_iter().map(|(_, t)| t)).collect();
+        // Sorted by name: every rank must pass the same tensors in the same order.
+        let mut named: Vec<(String, Tensor)> = self.model.var_store().variables().into_iter().collect();
+        named.extend(self.weighting.parameters());
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut vars: Vec<Tensor> = named.into_iter().map(|(_, t)| t).collect();
         tch::no_grad(|| self.collective.broadcast(&mut vars, 0))?;
         Ok(())
     }
@@ -180,12 +187,14 @@ impl Trainer {
             seg: losses.seg.map(|l| l * world),
         };
         let shared: Vec<Tensor> = self.model.shared_parameters().into_iter().map(|(_, t)| t).collect();
-        let heads: Vec<Tensor> = Task::ALL
-            .into_iter()
-            .flat_map(|t| self.model.head_parameters(t))
-            .map(|(_, t)| t)
-            .collect();
-        let report = self.weighting.backward(&scaled, &shared, &heads, &mut CollectiveReducer(self.collective.as_mut()))?;
+        let heads: Vec<Tensor> =
+            Task::ALL.into_iter().flat_map(|t| self.model.head_parameters(t)).map(|(_, t)| t).collect();
+        let report = self.weighting.backward(
+            &scaled,
+            &shared,
+            &heads,
+            &mut CollectiveReducer(self.collective.as_mut()),
+        )?;
 
         // Every rank all-reduces every gradient, also of heads without labels this step.
         let mut params: Vec<Tensor> = if self.weighting.reduces_shared_grads() {
@@ -207,7 +216,8 @@ impl Trainer {
         self.optimizer.step(lr)?;
         self.step += 1;
 
-        let mut values = task_values(&scaled, 1.0 / world)?;
+        // Each rank holds N * (its share of the global loss); their mean is the global loss.
+        let mut values = task_values(&scaled)?;
         if log {
             values = self.mean_over_ranks(&values)?;
         }
@@ -223,7 +233,8 @@ impl Trainer {
 
     /// Averages per-task values over ranks (every rank has the same tasks present).
     fn mean_over_ranks(&mut self, values: &TaskValues) -> Result<TaskValues, WorkerError> {
-        let present: Vec<weighting::Task> = weighting::Task::ALL.into_iter().filter(|t| values.get(*t).is_some()).collect();
+        let present: Vec<weighting::Task> =
+            weighting::Task::ALL.into_iter().filter(|t| values.get(*t).is_some()).collect();
         let raw: Vec<f64> = present.iter().filter_map(|t| values.get(*t)).collect();
         let mut t = [Tensor::from_slice(&raw).to_device(self.device)];
         self.collective.all_reduce(&mut t, ReduceOp::Mean)?;
@@ -250,11 +261,11 @@ impl Trainer {
     }
 }
 
-/// Loss values of the present tasks, times `scale` (to undo the world-size scaling).
-fn task_values(losses: &weighting::TaskLosses, scale: f64) -> Result<TaskValues, WorkerError> {
+/// Loss values of the present tasks.
+fn task_values(losses: &weighting::TaskLosses) -> Result<TaskValues, WorkerError> {
     let mut out = TaskValues::default();
     for (task, loss) in losses.present() {
-        out.set(task, loss.f_double_value(&[])? * scale);
+        out.set(task, loss.f_double_value(&[])?);
     }
     Ok(out)
 }
@@ -270,7 +281,10 @@ fn ensure_grads(params: &[Tensor]) -> Result<Vec<Tensor>, WorkerError> {
     let missing: Vec<&Tensor> = params.iter().filter(|p| !p.grad().defined()).collect();
     if !missing.is_empty() {
         // d(0 * sum p)/dp = 0 defines the gradient without changing anything.
-        let zero = missing.iter().map(|p| p.sum(Kind::Float) * 0.0).fold(Tensor::zeros([], (Kind::Float, params[0].device())), |a, b| a + b);
+        let zero = missing
+            .iter()
+            .map(|p| p.sum(Kind::Float) * 0.0)
+            .fold(Tensor::zeros([], (Kind::Float, params[0].device())), |a, b| a + b);
         zero.f_backward()?;
     }
     Ok(params.iter().map(|p| p.grad()).collect())
@@ -292,3 +306,6 @@ pub fn to_device(batch: &Batch, device: Device) -> Result<Batch, WorkerError> {
         mask_labelled: batch.mask_labelled.f_to_device(device)?,
     })
 }
+
+#[cfg(test)]
+mod tests;

@@ -61,11 +61,15 @@ impl OrderedSplit {
 
 /// Trains `cfg` on `device`, evaluating before, every `train.eval_every_steps` and at the end;
 /// saves the final model to `out` when given.
-pub fn run(cfg: &JobConfig, device: tch::Device, out: Option<PathBuf>, quiet: bool) -> Result<Summary, WorkerError> {
+pub fn run(
+    cfg: &JobConfig,
+    device: tch::Device,
+    out: Option<PathBuf>,
+    quiet: bool,
+) -> Result<Summary, WorkerError> {
     let seed = cfg.job.seed;
-    let train = OrderedSplit::new(open_dataset(&cfg.data, Split::Train, seed)?.ok_or_else(|| WorkerError::Model {
-        key: "data.train".into(),
-        message: "no training split configured".into(),
+    let train = OrderedSplit::new(open_dataset(&cfg.data, Split::Train, seed)?.ok_or_else(|| {
+        WorkerError::Model { key: "data.train".into(), message: "no training split configured".into() }
     })?);
     let val = open_dataset(&cfg.data, Split::Val, seed)?.map(OrderedSplit::new);
     let info = train.dataset.info.clone();
@@ -75,7 +79,11 @@ pub fn run(cfg: &JobConfig, device: tch::Device, out: Option<PathBuf>, quiet: bo
 
     let evaluate = |trainer: &Trainer| -> Result<BTreeMap<String, f64>, WorkerError> {
         let Some(val) = &val else { return Ok(BTreeMap::new()) };
-        let loader = Loader::new(val.dataset.clone(), &val.ids, LoaderConfig::from_section(&cfg.data, batch_size as usize, false, seed, 0))?;
+        let loader = Loader::new(
+            val.dataset.clone(),
+            &val.ids,
+            LoaderConfig::from_section(&cfg.data, batch_size as usize, false, seed, 0),
+        )?;
         Ok(trainer.evaluate(loader, &info)?.finish().to_map())
     };
     let initial = evaluate(&trainer)?;
@@ -96,7 +104,11 @@ pub fn run(cfg: &JobConfig, device: tch::Device, out: Option<PathBuf>, quiet: bo
             });
         }
         let ids = train.ids_at(&shard.positions);
-        let mut loader = Loader::new(train.dataset.clone(), &ids, LoaderConfig::from_section(&cfg.data, batch_size as usize, true, seed, epoch))?;
+        let mut loader = Loader::new(
+            train.dataset.clone(),
+            &ids,
+            LoaderConfig::from_section(&cfg.data, batch_size as usize, true, seed, epoch),
+        )?;
         for batch in loader.by_ref() {
             if trainer.steps_done() >= cfg.train.steps {
                 break;

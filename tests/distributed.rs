@@ -1,0 +1,74 @@
+//! Coordinator + worker processes training the multi-task model on loopback: losses are
+//! reported, every rank's evaluation statistics are merged centrally, and the merged metrics
+//! equal a single process evaluating the same model on the same validation set, exactly.
+mod common;
+
+use std::collections::BTreeMap;
+use std::process::Command;
+
+use common::{job, spawn_worker_with, tiny_data, wait, InProcessCoordinator};
+use mtl_coordinator::JobOutcome;
+use mtl_proto::v1::MetricsKind;
+
+async fn train_and_compare(world: usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let body = format!(
+        "{}[rendezvous]\nmin_workers = {world}\n[train]\nsteps = 12\nbatch_size = 4\nlr = 0.05\nclip_grad_norm = 5.0\n\
+         log_every_steps = 4\neval_every_steps = 6\n",
+        tiny_data(&dir.path().join("data"), 96)
+    );
+    let coord = InProcessCoordinator::start(job(&body)).await;
+    let ckpt = dir.path().join("model");
+    let workers: Vec<_> = (0..world)
+        .map(|i| {
+            let out = ckpt.to_str().unwrap().to_string();
+            spawn_worker_with(&coord.url, &coord.token, &format!("w{i}"), &["--out", &out])
+        })
+        .collect();
+    let report = coord.report().await;
+    for (i, w) in workers.into_iter().enumerate() {
+        let (code, stderr) = wait(w).await;
+        assert_eq!(code, Some(0), "worker {i}:\n{stderr}");
+    }
+    assert_eq!(report.outcome, JobOutcome::Finished);
+    let history = &report.status.history;
+    let train: Vec<u64> =
+        history.iter().filter(|p| p.kind == MetricsKind::Train as i32).map(|p| p.step).collect();
+    assert_eq!(train, [4, 8, 12], "rank 0 reports every log step");
+    let evals: Vec<_> = history.iter().filter(|p| p.kind == MetricsKind::Eval as i32).collect();
+    assert_eq!(
+        evals.iter().map(|p| p.step).collect::<Vec<_>>(),
+        [6, 12],
+        "one merged evaluation per eval step"
+    );
+    let merged: BTreeMap<String, f64> = evals[1].values.iter().map(|(k, v)| (k.clone(), *v)).collect();
+
+    // The same model evaluated by one process over the whole validation split.
+    let out = Command::new(common::bin("worker"))
+        .args(["eval", "--checkpoint", ckpt.to_str().unwrap(), "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let single: BTreeMap<String, f64> = serde_json::from_slice::<serde_json::Value>(&out.stdout)
+        .unwrap()
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_f64().unwrap_or(f64::NAN)))
+        .collect();
+    assert_eq!(single.keys().collect::<Vec<_>>(), merged.keys().collect::<Vec<_>>());
+    for (k, v) in &single {
+        let m = merged[k];
+        assert!(m == *v || (m.is_nan() && v.is_nan()), "{world} workers: {k} merged {m} vs one process {v}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_train_and_merged_eval_equals_one_process() {
+    train_and_compare(2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_workers_train_and_merged_eval_equals_one_process() {
+    train_and_compare(3).await;
+}

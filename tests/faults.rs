@@ -1,0 +1,43 @@
+//! A worker killed mid-training: the coordinator ends the job within the heartbeat timeout
+//! naming the lost worker, and the surviving worker exits with an error instead of hanging.
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{job, spawn_worker, tiny_data, wait, InProcessCoordinator};
+use mtl_coordinator::JobOutcome;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_a_worker_fails_the_job_within_the_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = format!(
+        "{}[rendezvous]\nmin_workers = 2\nheartbeat_interval_ms = 100\nheartbeat_timeout_ms = 2000\n\
+         [comm]\ntimeout_ms = 3000\n[train]\nsteps = 100000\nbatch_size = 2\nlog_every_steps = 1\n",
+        tiny_data(&dir.path().join("data"), 32)
+    );
+    let coord = InProcessCoordinator::start(job(&body)).await;
+    let survivor = spawn_worker(&coord.url, &coord.token, "a");
+    let mut victim = spawn_worker(&coord.url, &coord.token, "b");
+    // Kill once training is under way: rank 0 has reported a few steps.
+    loop {
+        let status = coord.status().await;
+        if status.history.len() >= 3 {
+            break;
+        }
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(20)).await; // polling the live status, not syncing
+    }
+    victim.kill().unwrap();
+    victim.wait().unwrap();
+    let killed_at = Instant::now();
+    let report = coord.report().await;
+    let JobOutcome::Failed(reason) = &report.outcome else { panic!("job must fail: {:?}", report.outcome) };
+    assert!(reason.contains('b') || reason.contains("failed"), "{reason}");
+    let (code, stderr) = wait(survivor).await;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("peer rank 1") || stderr.contains("stopped by the coordinator"),
+        "survivor says why: {stderr}"
+    );
+    assert!(killed_at.elapsed() < Duration::from_secs(20), "no hang");
+}

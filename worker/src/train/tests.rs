@@ -1,0 +1,222 @@
+//! Data-parallel equivalence: N ranks (threads, talking over the real TCP ring) with batch b
+//! end with the same parameters as one rank with batch N*b; distributed evaluation merges to
+//! exactly the single-process metrics.
+use std::net::{SocketAddr, TcpListener};
+use std::path::Path;
+use std::time::Duration;
+
+use mtl_job::{sharding, JobConfig};
+use tch::{Device, Tensor};
+
+use super::standalone::OrderedSplit;
+use super::*;
+use crate::collective::ring::Ring;
+use crate::collective::RingCollective;
+use crate::data::{open_dataset, Loader, LoaderConfig, Split};
+use crate::model::MultiTaskModel;
+
+const STEPS: u64 = 3;
+
+fn job(dir: &Path, extra: &str) -> JobConfig {
+    let text = format!(
+        r#"
+[job]
+name = "equivalence"
+seed = 11
+[data]
+format = "synthetic"
+train = "{}"
+synthetic_n = 64
+synthetic_size = 32
+synthetic_val_fraction = 0.25
+image_size = 32
+loader_threads = 1
+[model]
+backbone = "tiny"
+norm = "group"
+[train]
+steps = {STEPS}
+lr = 0.01
+clip_grad_norm = 1.0
+momentum = 0.9
+weight_decay = 0.0001
+{extra}
+"#,
+        dir.display()
+    );
+    JobConfig::from_toml(&text).expect("test job")
+}
+
+/// Makes the training split partially labelled: classes on one sample in four, boxes on two in
+/// three, masks on one in two, so ranks hold different label counts per task, zero included.
+fn make_partial(dir: &Path) {
+    let path = dir.join("train.jsonl");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let mut out = String::new();
+    for line in text.lines() {
+        let mut v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let id = v["id"].as_u64().unwrap();
+        let obj = v.as_object_mut().unwrap();
+        if !id.is_multiple_of(4) {
+            obj.remove("class");
+        }
+        if id.is_multiple_of(3) {
+            obj.remove("boxes");
+        }
+        if id.is_multiple_of(2) {
+            obj.remove("mask");
+        }
+        out.push_str(&serde_json::to_string(&v).unwrap());
+        out.push('\n');
+    }
+    std::fs::write(&path, out).unwrap();
+}
+
+/// Trains `STEPS` steps on `world` ranks with per-rank batch `batch`; returns rank 0's
+/// parameters and checks every rank ended identical.
+fn train_parameters(cfg: &JobConfig, world: usize, batch: u32) -> Vec<(String, Tensor)> {
+    train_parameters_steps(cfg, world, batch, STEPS)
+}
+
+fn train_parameters_steps(cfg: &JobConfig, world: usize, batch: u32, steps: u64) -> Vec<(String, Tensor)> {
+    let train = OrderedSplit::new(open_dataset(&cfg.data, Split::Train, cfg.job.seed).unwrap().unwrap());
+    let info = train.dataset.info.clone();
+    // Models are built one after another: LibTorch's RNG is shared by all threads.
+    let models: Vec<MultiTaskModel> = (0..world)
+        .map(|_| {
+            tch::manual_seed(5);
+            MultiTaskModel::new(&cfg.model, &cfg.tasks, &info, Device::Cpu).unwrap()
+        })
+        .collect();
+    let listeners: Vec<TcpListener> = (0..world).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+    let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
+    let mut cfg = cfg.clone();
+    cfg.train.batch_size = batch;
+    let results: Vec<Vec<(String, Tensor)>> = std::thread::scope(|s| {
+        let handles: Vec<_> = models
+            .into_iter()
+            .zip(listeners)
+            .enumerate()
+            .map(|(rank, (model, listener))| {
+                let (cfg, train, addrs) = (&cfg, &train, &addrs);
+                s.spawn(move || {
+                    let t = Duration::from_secs(60);
+                    let ring = Ring::connect(rank, addrs, listener, 1, t, t).unwrap();
+                    let mut trainer =
+                        Trainer::new(cfg, model, Box::new(RingCollective::new(ring, 1 << 20))).unwrap();
+                    let shard = sharding::train_shard(
+                        train.ids.len() as u64,
+                        cfg.job.seed,
+                        0,
+                        0,
+                        world as u32,
+                        rank as u32,
+                        batch,
+                    );
+                    assert!(shard.steps >= steps, "dataset too small for the test");
+                    let ids = train.ids_at(&shard.positions);
+                    let lc = LoaderConfig::from_section(&cfg.data, batch as usize, true, cfg.job.seed, 0);
+                    for b in Loader::new(train.dataset.clone(), &ids, lc).unwrap().take(steps as usize) {
+                        trainer.step(&b.unwrap(), true).unwrap();
+                    }
+                    trainer.model.parameters()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for other in &results[1..] {
+        for ((name, a), (_, b)) in results[0].iter().zip(other) {
+            assert!(a.equal(b), "ranks disagree on {name}");
+        }
+    }
+    results.into_iter().next().unwrap()
+}
+
+/// allclose per tensor: rtol 1e-5 of the tensor's largest value, atol 1e-7 for tensors that
+/// are still near zero (zero-initialised biases and residual-branch scales).
+fn assert_close(single: &[(String, Tensor)], multi: &[(String, Tensor)], what: &str) {
+    let mut worst = 0f64;
+    for ((name, a), (_, b)) in single.iter().zip(multi) {
+        let diff = (a - b).abs().max().double_value(&[]);
+        let scale = a.abs().max().double_value(&[]);
+        assert!(diff <= 1e-5 * scale + 1e-7, "{what}: {name} differs by {diff} (scale {scale})");
+        worst = worst.max(diff / scale.max(1e-2));
+    }
+    eprintln!("{what}: worst relative difference {worst:e}");
+}
+
+fn check_equivalence(extra: &str, partial: bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = job(dir.path(), extra);
+    open_dataset(&cfg.data, Split::Train, cfg.job.seed).unwrap(); // generate once
+    if partial {
+        make_partial(dir.path());
+    }
+    let initial = {
+        tch::manual_seed(5);
+        let info = open_dataset(&cfg.data, Split::Train, cfg.job.seed).unwrap().unwrap().info;
+        MultiTaskModel::new(&cfg.model, &cfg.tasks, &info, Device::Cpu).unwrap().parameters()
+    };
+    let b = 2;
+    let single = train_parameters(&cfg, 1, 2 * b);
+    let moved = single.iter().zip(&initial).any(|((_, a), (_, i))| !a.equal(i));
+    assert!(moved, "training changed the parameters");
+    assert_close(&single, &train_parameters(&cfg, 2, b), "2 ranks");
+    let single3 = train_parameters(&cfg, 1, 3 * b);
+    assert_close(&single3, &train_parameters(&cfg, 3, b), "3 ranks");
+}
+
+#[test]
+fn two_and_three_ranks_equal_one_rank_with_the_whole_batch() {
+    check_equivalence("", false);
+}
+
+#[test]
+fn equivalence_holds_with_partial_labels() {
+    check_equivalence("", true);
+}
+
+#[test]
+fn equivalence_holds_with_pcgrad_and_partial_labels() {
+    check_equivalence("[weighting]\nstrategy = \"pcgrad\"", true);
+}
+
+#[test]
+fn distributed_evaluation_equals_one_process_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = job(dir.path(), "");
+    cfg.train.steps = 20;
+    let summary = standalone::run(&cfg, Device::Cpu, Some(dir.path().join("ckpt")), true).unwrap();
+    assert!(summary.steps == 20);
+    let loaded = checkpoint::open(&dir.path().join("ckpt")).unwrap();
+    let mut model =
+        MultiTaskModel::new(&loaded.cfg.model, &loaded.cfg.tasks, &loaded.info, Device::Cpu).unwrap();
+    checkpoint::load_into(&mut model, &loaded.weights).unwrap();
+    let val = OrderedSplit::new(open_dataset(&cfg.data, Split::Val, cfg.job.seed).unwrap().unwrap());
+    let eval_ids = |ids: &[u64]| {
+        let lc = LoaderConfig::from_section(&cfg.data, 4, false, cfg.job.seed, 0);
+        eval::evaluate(&model, Loader::new(val.dataset.clone(), ids, lc).unwrap(), &loaded.info).unwrap()
+    };
+    let whole = eval_ids(&val.ids).finish().to_map();
+    assert_eq!(whole, summary.last, "the saved model evaluates as the trained one did");
+    for world in 1..=3u32 {
+        let mut merged = mtl_metrics::EvalStats::default();
+        // Merge in reverse rank order: the result must not depend on arrival order.
+        for rank in (0..world).rev() {
+            let shard = val.ids_at(&sharding::val_shard(val.ids.len() as u64, world, rank));
+            let stats = eval_ids(&shard);
+            let wire: mtl_metrics::EvalStats =
+                serde_json::from_slice(&serde_json::to_vec(&stats).unwrap()).unwrap();
+            merged.merge(&wire).unwrap();
+        }
+        let map = merged.finish().to_map();
+        for (k, v) in &whole {
+            assert!(
+                map[k] == *v || (map[k].is_nan() && v.is_nan()),
+                "{world} ranks: {k} = {} vs {v}",
+                map[k]
+            );
+        }
+    }
+}
