@@ -72,3 +72,54 @@ async fn two_workers_train_and_merged_eval_equals_one_process() {
 async fn three_workers_train_and_merged_eval_equals_one_process() {
     train_and_compare(3).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn evaluation_statistics_larger_than_grpc_default_are_accepted() {
+    use mtl_proto::v1::coordinator_client::CoordinatorClient;
+    use mtl_proto::v1::{MetricsReport, RegisterRequest};
+    let coord = InProcessCoordinator::start(job("")).await;
+    let mut client = CoordinatorClient::connect(coord.url.clone())
+        .await
+        .unwrap()
+        .max_encoding_message_size(mtl_proto::MAX_MESSAGE_BYTES);
+    let placement = client
+        .register(RegisterRequest {
+            job_token: coord.token.clone(),
+            worker_id: "w".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // 1000 images with 100 detections each: about 10 MB of JSON, as a real validation shard.
+    let mut det = mtl_metrics::DetectionStats::new([1u64]);
+    for image in 0..1000u64 {
+        let dets = (0..100)
+            .map(|i| mtl_metrics::Detection {
+                bbox: [i as f64, 1.5, 10.25, 20.125],
+                score: 0.001 * i as f64,
+                category_id: 1,
+            })
+            .collect();
+        det.add_image(image, Vec::new(), dets).unwrap();
+    }
+    let stats = mtl_metrics::EvalStats { detection: Some(det), ..Default::default() };
+    let json = serde_json::to_vec(&stats).unwrap();
+    assert!(json.len() > 4 << 20, "the test message exceeds gRPC's default: {} bytes", json.len());
+    client
+        .report_metrics(MetricsReport {
+            job_token: coord.token.clone(),
+            worker_id: "w".into(),
+            generation: placement.generation,
+            rank: 0,
+            kind: MetricsKind::Eval as i32,
+            step: 1,
+            eval_stats_json: json,
+            ..Default::default()
+        })
+        .await
+        .expect("large evaluation statistics are accepted");
+    let status = coord.status().await;
+    assert!(status.history.iter().any(|p| p.kind == MetricsKind::Eval as i32), "merged and recorded");
+    coord.stop().await;
+}

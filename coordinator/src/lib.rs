@@ -92,7 +92,11 @@ pub async fn run(
         let _ = stop_tx.send(outcome);
     };
     let server = tonic::transport::Server::builder()
-        .add_service(CoordinatorServer::new(CoordinatorService { shared: shared.clone() }))
+        .add_service(
+            CoordinatorServer::new(CoordinatorService { shared: shared.clone() })
+                .max_decoding_message_size(mtl_proto::MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(mtl_proto::MAX_MESSAGE_BYTES),
+        )
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
             outcome_or_shutdown,

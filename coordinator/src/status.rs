@@ -10,7 +10,8 @@ pub async fn print(addr: &str, token: &str) -> anyhow::Result<()> {
     use anyhow::Context;
     let mut client = CoordinatorClient::connect(addr.to_string())
         .await
-        .with_context(|| format!("cannot reach the coordinator at {addr}"))?;
+        .with_context(|| format!("cannot reach the coordinator at {addr}"))?
+        .max_decoding_message_size(mtl_proto::MAX_MESSAGE_BYTES);
     let status = client.get_status(StatusRequest { job_token: token.to_string() }).await?.into_inner();
     print!("{}", render(&status));
     Ok(())

@@ -49,7 +49,9 @@ impl Session {
     pub async fn join(addr: &str, token: &str, identity: Identity) -> Result<Self, WorkerError> {
         let mut client = CoordinatorClient::connect(addr.to_string())
             .await
-            .map_err(|source| WorkerError::Connect { addr: addr.to_string(), source })?;
+            .map_err(|source| WorkerError::Connect { addr: addr.to_string(), source })?
+            .max_encoding_message_size(mtl_proto::MAX_MESSAGE_BYTES)
+            .max_decoding_message_size(mtl_proto::MAX_MESSAGE_BYTES);
         let placement = client
             .register(RegisterRequest {
                 job_token: token.to_string(),

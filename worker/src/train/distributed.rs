@@ -121,6 +121,7 @@ pub fn train(
         };
 
     let mut epoch = 0;
+    let mut meter = super::Throughput::default();
     while trainer.steps_done() < cfg.train.steps {
         let shard = handle.block_on(session.shard(
             WireSplit::Train,
@@ -153,14 +154,17 @@ pub fn train(
             let step = trainer.steps_done() + 1;
             let log = step % cfg.train.log_every_steps.max(1) == 0 || step == cfg.train.steps;
             let report = trainer.step(&batch?, log)?;
+            meter.add(report.samples);
             session.set_step(step);
             if log && rank == 0 {
-                let scalars = report.scalars().into_iter().collect();
+                let mut scalars: HashMap<String, f64> = report.scalars().into_iter().collect();
+                scalars.insert("images_per_s".into(), meter.rate());
                 handle.block_on(session.report(MetricsKind::Train, step, epoch, scalars, Vec::new()))?;
             }
             let every = cfg.train.eval_every_steps;
             if every > 0 && step % every == 0 && step < cfg.train.steps {
                 evaluate(session, &trainer, step, epoch)?;
+                meter.restart();
             }
         }
         epoch += 1;

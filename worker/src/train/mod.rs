@@ -90,6 +90,38 @@ impl StepReport {
     }
 }
 
+/// Training images per second between log steps, counted over all ranks.
+#[derive(Debug)]
+pub struct Throughput {
+    since: std::time::Instant,
+    samples: u64,
+}
+
+impl Default for Throughput {
+    fn default() -> Self {
+        Self { since: std::time::Instant::now(), samples: 0 }
+    }
+}
+
+impl Throughput {
+    /// Counts a step's samples.
+    pub fn add(&mut self, samples: u64) {
+        self.samples += samples;
+    }
+
+    /// Images per second since the last call (or [`Throughput::restart`]), then restarts.
+    pub fn rate(&mut self) -> f64 {
+        let rate = self.samples as f64 / self.since.elapsed().as_secs_f64().max(1e-9);
+        self.restart();
+        rate
+    }
+
+    /// Starts counting afresh (after an evaluation, which is not training time).
+    pub fn restart(&mut self) {
+        *self = Self::default();
+    }
+}
+
 /// Model, optimizer, weighting, schedule and collective of one rank.
 pub struct Trainer {
     /// The network.

@@ -95,6 +95,7 @@ pub fn run(
     let mut skipped = 0;
     let mut last = initial.clone();
     let mut epoch = 0;
+    let mut meter = super::Throughput::default();
     while trainer.steps_done() < cfg.train.steps {
         let shard = sharding::train_shard(n, seed, epoch, 0, 1, 0, batch_size);
         if shard.steps == 0 {
@@ -117,9 +118,11 @@ pub fn run(
             let step = trainer.steps_done() + 1;
             let log = step % cfg.train.log_every_steps.max(1) == 0 || step == cfg.train.steps;
             let report = trainer.step(&batch, log)?;
+            meter.add(report.samples);
             if log {
                 let values: String = report.scalars().iter().map(|(k, v)| format!("{k}={v:.4} ")).collect();
-                tracing::info!(epoch, step, values = values.trim_end(), "train");
+                let images_per_s = format!("{:.1}", meter.rate());
+                tracing::info!(epoch, step, images_per_s, values = values.trim_end(), "train");
             }
             let every = cfg.train.eval_every_steps;
             if every > 0 && step % every == 0 && step < cfg.train.steps {
@@ -127,6 +130,7 @@ pub fn run(
                 if !quiet {
                     eprint!("step {step}:\n{}", mtl_metrics::render_table(&last));
                 }
+                meter.restart();
             }
         }
         skipped += loader.summary().skipped.len();
