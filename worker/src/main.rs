@@ -110,6 +110,28 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run a checkpoint on images: detections.json (COCO results), classes.json, masks/*.png
+    /// and overlays/*.png (boxes and mask drawn on the input), in the input's coordinates.
+    Predict {
+        /// A checkpoint directory written by `worker train --out` or `worker run --out`.
+        #[arg(long)]
+        checkpoint: std::path::PathBuf,
+        /// A directory of PNG/JPEG images, or a JSONL manifest.
+        #[arg(long)]
+        input: std::path::PathBuf,
+        /// Output directory (created if missing).
+        #[arg(long)]
+        out: std::path::PathBuf,
+        /// Device: `cpu` or `cuda:N`.
+        #[arg(long, env = "MTL_DEVICE", default_value = "cpu")]
+        device: String,
+        /// Images per forward pass.
+        #[arg(long, default_value_t = 16)]
+        batch_size: usize,
+        /// Overlays draw boxes scoring at least this (detections.json keeps every detection).
+        #[arg(long, default_value_t = 0.3)]
+        overlay_score: f64,
+    },
     /// Generate a dataset on disk.
     GenData {
         #[command(subcommand)]
@@ -206,6 +228,21 @@ fn main() -> ExitCode {
             (None, Some(gt), Some(dets)) => commands::eval_files(&gt, &dets, json),
             _ => unreachable!("clap requires --checkpoint or --gt with --detections"),
         },
+        Command::Predict { checkpoint, input, out, device, batch_size, overlay_score } => {
+            mtl_worker::device::parse_device(&device)
+                .and_then(|d| {
+                    mtl_worker::predict::run(&checkpoint, &input, &out, d, batch_size, overlay_score)
+                })
+                .map(|s| {
+                    println!(
+                        "predicted {} images ({} skipped), {} detections; written to {}",
+                        s.images,
+                        s.skipped,
+                        s.detections,
+                        out.display()
+                    );
+                })
+        }
         Command::GenData { kind: GenData::Shapes { out, n, size, seed, val_fraction } } => {
             let cfg = SyntheticConfig { n, size, seed, val_fraction };
             generate(&out, &cfg)
