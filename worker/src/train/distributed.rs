@@ -11,13 +11,11 @@ use mtl_job::Backend;
 use mtl_proto::v1::{MetricsKind, Split as WireSplit};
 use tokio::runtime::Handle;
 
-use super::standalone::OrderedSplit;
 use super::{checkpoint, Trainer};
 use crate::collective::nccl::NcclCollective;
 use crate::collective::ring::Ring;
 use crate::collective::{Collective, RingCollective, Timeouts};
-use crate::data::{open_dataset, Loader, LoaderConfig, Split};
-use crate::model::MultiTaskModel;
+use crate::data::{Loader, LoaderConfig};
 use crate::session::Session;
 use crate::WorkerError;
 
@@ -94,12 +92,8 @@ pub fn train(
     let cfg = session.config.clone();
     let seed = cfg.job.seed;
     let rank = session.placement.rank;
-    let train = OrderedSplit::new(open_dataset(&cfg.data, Split::Train, seed)?.ok_or_else(|| {
-        WorkerError::Model { key: "data.train".into(), message: "no training split configured".into() }
-    })?);
-    let val = open_dataset(&cfg.data, Split::Val, seed)?.map(OrderedSplit::new);
+    let (train, val, model) = super::standalone::open_job(&cfg, device)?;
     let info = train.dataset.info.clone();
-    let model = MultiTaskModel::new(&cfg.model, &cfg.tasks, &info, device)?;
     let collective = connect_collective(session, device, listener)?;
     let mut trainer = Trainer::new(&cfg, model, collective)?;
     let batch_size = cfg.train.batch_size as usize;

@@ -59,6 +59,22 @@ impl OrderedSplit {
     }
 }
 
+/// The job's training split, its validation split (if configured) and a fresh model for them.
+pub fn open_job(
+    cfg: &JobConfig,
+    device: tch::Device,
+) -> Result<(OrderedSplit, Option<OrderedSplit>, MultiTaskModel), WorkerError> {
+    let seed = cfg.job.seed;
+    let train = OrderedSplit::new(open_dataset(&cfg.data, Split::Train, seed)?.ok_or_else(|| {
+        WorkerError::Model { key: "data.train".into(), message: "no training split configured".into() }
+    })?);
+    let val = open_dataset(&cfg.data, Split::Val, seed)?.map(OrderedSplit::new);
+    // The initial weights follow `job.seed` (ranks then take rank 0's anyway).
+    tch::manual_seed(seed as i64);
+    let model = MultiTaskModel::new(&cfg.model, &cfg.tasks, &train.dataset.info, device)?;
+    Ok((train, val, model))
+}
+
 /// Trains `cfg` on `device`, evaluating before, every `train.eval_every_steps` and at the end;
 /// saves the final model to `out` when given.
 pub fn run(
@@ -68,12 +84,8 @@ pub fn run(
     quiet: bool,
 ) -> Result<Summary, WorkerError> {
     let seed = cfg.job.seed;
-    let train = OrderedSplit::new(open_dataset(&cfg.data, Split::Train, seed)?.ok_or_else(|| {
-        WorkerError::Model { key: "data.train".into(), message: "no training split configured".into() }
-    })?);
-    let val = open_dataset(&cfg.data, Split::Val, seed)?.map(OrderedSplit::new);
+    let (train, val, model) = open_job(cfg, device)?;
     let info = train.dataset.info.clone();
-    let model = MultiTaskModel::new(&cfg.model, &cfg.tasks, &info, device)?;
     let mut trainer = Trainer::new(cfg, model, Box::new(LocalCollective))?;
     let batch_size = cfg.train.batch_size;
 

@@ -72,20 +72,22 @@ fn make_partial(dir: &Path) {
     std::fs::write(&path, out).unwrap();
 }
 
-/// Trains `STEPS` steps on `world` ranks with per-rank batch `batch`; returns rank 0's
-/// parameters and checks every rank ended identical.
-fn train_parameters(cfg: &JobConfig, world: usize, batch: u32) -> Vec<(String, Tensor)> {
-    train_parameters_steps(cfg, world, batch, STEPS)
-}
-
-fn train_parameters_steps(cfg: &JobConfig, world: usize, batch: u32, steps: u64) -> Vec<(String, Tensor)> {
+/// Trains `STEPS` steps on `world` ranks with per-rank batch `batch`, every rank starting from
+/// `initial`'s weights; returns rank 0's parameters and checks every rank ended identical.
+fn train_parameters(
+    cfg: &JobConfig,
+    initial: &MultiTaskModel,
+    world: usize,
+    batch: u32,
+) -> Vec<(String, Tensor)> {
     let train = OrderedSplit::new(open_dataset(&cfg.data, Split::Train, cfg.job.seed).unwrap().unwrap());
     let info = train.dataset.info.clone();
-    // Models are built one after another: LibTorch's RNG is shared by all threads.
+    // Copied, not re-seeded: LibTorch's RNG is shared with every test running concurrently.
     let models: Vec<MultiTaskModel> = (0..world)
         .map(|_| {
-            tch::manual_seed(5);
-            MultiTaskModel::new(&cfg.model, &cfg.tasks, &info, Device::Cpu).unwrap()
+            let mut m = MultiTaskModel::new(&cfg.model, &cfg.tasks, &info, Device::Cpu).unwrap();
+            m.var_store_mut().copy(initial.var_store()).unwrap();
+            m
         })
         .collect();
     let listeners: Vec<TcpListener> = (0..world).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
@@ -113,10 +115,10 @@ fn train_parameters_steps(cfg: &JobConfig, world: usize, batch: u32, steps: u64)
                         rank as u32,
                         batch,
                     );
-                    assert!(shard.steps >= steps, "dataset too small for the test");
+                    assert!(shard.steps >= STEPS, "dataset too small for the test");
                     let ids = train.ids_at(&shard.positions);
                     let lc = LoaderConfig::from_section(&cfg.data, batch as usize, true, cfg.job.seed, 0);
-                    for b in Loader::new(train.dataset.clone(), &ids, lc).unwrap().take(steps as usize) {
+                    for b in Loader::new(train.dataset.clone(), &ids, lc).unwrap().take(STEPS as usize) {
                         trainer.step(&b.unwrap(), true).unwrap();
                     }
                     trainer.model.parameters()
@@ -153,18 +155,16 @@ fn check_equivalence(extra: &str, partial: bool) {
     if partial {
         make_partial(dir.path());
     }
-    let initial = {
-        tch::manual_seed(5);
-        let info = open_dataset(&cfg.data, Split::Train, cfg.job.seed).unwrap().unwrap().info;
-        MultiTaskModel::new(&cfg.model, &cfg.tasks, &info, Device::Cpu).unwrap().parameters()
-    };
+    let info = open_dataset(&cfg.data, Split::Train, cfg.job.seed).unwrap().unwrap().info;
+    let model = MultiTaskModel::new(&cfg.model, &cfg.tasks, &info, Device::Cpu).unwrap();
+    let initial = model.parameters();
     let b = 2;
-    let single = train_parameters(&cfg, 1, 2 * b);
+    let single = train_parameters(&cfg, &model, 1, 2 * b);
     let moved = single.iter().zip(&initial).any(|((_, a), (_, i))| !a.equal(i));
     assert!(moved, "training changed the parameters");
-    assert_close(&single, &train_parameters(&cfg, 2, b), "2 ranks");
-    let single3 = train_parameters(&cfg, 1, 3 * b);
-    assert_close(&single3, &train_parameters(&cfg, 3, b), "3 ranks");
+    assert_close(&single, &train_parameters(&cfg, &model, 2, b), "2 ranks");
+    let single3 = train_parameters(&cfg, &model, 1, 3 * b);
+    assert_close(&single3, &train_parameters(&cfg, &model, 3, b), "3 ranks");
 }
 
 #[test]
