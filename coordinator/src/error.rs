@@ -64,6 +64,14 @@ pub enum CoordinatorError {
         /// "finished" or "failed".
         state: &'static str,
     },
+    /// A file the coordinator writes (the metrics history) could not be opened.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
     /// The gRPC server failed (bind, transport).
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -80,7 +88,7 @@ impl From<CoordinatorError> for Status {
             CoordinatorError::InvalidRequest { .. } => Status::invalid_argument(message),
             CoordinatorError::JobOver { .. } => Status::failed_precondition(message),
             CoordinatorError::DatasetMismatch { .. } => Status::failed_precondition(message),
-            CoordinatorError::Transport(_) => Status::internal(message),
+            CoordinatorError::Transport(_) | CoordinatorError::Io { .. } => Status::internal(message),
         }
     }
 }

@@ -57,7 +57,7 @@ pub async fn run(
     let shared = Shared {
         rendezvous_timeout: Duration::from_millis(cfg.rendezvous.timeout_ms),
         min_workers: cfg.rendezvous.min_workers,
-        state: Arc::new(Mutex::new(JobState::new(cfg))),
+        state: Arc::new(Mutex::new(JobState::new(cfg)?)),
         changed_tx: Arc::new(changed_tx),
     };
     tracing::info!(?addr, "coordinator serving");

@@ -86,12 +86,25 @@ pub(crate) struct JobState {
     epoch_position: (u64, u64),
     /// Evaluation statistics waiting for the other ranks: (generation, step) -> rank -> stats.
     pending_eval: BTreeMap<(u64, u64), BTreeMap<u32, mtl_metrics::EvalStats>>,
+    /// Train epochs started: epoch -> optimizer steps completed before it (from rank 0).
+    epoch_start: BTreeMap<u64, u64>,
+    /// Where every metrics point is appended as a JSON line.
+    metrics_file: std::fs::File,
+    metrics_path: std::path::PathBuf,
 }
 
 impl JobState {
-    pub(crate) fn new(cfg: JobConfig) -> Self {
+    /// A fresh job; creates (appends to) the metrics file, naming it if that fails.
+    pub(crate) fn new(cfg: JobConfig) -> Result<Self, CoordinatorError> {
         let config_toml = cfg.to_toml();
-        Self {
+        let metrics_path = cfg.server.metrics_path(&cfg.job.name);
+        let io = |source| CoordinatorError::Io { path: metrics_path.clone(), source };
+        if let Some(dir) = metrics_path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(io)?;
+        }
+        let metrics_file =
+            std::fs::OpenOptions::new().create(true).append(true).open(&metrics_path).map_err(io)?;
+        Ok(Self {
             cfg,
             config_toml,
             phase: Phase::Rendezvous,
@@ -102,7 +115,30 @@ impl JobState {
             datasets: BTreeMap::new(),
             epoch_position: (0, 0),
             pending_eval: BTreeMap::new(),
+            epoch_start: BTreeMap::new(),
+            metrics_file,
+            metrics_path,
+        })
+    }
+
+    /// Adds a point to the history and appends it to the metrics file. A failed write is
+    /// logged, not fatal: the in-memory history (and `Status`) still has it.
+    fn record(&mut self, point: MetricPoint) {
+        use std::io::Write;
+        let kind = if point.kind == MetricsKind::Eval as i32 { "eval" } else { "train" };
+        let values: BTreeMap<&String, &f64> = point.values.iter().collect();
+        let line = format!(
+            "{{\"kind\":\"{kind}\",\"generation\":{},\"epoch\":{},\"step\":{},\"rank\":{},\"values\":{}}}\n",
+            point.generation,
+            point.epoch,
+            point.step,
+            point.rank,
+            serde_json::to_string(&values).expect("metric values serialise")
+        );
+        if let Err(err) = self.metrics_file.write_all(line.as_bytes()) {
+            tracing::error!(path = %self.metrics_path.display(), %err, "cannot append to the metrics file");
         }
+        self.history.push(point);
     }
 
     pub(crate) fn phase(&self) -> &Phase {
@@ -299,6 +335,9 @@ impl JobState {
                 epoch_position: 0,
             },
             _ => {
+                if rank == 0 {
+                    self.epoch_start.entry(req.epoch).or_insert(req.steps_done);
+                }
                 let consumed = if self.epoch_position.0 == req.epoch { self.epoch_position.1 } else { 0 };
                 let shard = sharding::train_shard(
                     n,
@@ -348,7 +387,7 @@ impl JobState {
             values = values.trim_end(),
             "train"
         );
-        self.history.push(MetricPoint {
+        self.record(MetricPoint {
             kind: kind as i32,
             step: report.step,
             epoch: report.epoch,
@@ -391,7 +430,7 @@ impl JobState {
             "evaluation\n{}",
             mtl_metrics::render_table(&map)
         );
-        self.history.push(MetricPoint {
+        self.record(MetricPoint {
             kind: MetricsKind::Eval as i32,
             step: report.step,
             epoch: report.epoch,
@@ -433,6 +472,16 @@ impl JobState {
     }
 
     pub(crate) fn status(&self) -> JobStatus {
+        // Samples of the current epoch consumed by all ranks: steps since it began x global batch.
+        let (epoch, epoch_position) = match (self.epoch_start.last_key_value(), &self.generation) {
+            (Some((&epoch, &start)), Some(g)) => {
+                let steps = g.members[0].last_step.saturating_sub(start);
+                let global_batch = g.members.len() as u64 * u64::from(self.cfg.train.batch_size);
+                let resumed = if self.epoch_position.0 == epoch { self.epoch_position.1 } else { 0 };
+                (epoch, resumed + steps * global_batch)
+            }
+            _ => (0, 0),
+        };
         let mut workers: Vec<WorkerStatus> = self
             .pending
             .values()
@@ -466,6 +515,8 @@ impl JobState {
                 Phase::Failed(reason) => reason.clone(),
                 _ => String::new(),
             },
+            epoch,
+            epoch_position,
         }
     }
 }

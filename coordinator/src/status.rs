@@ -25,6 +25,9 @@ pub fn render(status: &JobStatus) -> String {
         "job {}: {} (generation {}, {} workers)",
         status.job_name, status.state, status.generation, status.world_size
     );
+    if status.state == "running" {
+        let _ = writeln!(out, "  epoch {}, {} samples of it consumed", status.epoch, status.epoch_position);
+    }
     if !status.message.is_empty() {
         let _ = writeln!(out, "  {}", status.message);
     }

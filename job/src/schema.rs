@@ -57,11 +57,25 @@ pub struct JobSection {
 pub struct ServerSection {
     /// Address the coordinator's gRPC server binds, `host:port` (port 0 picks a free one).
     pub listen: String,
+    /// Every metrics point (train losses, merged evaluations) is appended here as a JSON line;
+    /// empty means `runs/<job.name>/metrics.jsonl`.
+    pub metrics_file: String,
 }
 
 impl Default for ServerSection {
     fn default() -> Self {
-        Self { listen: "127.0.0.1:50051".into() }
+        Self { listen: "127.0.0.1:50051".into(), metrics_file: String::new() }
+    }
+}
+
+impl ServerSection {
+    /// Where metrics go, with the default resolved.
+    pub fn metrics_path(&self, job_name: &str) -> std::path::PathBuf {
+        if self.metrics_file.is_empty() {
+            std::path::Path::new("runs").join(job_name).join("metrics.jsonl")
+        } else {
+            self.metrics_file.clone().into()
+        }
     }
 }
 

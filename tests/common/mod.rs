@@ -38,6 +38,12 @@ pub fn job(body: &str) -> JobConfig {
     let text = format!("[job]\nname = \"test\"\ntoken = \"t0k\"\n{body}\n");
     let mut cfg = JobConfig::from_toml(&text).expect("test job config");
     cfg.server.listen = "127.0.0.1:0".into();
+    // Each job writes its own metrics file under the system temp dir.
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let file =
+        std::env::temp_dir().join(format!("mtl-test-{}-{n}", std::process::id())).join("metrics.jsonl");
+    cfg.server.metrics_file = file.display().to_string();
     cfg
 }
 

@@ -146,6 +146,7 @@ impl Session {
                 epoch,
                 dataset_samples,
                 dataset_fingerprint,
+                steps_done: self.step.load(Ordering::Relaxed),
             })
             .await
             .map_err(WorkerError::rpc("GetShard"))?

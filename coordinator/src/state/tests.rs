@@ -1,5 +1,13 @@
 use super::*;
 
+/// A job state whose metrics file lives in a temporary directory (kept alive by the caller).
+fn new_state(cfg: JobConfig) -> (JobState, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = cfg;
+    cfg.server.metrics_file = dir.path().join("metrics.jsonl").display().to_string();
+    (JobState::new(cfg).unwrap(), dir)
+}
+
 fn cfg(min: u32, max: u32) -> JobConfig {
     let mut cfg = JobConfig::from_toml("[job]\nname = \"t\"\ntoken = \"secret\"\n").unwrap();
     cfg.rendezvous.min_workers = min;
@@ -22,7 +30,7 @@ fn info(id: &str) -> WorkerInfo {
 #[test]
 fn generation_forms_at_min_workers_with_ranks_by_worker_id() {
     let now = Instant::now();
-    let mut s = JobState::new(cfg(2, 2));
+    let (mut s, _dir) = new_state(cfg(2, 2));
     assert!(!s.register(info("b"), now).unwrap());
     assert!(s.placement("b").is_none());
     assert!(s.register(info("a"), now).unwrap());
@@ -42,7 +50,7 @@ fn generation_forms_at_min_workers_with_ranks_by_worker_id() {
 #[test]
 fn full_generation_rejects_newcomers_but_accepts_retries() {
     let now = Instant::now();
-    let mut s = JobState::new(cfg(1, 1));
+    let (mut s, _dir) = new_state(cfg(1, 1));
     s.register(info("a"), now).unwrap();
     assert!(!s.register(info("a"), now).unwrap(), "a retried registration keeps its place");
     let err = s.register(info("z"), now).unwrap_err();
@@ -51,7 +59,7 @@ fn full_generation_rejects_newcomers_but_accepts_retries() {
 
 #[test]
 fn wrong_token_is_rejected() {
-    let s = JobState::new(cfg(1, 1));
+    let (s, _dir) = new_state(cfg(1, 1));
     assert!(matches!(s.check_token("nope"), Err(CoordinatorError::BadToken)));
     assert!(s.check_token("secret").is_ok());
 }
@@ -59,7 +67,7 @@ fn wrong_token_is_rejected() {
 #[test]
 fn job_finishes_when_every_member_left() {
     let now = Instant::now();
-    let mut s = JobState::new(cfg(2, 2));
+    let (mut s, _dir) = new_state(cfg(2, 2));
     s.register(info("a"), now).unwrap();
     s.register(info("b"), now).unwrap();
     s.leave("a", 1, false, "").unwrap();
@@ -72,7 +80,7 @@ fn job_finishes_when_every_member_left() {
 #[test]
 fn a_failed_worker_fails_the_job() {
     let now = Instant::now();
-    let mut s = JobState::new(cfg(1, 1));
+    let (mut s, _dir) = new_state(cfg(1, 1));
     s.register(info("a"), now).unwrap();
     s.leave("a", 1, true, "out of memory").unwrap();
     assert!(matches!(s.phase(), Phase::Failed(m) if m.contains("out of memory")));
@@ -81,7 +89,7 @@ fn a_failed_worker_fails_the_job() {
 #[test]
 fn silent_worker_is_lost_after_the_heartbeat_timeout() {
     let t0 = Instant::now();
-    let mut s = JobState::new(cfg(2, 2));
+    let (mut s, _dir) = new_state(cfg(2, 2));
     s.register(info("a"), t0).unwrap();
     s.register(info("b"), t0).unwrap();
     s.heartbeat("a", 1, 5, t0 + Duration::from_millis(900)).unwrap();
@@ -97,7 +105,7 @@ fn silent_worker_is_lost_after_the_heartbeat_timeout() {
 #[test]
 fn requests_for_another_generation_are_rejected() {
     let now = Instant::now();
-    let mut s = JobState::new(cfg(1, 1));
+    let (mut s, _dir) = new_state(cfg(1, 1));
     s.register(info("a"), now).unwrap();
     assert!(matches!(
         s.heartbeat("a", 7, 0, now),
@@ -115,13 +123,14 @@ fn shard_req(worker: &str, split: Split, samples: u64, fingerprint: &str) -> Sha
         epoch: 0,
         dataset_samples: samples,
         dataset_fingerprint: fingerprint.into(),
+        steps_done: 0,
     }
 }
 
 #[test]
 fn shards_cover_the_split_and_mismatched_data_is_rejected() {
     let now = Instant::now();
-    let mut s = JobState::new(cfg(2, 2));
+    let (mut s, _dir) = new_state(cfg(2, 2));
     s.register(info("a"), now).unwrap();
     s.register(info("b"), now).unwrap();
     let a = s.shard(&shard_req("a", Split::Train, 100, "f1")).unwrap();
@@ -135,4 +144,42 @@ fn shards_cover_the_split_and_mismatched_data_is_rejected() {
     let va = s.shard(&shard_req("a", Split::Val, 5, "v")).unwrap();
     let vb = s.shard(&shard_req("b", Split::Val, 5, "v")).unwrap();
     assert_eq!(va.positions.len() + vb.positions.len(), 5);
+}
+
+#[test]
+fn metrics_are_appended_to_the_metrics_file_and_epoch_position_is_tracked() {
+    let now = Instant::now();
+    let (mut s, dir) = new_state(cfg(2, 2));
+    s.register(info("a"), now).unwrap();
+    s.register(info("b"), now).unwrap();
+    let mut req = shard_req("a", Split::Train, 100, "f");
+    req.steps_done = 0;
+    s.shard(&req).unwrap();
+    s.heartbeat("a", 1, 3, now).unwrap();
+    let status = s.status();
+    assert_eq!((status.epoch, status.epoch_position), (0, 3 * 2 * 8), "3 steps x 2 ranks x batch 8");
+    let report = MetricsReport {
+        worker_id: "a".into(),
+        generation: 1,
+        kind: MetricsKind::Train as i32,
+        step: 3,
+        scalars: [("loss/cls".to_string(), 0.5)].into_iter().collect(),
+        ..Default::default()
+    };
+    s.report_metrics(report, now).unwrap();
+    let text = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
+    assert_eq!(text.lines().count(), 1);
+    let v: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    assert_eq!(
+        (v["kind"].as_str(), v["step"].as_u64(), v["values"]["loss/cls"].as_f64()),
+        (Some("train"), Some(3), Some(0.5))
+    );
+}
+
+#[test]
+fn an_unwritable_metrics_file_is_named() {
+    let mut c = cfg(1, 1);
+    c.server.metrics_file = "/proc/no-such-dir/metrics.jsonl".into();
+    let err = JobState::new(c).unwrap_err();
+    assert!(err.to_string().contains("/proc/no-such-dir/metrics.jsonl"), "{err}");
 }
