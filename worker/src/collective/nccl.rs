@@ -122,7 +122,7 @@ impl NcclCollective {
         };
         let mut ctx = std::ptr::null_mut();
         // SAFETY: writes one context handle; released in Drop.
-        match unsafe { (cuda.primary_ctx_retain)(&mut ctx, cu_device) } {
+        match unsafe { cuda.primary_ctx_retain(&mut ctx, cu_device) } {
             ffi::CUDA_SUCCESS => this.ctx = ctx,
             status => {
                 return Err(init_error(format!("cuDevicePrimaryCtxRetain failed with CUresult {status}")))
@@ -145,7 +145,7 @@ impl NcclCollective {
     /// Makes this device's primary context current, as LibTorch may have switched devices.
     fn bind(&self, op: &'static str) -> Result<(), CollectiveError> {
         // SAFETY: `ctx` is a retained primary context.
-        match unsafe { (self.cuda.ctx_set_current)(self.ctx) } {
+        match unsafe { self.cuda.ctx_set_current(self.ctx) } {
             ffi::CUDA_SUCCESS => Ok(()),
             status => Err(CollectiveError::Nccl {
                 op,
@@ -212,7 +212,7 @@ impl NcclCollective {
     /// Whether the default stream has run everything queued on it.
     fn stream_idle(&self) -> Result<bool, String> {
         // SAFETY: queries the current context's legacy default stream.
-        match unsafe { (self.cuda.stream_query)(std::ptr::null_mut()) } {
+        match unsafe { self.cuda.stream_query_default() } {
             ffi::CUDA_SUCCESS => Ok(true),
             ffi::CUDA_ERROR_NOT_READY => Ok(false),
             status => Err(format!("cuStreamQuery failed with CUresult {status}")),
@@ -313,7 +313,7 @@ impl Drop for NcclCollective {
         self.abort();
         if !self.ctx.is_null() {
             // SAFETY: releases the retain done in `new`.
-            unsafe { (self.cuda.primary_ctx_release)(self.cu_device) };
+            unsafe { self.cuda.primary_ctx_release(self.cu_device) };
         }
     }
 }

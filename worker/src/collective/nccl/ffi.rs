@@ -1,6 +1,7 @@
-//! Loading NCCL and the few CUDA driver calls the NCCL backend needs, with `libloading`.
-//! The C types are declared here (from NCCL 2.28's `nccl.h`) instead of taken from cudarc,
-//! whose loader only tries `libnccl.so`/`libnccl.so.<major>` names that the torch wheel does
+//! Loading NCCL with `libloading`, and the few CUDA driver calls the NCCL backend needs
+//! (through cudarc's `driver::sys`). The NCCL C types are declared here (from NCCL 2.28's
+//! `nccl.h`, the `ncclConfig_t` layout checked against it) instead of taken from cudarc, whose
+//! NCCL loader only tries `libnccl.so`/`libnccl.so.<major>` names that the torch wheel does
 //! not ship, and panics when none loads. Resolution order, first that loads wins: an explicit
 //! path (`MTL_NCCL_LIBRARY`), `libnccl.so.2` of the `nvidia-nccl` wheel next to the LibTorch
 //! this process mapped (from `/proc/self/maps`), the same next to the LibTorch this crate was
@@ -236,39 +237,24 @@ fn mapped_torch_lib_dir() -> Option<PathBuf> {
         .and_then(|path| Path::new(path).parent().map(Path::to_path_buf))
 }
 
-/// The CUDA driver calls used to bind the device's primary context and poll the stream.
-pub(super) struct CudaDriver {
-    init: unsafe extern "C" fn(c_uint) -> Status,
-    device_get: unsafe extern "C" fn(*mut c_int, c_int) -> Status,
-    pub(super) primary_ctx_retain: unsafe extern "C" fn(*mut *mut c_void, c_int) -> Status,
-    pub(super) primary_ctx_release: unsafe extern "C" fn(c_int) -> Status,
-    pub(super) ctx_set_current: unsafe extern "C" fn(*mut c_void) -> Status,
-    /// `cuStreamQuery(stream)`: `CUDA_SUCCESS` once all queued work is done.
-    pub(super) stream_query: unsafe extern "C" fn(*mut c_void) -> Status,
-    _lib: libloading::Library,
-}
+/// The CUDA driver calls the backend needs, through cudarc's `driver::sys` (which loads
+/// `libcuda.so.1`). Checked with `is_culib_present` first: cudarc panics when no library loads.
+pub(super) struct CudaDriver;
 
 impl CudaDriver {
-    /// `libcuda.so.1`, loaded and initialised once per process.
+    /// The driver, loaded and initialised once per process.
     pub(super) fn shared() -> Result<&'static Self, CollectiveError> {
+        use cudarc::driver::sys;
         static DRIVER: OnceLock<Result<CudaDriver, String>> = OnceLock::new();
         let loaded = DRIVER.get_or_init(|| {
-            let path = Path::new("libcuda.so.1");
-            // SAFETY: the types are the C signatures from cuda.h (CUDA 12/13 ABI).
+            // SAFETY: plain C calls into the driver; `is_culib_present` only tries to load it.
             unsafe {
-                let lib = libloading::Library::new(path).map_err(|e| e.to_string())?;
-                let driver = Self {
-                    init: symbol(&lib, path, "cuInit\0")?,
-                    device_get: symbol(&lib, path, "cuDeviceGet\0")?,
-                    primary_ctx_retain: symbol(&lib, path, "cuDevicePrimaryCtxRetain\0")?,
-                    primary_ctx_release: symbol(&lib, path, "cuDevicePrimaryCtxRelease_v2\0")?,
-                    ctx_set_current: symbol(&lib, path, "cuCtxSetCurrent\0")?,
-                    stream_query: symbol(&lib, path, "cuStreamQuery\0")?,
-                    _lib: lib,
-                };
-                match (driver.init)(0) {
-                    CUDA_SUCCESS => Ok(driver),
-                    status => Err(format!("cuInit failed with CUresult {status}")),
+                if !sys::is_culib_present() {
+                    return Err("the NVIDIA driver library (libcuda.so.1) is not loadable".into());
+                }
+                match sys::cuInit(0) {
+                    sys::CUresult::CUDA_SUCCESS => Ok(CudaDriver),
+                    status => Err(format!("cuInit failed with {status:?}")),
                 }
             }
         });
@@ -281,12 +267,44 @@ impl CudaDriver {
     pub(super) fn device(&self, index: usize) -> Result<c_int, CollectiveError> {
         let mut dev = 0;
         // SAFETY: writes one int.
-        match unsafe { (self.device_get)(&mut dev, index as c_int) } {
-            CUDA_SUCCESS => Ok(dev),
+        match unsafe { cudarc::driver::sys::cuDeviceGet(&mut dev, index as c_int) } {
+            cudarc::driver::sys::CUresult::CUDA_SUCCESS => Ok(dev),
             status => Err(CollectiveError::Nccl {
                 op: "init",
-                message: format!("cuDeviceGet({index}) failed with CUresult {status}"),
+                message: format!("cuDeviceGet({index}) failed with {status:?}"),
             }),
         }
+    }
+
+    /// `cuDevicePrimaryCtxRetain`.
+    ///
+    /// # Safety
+    /// `ctx` must be valid for one pointer write.
+    pub(super) unsafe fn primary_ctx_retain(&self, ctx: *mut *mut c_void, dev: c_int) -> Status {
+        unsafe { cudarc::driver::sys::cuDevicePrimaryCtxRetain(ctx.cast(), dev) as Status }
+    }
+
+    /// `cuDevicePrimaryCtxRelease`.
+    ///
+    /// # Safety
+    /// `dev` must have a retained primary context.
+    pub(super) unsafe fn primary_ctx_release(&self, dev: c_int) -> Status {
+        unsafe { cudarc::driver::sys::cuDevicePrimaryCtxRelease_v2(dev) as Status }
+    }
+
+    /// `cuCtxSetCurrent`.
+    ///
+    /// # Safety
+    /// `ctx` must be a live context.
+    pub(super) unsafe fn ctx_set_current(&self, ctx: *mut c_void) -> Status {
+        unsafe { cudarc::driver::sys::cuCtxSetCurrent(ctx.cast()) as Status }
+    }
+
+    /// `cuStreamQuery` on the legacy default stream: `CUDA_SUCCESS` once all queued work is done.
+    ///
+    /// # Safety
+    /// The context of the device in use must be current.
+    pub(super) unsafe fn stream_query_default(&self) -> Status {
+        unsafe { cudarc::driver::sys::cuStreamQuery(std::ptr::null_mut()) as Status }
     }
 }
