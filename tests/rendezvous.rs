@@ -61,3 +61,36 @@ async fn worker_without_coordinator_fails_naming_the_address() {
     assert_eq!(code, Some(1));
     assert!(stderr.contains(&url), "{stderr}");
 }
+
+async fn run_job(min: u32, max: u32, last_call_ms: u64, workers: usize) -> mtl_coordinator::JobReport {
+    let data = tempfile::tempdir().unwrap();
+    let body = format!(
+        "{}[rendezvous]\nmin_workers = {min}\nmax_workers = {max}\nlast_call_ms = {last_call_ms}\n[train]\nsteps = 1\nbatch_size = 2\n",
+        common::tiny_data(data.path(), 24)
+    );
+    let coord = InProcessCoordinator::start(job(&body)).await;
+    let children: Vec<_> =
+        (0..workers).map(|i| spawn_worker(&coord.url, &coord.token, &format!("w{i}"))).collect();
+    let report = coord.report().await;
+    for c in children {
+        let (code, stderr) = wait(c).await;
+        assert_eq!(code, Some(0), "{stderr}");
+    }
+    report
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_beyond_min_join_during_the_last_call() {
+    // min 1, max 2: the first worker opens a long last call; the second fills the job at once.
+    let report = run_job(1, 2, 60_000, 2).await;
+    assert_eq!(report.outcome, JobOutcome::Finished);
+    assert_eq!(report.status.world_size, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_generation_forms_when_the_last_call_ends() {
+    // min 1, max 3, one worker: the generation forms with it when the 200 ms last call ends.
+    let report = run_job(1, 3, 200, 1).await;
+    assert_eq!(report.outcome, JobOutcome::Finished);
+    assert_eq!(report.status.world_size, 1);
+}

@@ -11,7 +11,7 @@ use mtl_proto::v1::{
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
-use crate::state::{JobState, WorkerInfo};
+use crate::state::{JobState, Registered, WorkerInfo};
 use crate::CoordinatorError;
 
 /// Shared handle on the job: the state plus a signal that fires on every phase change.
@@ -57,9 +57,22 @@ impl Coordinator for CoordinatorService {
                 peer_addr: req.peer_addr,
                 nccl_unique_id: req.nccl_unique_id,
             };
-            if state.register(info, Instant::now())? {
-                drop(state);
-                shared.notify();
+            match state.register(info, Instant::now())? {
+                Registered::Formed => {
+                    drop(state);
+                    shared.notify();
+                }
+                Registered::LastCall(deadline) => {
+                    let shared = shared.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep_until(deadline.into()).await;
+                        let formed = shared.lock().close_rendezvous(Instant::now());
+                        if formed {
+                            shared.notify();
+                        }
+                    });
+                }
+                Registered::Waiting => {}
             }
         }
         let wait = async {

@@ -37,6 +37,17 @@ impl Phase {
     }
 }
 
+/// What a registration did to the rendezvous.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Registered {
+    /// Still waiting for workers.
+    Waiting,
+    /// Enough workers: the generation forms when this last call ends.
+    LastCall(Instant),
+    /// The generation formed.
+    Formed,
+}
+
 /// What a worker said about itself when registering.
 #[derive(Debug, Clone)]
 pub(crate) struct WorkerInfo {
@@ -84,6 +95,8 @@ pub(crate) struct JobState {
     datasets: BTreeMap<i32, (u64, String, String)>,
     /// Samples of the current train epoch consumed before this generation started.
     epoch_position: (u64, u64),
+    /// When the rendezvous closes, once `min_workers` are in and more may still come.
+    last_call: Option<Instant>,
     /// Evaluation statistics waiting for the other ranks: (generation, step) -> rank -> stats.
     pending_eval: BTreeMap<(u64, u64), BTreeMap<u32, mtl_metrics::EvalStats>>,
     /// Train epochs started: epoch -> optimizer steps completed before it (from rank 0).
@@ -114,6 +127,7 @@ impl JobState {
             history: Vec::new(),
             datasets: BTreeMap::new(),
             epoch_position: (0, 0),
+            last_call: None,
             pending_eval: BTreeMap::new(),
             epoch_start: BTreeMap::new(),
             metrics_file,
@@ -162,9 +176,14 @@ impl JobState {
         }
     }
 
-    /// Adds a worker to the rendezvous; forms a generation once `min_workers` are in.
-    /// Returns whether a generation was formed by this call.
-    pub(crate) fn register(&mut self, info: WorkerInfo, now: Instant) -> Result<bool, CoordinatorError> {
+    /// Adds a worker to the rendezvous. The generation forms at once when `max_workers` are in;
+    /// with at least `min_workers` it forms when the last call (`rendezvous.last_call_ms`)
+    /// ends, see [`JobState::close_rendezvous`].
+    pub(crate) fn register(
+        &mut self,
+        info: WorkerInfo,
+        now: Instant,
+    ) -> Result<Registered, CoordinatorError> {
         self.ensure_open()?;
         if info.worker_id.is_empty() {
             return Err(CoordinatorError::InvalidRequest {
@@ -174,7 +193,7 @@ impl JobState {
         }
         if let Some(generation) = &self.generation {
             if generation.members.iter().any(|m| m.info.worker_id == info.worker_id) {
-                return Ok(false); // a retried registration: the placement stands
+                return Ok(Registered::Waiting); // a retried registration: the placement stands
             }
             return Err(CoordinatorError::Full {
                 job: self.cfg.job.name.clone(),
@@ -187,11 +206,35 @@ impl JobState {
         tracing::info!(worker_id = %info.worker_id, host = %info.host, device = %info.device, "worker registered");
         self.pending.insert(info.worker_id.clone(), info);
         let r = &self.cfg.rendezvous;
-        if self.pending.len() >= r.min_workers as usize {
+        let (min, max) = (r.min_workers as usize, r.max_workers() as usize);
+        let last_call = std::time::Duration::from_millis(r.last_call_ms);
+        if self.pending.len() >= max || (self.pending.len() >= min && last_call.is_zero()) {
             self.form_generation(now);
-            return Ok(true);
+            return Ok(Registered::Formed);
         }
-        Ok(false)
+        if self.pending.len() >= min && self.last_call.is_none() {
+            let deadline = now + last_call;
+            self.last_call = Some(deadline);
+            tracing::info!(
+                registered = self.pending.len(),
+                max,
+                last_call_ms = r.last_call_ms,
+                "last call for workers"
+            );
+            return Ok(Registered::LastCall(deadline));
+        }
+        Ok(Registered::Waiting)
+    }
+
+    /// Forms the generation if the last call has ended. Returns whether it did.
+    pub(crate) fn close_rendezvous(&mut self, now: Instant) -> bool {
+        match self.last_call {
+            Some(deadline) if now >= deadline && self.generation.is_none() => {
+                self.form_generation(now);
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Ranks follow the order of worker ids, so a restarted node keeps its rank.
@@ -207,6 +250,7 @@ impl JobState {
         tracing::info!(generation = id, world_size = members.len(), "generation formed");
         self.generation = Some(Generation { id, members });
         self.phase = Phase::Running;
+        self.last_call = None;
     }
 
     /// This worker's place in the current generation, once formed.

@@ -89,6 +89,9 @@ pub struct RendezvousSection {
     pub max_workers: u32,
     /// How long a registering worker waits for the generation to form.
     pub timeout_ms: u64,
+    /// Once `min_workers` have registered, wait this long for more (up to `max_workers`) before
+    /// forming the generation (torchrun's "last call"); reaching `max_workers` forms it at once.
+    pub last_call_ms: u64,
     /// How often workers send heartbeats.
     pub heartbeat_interval_ms: u32,
     /// A worker silent for this long is marked lost.
@@ -101,6 +104,7 @@ impl Default for RendezvousSection {
             min_workers: 1,
             max_workers: 0,
             timeout_ms: 300_000,
+            last_call_ms: 3_000,
             heartbeat_interval_ms: 1_000,
             heartbeat_timeout_ms: 30_000,
         }

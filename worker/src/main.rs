@@ -23,7 +23,7 @@ enum Command {
     /// Join the job served by a coordinator, train on one device, report, exit.
     ///
     /// The job configuration comes from the coordinator; this worker needs no job file.
-    /// Exit status: 0 when the job step(s) finished, 1 on any failure.
+    /// Exit status: 0 when training finished, 1 on any failure (reported to the coordinator first).
     Run {
         /// The coordinator's URL.
         #[arg(long, env = "MTL_COORDINATOR", default_value = "http://127.0.0.1:50051")]

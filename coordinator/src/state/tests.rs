@@ -31,9 +31,9 @@ fn info(id: &str) -> WorkerInfo {
 fn generation_forms_at_min_workers_with_ranks_by_worker_id() {
     let now = Instant::now();
     let (mut s, _dir) = new_state(cfg(2, 2));
-    assert!(!s.register(info("b"), now).unwrap());
+    assert_eq!(s.register(info("b"), now).unwrap(), Registered::Waiting);
     assert!(s.placement("b").is_none());
-    assert!(s.register(info("a"), now).unwrap());
+    assert_eq!(s.register(info("a"), now).unwrap(), Registered::Formed);
     let a = s.placement("a").unwrap();
     let b = s.placement("b").unwrap();
     assert_eq!((a.rank, b.rank, a.world_size, a.generation), (0, 1, 2, 1));
@@ -52,7 +52,11 @@ fn full_generation_rejects_newcomers_but_accepts_retries() {
     let now = Instant::now();
     let (mut s, _dir) = new_state(cfg(1, 1));
     s.register(info("a"), now).unwrap();
-    assert!(!s.register(info("a"), now).unwrap(), "a retried registration keeps its place");
+    assert_eq!(
+        s.register(info("a"), now).unwrap(),
+        Registered::Waiting,
+        "a retried registration keeps its place"
+    );
     let err = s.register(info("z"), now).unwrap_err();
     assert!(matches!(err, CoordinatorError::Full { .. }), "{err}");
 }
@@ -182,4 +186,26 @@ fn an_unwritable_metrics_file_is_named() {
     c.server.metrics_file = "/proc/no-such-dir/metrics.jsonl".into();
     let err = JobState::new(c).unwrap_err();
     assert!(err.to_string().contains("/proc/no-such-dir/metrics.jsonl"), "{err}");
+}
+
+#[test]
+fn last_call_admits_workers_up_to_max_then_forms() {
+    let t0 = Instant::now();
+    let mut c = cfg(2, 4);
+    c.rendezvous.last_call_ms = 1_000;
+    let (mut s, _dir) = new_state(c.clone());
+    assert_eq!(s.register(info("a"), t0).unwrap(), Registered::Waiting);
+    assert_eq!(s.register(info("b"), t0).unwrap(), Registered::LastCall(t0 + Duration::from_millis(1_000)));
+    assert!(!s.close_rendezvous(t0 + Duration::from_millis(999)), "still in the last call");
+    assert_eq!(s.register(info("c"), t0).unwrap(), Registered::Waiting, "admitted during the last call");
+    assert!(s.close_rendezvous(t0 + Duration::from_millis(1_000)));
+    assert_eq!(s.placement("c").unwrap().world_size, 3);
+
+    // Reaching max_workers forms the generation without waiting.
+    let (mut s, _dir) = new_state(c);
+    for id in ["a", "b", "c"] {
+        s.register(info(id), t0).unwrap();
+    }
+    assert_eq!(s.register(info("d"), t0).unwrap(), Registered::Formed);
+    assert_eq!(s.placement("d").unwrap().world_size, 4);
 }

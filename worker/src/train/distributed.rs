@@ -147,7 +147,7 @@ pub fn train(
             session.check_stop()?;
             let step = trainer.steps_done() + 1;
             let log = step % cfg.train.log_every_steps.max(1) == 0 || step == cfg.train.steps;
-            let report = trainer.step(&batch?, log)?;
+            let report = trainer.step(&batch?)?;
             meter.add(report.samples);
             session.set_step(step);
             if log && rank == 0 {

@@ -54,14 +54,14 @@ impl Reducer for CollectiveReducer<'_> {
     }
 }
 
-/// What one step did. Losses are averaged over ranks only on log steps (else local values).
+/// What one step did.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StepReport {
     /// 1-based optimizer step.
     pub step: u64,
     /// Learning rate used.
     pub lr: f64,
-    /// Per-task loss (already normalised; the mean over ranks on log steps).
+    /// Per-task loss (normalised, averaged over ranks: the loss of the global batch).
     pub losses: TaskValues,
     /// Per-task weight the weighting strategy applied.
     pub weights: TaskValues,
@@ -192,8 +192,8 @@ impl Trainer {
     }
 
     /// One optimizer step on this rank's `batch` (the ranks' batches together form the global
-    /// batch). `log` also averages the reported losses over ranks.
-    pub fn step(&mut self, batch: &Batch, log: bool) -> Result<StepReport, WorkerError> {
+    /// batch). The reported losses are averaged over ranks.
+    pub fn step(&mut self, batch: &Batch) -> Result<StepReport, WorkerError> {
         let world = self.collective.world_size() as f64;
         let batch = to_device(batch, self.device)?;
         self.optimizer.zero_grad();
@@ -236,7 +236,20 @@ impl Trainer {
         };
         params.extend(self.weighting.parameters().into_iter().map(|(_, t)| t));
         let mut grads = ensure_grads(&params)?;
+        // The per-task losses ride in the same all-reduce as the gradients (their mean over
+        // ranks is the global loss: each rank holds N x its share).
+        let local_losses = task_values(&scaled)?;
+        let present: Vec<weighting::Task> =
+            weighting::Task::ALL.into_iter().filter(|t| local_losses.get(*t).is_some()).collect();
+        let raw: Vec<f32> = present.iter().filter_map(|t| local_losses.get(*t)).map(|v| v as f32).collect();
+        grads.push(Tensor::from_slice(&raw).to_device(self.device));
         self.collective.all_reduce(&mut grads, ReduceOp::Mean)?;
+        let reduced: Vec<f32> =
+            Vec::<f32>::try_from(&grads.pop().expect("loss tensor").to_device(Device::Cpu))?;
+        let mut values = TaskValues::default();
+        for (task, v) in present.into_iter().zip(reduced) {
+            values.set(task, f64::from(v));
+        }
 
         let grad_norm = if self.clip_grad_norm > 0.0 {
             let all: Vec<Tensor> = self.model.parameters().into_iter().map(|(_, t)| t).collect();
@@ -248,11 +261,6 @@ impl Trainer {
         self.optimizer.step(lr)?;
         self.step += 1;
 
-        // Each rank holds N * (its share of the global loss); their mean is the global loss.
-        let mut values = task_values(&scaled)?;
-        if log {
-            values = self.mean_over_ranks(&values)?;
-        }
         Ok(StepReport {
             step: self.step,
             lr,
@@ -261,21 +269,6 @@ impl Trainer {
             grad_norm,
             samples: (batch.ids.len() as f64 * world) as u64,
         })
-    }
-
-    /// Averages per-task values over ranks (every rank has the same tasks present).
-    fn mean_over_ranks(&mut self, values: &TaskValues) -> Result<TaskValues, WorkerError> {
-        let present: Vec<weighting::Task> =
-            weighting::Task::ALL.into_iter().filter(|t| values.get(*t).is_some()).collect();
-        let raw: Vec<f64> = present.iter().filter_map(|t| values.get(*t)).collect();
-        let mut t = [Tensor::from_slice(&raw).to_device(self.device)];
-        self.collective.all_reduce(&mut t, ReduceOp::Mean)?;
-        let reduced: Vec<f64> = Vec::<f64>::try_from(&t[0].to_device(Device::Cpu))?;
-        let mut out = TaskValues::default();
-        for (task, v) in present.into_iter().zip(reduced) {
-            out.set(task, v);
-        }
-        Ok(out)
     }
 
     /// Evaluation statistics of this rank's share of the validation set.

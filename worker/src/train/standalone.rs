@@ -129,7 +129,7 @@ pub fn run(
             let batch = batch?;
             let step = trainer.steps_done() + 1;
             let log = step % cfg.train.log_every_steps.max(1) == 0 || step == cfg.train.steps;
-            let report = trainer.step(&batch, log)?;
+            let report = trainer.step(&batch)?;
             meter.add(report.samples);
             if log {
                 let values: String = report.scalars().iter().map(|(k, v)| format!("{k}={v:.4} ")).collect();

@@ -74,12 +74,7 @@ fn make_partial(dir: &Path) {
 
 /// Trains `STEPS` steps on `world` ranks with per-rank batch `batch`, every rank starting from
 /// `initial`'s weights; returns rank 0's parameters and checks every rank ended identical.
-fn train_parameters(
-    cfg: &JobConfig,
-    initial: &MultiTaskModel,
-    world: usize,
-    batch: u32,
-) -> Vec<(String, Tensor)> {
+fn train_parameters(cfg: &JobConfig, initial: &MultiTaskModel, world: usize, batch: u32) -> Trained {
     let train = OrderedSplit::new(open_dataset(&cfg.data, Split::Train, cfg.job.seed).unwrap().unwrap());
     let info = train.dataset.info.clone();
     // Copied, not re-seeded: LibTorch's RNG is shared with every test running concurrently.
@@ -94,7 +89,7 @@ fn train_parameters(
     let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
     let mut cfg = cfg.clone();
     cfg.train.batch_size = batch;
-    let results: Vec<Vec<(String, Tensor)>> = std::thread::scope(|s| {
+    let results: Vec<Trained> = std::thread::scope(|s| {
         let handles: Vec<_> = models
             .into_iter()
             .zip(listeners)
@@ -118,28 +113,50 @@ fn train_parameters(
                     assert!(shard.steps >= STEPS, "dataset too small for the test");
                     let ids = train.ids_at(&shard.positions);
                     let lc = LoaderConfig::from_section(&cfg.data, batch as usize, true, cfg.job.seed, 0);
+                    let mut losses = Vec::new();
                     for b in Loader::new(train.dataset.clone(), &ids, lc).unwrap().take(STEPS as usize) {
-                        trainer.step(&b.unwrap(), true).unwrap();
+                        losses.push(trainer.step(&b.unwrap()).unwrap().losses);
                     }
-                    trainer.model.parameters()
+                    Trained { params: trainer.model.parameters(), losses }
                 })
             })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
     for other in &results[1..] {
-        for ((name, a), (_, b)) in results[0].iter().zip(other) {
+        for ((name, a), (_, b)) in results[0].params.iter().zip(&other.params) {
             assert!(a.equal(b), "ranks disagree on {name}");
         }
+        assert_eq!(results[0].losses, other.losses, "every rank reports the same global losses");
     }
     results.into_iter().next().unwrap()
 }
 
+/// What a (simulated) data-parallel run ends with on rank 0.
+struct Trained {
+    params: Vec<(String, Tensor)>,
+    /// The losses each step reported (averaged over ranks).
+    losses: Vec<crate::weighting::TaskValues>,
+}
+
 /// allclose per tensor: rtol 1e-5 of the tensor's largest value, atol 1e-7 for tensors that
 /// are still near zero (zero-initialised biases and residual-branch scales).
-fn assert_close(single: &[(String, Tensor)], multi: &[(String, Tensor)], what: &str) {
+fn assert_close(single: &Trained, multi: &Trained, what: &str) {
+    for (step, (a, b)) in single.losses.iter().zip(&multi.losses).enumerate() {
+        for task in crate::weighting::Task::ALL {
+            let (a, b) = (a.get(task), b.get(task));
+            assert_eq!(a.is_some(), b.is_some(), "{what}: step {step} {}", task.name());
+            if let (Some(a), Some(b)) = (a, b) {
+                assert!(
+                    (a - b).abs() <= 1e-4 * a.abs() + 1e-6,
+                    "{what}: step {step} loss/{} {a} vs {b}",
+                    task.name()
+                );
+            }
+        }
+    }
     let mut worst = 0f64;
-    for ((name, a), (_, b)) in single.iter().zip(multi) {
+    for ((name, a), (_, b)) in single.params.iter().zip(&multi.params) {
         let diff = (a - b).abs().max().double_value(&[]);
         let scale = a.abs().max().double_value(&[]);
         assert!(diff <= 1e-5 * scale + 1e-7, "{what}: {name} differs by {diff} (scale {scale})");
@@ -160,7 +177,7 @@ fn check_equivalence(extra: &str, partial: bool) {
     let initial = model.parameters();
     let b = 2;
     let single = train_parameters(&cfg, &model, 1, 2 * b);
-    let moved = single.iter().zip(&initial).any(|((_, a), (_, i))| !a.equal(i));
+    let moved = single.params.iter().zip(&initial).any(|((_, a), (_, i))| !a.equal(i));
     assert!(moved, "training changed the parameters");
     assert_close(&single, &train_parameters(&cfg, &model, 2, b), "2 ranks");
     let single3 = train_parameters(&cfg, &model, 1, 3 * b);
