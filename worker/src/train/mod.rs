@@ -211,8 +211,13 @@ impl Trainer {
         self.collective.all_reduce(&mut counts, ReduceOp::Sum)?;
         let global = counts_from(&counts[0])?;
 
-        let outputs = self.model.forward(&batch.images, true);
-        let losses = tasks::task_losses(&outputs, &batch, &targets, &global);
+        // A batch whose every image was unreadable still takes part in every collective.
+        let losses = if batch.ids.is_empty() {
+            self.zero_losses()
+        } else {
+            let outputs = self.model.forward(&batch.images, true);
+            tasks::task_losses(&outputs, &batch, &targets, &global)
+        };
         let scaled = weighting::TaskLosses {
             cls: losses.cls.map(|l| l * world),
             det: losses.det.map(|l| l * world),
@@ -278,6 +283,28 @@ impl Trainer {
         info: &crate::data::DatasetInfo,
     ) -> Result<mtl_metrics::EvalStats, WorkerError> {
         eval::evaluate(&self.model, loader, info)
+    }
+
+    /// Zero losses connected to every parameter of each enabled task (its head and the shared
+    /// trunk), for a step without samples.
+    fn zero_losses(&self) -> tasks::TaskLosses {
+        let shared: Vec<Tensor> = self.model.shared_parameters().into_iter().map(|(_, t)| t).collect();
+        let zero_for = |task: Task| {
+            self.model.has_task(task).then(|| {
+                let head = self.model.head_parameters(task).into_iter().map(|(_, t)| t);
+                shared
+                    .iter()
+                    .map(Tensor::shallow_clone)
+                    .chain(head)
+                    .map(|t| t.sum(Kind::Float) * 0.0)
+                    .fold(Tensor::zeros([], (Kind::Float, self.device)), |a, b| a + b)
+            })
+        };
+        tasks::TaskLosses {
+            cls: zero_for(Task::Classification),
+            det: zero_for(Task::Detection),
+            seg: zero_for(Task::Segmentation),
+        }
     }
 
     /// Mutable access to the collective (for the loops' own reductions).

@@ -237,3 +237,38 @@ fn distributed_evaluation_equals_one_process_exactly() {
         }
     }
 }
+
+#[test]
+fn a_step_on_an_empty_batch_keeps_the_rank_in_step() {
+    // Every image of a chunk unreadable: the loader yields a batch of 0 samples, and the rank
+    // must still run the step (and its collectives) like the others.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = job(dir.path(), "");
+    let train = OrderedSplit::new(open_dataset(&cfg.data, Split::Train, cfg.job.seed).unwrap().unwrap());
+    for s in &train.dataset.samples {
+        std::fs::write(&s.image, b"corrupt").unwrap();
+    }
+    let model = MultiTaskModel::new(&cfg.model, &cfg.tasks, &train.dataset.info, Device::Cpu).unwrap();
+    let before: Vec<(String, Tensor)> =
+        model.parameters().iter().map(|(n, t)| (n.clone(), t.copy())).collect();
+    let mut trainer = Trainer::new(&cfg, model, Box::new(LocalCollective)).unwrap();
+    let lc = LoaderConfig::from_section(&cfg.data, 4, true, cfg.job.seed, 0);
+    let mut loader = Loader::new(train.dataset.clone(), &train.ids[..4], lc).unwrap();
+    let batch = loader.next().unwrap().unwrap();
+    assert_eq!(batch.ids.len(), 0);
+    let report = trainer.step(&batch).unwrap();
+    assert_eq!(report.samples, 0);
+    assert_eq!(loader.summary().skipped.len(), 4, "skipped and counted");
+    // No samples: every loss and gradient is zero, so parameters without weight decay
+    // (biases, norm scales) do not move at all.
+    assert!(report.losses.cls.unwrap().abs() < 1e-12);
+    let after = trainer.model.parameters();
+    let mut checked = 0;
+    for ((name, b), (_, a)) in before.iter().zip(&after) {
+        if !crate::optim::decays(name, b) {
+            assert!(a.equal(b), "{name} moved without samples");
+            checked += 1;
+        }
+    }
+    assert!(checked > 0);
+}
