@@ -41,3 +41,28 @@ async fn killing_a_worker_fails_the_job_within_the_timeout() {
     );
     assert!(killed_at.elapsed() < Duration::from_secs(20), "no hang");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_stop_when_the_coordinator_is_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = format!(
+        "{}[rendezvous]\nheartbeat_interval_ms = 100\nheartbeat_timeout_ms = 1500\n\
+         [train]\nsteps = 100000\nbatch_size = 2\nlog_every_steps = 100000\n",
+        tiny_data(&dir.path().join("data"), 32)
+    );
+    let coord = InProcessCoordinator::start(job(&body)).await;
+    let worker = spawn_worker(&coord.url, &coord.token, "a");
+    // Stop the coordinator once the worker is training (its heartbeats carry its step).
+    loop {
+        if coord.status().await.workers.iter().any(|w| w.last_step > 2) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await; // polling the live status, not syncing
+    }
+    coord.stop().await;
+    let stopped_at = Instant::now();
+    let (code, stderr) = wait(worker).await;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("did not answer heartbeats for 1500 ms"), "{stderr}");
+    assert!(stopped_at.elapsed() < Duration::from_secs(20), "no hang");
+}

@@ -83,6 +83,7 @@ impl Session {
                 step: 0,
             },
             Duration::from_millis(u64::from(placement.heartbeat_interval_ms.max(1))),
+            Duration::from_millis(config.rendezvous.heartbeat_timeout_ms),
             step.clone(),
             stop_tx,
         ));
@@ -170,19 +171,29 @@ impl Session {
     }
 }
 
+/// Sends heartbeats; stops the worker when the coordinator says so, or when no heartbeat has
+/// gone through for `timeout` (the coordinator is gone: training on would be lost work).
 async fn heartbeat_loop(
     mut client: CoordinatorClient<Channel>,
     mut request: HeartbeatRequest,
     interval: Duration,
+    timeout: Duration,
     step: Arc<AtomicU64>,
     stop_tx: watch::Sender<Option<String>>,
 ) {
     let mut tick = tokio::time::interval(interval);
+    let mut last_ok = tokio::time::Instant::now();
     loop {
         tick.tick().await;
         request.step = step.load(Ordering::Relaxed);
-        match client.heartbeat(request.clone()).await {
-            Ok(reply) => {
+        match tokio::time::timeout(
+            interval.max(Duration::from_millis(100)) * 4,
+            client.heartbeat(request.clone()),
+        )
+        .await
+        {
+            Ok(Ok(reply)) => {
+                last_ok = tokio::time::Instant::now();
                 let reply = reply.into_inner();
                 if reply.directive == Directive::Stop as i32 {
                     tracing::warn!(reason = %reply.reason, "coordinator says stop");
@@ -190,7 +201,14 @@ async fn heartbeat_loop(
                     return;
                 }
             }
-            Err(status) => tracing::warn!(%status, "heartbeat failed"),
+            Ok(Err(status)) => tracing::warn!(%status, "heartbeat failed"),
+            Err(_) => tracing::warn!("heartbeat timed out"),
+        }
+        if last_ok.elapsed() > timeout {
+            let reason = format!("the coordinator did not answer heartbeats for {} ms", timeout.as_millis());
+            tracing::error!(%reason, "giving up");
+            stop_tx.send_replace(Some(reason));
+            return;
         }
     }
 }
