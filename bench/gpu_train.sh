@@ -15,10 +15,13 @@ nvidia-smi -L 2>/dev/null || echo "no nvidia-smi"
 ./worker gen-data shapes --out /tmp/mtl-gpu-shapes --n $N --size 128 --seed 3 2>&1 | tail -1
 
 for backbone in ${BACKBONES-tiny resnet18}; do
-  echo "== standalone $DEVICE, backbone $backbone"
-  timeout 150 ./worker train --standalone --config gpu.toml --device $DEVICE --set model.backbone=$backbone \
-      --set train.steps=$STEPS --set data.synthetic_n=$N --json 2>&1 | grep -E "images_per_s|^\{|error" | sed -E 's/^.*(step=[0-9]+ images_per_s=[0-9.]+).*$/\1/'
-  echo "== exit ${PIPESTATUS[0]}"
+  for precision in ${PRECISIONS-fp32 bf16}; do
+    echo "== standalone $DEVICE, backbone $backbone, $precision"
+    timeout 150 ./worker train --standalone --config gpu.toml --device $DEVICE --set model.backbone=$backbone \
+        --set train.steps=$STEPS --set data.synthetic_n=$N --set train.precision=$precision --json 2>&1 \
+        | grep -E "images_per_s|^\{|error" | sed -E 's/^.*(step=[0-9]+ images_per_s="?[0-9.]+"?).*$/\1/'
+    echo "== exit ${PIPESTATUS[0]}"
+  done
 done
 
 echo "== worker run on cuda:0 through the coordinator (NCCL, world of one)"

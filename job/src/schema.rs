@@ -155,6 +155,20 @@ pub struct TrainSection {
     pub log_every_steps: u64,
     /// Evaluate on the validation split every this many steps; 0 = only at the end.
     pub eval_every_steps: u64,
+    /// "fp32", or "bf16": the forward pass and losses under bf16 autocast (backward, weights
+    /// and optimizer state stay fp32). Meant for CUDA; on CPU it works but is rarely faster.
+    pub precision: Precision,
+}
+
+/// Numeric precision of the training forward pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    /// Everything in fp32.
+    #[default]
+    Fp32,
+    /// bf16 autocast for forward and losses.
+    Bf16,
 }
 
 impl Default for TrainSection {
@@ -174,6 +188,7 @@ impl Default for TrainSection {
             clip_grad_norm: 0.0,
             log_every_steps: 10,
             eval_every_steps: 0,
+            precision: Precision::Fp32,
         }
     }
 }

@@ -12,6 +12,7 @@ pub mod device;
 mod error;
 pub mod model;
 pub mod optim;
+pub mod precision;
 pub mod predict;
 pub mod session;
 pub mod tasks;

@@ -133,6 +133,7 @@ pub struct Trainer {
     clip_grad_norm: f64,
     step: u64,
     device: Device,
+    bf16: bool,
 }
 
 impl Trainer {
@@ -157,6 +158,7 @@ impl Trainer {
             clip_grad_norm: cfg.train.clip_grad_norm,
             step: 0,
             device,
+            bf16: cfg.train.precision == mtl_job::Precision::Bf16,
         };
         trainer.broadcast_state()?;
         Ok(trainer)
@@ -215,6 +217,9 @@ impl Trainer {
         let losses = if batch.ids.is_empty() {
             self.zero_losses()
         } else {
+            // Forward and losses under bf16 autocast when asked; backward runs after the guard.
+            let _autocast =
+                if self.bf16 { Some(crate::precision::bf16_autocast(self.device)?) } else { None };
             let outputs = self.model.forward(&batch.images, true);
             tasks::task_losses(&outputs, &batch, &targets, &global)
         };
