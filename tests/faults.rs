@@ -7,11 +7,15 @@ use std::time::{Duration, Instant};
 use common::{job, spawn_worker, tiny_data, wait, InProcessCoordinator};
 use mtl_coordinator::JobOutcome;
 
+/// Fault tests run one at a time: they time heartbeats, which load from a parallel test delays.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_a_worker_fails_the_job_within_the_timeout() {
+    let _serial = SERIAL.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let body = format!(
-        "{}[rendezvous]\nmin_workers = 2\nheartbeat_interval_ms = 100\nheartbeat_timeout_ms = 2000\n\
+        "{}[rendezvous]\nmin_workers = 2\nheartbeat_interval_ms = 100\nheartbeat_timeout_ms = 5000\n\
          [comm]\ntimeout_ms = 3000\n[train]\nsteps = 100000\nbatch_size = 2\nlog_every_steps = 1\n",
         tiny_data(&dir.path().join("data"), 32)
     );
@@ -44,11 +48,14 @@ async fn killing_a_worker_fails_the_job_within_the_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_stop_when_the_coordinator_is_gone() {
+    let _serial = SERIAL.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let body = format!(
-        "{}[rendezvous]\nheartbeat_interval_ms = 100\nheartbeat_timeout_ms = 1500\n\
+        "{}[rendezvous]\nheartbeat_interval_ms = 100\nheartbeat_timeout_ms = 5000\n\
          [train]\nsteps = 100000\nbatch_size = 2\nlog_every_steps = 100000\n",
-        tiny_data(&dir.path().join("data"), 32)
+        // 1600 training images: an epoch is 800 steps, so the worker makes no RPC but heartbeats
+        // for seconds after the coordinator stops; the heartbeat timeout is what stops it.
+        tiny_data(&dir.path().join("data"), 2000)
     );
     let coord = InProcessCoordinator::start(job(&body)).await;
     let worker = spawn_worker(&coord.url, &coord.token, "a");
@@ -63,6 +70,6 @@ async fn workers_stop_when_the_coordinator_is_gone() {
     let stopped_at = Instant::now();
     let (code, stderr) = wait(worker).await;
     assert_eq!(code, Some(1), "{stderr}");
-    assert!(stderr.contains("did not answer heartbeats for 1500 ms"), "{stderr}");
+    assert!(stderr.contains("did not answer heartbeats for 5000 ms"), "{stderr}");
     assert!(stopped_at.elapsed() < Duration::from_secs(20), "no hang");
 }

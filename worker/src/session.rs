@@ -64,7 +64,24 @@ impl Session {
             .await
             .map_err(WorkerError::rpc("Register"))?
             .into_inner();
-        let config = JobConfig::from_toml(&placement.job_config_toml)?;
+        let config = match JobConfig::from_toml(&placement.job_config_toml) {
+            Ok(config) => config,
+            Err(err) => {
+                // Registered already: tell the coordinator, so the job fails now rather than at
+                // the heartbeat timeout (typically a worker older than the coordinator).
+                let message = format!("cannot use the coordinator's job config: {err}");
+                let _ = client
+                    .leave(LeaveRequest {
+                        job_token: token.to_string(),
+                        worker_id: identity.worker_id.clone(),
+                        generation: placement.generation,
+                        failed: true,
+                        message,
+                    })
+                    .await;
+                return Err(err.into());
+            }
+        };
         tracing::info!(
             rank = placement.rank,
             world_size = placement.world_size,
