@@ -139,8 +139,10 @@ struct Trained {
     losses: Vec<crate::weighting::TaskValues>,
 }
 
-/// allclose per tensor: rtol 1e-5 of the tensor's largest value, atol 1e-7 for tensors that
-/// are still near zero (zero-initialised biases and residual-branch scales).
+/// allclose per tensor: rtol 1e-5 of the tensor's largest value, atol 1e-6 for tensors that
+/// are still near zero (zero-initialised biases and residual-branch scales), where fp32
+/// summation-order noise (about 1e-7 seen) is all that differs. A wrong normaliser or loss
+/// scaling moves parameters by 3e-4 and more within these three steps.
 fn assert_close(single: &Trained, multi: &Trained, what: &str) {
     for (step, (a, b)) in single.losses.iter().zip(&multi.losses).enumerate() {
         for task in crate::weighting::Task::ALL {
@@ -159,7 +161,7 @@ fn assert_close(single: &Trained, multi: &Trained, what: &str) {
     for ((name, a), (_, b)) in single.params.iter().zip(&multi.params) {
         let diff = (a - b).abs().max().double_value(&[]);
         let scale = a.abs().max().double_value(&[]);
-        assert!(diff <= 1e-5 * scale + 1e-7, "{what}: {name} differs by {diff} (scale {scale})");
+        assert!(diff <= 1e-5 * scale + 1e-6, "{what}: {name} differs by {diff} (scale {scale})");
         worst = worst.max(diff / scale.max(1e-2));
     }
     eprintln!("{what}: worst relative difference {worst:e}");
