@@ -13,7 +13,7 @@
 use tch::{Kind, Tensor};
 
 use super::grads::task_grads;
-use super::{values_from, values_tensor, Reducer, Task, TaskValues, WeightReport};
+use super::{values_from, values_tensor, weighted_backward, Reducer, Task, WeightReport};
 use crate::optim::load_entries;
 use crate::WorkerError;
 
@@ -66,25 +66,10 @@ impl GradNorm {
         let losses = Vec::<f64>::try_from(reduced.pop().expect("pushed above"))?;
         let norms = reduced.iter().map(|g| g.f_norm()?.f_double_value(&[])).collect::<Result<Vec<_>, _>>()?;
 
-        // The model's gradient with the weights of this step.
-        let mut report = TaskValues::default();
-        let mut total: Option<Tensor> = None;
-        for &(task, loss) in present {
-            let w = self.weights[task.index()];
-            report.set(task, w);
-            let term = loss.f_mul_scalar(w)?;
-            total = Some(match total {
-                Some(t) => t.f_add(&term)?,
-                None => term,
-            });
-        }
-        let total = total.expect("present is not empty");
-        if total.requires_grad() {
-            total.f_backward()?;
-        }
-
+        // The model's gradient with the weights of this step, then the weights' own update.
+        let report = weighted_backward(present, |t| self.weights[t.index()])?;
         self.update_weights(present, &losses, &norms);
-        Ok(WeightReport { weights: report, total_loss: total.f_double_value(&[])? })
+        Ok(report)
     }
 
     /// One step on `L_grad` given the reduced loss values and gradient norms `n_i` of the

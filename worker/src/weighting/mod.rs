@@ -272,7 +272,7 @@ impl TaskWeighting {
 }
 
 /// `backward` of `Σ w_t·L_t` with `w_t = weight(t)`.
-fn weighted_backward(
+pub(super) fn weighted_backward(
     present: &[(Task, &Tensor)],
     weight: impl Fn(Task) -> f64,
 ) -> Result<WeightReport, WorkerError> {
