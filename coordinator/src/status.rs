@@ -48,18 +48,15 @@ pub fn render(status: &JobStatus) -> String {
             mtl_metrics::render_table(&map)
         );
     }
-    for (kind, title) in [(MetricsKind::Train, "train")] {
-        // The latest value of every key, and the step it was reported at.
-        let mut latest: BTreeMap<&str, (u64, u32, f64)> = BTreeMap::new();
-        for p in status.history.iter().filter(|p| p.kind == kind as i32) {
-            for (k, v) in &p.values {
-                latest.insert(k, (p.step, p.rank, *v));
-            }
+    // The latest value of every training key, and the step it was reported at.
+    let mut latest: BTreeMap<&str, (u64, u32, f64)> = BTreeMap::new();
+    for p in status.history.iter().filter(|p| p.kind == MetricsKind::Train as i32) {
+        for (k, v) in &p.values {
+            latest.insert(k, (p.step, p.rank, *v));
         }
-        if latest.is_empty() {
-            continue;
-        }
-        let _ = writeln!(out, "  {title} metrics (latest):");
+    }
+    if !latest.is_empty() {
+        let _ = writeln!(out, "  train metrics (latest):");
         for (key, (step, rank, value)) in latest {
             let _ = writeln!(out, "    {key:<24} {value:>12.5}   step {step} rank {rank}");
         }

@@ -169,16 +169,6 @@ impl Trainer {
         self.step
     }
 
-    /// The device the model lives on.
-    pub fn device(&self) -> Device {
-        self.device
-    }
-
-    /// This rank and the world size.
-    pub fn rank_and_world(&self) -> (usize, usize) {
-        (self.collective.rank(), self.collective.world_size())
-    }
-
     /// Overwrites every parameter and buffer with rank 0's.
     fn broadcast_state(&mut self) -> Result<(), WorkerError> {
         if self.collective.world_size() == 1 {
@@ -297,12 +287,7 @@ impl Trainer {
         let zero_for = |task: Task| {
             self.model.has_task(task).then(|| {
                 let head = self.model.head_parameters(task).into_iter().map(|(_, t)| t);
-                shared
-                    .iter()
-                    .map(Tensor::shallow_clone)
-                    .chain(head)
-                    .map(|t| t.sum(Kind::Float) * 0.0)
-                    .fold(Tensor::zeros([], (Kind::Float, self.device)), |a, b| a + b)
+                zero_through(shared.iter().map(Tensor::shallow_clone).chain(head), self.device)
             })
         };
         tasks::TaskLosses {
@@ -310,11 +295,6 @@ impl Trainer {
             det: zero_for(Task::Detection),
             seg: zero_for(Task::Segmentation),
         }
-    }
-
-    /// Mutable access to the collective (for the loops' own reductions).
-    pub fn collective_mut(&mut self) -> &mut dyn Collective {
-        self.collective.as_mut()
     }
 }
 
@@ -335,16 +315,19 @@ fn counts_from(t: &Tensor) -> Result<Counts, WorkerError> {
 /// The gradients of `params`, creating zero gradients where backward left none, so every rank
 /// passes the same list to the all-reduce.
 fn ensure_grads(params: &[Tensor]) -> Result<Vec<Tensor>, WorkerError> {
-    let missing: Vec<&Tensor> = params.iter().filter(|p| !p.grad().defined()).collect();
+    let missing: Vec<Tensor> =
+        params.iter().filter(|p| !p.grad().defined()).map(Tensor::shallow_clone).collect();
     if !missing.is_empty() {
-        // d(0 * sum p)/dp = 0 defines the gradient without changing anything.
-        let zero = missing
-            .iter()
-            .map(|p| p.sum(Kind::Float) * 0.0)
-            .fold(Tensor::zeros([], (Kind::Float, params[0].device())), |a, b| a + b);
-        zero.f_backward()?;
+        let device = missing[0].device();
+        zero_through(missing.into_iter(), device).f_backward()?;
     }
     Ok(params.iter().map(|p| p.grad()).collect())
+}
+
+/// `0 * Σ sum(p)`: a zero whose backward defines a zero gradient for every `p`, so a loss or
+/// a missing gradient connects to the parameters without changing anything.
+fn zero_through(params: impl Iterator<Item = Tensor>, device: Device) -> Tensor {
+    params.map(|p| p.sum(Kind::Float) * 0.0).fold(Tensor::zeros([], (Kind::Float, device)), |a, b| a + b)
 }
 
 /// The batch's tensors on `device` (boxes stay on the host).
