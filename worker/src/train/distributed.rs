@@ -7,11 +7,14 @@ use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use mtl_job::Backend;
+use mtl_job::sharding::TrainShard;
+use mtl_job::{Backend, JobConfig};
 use mtl_proto::v1::{MetricsKind, Split as WireSplit};
 use tokio::runtime::Handle;
 
-use super::{checkpoint, Trainer};
+use super::epochs::{self, Driver};
+use super::standalone::OrderedSplit;
+use super::{checkpoint, StepReport, Trainer};
 use crate::collective::nccl::NcclCollective;
 use crate::collective::ring::Ring;
 use crate::collective::{Collective, RingCollective, Timeouts};
@@ -90,83 +93,89 @@ pub fn train(
     out: Option<PathBuf>,
 ) -> Result<(), WorkerError> {
     let cfg = session.config.clone();
-    let seed = cfg.job.seed;
-    let rank = session.placement.rank;
     let (train, val, model) = super::standalone::open_job(&cfg, device)?;
     let info = train.dataset.info.clone();
     let collective = connect_collective(session, device, listener)?;
     let mut trainer = Trainer::new(&cfg, model, collective)?;
-    let batch_size = cfg.train.batch_size as usize;
+    let mut driver = Coordinated { cfg: &cfg, session, handle, val };
+    epochs::train(&cfg, &mut trainer, &train, &mut driver)?;
+    if let (0, Some(dir)) = (driver.session.placement.rank, out) {
+        checkpoint::save(&dir, &trainer.model, &cfg, &info)?;
+        tracing::info!(dir = %dir.display(), "model saved");
+    }
+    Ok(())
+}
 
-    let evaluate =
-        |session: &mut Session, trainer: &Trainer, step: u64, epoch: u64| -> Result<(), WorkerError> {
-            let Some(val) = &val else { return Ok(()) };
-            let shard =
-                handle.block_on(session.shard(WireSplit::Val, 0, val.ids.len() as u64, val.fingerprint()))?;
-            let ids = val.ids_at(&shard.positions);
-            let loader = Loader::new(
-                val.dataset.clone(),
-                &ids,
-                LoaderConfig::from_section(&cfg.data, batch_size, false, seed, 0),
-            )?;
-            let stats = trainer.evaluate(loader, &info)?;
-            let json = serde_json::to_vec(&stats).expect("stats serialise");
-            handle.block_on(session.report(MetricsKind::Eval, step, epoch, HashMap::new(), json))
-        };
+/// Shards from the coordinator, losses reported to it by rank 0, evaluation statistics of
+/// every rank's validation shard sent to it for merging.
+struct Coordinated<'a> {
+    cfg: &'a JobConfig,
+    session: &'a mut Session,
+    handle: &'a Handle,
+    val: Option<OrderedSplit>,
+}
 
-    let mut epoch = 0;
-    let mut meter = super::Throughput::default();
-    while trainer.steps_done() < cfg.train.steps {
-        let shard = handle.block_on(session.shard(
+impl Driver for Coordinated<'_> {
+    fn train_shard(&mut self, epoch: u64, train: &OrderedSplit) -> Result<TrainShard, WorkerError> {
+        let shard = self.handle.block_on(self.session.shard(
             WireSplit::Train,
             epoch,
             train.ids.len() as u64,
             train.fingerprint(),
         ))?;
-        if shard.steps == 0 {
-            return Err(WorkerError::Model {
-                key: "train.batch_size".into(),
-                message: format!(
-                    "{} ranks x batch {} is more than the training split ({} samples)",
-                    session.placement.world_size,
-                    batch_size,
-                    train.ids.len()
-                ),
-            });
-        }
-        let ids = train.ids_at(&shard.positions);
-        let loader = Loader::new(
-            train.dataset.clone(),
-            &ids,
-            LoaderConfig::from_section(&cfg.data, batch_size, true, seed, epoch),
-        )?;
-        for batch in loader.take(shard.steps as usize) {
-            if trainer.steps_done() >= cfg.train.steps {
-                break;
-            }
-            session.check_stop()?;
-            let step = trainer.steps_done() + 1;
-            let log = step % cfg.train.log_every_steps.max(1) == 0 || step == cfg.train.steps;
-            let report = trainer.step(&batch?)?;
-            meter.add(report.samples);
-            session.set_step(step);
-            if log && rank == 0 {
+        Ok(TrainShard { positions: shard.positions, steps: shard.steps })
+    }
+
+    fn before_step(&mut self) -> Result<(), WorkerError> {
+        self.session.check_stop()
+    }
+
+    fn after_step(
+        &mut self,
+        epoch: u64,
+        report: &StepReport,
+        images_per_s: Option<f64>,
+    ) -> Result<(), WorkerError> {
+        self.session.set_step(report.step);
+        match images_per_s {
+            Some(rate) if self.session.placement.rank == 0 => {
                 let mut scalars: HashMap<String, f64> = report.scalars().into_iter().collect();
-                scalars.insert("images_per_s".into(), meter.rate());
-                handle.block_on(session.report(MetricsKind::Train, step, epoch, scalars, Vec::new()))?;
+                scalars.insert("images_per_s".into(), rate);
+                self.handle.block_on(self.session.report(
+                    MetricsKind::Train,
+                    report.step,
+                    epoch,
+                    scalars,
+                    Vec::new(),
+                ))
             }
-            let every = cfg.train.eval_every_steps;
-            if every > 0 && step % every == 0 && step < cfg.train.steps {
-                evaluate(session, &trainer, step, epoch)?;
-                meter.restart();
-            }
+            _ => Ok(()),
         }
-        epoch += 1;
     }
-    evaluate(session, &trainer, trainer.steps_done(), epoch)?;
-    if let (0, Some(dir)) = (rank, out) {
-        checkpoint::save(&dir, &trainer.model, &cfg, &info)?;
-        tracing::info!(dir = %dir.display(), "model saved");
+
+    fn evaluate(&mut self, trainer: &Trainer, epoch: u64) -> Result<(), WorkerError> {
+        let Some(val) = &self.val else { return Ok(()) };
+        let shard = self.handle.block_on(self.session.shard(
+            WireSplit::Val,
+            0,
+            val.ids.len() as u64,
+            val.fingerprint(),
+        ))?;
+        let ids = val.ids_at(&shard.positions);
+        let loader = Loader::new(
+            val.dataset.clone(),
+            &ids,
+            LoaderConfig::from_section(
+                &self.cfg.data,
+                self.cfg.train.batch_size as usize,
+                false,
+                self.cfg.job.seed,
+                0,
+            ),
+        )?;
+        let stats = trainer.evaluate(loader, &val.dataset.info)?;
+        let json = serde_json::to_vec(&stats).expect("stats serialise");
+        let step = trainer.steps_done();
+        self.handle.block_on(self.session.report(MetricsKind::Eval, step, epoch, HashMap::new(), json))
     }
-    Ok(())
 }

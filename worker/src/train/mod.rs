@@ -5,10 +5,12 @@
 //! gradient all-reduce (mean) → clip → optimizer step. Each rank scales its losses by the world
 //! size and divides by the GLOBAL normaliser, so the mean of the ranks' gradients is exactly the
 //! gradient one process computes on the union of their batches.
-//! Layout: `eval` (metric statistics from a loader), `standalone` (`worker train --standalone`),
-//! `distributed` (`worker run`, driven by the coordinator), `checkpoint` (weights on disk).
+//! Layout: `epochs` (the epoch loop both modes share), `eval` (metric statistics from a loader),
+//! `standalone` (`worker train --standalone`), `distributed` (`worker run`, driven by the
+//! coordinator), `checkpoint` (weights on disk).
 pub mod checkpoint;
 pub mod distributed;
+pub mod epochs;
 pub mod eval;
 pub mod standalone;
 
@@ -167,6 +169,11 @@ impl Trainer {
     /// Optimizer steps taken so far.
     pub fn steps_done(&self) -> u64 {
         self.step
+    }
+
+    /// Ranks training together.
+    pub fn world_size(&self) -> usize {
+        self.collective.world_size()
     }
 
     /// Overwrites every parameter and buffer with rank 0's.

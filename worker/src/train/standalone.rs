@@ -5,9 +5,11 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use mtl_job::{sharding, JobConfig};
+use mtl_job::sharding::{self, TrainShard};
+use mtl_job::JobConfig;
 
-use super::{checkpoint, LocalCollective, Trainer};
+use super::epochs::{self, Driver};
+use super::{checkpoint, LocalCollective, StepReport, Trainer};
 use crate::data::{open_dataset, Dataset, Loader, LoaderConfig, Split};
 use crate::model::MultiTaskModel;
 use crate::WorkerError;
@@ -21,8 +23,10 @@ pub struct Summary {
     pub last: BTreeMap<String, f64>,
     /// Optimizer steps run.
     pub steps: u64,
-    /// Images skipped because they could not be read.
+    /// Training images skipped because they could not be read.
     pub skipped_images: usize,
+    /// Seconds spent training (loading and steps; evaluations excluded).
+    pub train_seconds: f64,
 }
 
 /// A split opened and put in canonical order (sorted ids), as positions refer to it.
@@ -83,80 +87,83 @@ pub fn run(
     out: Option<PathBuf>,
     quiet: bool,
 ) -> Result<Summary, WorkerError> {
-    let seed = cfg.job.seed;
     let (train, val, model) = open_job(cfg, device)?;
     let info = train.dataset.info.clone();
     let mut trainer = Trainer::new(cfg, model, Box::new(LocalCollective))?;
-    let batch_size = cfg.train.batch_size;
-
-    let evaluate = |trainer: &Trainer| -> Result<BTreeMap<String, f64>, WorkerError> {
-        let Some(val) = &val else { return Ok(BTreeMap::new()) };
-        let loader = Loader::new(
-            val.dataset.clone(),
-            &val.ids,
-            LoaderConfig::from_section(&cfg.data, batch_size as usize, false, seed, 0),
-        )?;
-        Ok(trainer.evaluate(loader, &info)?.finish().to_map())
-    };
-    let initial = evaluate(&trainer)?;
-    if !quiet && !initial.is_empty() {
-        eprint!("untrained model:\n{}", mtl_metrics::render_table(&initial));
-    }
-
-    let n = train.ids.len() as u64;
-    let mut skipped = 0;
-    let mut last = initial.clone();
-    let mut epoch = 0;
-    let mut meter = super::Throughput::default();
-    while trainer.steps_done() < cfg.train.steps {
-        let shard = sharding::train_shard(n, seed, epoch, 0, 1, 0, batch_size);
-        if shard.steps == 0 {
-            return Err(WorkerError::Model {
-                key: "train.batch_size".into(),
-                message: format!("{batch_size} is larger than the training split ({n} samples)"),
-            });
-        }
-        let ids = train.ids_at(&shard.positions);
-        let mut loader = Loader::new(
-            train.dataset.clone(),
-            &ids,
-            LoaderConfig::from_section(&cfg.data, batch_size as usize, true, seed, epoch),
-        )?;
-        for batch in loader.by_ref() {
-            if trainer.steps_done() >= cfg.train.steps {
-                break;
-            }
-            let batch = batch?;
-            let step = trainer.steps_done() + 1;
-            let log = step % cfg.train.log_every_steps.max(1) == 0 || step == cfg.train.steps;
-            let report = trainer.step(&batch)?;
-            meter.add(report.samples);
-            if log {
-                let values: String = report.scalars().iter().map(|(k, v)| format!("{k}={v:.4} ")).collect();
-                let images_per_s = format!("{:.1}", meter.rate());
-                tracing::info!(epoch, step, images_per_s, values = values.trim_end(), "train");
-            }
-            let every = cfg.train.eval_every_steps;
-            if every > 0 && step % every == 0 && step < cfg.train.steps {
-                last = evaluate(&trainer)?;
-                if !quiet {
-                    eprint!("step {step}:\n{}", mtl_metrics::render_table(&last));
-                }
-                meter.restart();
-            }
-        }
-        skipped += loader.summary().skipped.len();
-        epoch += 1;
-    }
-    if skipped > 0 {
-        tracing::warn!(skipped, "images could not be read and were skipped");
-    }
-    if val.is_some() {
-        last = evaluate(&trainer)?;
-    }
+    let mut driver = Local { cfg, val, quiet, last: BTreeMap::new() };
+    driver.evaluate(&trainer, 0)?;
+    let initial = driver.last.clone();
+    let outcome = epochs::train(cfg, &mut trainer, &train, &mut driver)?;
+    tracing::info!(
+        steps = trainer.steps_done(),
+        epochs = outcome.epochs,
+        train_seconds = format!("{:.1}", outcome.train_seconds),
+        "training finished"
+    );
     if let Some(dir) = out {
         checkpoint::save(&dir, &trainer.model, cfg, &info)?;
         tracing::info!(dir = %dir.display(), "model saved");
     }
-    Ok(Summary { initial, last, steps: trainer.steps_done(), skipped_images: skipped })
+    Ok(Summary {
+        initial,
+        last: driver.last,
+        steps: trainer.steps_done(),
+        skipped_images: outcome.skipped_images,
+        train_seconds: outcome.train_seconds,
+    })
+}
+
+/// Shards computed in-process, progress logged, evaluations on the whole validation split.
+struct Local<'a> {
+    cfg: &'a JobConfig,
+    val: Option<OrderedSplit>,
+    quiet: bool,
+    /// The latest evaluation (empty without a validation split).
+    last: BTreeMap<String, f64>,
+}
+
+impl Driver for Local<'_> {
+    fn train_shard(&mut self, epoch: u64, train: &OrderedSplit) -> Result<TrainShard, WorkerError> {
+        let (n, seed) = (train.ids.len() as u64, self.cfg.job.seed);
+        Ok(sharding::train_shard(n, seed, epoch, 0, 1, 0, self.cfg.train.batch_size))
+    }
+
+    fn after_step(
+        &mut self,
+        epoch: u64,
+        report: &StepReport,
+        images_per_s: Option<f64>,
+    ) -> Result<(), WorkerError> {
+        if let Some(rate) = images_per_s {
+            let values: String = report.scalars().iter().map(|(k, v)| format!("{k}={v:.4} ")).collect();
+            let images_per_s = format!("{rate:.1}");
+            tracing::info!(epoch, step = report.step, images_per_s, values = values.trim_end(), "train");
+        }
+        Ok(())
+    }
+
+    fn evaluate(&mut self, trainer: &Trainer, _epoch: u64) -> Result<(), WorkerError> {
+        let Some(val) = &self.val else { return Ok(()) };
+        let loader = Loader::new(
+            val.dataset.clone(),
+            &val.ids,
+            LoaderConfig::from_section(
+                &self.cfg.data,
+                self.cfg.train.batch_size as usize,
+                false,
+                self.cfg.job.seed,
+                0,
+            ),
+        )?;
+        self.last = trainer.evaluate(loader, &val.dataset.info)?.finish().to_map();
+        let step = trainer.steps_done();
+        let values: String = self.last.iter().map(|(k, v)| format!("{k}={v:.4} ")).collect();
+        tracing::info!(step, values = values.trim_end(), "evaluated");
+        // The final evaluation is the command's result, printed by the caller.
+        if !self.quiet && step < self.cfg.train.steps {
+            let when = if step == 0 { "untrained model".to_string() } else { format!("step {step}") };
+            eprint!("{when}:\n{}", mtl_metrics::render_table(&self.last));
+        }
+        Ok(())
+    }
 }
