@@ -6,7 +6,7 @@
 //! is augmented identically whichever rank or thread loads it. Evaluation mode letterboxes
 //! (scale the longer side to `image_size`, centre, pad) with no randomness.
 use image::RgbImage;
-use mtl_job::DataSection;
+use mtl_job::{AugmentSection, DataSection};
 
 use super::batch::{GtBox, IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD};
 use super::rng::Rng;
@@ -19,48 +19,27 @@ pub struct AugmentConfig {
     pub image_size: u32,
     /// Random augmentation (training) or deterministic letterbox (evaluation).
     pub random: bool,
-    /// Probability of a horizontal flip.
-    pub hflip_prob: f64,
-    /// Random scale range relative to the letterboxed size.
-    pub scale_min: f64,
-    /// Upper end of the scale range.
-    pub scale_max: f64,
-    /// Brightness factor drawn from [1 - b, 1 + b].
-    pub brightness: f64,
-    /// Contrast factor drawn from [1 - c, 1 + c].
-    pub contrast: f64,
-    /// Saturation factor drawn from [1 - s, 1 + s].
-    pub saturation: f64,
+    /// Flip probability, scale range and colour jitter (`[data.augment]`).
+    pub params: AugmentSection,
 }
 
 impl AugmentConfig {
     /// Training augmentation from `[data]` and `[data.augment]`.
     pub fn train(data: &DataSection) -> Self {
-        let a = &data.augment;
-        Self {
-            image_size: data.image_size,
-            random: true,
-            hflip_prob: a.hflip_prob,
-            scale_min: a.scale_min,
-            scale_max: a.scale_max,
-            brightness: a.brightness,
-            contrast: a.contrast,
-            saturation: a.saturation,
-        }
+        Self { image_size: data.image_size, random: true, params: data.augment.clone() }
     }
 
     /// Deterministic letterbox to `image_size` for evaluation.
     pub fn eval(image_size: u32) -> Self {
-        Self {
-            image_size,
-            random: false,
+        let params = AugmentSection {
             hflip_prob: 0.0,
             scale_min: 1.0,
             scale_max: 1.0,
             brightness: 0.0,
             contrast: 0.0,
             saturation: 0.0,
-        }
+        };
+        Self { image_size, random: false, params }
     }
 }
 
@@ -94,14 +73,15 @@ fn draw(cfg: &AugmentConfig, w: u32, h: u32, rng: &mut Rng) -> (Geometry, Jitter
     let size = f64::from(cfg.image_size);
     let base = size / f64::from(w.max(h));
     // Every draw happens in a fixed order whatever the config, so streams stay aligned.
-    let flip = rng.chance(cfg.hflip_prob);
-    let k = base * rng.range(cfg.scale_min, cfg.scale_max);
+    let p = &cfg.params;
+    let flip = rng.chance(p.hflip_prob);
+    let k = base * rng.range(p.scale_min, p.scale_max);
     let (u_x, u_y) = (rng.unit(), rng.unit());
     let mut factor = |amount: f64| rng.range(1.0 - amount, 1.0 + amount) as f32;
     let jitter = Jitter {
-        brightness: factor(cfg.brightness),
-        contrast: factor(cfg.contrast),
-        saturation: factor(cfg.saturation),
+        brightness: factor(p.brightness),
+        contrast: factor(p.contrast),
+        saturation: factor(p.saturation),
     };
     // Slack >= 0 pads (offset in [0, slack]); slack < 0 crops (offset in [slack, 0]).
     let place = |extent: f64, u: f64| {

@@ -21,15 +21,17 @@ fn scene() -> (RgbImage, Vec<u8>, BoxLabel) {
 }
 
 fn no_jitter(size: u32) -> AugmentConfig {
+    let eval = AugmentConfig::eval(size);
     AugmentConfig {
-        brightness: 0.0,
-        contrast: 0.0,
-        saturation: 0.0,
-        scale_min: 0.6,
-        scale_max: 1.8,
-        hflip_prob: 0.5,
-        ..AugmentConfig::eval(size)
+        params: AugmentSection { scale_min: 0.6, scale_max: 1.8, hflip_prob: 0.5, ..eval.params.clone() },
+        ..eval
     }
+}
+
+/// `cfg` with the same brightness, contrast and saturation jitter `amount`.
+fn with_jitter(mut cfg: AugmentConfig, amount: f64) -> AugmentConfig {
+    (cfg.params.brightness, cfg.params.contrast, cfg.params.saturation) = (amount, amount, amount);
+    cfg
 }
 
 fn denorm(a: &Augmented, s: usize, p: usize) -> [f32; 3] {
@@ -83,7 +85,10 @@ fn image_mask_and_box_stay_aligned() {
             &img,
             &[b],
             Some(&mask),
-            &AugmentConfig { hflip_prob: 0.0, ..cfg.clone() },
+            &AugmentConfig {
+                params: AugmentSection { hflip_prob: 0.0, ..cfg.params.clone() },
+                ..cfg.clone()
+            },
             [seed, 3, 17],
         );
         if a0.boxes.first().is_some_and(|b0| (b0.x1 - gt.x1).abs() > 1.0) {
@@ -115,8 +120,7 @@ fn eval_is_deterministic_and_train_depends_only_on_key() {
         augment(&img, &[b], Some(&mask), &eval, [1, 2, 3]),
         augment(&img, &[b], Some(&mask), &eval, [4, 5, 6])
     );
-    let train =
-        AugmentConfig { random: true, brightness: 0.4, contrast: 0.4, saturation: 0.4, ..no_jitter(32) };
+    let train = with_jitter(AugmentConfig { random: true, ..no_jitter(32) }, 0.4);
     let a = augment(&img, &[b], Some(&mask), &train, [1, 2, 3]);
     assert_eq!(a, augment(&img, &[b], Some(&mask), &train, [1, 2, 3]));
     assert_ne!(a, augment(&img, &[b], Some(&mask), &train, [1, 2, 4]));
@@ -126,7 +130,7 @@ fn eval_is_deterministic_and_train_depends_only_on_key() {
 fn jitter_changes_colours_not_geometry() {
     let (img, mask, b) = scene();
     let plain = AugmentConfig { random: true, ..no_jitter(32) };
-    let jittered = AugmentConfig { brightness: 0.5, contrast: 0.5, saturation: 0.5, ..plain.clone() };
+    let jittered = with_jitter(plain.clone(), 0.5);
     let a = augment(&img, &[b], Some(&mask), &plain, [5, 0, 9]);
     let j = augment(&img, &[b], Some(&mask), &jittered, [5, 0, 9]);
     assert_eq!((&a.boxes, &a.mask), (&j.boxes, &j.mask));
@@ -138,7 +142,8 @@ fn boxes_cropped_away_are_dropped() {
     let (img, _, _) = scene();
     // A box entirely left of the visible crop: scale 2 makes the 40-wide image 80 px wide
     // (longer side 40 → 32 * 2): a 2 px box at the right edge shows only for a few offsets.
-    let cfg = AugmentConfig { random: true, scale_min: 2.0, scale_max: 2.0, ..no_jitter(32) };
+    let mut cfg = AugmentConfig { random: true, ..no_jitter(32) };
+    (cfg.params.scale_min, cfg.params.scale_max) = (2.0, 2.0);
     let far = BoxLabel { x: 38.0, y: 14.0, w: 2.0, h: 2.0, category: 1, iscrowd: false, area: 4.0 };
     let (mut dropped, mut kept) = (0, 0);
     for seed in 0..200 {

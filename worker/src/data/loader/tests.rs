@@ -103,16 +103,15 @@ fn batches_do_not_depend_on_thread_count() {
     generate(dir.path(), &SyntheticConfig { n: 13, size: 32, seed: 3, val_fraction: 0.0 }).unwrap();
     let ds = Arc::new(read_manifest(&dir.path().join("train.jsonl")).unwrap());
     let shard = [7, 2, 11, 0, 12, 5, 9, 1, 3, 10, 4];
-    let augment = AugmentConfig {
-        random: true,
+    let params = mtl_job::AugmentSection {
         hflip_prob: 0.5,
         scale_min: 0.7,
         scale_max: 1.4,
         brightness: 0.3,
         contrast: 0.3,
         saturation: 0.3,
-        ..AugmentConfig::eval(24)
     };
+    let augment = AugmentConfig { random: true, params, ..AugmentConfig::eval(24) };
     let run = |threads: usize, epoch: u64| -> Vec<Batch> {
         let c = LoaderConfig { epoch, ..cfg(4, threads, augment.clone()) };
         Loader::new(ds.clone(), &shard, c).unwrap().map(Result::unwrap).collect()
