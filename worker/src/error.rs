@@ -23,6 +23,13 @@ pub enum WorkerError {
     /// A LibTorch operation failed.
     #[error("torch: {0}")]
     Torch(#[from] tch::TchError),
+    /// Training panicked: a tch call without a `Result` hit a LibTorch error (CUDA out of
+    /// memory, a shape mismatch) or an invariant broke.
+    #[error("training stopped on an unexpected error: {message}")]
+    Panicked {
+        /// The panic's message.
+        message: String,
+    },
     /// The device string is not `cpu` or `cuda:N`, or that device is not available.
     #[error("device `{device}`: {message}")]
     Device {

@@ -61,11 +61,11 @@ pub async fn run(mut cfg: RunConfig) -> Result<(), WorkerError> {
     let out = cfg.out;
     let (session, result) = tokio::task::spawn_blocking(move || {
         let mut session = session;
-        let result = train::distributed::train(&mut session, &handle, device, listener, out);
+        let result = catch_panic(|| train::distributed::train(&mut session, &handle, device, listener, out));
         (session, result)
     })
     .await
-    .expect("training thread panicked");
+    .expect("catch_panic returns instead of unwinding");
     match result {
         Ok(()) => session.leave(None).await,
         Err(err) => {
@@ -75,5 +75,36 @@ pub async fn run(mut cfg: RunConfig) -> Result<(), WorkerError> {
             }
             Err(err)
         }
+    }
+}
+
+/// Runs `f`, turning a panic into [`WorkerError::Panicked`] so that the caller can still
+/// report it (most tch calls panic on LibTorch errors, CUDA running out of memory among them).
+pub fn catch_panic<T>(f: impl FnOnce() -> Result<T, WorkerError>) -> Result<T, WorkerError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|payload| {
+        let message = match (payload.downcast_ref::<String>(), payload.downcast_ref::<&str>()) {
+            (Some(s), _) => s.clone(),
+            (None, Some(s)) => s.to_string(),
+            (None, None) => "a panic without a message".to_string(),
+        };
+        Err(WorkerError::Panicked { message })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_libtorch_panic_becomes_an_error_with_its_message() {
+        let result: Result<(), WorkerError> = catch_panic(|| {
+            let _ =
+                tch::Tensor::zeros([2], tch::kind::FLOAT_CPU) + tch::Tensor::zeros([3], tch::kind::FLOAT_CPU);
+            Ok(())
+        });
+        let message = result.unwrap_err().to_string();
+        assert!(message.starts_with("training stopped on an unexpected error"), "{message}");
+        assert!(message.contains("size of tensor a (2) must match the size of tensor b (3)"), "{message}");
+        assert_eq!(catch_panic(|| Ok(7)).unwrap(), 7);
     }
 }
