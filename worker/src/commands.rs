@@ -6,7 +6,7 @@ use std::path::Path;
 
 use mtl_job::JobConfig;
 
-use crate::data::{open_dataset, Loader, LoaderConfig, Split};
+use crate::data::{open_dataset, Split};
 use crate::model::MultiTaskModel;
 use crate::train::standalone::{self, OrderedSplit};
 use crate::train::{checkpoint, eval};
@@ -55,12 +55,7 @@ pub fn eval_checkpoint(dir: &Path, device: tch::Device, json: bool) -> Result<()
             message: "the checkpoint's job has no validation split".into(),
         }
     })?;
-    let loader = Loader::new(
-        val.dataset.clone(),
-        &val.ids,
-        LoaderConfig::from_section(&cfg.data, cfg.train.batch_size as usize, false, cfg.job.seed, 0),
-    )?;
-    let stats = eval::evaluate(&model, loader, &loaded.info)?;
+    let stats = eval::evaluate(&model, val.eval_loader(&val.ids, cfg)?, &loaded.info)?;
     print_metrics(&stats.finish().to_map(), json);
     Ok(())
 }

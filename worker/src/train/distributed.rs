@@ -18,7 +18,6 @@ use super::{checkpoint, StepReport, Trainer};
 use crate::collective::nccl::NcclCollective;
 use crate::collective::ring::Ring;
 use crate::collective::{Collective, RingCollective, Timeouts};
-use crate::data::{Loader, LoaderConfig};
 use crate::session::Session;
 use crate::WorkerError;
 
@@ -162,17 +161,7 @@ impl Driver for Coordinated<'_> {
             val.fingerprint(),
         ))?;
         let ids = val.ids_at(&shard.positions);
-        let loader = Loader::new(
-            val.dataset.clone(),
-            &ids,
-            LoaderConfig::from_section(
-                &self.cfg.data,
-                self.cfg.train.batch_size as usize,
-                false,
-                self.cfg.job.seed,
-                0,
-            ),
-        )?;
+        let loader = val.eval_loader(&ids, self.cfg)?;
         let stats = trainer.evaluate(loader, &val.dataset.info)?;
         let json = serde_json::to_vec(&stats).expect("stats serialise");
         let step = trainer.steps_done();

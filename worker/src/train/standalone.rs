@@ -50,6 +50,13 @@ impl OrderedSplit {
         positions.iter().map(|&p| self.ids[p as usize]).collect()
     }
 
+    /// An evaluation loader (letterbox, no randomness) over the samples `ids` of this split.
+    pub fn eval_loader(&self, ids: &[u64], cfg: &JobConfig) -> Result<Loader, WorkerError> {
+        let batch_size = cfg.train.batch_size as usize;
+        let loader_cfg = LoaderConfig::from_section(&cfg.data, batch_size, false, cfg.job.seed, 0);
+        Loader::new(self.dataset.clone(), ids, loader_cfg)
+    }
+
     /// A fingerprint of the index (count and ids), so ranks can check they see the same data.
     pub fn fingerprint(&self) -> String {
         // FNV-1a over the sorted ids: cheap, stable across platforms.
@@ -144,17 +151,7 @@ impl Driver for Local<'_> {
 
     fn evaluate(&mut self, trainer: &Trainer, _epoch: u64) -> Result<(), WorkerError> {
         let Some(val) = &self.val else { return Ok(()) };
-        let loader = Loader::new(
-            val.dataset.clone(),
-            &val.ids,
-            LoaderConfig::from_section(
-                &self.cfg.data,
-                self.cfg.train.batch_size as usize,
-                false,
-                self.cfg.job.seed,
-                0,
-            ),
-        )?;
+        let loader = val.eval_loader(&val.ids, self.cfg)?;
         self.last = trainer.evaluate(loader, &val.dataset.info)?.finish().to_map();
         let step = trainer.steps_done();
         let values: String = self.last.iter().map(|(k, v)| format!("{k}={v:.4} ")).collect();
