@@ -70,15 +70,8 @@ impl Session {
                 // Registered already: tell the coordinator, so the job fails now rather than at
                 // the heartbeat timeout (typically a worker older than the coordinator).
                 let message = format!("cannot use the coordinator's job config: {err}");
-                let _ = client
-                    .leave(LeaveRequest {
-                        job_token: token.to_string(),
-                        worker_id: identity.worker_id.clone(),
-                        generation: placement.generation,
-                        failed: true,
-                        message,
-                    })
-                    .await;
+                let request = leave_request(token, &identity, placement.generation, Some(&message));
+                let _ = client.leave(request).await;
                 return Err(err.into());
             }
         };
@@ -174,17 +167,20 @@ impl Session {
     /// Tells the coordinator this worker is done (or failed) and stops heartbeating.
     pub async fn leave(mut self, failure: Option<&str>) -> Result<(), WorkerError> {
         self.heartbeat.abort();
-        self.client
-            .leave(LeaveRequest {
-                job_token: self.token.clone(),
-                worker_id: self.identity.worker_id.clone(),
-                generation: self.placement.generation,
-                failed: failure.is_some(),
-                message: failure.unwrap_or_default().to_string(),
-            })
-            .await
-            .map_err(WorkerError::rpc("Leave"))?;
+        let request = leave_request(&self.token, &self.identity, self.placement.generation, failure);
+        self.client.leave(request).await.map_err(WorkerError::rpc("Leave"))?;
         Ok(())
+    }
+}
+
+/// A `Leave` for this worker: done (`failure` None) or failed with that message.
+fn leave_request(token: &str, identity: &Identity, generation: u64, failure: Option<&str>) -> LeaveRequest {
+    LeaveRequest {
+        job_token: token.to_string(),
+        worker_id: identity.worker_id.clone(),
+        generation,
+        failed: failure.is_some(),
+        message: failure.unwrap_or_default().to_string(),
     }
 }
 

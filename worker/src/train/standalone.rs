@@ -142,9 +142,9 @@ impl Driver for Local<'_> {
         images_per_s: Option<f64>,
     ) -> Result<(), WorkerError> {
         if let Some(rate) = images_per_s {
-            let values: String = report.scalars().iter().map(|(k, v)| format!("{k}={v:.4} ")).collect();
+            let values = key_values(report.scalars().iter().map(|(k, v)| (k.as_str(), *v)));
             let images_per_s = format!("{rate:.1}");
-            tracing::info!(epoch, step = report.step, images_per_s, values = values.trim_end(), "train");
+            tracing::info!(epoch, step = report.step, images_per_s, values, "train");
         }
         Ok(())
     }
@@ -154,8 +154,8 @@ impl Driver for Local<'_> {
         let loader = val.eval_loader(&val.ids, self.cfg)?;
         self.last = trainer.evaluate(loader, &val.dataset.info)?.finish().to_map();
         let step = trainer.steps_done();
-        let values: String = self.last.iter().map(|(k, v)| format!("{k}={v:.4} ")).collect();
-        tracing::info!(step, values = values.trim_end(), "evaluated");
+        let values = key_values(self.last.iter().map(|(k, v)| (k.as_str(), *v)));
+        tracing::info!(step, values, "evaluated");
         // The final evaluation is the command's result, printed by the caller.
         if !self.quiet && step < self.cfg.train.steps {
             let when = if step == 0 { "untrained model".to_string() } else { format!("step {step}") };
@@ -163,4 +163,9 @@ impl Driver for Local<'_> {
         }
         Ok(())
     }
+}
+
+/// `k=v k=v ...` with four decimals, for one log line.
+fn key_values<'a>(pairs: impl Iterator<Item = (&'a str, f64)>) -> String {
+    pairs.map(|(k, v)| format!("{k}={v:.4}")).collect::<Vec<_>>().join(" ")
 }
