@@ -383,15 +383,15 @@ impl JobState {
                     self.epoch_start.entry(req.epoch).or_insert(req.steps_done);
                 }
                 let consumed = if self.epoch_position.0 == req.epoch { self.epoch_position.1 } else { 0 };
-                let shard = sharding::train_shard(
-                    n,
-                    self.cfg.job.seed,
-                    req.epoch,
+                let shard = sharding::train_shard(sharding::ShardSpec {
+                    samples: n,
+                    seed: self.cfg.job.seed,
+                    epoch: req.epoch,
                     consumed,
                     world_size,
                     rank,
                     batch_size,
-                );
+                });
                 ShardResponse {
                     epoch: req.epoch,
                     positions: shard.positions,

@@ -7,6 +7,7 @@
 //! finally runs [`JobConfig::validate`] for invariants that span fields.
 #![warn(missing_docs)]
 
+mod checkpoint;
 mod comm;
 mod data;
 mod error;
@@ -15,6 +16,7 @@ mod optim;
 mod schema;
 pub mod sharding;
 
+pub use checkpoint::*;
 pub use comm::*;
 pub use data::*;
 pub use error::JobConfigError;

@@ -35,6 +35,9 @@ pub struct JobConfig {
     /// How per-task losses are weighted or their gradients combined.
     #[serde(default)]
     pub weighting: WeightingSection,
+    /// Where checkpoints go, how often, how many are kept.
+    #[serde(default)]
+    pub checkpoint: crate::CheckpointSection,
 }
 
 /// `[job]`
@@ -238,6 +241,7 @@ impl JobConfig {
         self.tasks.validate()?;
         t.validate_optim()?;
         self.weighting.validate()?;
+        self.checkpoint.validate()?;
         Ok(())
     }
 }

@@ -36,17 +36,29 @@ pub fn permutation(n: u64, seed: u64, epoch: u64) -> Vec<u64> {
     perm
 }
 
-/// Rank `rank`'s train shard of epoch `epoch`, skipping the first `consumed` samples of the
-/// epoch's permutation (already trained before a restart).
-pub fn train_shard(
-    n: u64,
-    seed: u64,
-    epoch: u64,
-    consumed: u64,
-    world_size: u32,
-    rank: u32,
-    batch_size: u32,
-) -> TrainShard {
+/// Which train shard to compute: one rank's view of one epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShardSpec {
+    /// Samples in the split.
+    pub samples: u64,
+    /// `job.seed`.
+    pub seed: u64,
+    /// The epoch (0-based).
+    pub epoch: u64,
+    /// Samples of the epoch's permutation already trained (before a restart), skipped.
+    pub consumed: u64,
+    /// Ranks training together.
+    pub world_size: u32,
+    /// This rank.
+    pub rank: u32,
+    /// Samples per rank per step.
+    pub batch_size: u32,
+}
+
+/// The train shard `spec` describes: rank `spec.rank`'s positions of epoch `spec.epoch`,
+/// skipping the first `spec.consumed` samples of the epoch's permutation.
+pub fn train_shard(spec: ShardSpec) -> TrainShard {
+    let ShardSpec { samples: n, seed, epoch, consumed, world_size, rank, batch_size } = spec;
     let (world, b) = (u64::from(world_size), u64::from(batch_size));
     let global = world * b;
     let remaining = n.saturating_sub(consumed);
@@ -87,8 +99,19 @@ mod tests {
             for world in 1..=4u32 {
                 for batch in [1u32, 3, 8] {
                     let global = u64::from(world * batch);
-                    let shards: Vec<TrainShard> =
-                        (0..world).map(|r| train_shard(n, 5, 2, 0, world, r, batch)).collect();
+                    let shards: Vec<TrainShard> = (0..world)
+                        .map(|r| {
+                            train_shard(ShardSpec {
+                                samples: n,
+                                seed: 5,
+                                epoch: 2,
+                                consumed: 0,
+                                world_size: world,
+                                rank: r,
+                                batch_size: batch,
+                            })
+                        })
+                        .collect();
                     let steps = shards[0].steps;
                     assert!(shards.iter().all(|s| s.steps == steps), "same steps on every rank");
                     assert!(shards.iter().all(|s| s.positions.len() as u64 == steps * u64::from(batch)));
@@ -109,8 +132,28 @@ mod tests {
     fn n_ranks_see_the_global_batches_of_one_rank_with_n_times_the_batch() {
         let (n, b) = (100u64, 4u32);
         for world in [2u32, 3] {
-            let single = train_shard(n, 9, 1, 0, 1, 0, world * b);
-            let shards: Vec<TrainShard> = (0..world).map(|r| train_shard(n, 9, 1, 0, world, r, b)).collect();
+            let single = train_shard(ShardSpec {
+                samples: n,
+                seed: 9,
+                epoch: 1,
+                consumed: 0,
+                world_size: 1,
+                rank: 0,
+                batch_size: world * b,
+            });
+            let shards: Vec<TrainShard> = (0..world)
+                .map(|r| {
+                    train_shard(ShardSpec {
+                        samples: n,
+                        seed: 9,
+                        epoch: 1,
+                        consumed: 0,
+                        world_size: world,
+                        rank: r,
+                        batch_size: b,
+                    })
+                })
+                .collect();
             assert_eq!(single.steps, shards[0].steps);
             for step in 0..single.steps as usize {
                 let global = &single.positions[step * (world * b) as usize..][..(world * b) as usize];
@@ -127,10 +170,35 @@ mod tests {
     fn resume_mid_epoch_with_another_world_size_trains_the_rest_once() {
         let (n, seed, epoch) = (200u64, 3, 4);
         // Two ranks with batch 5 ran 6 steps (60 samples), then the job resumes on three ranks.
-        let before: BTreeSet<u64> =
-            (0..2).flat_map(|r| train_shard(n, seed, epoch, 0, 2, r, 5).positions[..30].to_vec()).collect();
-        let after: Vec<u64> =
-            (0..3).flat_map(|r| train_shard(n, seed, epoch, 60, 3, r, 5).positions).collect();
+        let before: BTreeSet<u64> = (0..2)
+            .flat_map(|r| {
+                train_shard(ShardSpec {
+                    samples: n,
+                    seed,
+                    epoch,
+                    consumed: 0,
+                    world_size: 2,
+                    rank: r,
+                    batch_size: 5,
+                })
+                .positions[..30]
+                    .to_vec()
+            })
+            .collect();
+        let after: Vec<u64> = (0..3)
+            .flat_map(|r| {
+                train_shard(ShardSpec {
+                    samples: n,
+                    seed,
+                    epoch,
+                    consumed: 60,
+                    world_size: 3,
+                    rank: r,
+                    batch_size: 5,
+                })
+                .positions
+            })
+            .collect();
         let after_set: BTreeSet<u64> = after.iter().copied().collect();
         assert_eq!(after_set.len(), after.len());
         assert!(before.is_disjoint(&after_set), "nothing trained twice across the restart");

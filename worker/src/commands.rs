@@ -1,19 +1,20 @@
-//! What the `worker` subcommands other than `run` do: standalone training, evaluation of a
-//! checkpoint or of a COCO results file. Results go to stdout (a table, or one JSON object
-//! with `--json`); logs go to stderr.
+//! What each `worker` subcommand does, on top of the library: the one place that prints.
+//! Results go to stdout (a table, or one JSON object with `--json`); progress and logs go to
+//! stderr.
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use mtl_job::JobConfig;
 
-use crate::data::{open_dataset, Split};
-use crate::model::MultiTaskModel;
-use crate::train::standalone::{self, OrderedSplit};
-use crate::train::{checkpoint, eval};
-use crate::WorkerError;
+use mtl_worker::collective::bench;
+use mtl_worker::data::synthetic::{generate, SyntheticConfig};
+use mtl_worker::data::{open_dataset, OrderedSplit, Split};
+use mtl_worker::model::MultiTaskModel;
+use mtl_worker::train::{checkpoint, eval, standalone};
+use mtl_worker::WorkerError;
 
 /// Prints metrics as a per-task table or as one JSON object.
-pub fn print_metrics(map: &BTreeMap<String, f64>, json: bool) {
+pub(crate) fn print_metrics(map: &BTreeMap<String, f64>, json: bool) {
     if json {
         // NaN is not JSON: undefined metrics are null.
         let obj: serde_json::Map<String, serde_json::Value> = map
@@ -29,13 +30,21 @@ pub fn print_metrics(map: &BTreeMap<String, f64>, json: bool) {
 }
 
 /// `worker train --standalone`.
-pub fn train_standalone(
+pub(crate) fn train_standalone(
     cfg: &JobConfig,
     device: tch::Device,
     out: Option<&Path>,
     json: bool,
 ) -> Result<(), WorkerError> {
-    let summary = standalone::run(cfg, device, out.map(Path::to_owned), json)?;
+    // Evaluations before and during training go to stderr as tables; the final one is the
+    // command's result, printed below.
+    let mut progress = |step: u64, metrics: &BTreeMap<String, f64>| {
+        if !json && step < cfg.train.steps {
+            let when = if step == 0 { "untrained model".to_string() } else { format!("step {step}") };
+            eprint!("{when}:\n{}", mtl_metrics::render_table(metrics));
+        }
+    };
+    let summary = standalone::run(cfg, device, out.map(Path::to_owned), &mut progress)?;
     if !json {
         println!("trained {} steps; validation metrics:", summary.steps);
     }
@@ -44,13 +53,13 @@ pub fn train_standalone(
 }
 
 /// `worker eval --checkpoint DIR`: the checkpoint's model on its job's validation split.
-pub fn eval_checkpoint(dir: &Path, device: tch::Device, json: bool) -> Result<(), WorkerError> {
+pub(crate) fn eval_checkpoint(dir: &Path, device: tch::Device, json: bool) -> Result<(), WorkerError> {
     let loaded = checkpoint::open(dir)?;
     let cfg = &loaded.cfg;
     let mut model = MultiTaskModel::new(&cfg.model, &cfg.tasks, &loaded.info, device)?;
     checkpoint::load_into(&mut model, &loaded.weights)?;
     let val = open_dataset(&cfg.data, Split::Val, cfg.job.seed)?.map(OrderedSplit::new).ok_or_else(|| {
-        WorkerError::Model {
+        WorkerError::Data {
             key: "data.val".into(),
             message: "the checkpoint's job has no validation split".into(),
         }
@@ -62,10 +71,51 @@ pub fn eval_checkpoint(dir: &Path, device: tch::Device, json: bool) -> Result<()
 
 /// `worker eval --gt coco.json --detections results.json`: scores a COCO results file exactly
 /// as pycocotools' COCOeval (bbox) does.
-pub fn eval_files(gt: &Path, detections: &Path, json: bool) -> Result<(), WorkerError> {
+pub(crate) fn eval_files(gt: &Path, detections: &Path, json: bool) -> Result<(), WorkerError> {
     let stats = mtl_metrics::coco::load_detection_stats(gt, detections)
         .map_err(|e| WorkerError::Metrics { message: e.to_string() })?;
     let report = mtl_metrics::EvalStats { detection: Some(stats), ..Default::default() };
     print_metrics(&report.finish().to_map(), json);
+    Ok(())
+}
+
+/// `worker collective-bench`: one rank; rank 0 prints one JSON line per message size.
+pub(crate) fn collective_bench(cfg: &bench::BenchConfig) -> Result<(), WorkerError> {
+    let rank = cfg.rank;
+    bench::run(cfg, |r| {
+        if rank == 0 {
+            println!(
+                "{{\"world_size\":{},\"size_bytes\":{},\"seconds\":{:.6},\"algbw_gbs\":{:.3},\"busbw_gbs\":{:.3}}}",
+                r.world_size, r.size_bytes, r.seconds, r.algbw_gbs, r.busbw_gbs
+            );
+        }
+    })?;
+    Ok(())
+}
+
+/// `worker predict`.
+pub(crate) fn predict(
+    checkpoint: &Path,
+    input: &Path,
+    out: &Path,
+    device: tch::Device,
+    batch_size: usize,
+    overlay_score: f64,
+) -> Result<(), WorkerError> {
+    let s = mtl_worker::predict::run(checkpoint, input, out, device, batch_size, overlay_score)?;
+    println!(
+        "predicted {} images ({} skipped), {} detections; written to {}",
+        s.images,
+        s.skipped,
+        s.detections,
+        out.display()
+    );
+    Ok(())
+}
+
+/// `worker gen-data shapes`.
+pub(crate) fn gen_shapes(out: &Path, cfg: &SyntheticConfig) -> Result<(), WorkerError> {
+    generate(out, cfg)?;
+    tracing::info!(out = %out.display(), n = cfg.n, size = cfg.size, seed = cfg.seed, "dataset written");
     Ok(())
 }

@@ -59,6 +59,25 @@ pub enum WorkerError {
         /// What is wrong.
         message: String,
     },
+    /// The job's data cannot serve training or evaluation as configured (a split missing or
+    /// too small for the batch).
+    #[error("data: `{key}`: {message}")]
+    Data {
+        /// The config key at fault.
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A peer advertised an address this worker cannot connect to.
+    #[error("rank {rank} ({device}) advertised peer address `{addr}`, not host:port")]
+    PeerAddress {
+        /// The peer's rank.
+        rank: u32,
+        /// The peer's device.
+        device: String,
+        /// The address as advertised.
+        addr: String,
+    },
     /// Saved optimiser or task-weighting state does not fit the live one.
     #[error("cannot load {owner} state `{key}`: {message}")]
     State {

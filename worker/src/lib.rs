@@ -1,12 +1,15 @@
 //! The worker: the data plane of a training job, one process per GPU (or a CPU worker for
 //! development and CI). It joins the coordinator's job ([`session`]), runs LibTorch steps
 //! through `tch`, and reports metrics. Layout: `session` (coordinator RPCs and heartbeats),
-//! `device` (device selection), `collective` (ring and NCCL all-reduce), `data`
-//! (batches), `model` (backbone, FPN, the multi-task network), `tasks` (heads and losses).
+//! `device` (device selection), `task` (the task vocabulary), `data` (datasets, augmentation,
+//! the loader, batches), `model` (backbone, FPN, the multi-task network), `tasks` (heads and
+//! their losses), `weighting` (how task losses become one backward), `optim` (optimizers,
+//! schedule, clipping), `collective` (ring and NCCL all-reduce), `train` (the step, the epoch
+//! loop, evaluation, checkpoints), `predict` (inference to files). The `worker` binary's
+//! `commands` module is the only place that prints.
 #![warn(missing_docs)]
 
 pub mod collective;
-pub mod commands;
 pub mod data;
 pub mod device;
 mod error;
@@ -15,6 +18,7 @@ pub mod optim;
 pub mod precision;
 pub mod predict;
 pub mod session;
+pub mod task;
 pub mod tasks;
 pub mod train;
 pub mod weighting;

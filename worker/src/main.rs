@@ -3,10 +3,11 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use mtl_worker::collective::bench;
-use mtl_worker::commands;
-use mtl_worker::data::synthetic::{generate, SyntheticConfig};
+use mtl_worker::data::synthetic::SyntheticConfig;
 use mtl_worker::session::Identity;
 use mtl_worker::RunConfig;
+
+mod commands;
 
 #[derive(Parser)]
 #[command(
@@ -210,7 +211,7 @@ fn main() -> ExitCode {
                 iterations,
                 timeout: std::time::Duration::from_millis(timeout_ms),
             };
-            bench::run(&cfg).map_err(mtl_worker::WorkerError::from)
+            commands::collective_bench(&cfg)
         }
         Command::Train { standalone: _, config, overrides, device, out, json } => {
             match mtl_job::JobConfig::load(Some(&config), &overrides, std::env::vars()) {
@@ -230,23 +231,10 @@ fn main() -> ExitCode {
         },
         Command::Predict { checkpoint, input, out, device, batch_size, overlay_score } => {
             mtl_worker::device::parse_device(&device)
-                .and_then(|d| {
-                    mtl_worker::predict::run(&checkpoint, &input, &out, d, batch_size, overlay_score)
-                })
-                .map(|s| {
-                    println!(
-                        "predicted {} images ({} skipped), {} detections; written to {}",
-                        s.images,
-                        s.skipped,
-                        s.detections,
-                        out.display()
-                    );
-                })
+                .and_then(|d| commands::predict(&checkpoint, &input, &out, d, batch_size, overlay_score))
         }
         Command::GenData { kind: GenData::Shapes { out, n, size, seed, val_fraction } } => {
-            let cfg = SyntheticConfig { n, size, seed, val_fraction };
-            generate(&out, &cfg)
-                .inspect(|()| tracing::info!(out = %out.display(), n, size, seed, "dataset written"))
+            commands::gen_shapes(&out, &SyntheticConfig { n, size, seed, val_fraction })
         }
     };
     match result {

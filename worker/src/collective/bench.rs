@@ -1,5 +1,5 @@
 //! `worker collective-bench`: one rank of a multi-process all-reduce benchmark over the CPU
-//! ring. Prints one JSON line per message size with algorithm and bus bandwidth (bus bandwidth
+//! ring. Measures, per message size, algorithm and bus bandwidth (bus bandwidth
 //! = algbw * 2(N-1)/N, the convention of nccl-tests, comparable across world sizes).
 use std::net::{SocketAddr, TcpListener};
 use std::time::{Duration, Instant};
@@ -22,8 +22,23 @@ pub struct BenchConfig {
     pub timeout: Duration,
 }
 
-/// Runs the benchmark; prints results on rank 0.
-pub fn run(cfg: &BenchConfig) -> Result<(), CollectiveError> {
+/// One message size's result.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BenchResult {
+    /// Ranks in the ring.
+    pub world_size: usize,
+    /// Message size.
+    pub size_bytes: usize,
+    /// Seconds per all-reduce.
+    pub seconds: f64,
+    /// Algorithm bandwidth, GB/s.
+    pub algbw_gbs: f64,
+    /// Bus bandwidth, GB/s.
+    pub busbw_gbs: f64,
+}
+
+/// Runs the benchmark, handing each size's result to `on_result` as it is measured.
+pub fn run(cfg: &BenchConfig, mut on_result: impl FnMut(&BenchResult)) -> Result<(), CollectiveError> {
     let listener =
         TcpListener::bind(cfg.peers[cfg.rank]).map_err(|e| CollectiveError::io("bind", cfg.rank, e))?;
     let mut ring = Ring::connect(cfg.rank, &cfg.peers, listener, 0, Duration::from_secs(60), cfg.timeout)?;
@@ -39,11 +54,13 @@ pub fn run(cfg: &BenchConfig) -> Result<(), CollectiveError> {
         let seconds = start.elapsed().as_secs_f64() / cfg.iterations.max(1) as f64;
         let algbw = size as f64 / seconds / 1e9;
         let busbw = algbw * 2.0 * (n as f64 - 1.0) / n as f64;
-        if cfg.rank == 0 {
-            println!(
-                "{{\"world_size\":{n},\"size_bytes\":{size},\"seconds\":{seconds:.6},\"algbw_gbs\":{algbw:.3},\"busbw_gbs\":{busbw:.3}}}"
-            );
-        }
+        on_result(&BenchResult {
+            world_size: n,
+            size_bytes: size,
+            seconds,
+            algbw_gbs: algbw,
+            busbw_gbs: busbw,
+        });
     }
     Ok(())
 }

@@ -14,7 +14,8 @@ use tch::{Device, Kind, Tensor};
 
 pub use self::ffi::{candidates, NcclLibrary, LIBRARY_ENV, UNIQUE_ID_BYTES};
 use self::ffi::{Comm, Config, CudaDriver, Status, UniqueId};
-use super::{buckets, scatter_back, Collective, CollectiveError, ReduceOp, Timeouts};
+use super::bucket::{buckets, scatter_back};
+use super::{Collective, CollectiveError, ReduceOp, Timeouts};
 
 /// Pause between two polls of a pending NCCL call.
 const POLL_INTERVAL: Duration = Duration::from_micros(20);

@@ -10,6 +10,7 @@ pub mod batch;
 pub mod coco;
 pub mod jsonl;
 pub mod loader;
+mod ordered;
 pub mod rle;
 mod rng;
 pub mod sample;
@@ -24,6 +25,7 @@ use mtl_job::{DataFormat, DataSection};
 pub use augment::{AugmentConfig, Augmented};
 pub use batch::{Batch, ClassTarget, DatasetInfo, GtBox};
 pub use loader::{Loader, LoaderConfig, LoaderSummary};
+pub use ordered::OrderedSplit;
 pub use sample::{BoxLabel, ClassLabel, Dataset, MaskSource, SampleRecord};
 
 use crate::WorkerError;

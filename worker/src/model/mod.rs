@@ -14,10 +14,10 @@ use tch::{nn, Device, Tensor};
 
 pub use self::predict::{predict, Prediction};
 use crate::data::batch::DatasetInfo;
+use crate::task::Task;
 use crate::tasks::classification::ClassificationHead;
 use crate::tasks::detection::{DetOutput, DetectionHead};
 use crate::tasks::segmentation::SegmentationHead;
-use crate::tasks::Task;
 use crate::WorkerError;
 use backbone::Backbone;
 use fpn::Fpn;

@@ -4,7 +4,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::*;
 use crate::tasks::tests::{test_batch, test_info, test_model};
-use crate::tasks::{build_targets, local_counts, task_losses};
+use crate::train::losses::{build_targets, local_counts, task_losses};
 
 #[test]
 fn tiny_forward_shapes() {

@@ -5,8 +5,11 @@ use tch::{Device, Kind, Tensor};
 use super::decode::{decode, nms, DecodeParams, Detection};
 use super::detection::DetOutput;
 use super::fcos_targets::FcosTargets;
-use super::*;
 use crate::data::batch::{ClassTarget, DatasetInfo, GtBox};
+use crate::model::MultiTaskModel;
+use crate::data::Batch;
+use crate::task::TaskLosses;
+use crate::train::losses::*;
 
 /// A dataset with 4 classes, 3 detection categories and 3 segmentation classes.
 pub(crate) fn test_info() -> DatasetInfo {

@@ -77,8 +77,11 @@ pub fn open(dir: &Path) -> Result<Loaded, WorkerError> {
     let cfg = JobConfig::from_toml(&text)?;
     let dataset = dir.join(DATASET);
     let text = fs::read_to_string(&dataset).map_err(io(&dataset))?;
-    let info = info_from_json(&text)
-        .map_err(|message| WorkerError::Model { key: dataset.display().to_string(), message })?;
+    let info = info_from_json(&text).map_err(|message| WorkerError::Annotation {
+        path: dataset.clone(),
+        location: "dataset info".into(),
+        message,
+    })?;
     Ok(Loaded { cfg, info, weights: dir.join(WEIGHTS) })
 }
 

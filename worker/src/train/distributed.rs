@@ -13,11 +13,11 @@ use mtl_proto::v1::{MetricsKind, Split as WireSplit};
 use tokio::runtime::Handle;
 
 use super::epochs::{self, Driver};
-use super::standalone::OrderedSplit;
 use super::{checkpoint, StepReport, Trainer};
 use crate::collective::nccl::NcclCollective;
 use crate::collective::ring::Ring;
 use crate::collective::{Collective, RingCollective, Timeouts};
+use crate::data::OrderedSplit;
 use crate::session::Session;
 use crate::WorkerError;
 
@@ -61,12 +61,10 @@ pub fn connect_collective(
                 .peers
                 .iter()
                 .map(|peer| {
-                    peer.peer_addr.parse::<SocketAddr>().map_err(|_| WorkerError::Device {
+                    peer.peer_addr.parse::<SocketAddr>().map_err(|_| WorkerError::PeerAddress {
+                        rank: peer.rank,
                         device: peer.device.clone(),
-                        message: format!(
-                            "rank {} advertised peer address `{}`, not host:port",
-                            peer.rank, peer.peer_addr
-                        ),
+                        addr: peer.peer_addr.clone(),
                     })
                 })
                 .collect::<Result<Vec<_>, _>>()?;
@@ -92,7 +90,7 @@ pub fn train(
     out: Option<PathBuf>,
 ) -> Result<(), WorkerError> {
     let cfg = session.config.clone();
-    let (train, val, model) = super::standalone::open_job(&cfg, device)?;
+    let (train, val, model) = super::job::open_job(&cfg, device)?;
     let info = train.dataset.info.clone();
     let collective = connect_collective(session, device, listener)?;
     let mut trainer = Trainer::new(&cfg, model, collective)?;

@@ -5,8 +5,8 @@
 use mtl_job::sharding::TrainShard;
 use mtl_job::JobConfig;
 
-use super::standalone::OrderedSplit;
 use super::{StepReport, Throughput, Trainer};
+use crate::data::OrderedSplit;
 use crate::data::{Loader, LoaderConfig};
 use crate::WorkerError;
 
@@ -60,7 +60,7 @@ pub fn train(
     while trainer.steps_done() < cfg.train.steps {
         let shard = driver.train_shard(epoch, train)?;
         if shard.steps == 0 {
-            return Err(WorkerError::Model {
+            return Err(WorkerError::Data {
                 key: "train.batch_size".into(),
                 message: format!(
                     "{} rank(s) x batch {batch_size} is more than the training split ({} samples)",

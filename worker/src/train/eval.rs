@@ -12,8 +12,8 @@ use tch::{Device, Kind};
 use crate::data::{Batch, ClassTarget, DatasetInfo};
 use crate::model::MultiTaskModel;
 use crate::model::{predict, Prediction};
+use crate::task::Task;
 use crate::tasks::classification::ClassPrediction;
-use crate::tasks::Task;
 use crate::WorkerError;
 
 /// Empty statistics for the tasks the model has.

@@ -12,40 +12,21 @@ pub mod checkpoint;
 pub mod distributed;
 pub mod epochs;
 pub mod eval;
+pub mod job;
+pub mod losses;
 pub mod standalone;
 
 use mtl_job::JobConfig;
 use tch::{Device, Kind, Tensor};
 
-use crate::collective::{Collective, CollectiveError, ReduceOp};
+use crate::collective::{Collective, ReduceOp};
 use crate::data::{Batch, ClassTarget};
 use crate::model::MultiTaskModel;
 use crate::optim::{clip_grad_norm, Optimizer, Schedule};
-use crate::tasks::{self, Counts, Task};
-use crate::weighting::{self, Reducer, TaskValues, TaskWeighting};
+use crate::task::{Task, TaskLosses, TaskValues};
+use crate::weighting::{Reducer, TaskWeighting};
 use crate::WorkerError;
-
-/// The collective of a single process: every operation is the identity.
-#[derive(Debug, Default)]
-pub struct LocalCollective;
-
-impl Collective for LocalCollective {
-    fn rank(&self) -> usize {
-        0
-    }
-    fn world_size(&self) -> usize {
-        1
-    }
-    fn all_reduce(&mut self, _: &mut [Tensor], _: ReduceOp) -> Result<(), CollectiveError> {
-        Ok(())
-    }
-    fn broadcast(&mut self, _: &mut [Tensor], _: usize) -> Result<(), CollectiveError> {
-        Ok(())
-    }
-    fn barrier(&mut self) -> Result<(), CollectiveError> {
-        Ok(())
-    }
-}
+use losses::Counts;
 
 /// Lets task weighting reduce per-task gradients through the job's collective.
 struct CollectiveReducer<'a>(&'a mut dyn Collective);
@@ -77,12 +58,12 @@ impl StepReport {
     /// Named scalars for the coordinator and logs: `loss/<task>`, `weight/<task>`, `lr`.
     pub fn scalars(&self) -> Vec<(String, f64)> {
         let mut out = vec![("lr".to_string(), self.lr)];
-        for task in weighting::Task::ALL {
-            if let Some(l) = self.losses.get(task) {
-                out.push((format!("loss/{}", task.name()), l));
+        for task in Task::ALL {
+            if let Some(l) = self.losses.value(task) {
+                out.push((format!("loss/{}", task.short()), l));
             }
-            if let Some(w) = self.weights.get(task) {
-                out.push((format!("weight/{}", task.name()), w));
+            if let Some(w) = self.weights.value(task) {
+                out.push((format!("weight/{}", task.short()), w));
             }
         }
         if let Some(g) = self.grad_norm {
@@ -204,8 +185,8 @@ impl Trainer {
         }
 
         // Normalisers summed over ranks before any loss divides by them.
-        let targets = tasks::build_targets(&self.model, &batch);
-        let local = tasks::local_counts(&batch, &targets);
+        let targets = losses::build_targets(&self.model, &batch);
+        let local = losses::local_counts(&batch, &targets);
         let mut counts = [Tensor::from_slice(&local.to_array()).to_device(self.device)];
         self.collective.all_reduce(&mut counts, ReduceOp::Sum)?;
         let global = counts_from(&counts[0])?;
@@ -218,13 +199,9 @@ impl Trainer {
             let _autocast =
                 if self.bf16 { Some(crate::precision::bf16_autocast(self.device)?) } else { None };
             let outputs = self.model.forward(&batch.images, true);
-            tasks::task_losses(&outputs, &batch, &targets, &global)
+            losses::task_losses(&outputs, &batch, &targets, &global)
         };
-        let scaled = weighting::TaskLosses {
-            cls: losses.cls.map(|l| l * world),
-            det: losses.det.map(|l| l * world),
-            seg: losses.seg.map(|l| l * world),
-        };
+        let scaled = losses.map(|_, l| l * world);
         let shared: Vec<Tensor> = self.model.shared_parameters().into_iter().map(|(_, t)| t).collect();
         let heads: Vec<Tensor> =
             Task::ALL.into_iter().flat_map(|t| self.model.head_parameters(t)).map(|(_, t)| t).collect();
@@ -246,9 +223,8 @@ impl Trainer {
         // The per-task losses ride in the same all-reduce as the gradients (their mean over
         // ranks is the global loss: each rank holds N x its share).
         let local_losses = task_values(&scaled)?;
-        let present: Vec<weighting::Task> =
-            weighting::Task::ALL.into_iter().filter(|t| local_losses.get(*t).is_some()).collect();
-        let raw: Vec<f32> = present.iter().filter_map(|t| local_losses.get(*t)).map(|v| v as f32).collect();
+        let present: Vec<Task> = local_losses.iter().map(|(t, _)| t).collect();
+        let raw: Vec<f32> = local_losses.iter().map(|(_, &v)| v as f32).collect();
         grads.push(Tensor::from_slice(&raw).to_device(self.device));
         self.collective.all_reduce(&mut grads, ReduceOp::Mean)?;
         let reduced: Vec<f32> =
@@ -289,7 +265,7 @@ impl Trainer {
 
     /// Zero losses connected to every parameter of each enabled task (its head and the shared
     /// trunk), for a step without samples.
-    fn zero_losses(&self) -> tasks::TaskLosses {
+    fn zero_losses(&self) -> TaskLosses {
         let shared: Vec<Tensor> = self.model.shared_parameters().into_iter().map(|(_, t)| t).collect();
         let zero_for = |task: Task| {
             self.model.has_task(task).then(|| {
@@ -297,7 +273,7 @@ impl Trainer {
                 zero_through(shared.iter().map(Tensor::shallow_clone).chain(head), self.device)
             })
         };
-        tasks::TaskLosses {
+        TaskLosses {
             cls: zero_for(Task::Classification),
             det: zero_for(Task::Detection),
             seg: zero_for(Task::Segmentation),
@@ -306,7 +282,7 @@ impl Trainer {
 }
 
 /// Loss values of the present tasks.
-fn task_values(losses: &weighting::TaskLosses) -> Result<TaskValues, WorkerError> {
+fn task_values(losses: &TaskLosses) -> Result<TaskValues, WorkerError> {
     let mut out = TaskValues::default();
     for (task, loss) in losses.present() {
         out.set(task, loss.f_double_value(&[])?);

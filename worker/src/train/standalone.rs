@@ -3,15 +3,15 @@
 //! where users debug first.
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use mtl_job::sharding::{self, TrainShard};
 use mtl_job::JobConfig;
 
 use super::epochs::{self, Driver};
-use super::{checkpoint, LocalCollective, StepReport, Trainer};
-use crate::data::{open_dataset, Dataset, Loader, LoaderConfig, Split};
-use crate::model::MultiTaskModel;
+use super::job::open_job;
+use super::{checkpoint, StepReport, Trainer};
+use crate::collective::LocalCollective;
+use crate::data::OrderedSplit;
 use crate::WorkerError;
 
 /// The result of a standalone run.
@@ -29,75 +29,19 @@ pub struct Summary {
     pub train_seconds: f64,
 }
 
-/// A split opened and put in canonical order (sorted ids), as positions refer to it.
-pub struct OrderedSplit {
-    /// The dataset.
-    pub dataset: Arc<Dataset>,
-    /// Sample ids sorted ascending: position p is `ids[p]`.
-    pub ids: Vec<u64>,
-}
-
-impl OrderedSplit {
-    /// Orders a dataset.
-    pub fn new(dataset: Dataset) -> Self {
-        let mut ids = dataset.ids();
-        ids.sort_unstable();
-        Self { dataset: Arc::new(dataset), ids }
-    }
-
-    /// Sample ids at the given positions.
-    pub fn ids_at(&self, positions: &[u64]) -> Vec<u64> {
-        positions.iter().map(|&p| self.ids[p as usize]).collect()
-    }
-
-    /// An evaluation loader (letterbox, no randomness) over the samples `ids` of this split.
-    pub fn eval_loader(&self, ids: &[u64], cfg: &JobConfig) -> Result<Loader, WorkerError> {
-        let batch_size = cfg.train.batch_size as usize;
-        let loader_cfg = LoaderConfig::from_section(&cfg.data, batch_size, false, cfg.job.seed, 0);
-        Loader::new(self.dataset.clone(), ids, loader_cfg)
-    }
-
-    /// A fingerprint of the index (count and ids), so ranks can check they see the same data.
-    pub fn fingerprint(&self) -> String {
-        // FNV-1a over the sorted ids: cheap, stable across platforms.
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for id in &self.ids {
-            for b in id.to_le_bytes() {
-                h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
-            }
-        }
-        format!("{h:016x}")
-    }
-}
-
-/// The job's training split, its validation split (if configured) and a fresh model for them.
-pub fn open_job(
-    cfg: &JobConfig,
-    device: tch::Device,
-) -> Result<(OrderedSplit, Option<OrderedSplit>, MultiTaskModel), WorkerError> {
-    let seed = cfg.job.seed;
-    let train = OrderedSplit::new(open_dataset(&cfg.data, Split::Train, seed)?.ok_or_else(|| {
-        WorkerError::Model { key: "data.train".into(), message: "no training split configured".into() }
-    })?);
-    let val = open_dataset(&cfg.data, Split::Val, seed)?.map(OrderedSplit::new);
-    // The initial weights follow `job.seed` (ranks then take rank 0's anyway).
-    tch::manual_seed(seed as i64);
-    let model = MultiTaskModel::new(&cfg.model, &cfg.tasks, &train.dataset.info, device)?;
-    Ok((train, val, model))
-}
-
-/// Trains `cfg` on `device`, evaluating before, every `train.eval_every_steps` and at the end;
-/// saves the final model to `out` when given.
+/// Trains `cfg` on `device`, evaluating before, every `train.eval_every_steps` and at the end
+/// (each evaluation's metrics go to `on_eval` with the step); saves the final model to `out`
+/// when given.
 pub fn run(
     cfg: &JobConfig,
     device: tch::Device,
     out: Option<PathBuf>,
-    quiet: bool,
+    on_eval: &mut dyn FnMut(u64, &BTreeMap<String, f64>),
 ) -> Result<Summary, WorkerError> {
     let (train, val, model) = open_job(cfg, device)?;
     let info = train.dataset.info.clone();
     let mut trainer = Trainer::new(cfg, model, Box::new(LocalCollective))?;
-    let mut driver = Local { cfg, val, quiet, last: BTreeMap::new() };
+    let mut driver = Local { cfg, val, on_eval, last: BTreeMap::new() };
     driver.evaluate(&trainer, 0)?;
     let initial = driver.last.clone();
     let outcome = epochs::train(cfg, &mut trainer, &train, &mut driver)?;
@@ -124,15 +68,22 @@ pub fn run(
 struct Local<'a> {
     cfg: &'a JobConfig,
     val: Option<OrderedSplit>,
-    quiet: bool,
+    on_eval: &'a mut dyn FnMut(u64, &BTreeMap<String, f64>),
     /// The latest evaluation (empty without a validation split).
     last: BTreeMap<String, f64>,
 }
 
 impl Driver for Local<'_> {
     fn train_shard(&mut self, epoch: u64, train: &OrderedSplit) -> Result<TrainShard, WorkerError> {
-        let (n, seed) = (train.ids.len() as u64, self.cfg.job.seed);
-        Ok(sharding::train_shard(n, seed, epoch, 0, 1, 0, self.cfg.train.batch_size))
+        Ok(sharding::train_shard(sharding::ShardSpec {
+            samples: train.ids.len() as u64,
+            seed: self.cfg.job.seed,
+            epoch,
+            consumed: 0,
+            world_size: 1,
+            rank: 0,
+            batch_size: self.cfg.train.batch_size,
+        }))
     }
 
     fn after_step(
@@ -156,11 +107,7 @@ impl Driver for Local<'_> {
         let step = trainer.steps_done();
         let values = key_values(self.last.iter().map(|(k, v)| (k.as_str(), *v)));
         tracing::info!(step, values, "evaluated");
-        // The final evaluation is the command's result, printed by the caller.
-        if !self.quiet && step < self.cfg.train.steps {
-            let when = if step == 0 { "untrained model".to_string() } else { format!("step {step}") };
-            eprint!("{when}:\n{}", mtl_metrics::render_table(&self.last));
-        }
+        (self.on_eval)(step, &self.last);
         Ok(())
     }
 }

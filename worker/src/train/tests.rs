@@ -8,10 +8,10 @@ use std::time::Duration;
 use mtl_job::{sharding, JobConfig};
 use tch::{Device, Tensor};
 
-use super::standalone::OrderedSplit;
 use super::*;
 use crate::collective::ring::Ring;
-use crate::collective::RingCollective;
+use crate::collective::{LocalCollective, RingCollective};
+use crate::data::OrderedSplit;
 use crate::data::{open_dataset, Loader, LoaderConfig, Split};
 use crate::model::MultiTaskModel;
 
@@ -101,15 +101,15 @@ fn train_parameters(cfg: &JobConfig, initial: &MultiTaskModel, world: usize, bat
                     let ring = Ring::connect(rank, addrs, listener, 1, t, t).unwrap();
                     let mut trainer =
                         Trainer::new(cfg, model, Box::new(RingCollective::new(ring, 1 << 20))).unwrap();
-                    let shard = sharding::train_shard(
-                        train.ids.len() as u64,
-                        cfg.job.seed,
-                        0,
-                        0,
-                        world as u32,
-                        rank as u32,
-                        batch,
-                    );
+                    let shard = sharding::train_shard(sharding::ShardSpec {
+                        samples: train.ids.len() as u64,
+                        seed: cfg.job.seed,
+                        epoch: 0,
+                        consumed: 0,
+                        world_size: world as u32,
+                        rank: rank as u32,
+                        batch_size: batch,
+                    });
                     assert!(shard.steps >= STEPS, "dataset too small for the test");
                     let ids = train.ids_at(&shard.positions);
                     let lc = LoaderConfig::from_section(&cfg.data, batch as usize, true, cfg.job.seed, 0);
@@ -136,7 +136,7 @@ fn train_parameters(cfg: &JobConfig, initial: &MultiTaskModel, world: usize, bat
 struct Trained {
     params: Vec<(String, Tensor)>,
     /// The losses each step reported (averaged over ranks).
-    losses: Vec<crate::weighting::TaskValues>,
+    losses: Vec<crate::task::TaskValues>,
 }
 
 /// allclose per tensor: rtol 1e-5 of the tensor's largest value, atol 1e-6 for tensors that
@@ -145,8 +145,8 @@ struct Trained {
 /// scaling moves parameters by 3e-4 and more within these three steps.
 fn assert_close(single: &Trained, multi: &Trained, what: &str) {
     for (step, (a, b)) in single.losses.iter().zip(&multi.losses).enumerate() {
-        for task in crate::weighting::Task::ALL {
-            let (a, b) = (a.get(task), b.get(task));
+        for task in crate::task::Task::ALL {
+            let (a, b) = (a.value(task), b.value(task));
             assert_eq!(a.is_some(), b.is_some(), "{what}: step {step} {}", task.name());
             if let (Some(a), Some(b)) = (a, b) {
                 assert!(
@@ -206,7 +206,7 @@ fn distributed_evaluation_equals_one_process_exactly() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = job(dir.path(), "");
     cfg.train.steps = 20;
-    let summary = standalone::run(&cfg, Device::Cpu, Some(dir.path().join("ckpt")), true).unwrap();
+    let summary = standalone::run(&cfg, Device::Cpu, Some(dir.path().join("ckpt")), &mut |_, _| {}).unwrap();
     assert!(summary.steps == 20);
     let loaded = checkpoint::open(&dir.path().join("ckpt")).unwrap();
     let mut model =
@@ -288,11 +288,11 @@ fn bf16_steps_track_fp32_steps() {
     // The first step sees identical weights: only bf16 rounding in the forward pass differs.
     // Later steps diverge the way any perturbation does early in training, so they only need
     // to stay finite.
-    for task in crate::weighting::Task::ALL {
-        let (x, y) = (a.losses[0].get(task).unwrap(), b.losses[0].get(task).unwrap());
+    for task in crate::task::Task::ALL {
+        let (x, y) = (a.losses[0].value(task).unwrap(), b.losses[0].value(task).unwrap());
         // bf16 keeps 8 mantissa bits: logits move by up to a few percent (about 3% seen).
         assert!((x - y).abs() <= 0.1 * x.abs() + 1e-3, "first step {}: fp32 {x} bf16 {y}", task.name());
-        assert!(b.losses.iter().all(|l| l.get(task).unwrap().is_finite()));
+        assert!(b.losses.iter().all(|l| l.value(task).unwrap().is_finite()));
     }
     // bf16 rounding shows: the runs are close but not identical.
     assert!(a.params.iter().zip(&b.params).any(|((_, x), (_, y))| !x.equal(y)));

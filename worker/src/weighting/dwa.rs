@@ -4,8 +4,9 @@
 //! that have both values and temperature `T`; weights are 1 until two epochs have ended.
 use tch::Tensor;
 
-use super::{values_from, values_tensor, Task, TaskValues};
+use super::{values_from, values_tensor};
 use crate::optim::load_entries;
+use crate::task::{Task, TaskValues};
 use crate::WorkerError;
 
 const HISTORY: [&str; 2] = ["weighting.dwa.loss_prev", "weighting.dwa.loss_prev2"];
@@ -30,7 +31,7 @@ impl Dwa {
 
     pub(super) fn end_epoch(&mut self, mean_losses: &TaskValues) {
         self.prev2 = self.prev;
-        self.prev = Task::ALL.map(|t| mean_losses.get(t).unwrap_or(f64::NAN));
+        self.prev = Task::ALL.map(|t| mean_losses.value(t).unwrap_or(f64::NAN));
         self.update_weights();
     }
 

@@ -13,8 +13,9 @@
 use tch::{Kind, Tensor};
 
 use super::grads::task_grads;
-use super::{values_from, values_tensor, weighted_backward, Reducer, Task, WeightReport};
+use super::{values_from, values_tensor, weighted_backward, Reducer, WeightReport};
 use crate::optim::load_entries;
+use crate::task::Task;
 use crate::WorkerError;
 
 /// Weights are clamped to at least this before renormalising, so a task is never switched off

@@ -28,6 +28,7 @@ use tch::{Device, Kind, Tensor};
 
 use self::{dwa::Dwa, gradnorm::GradNorm, pcgrad::PcGrad};
 use crate::optim::load_entries;
+use crate::task::{Task, TaskLosses, TaskValues};
 use crate::WorkerError;
 
 /// Averages tensors across data-parallel ranks, in place; the identity in one process.
@@ -43,84 +44,6 @@ pub struct LocalReducer;
 impl Reducer for LocalReducer {
     fn all_reduce_mean(&mut self, _tensors: &mut [Tensor]) -> Result<(), WorkerError> {
         Ok(())
-    }
-}
-
-/// One of the three tasks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Task {
-    /// Classification.
-    Cls,
-    /// Detection.
-    Det,
-    /// Semantic segmentation.
-    Seg,
-}
-
-impl Task {
-    /// All tasks, in the fixed order used for state tensors.
-    pub const ALL: [Task; 3] = [Task::Cls, Task::Det, Task::Seg];
-
-    /// Position in [`Task::ALL`].
-    pub fn index(self) -> usize {
-        self as usize
-    }
-
-    /// `cls`, `det` or `seg`, as in the config.
-    pub fn name(self) -> &'static str {
-        ["cls", "det", "seg"][self.index()]
-    }
-}
-
-/// The scalar loss of each task in this step; `None` for a task that is off. In data-parallel
-/// training a task must be present on all ranks or on none (a rank without labelled samples
-/// passes a zero loss).
-#[derive(Debug, Default)]
-pub struct TaskLosses {
-    /// Classification loss.
-    pub cls: Option<Tensor>,
-    /// Detection loss.
-    pub det: Option<Tensor>,
-    /// Segmentation loss.
-    pub seg: Option<Tensor>,
-}
-
-impl TaskLosses {
-    /// The loss of `task`, if present.
-    pub fn get(&self, task: Task) -> Option<&Tensor> {
-        match task {
-            Task::Cls => self.cls.as_ref(),
-            Task::Det => self.det.as_ref(),
-            Task::Seg => self.seg.as_ref(),
-        }
-    }
-
-    /// Present tasks with their losses, in [`Task::ALL`] order.
-    pub fn present(&self) -> Vec<(Task, &Tensor)> {
-        Task::ALL.into_iter().filter_map(|t| self.get(t).map(|l| (t, l))).collect()
-    }
-}
-
-/// One number per task, `None` where the task is absent.
-#[derive(Debug, Default, Clone, Copy, PartialEq)]
-pub struct TaskValues {
-    /// Classification.
-    pub cls: Option<f64>,
-    /// Detection.
-    pub det: Option<f64>,
-    /// Segmentation.
-    pub seg: Option<f64>,
-}
-
-impl TaskValues {
-    /// The value of `task`.
-    pub fn get(&self, task: Task) -> Option<f64> {
-        [self.cls, self.det, self.seg][task.index()]
-    }
-
-    /// Sets the value of `task`.
-    pub fn set(&mut self, task: Task, value: f64) {
-        *[&mut self.cls, &mut self.det, &mut self.seg][task.index()] = Some(value);
     }
 }
 

@@ -11,8 +11,9 @@
 use tch::Tensor;
 
 use super::grads::{accumulate_grads, flatten, task_grads, unflatten};
-use super::{Reducer, Task, TaskValues, WeightReport};
+use super::{Reducer, WeightReport};
 use crate::optim::{load_entries, step_tensor};
+use crate::task::{Task, TaskValues};
 use crate::WorkerError;
 
 const STEP: &str = "weighting.pcgrad.step";

@@ -1,0 +1,22 @@
+//! Opening a job: its splits in canonical order and a freshly initialised model.
+use mtl_job::JobConfig;
+
+use crate::data::{open_dataset, OrderedSplit, Split};
+use crate::model::MultiTaskModel;
+use crate::WorkerError;
+
+/// The job's training split, its validation split (if configured) and a fresh model for them.
+pub fn open_job(
+    cfg: &JobConfig,
+    device: tch::Device,
+) -> Result<(OrderedSplit, Option<OrderedSplit>, MultiTaskModel), WorkerError> {
+    let seed = cfg.job.seed;
+    let train = OrderedSplit::new(open_dataset(&cfg.data, Split::Train, seed)?.ok_or_else(|| {
+        WorkerError::Data { key: "data.train".into(), message: "no training split configured".into() }
+    })?);
+    let val = open_dataset(&cfg.data, Split::Val, seed)?.map(OrderedSplit::new);
+    // The initial weights follow `job.seed` (ranks then take rank 0's anyway).
+    tch::manual_seed(seed as i64);
+    let model = MultiTaskModel::new(&cfg.model, &cfg.tasks, &train.dataset.info, device)?;
+    Ok((train, val, model))
+}

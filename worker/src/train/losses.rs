@@ -1,0 +1,94 @@
+//! Loss assembly for one step: detection targets, the batch's normalisers ([`Counts`]) and the
+//! masked per-task losses.
+//!
+//! Every loss is a SUM over the labelled samples of the local batch divided by a normaliser
+//! passed in ([`Counts`]). Summing the local [`Counts`] of all ranks before calling
+//! [`task_losses`] makes the mean of the per-rank gradients times the world size equal to the
+//! gradient one process would compute on the union of the batches (with the all-reduce summing;
+//! with a mean all-reduce, scale the losses by the world size). A task with no labelled sample
+//! still returns a loss connected to its head (value and gradients zero).
+use tch::{Kind, Tensor};
+
+use crate::data::batch::Batch;
+use crate::model::{MultiTaskModel, Outputs};
+use crate::task::{Task, TaskLosses};
+use crate::tasks::fcos_targets::FcosTargets;
+use crate::tasks::{classification, detection, segmentation};
+
+/// Loss normalisers of a batch; summed across ranks before the losses use them.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Counts {
+    /// Samples with a class label.
+    pub cls_labelled: f64,
+    /// Positive FCOS locations in images with detection labels.
+    pub det_positives: f64,
+    /// Images with detection labels.
+    pub det_labelled: f64,
+    /// Pixels with a segmentation label other than 255 in images with masks.
+    pub seg_valid_pixels: f64,
+}
+
+impl Counts {
+    /// The counts as an array, for an all-reduce.
+    pub fn to_array(&self) -> [f64; 4] {
+        [self.cls_labelled, self.det_positives, self.det_labelled, self.seg_valid_pixels]
+    }
+
+    /// Counts from an all-reduced array.
+    pub fn from_array(a: [f64; 4]) -> Self {
+        Counts { cls_labelled: a[0], det_positives: a[1], det_labelled: a[2], seg_valid_pixels: a[3] }
+    }
+}
+
+impl std::ops::Add for Counts {
+    type Output = Counts;
+    fn add(self, o: Counts) -> Counts {
+        let (a, b) = (self.to_array(), o.to_array());
+        Counts::from_array([a[0] + b[0], a[1] + b[1], a[2] + b[2], a[3] + b[3]])
+    }
+}
+
+/// Targets computed from a batch before the forward pass (only detection needs any).
+#[derive(Debug)]
+pub struct Targets {
+    /// FCOS assignment, when the detection head is on.
+    pub det: Option<FcosTargets>,
+}
+
+/// Assigns detection targets for `batch` on the model's P3-P5 grid.
+pub fn build_targets(model: &MultiTaskModel, batch: &Batch) -> Targets {
+    let size = batch.images.size();
+    let det = model.has_task(Task::Detection).then(|| {
+        FcosTargets::new(&batch.boxes, &batch.boxes_labelled, &model.feature_sizes(size[2], size[3]))
+    });
+    Targets { det }
+}
+
+/// The local (this rank's) normalisers of a batch.
+pub fn local_counts(batch: &Batch, targets: &Targets) -> Counts {
+    let count = |t: &Tensor| t.to_kind(Kind::Int64).sum(Kind::Int64).int64_value(&[]) as f64;
+    Counts {
+        cls_labelled: count(&batch.class_labelled),
+        det_positives: targets.det.as_ref().map_or(0.0, |t| t.num_positives as f64),
+        det_labelled: batch.boxes_labelled.iter().filter(|&&l| l).count() as f64,
+        seg_valid_pixels: segmentation::valid_pixels(&batch.mask_target, &batch.mask_labelled),
+    }
+}
+
+/// Masked per-task losses of `outputs` for `batch`, each divided by its normaliser (see the
+/// module docs). The class target kind must match the head (softmax or multi-label).
+pub fn task_losses(outputs: &Outputs, batch: &Batch, targets: &Targets, normalisers: &Counts) -> TaskLosses {
+    TaskLosses {
+        cls: outputs.cls.as_ref().map(|logits| {
+            classification::loss(logits, &batch.class_target, &batch.class_labelled, normalisers.cls_labelled)
+        }),
+        det: outputs
+            .det
+            .as_ref()
+            .zip(targets.det.as_ref())
+            .map(|(out, t)| detection::loss(out, t, normalisers.det_positives)),
+        seg: outputs.seg.as_ref().map(|logits| {
+            segmentation::loss(logits, &batch.mask_target, &batch.mask_labelled, normalisers.seg_valid_pixels)
+        }),
+    }
+}
