@@ -15,6 +15,7 @@ mod model;
 mod optim;
 mod schema;
 pub mod sharding;
+pub mod splitmix;
 
 pub use checkpoint::*;
 pub use comm::*;

@@ -8,6 +8,8 @@
 //! Validation: every sample exactly once, rank r takes positions r, r+N, ... (no drop, no padding),
 //! because evaluation statistics are merged exactly, not averaged.
 
+use crate::splitmix::SplitMix64;
+
 /// A shard of the train split for one rank and epoch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TrainShard {
@@ -19,19 +21,10 @@ pub struct TrainShard {
 
 /// A deterministic permutation of `0..n` from (seed, epoch): Fisher-Yates driven by SplitMix64.
 pub fn permutation(n: u64, seed: u64, epoch: u64) -> Vec<u64> {
-    let mut state = seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
-    let mut next = move || {
-        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    };
+    let mut rng = SplitMix64::new(seed ^ epoch.wrapping_mul(SplitMix64::GAMMA) ^ 0xD1B5_4A32_D192_ED03);
     let mut perm: Vec<u64> = (0..n).collect();
     for i in (1..perm.len()).rev() {
-        // Multiply-shift maps a 64-bit draw onto 0..=i without modulo bias worth caring about here.
-        let j = ((u128::from(next()) * (i as u128 + 1)) >> 64) as usize;
-        perm.swap(i, j);
+        perm.swap(i, rng.below(i as u64 + 1) as usize);
     }
     perm
 }
@@ -91,6 +84,15 @@ mod tests {
         assert_ne!(p, permutation(1000, 1, 1));
         assert_ne!(p, permutation(1000, 2, 0));
         assert_ne!(p, (0..1000).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn permutations_are_pinned() {
+        // Python, the stream as it has always been (mix as in splitmix.rs's tests):
+        //   s = (seed ^ (epoch * G) & M ^ 0xD1B54A32D192ED03); p = list(range(n))
+        //   for i in range(n - 1, 0, -1): s = (s + G) & M; j = (mix(s) * (i + 1)) >> 64; p[i], p[j] = p[j], p[i]
+        assert_eq!(permutation(10, 1, 0), [6, 7, 5, 3, 0, 8, 1, 9, 4, 2]);
+        assert_eq!(permutation(12, 7, 3), [5, 0, 4, 11, 10, 2, 8, 9, 3, 7, 6, 1]);
     }
 
     #[test]

@@ -52,7 +52,7 @@ fn detection_matches_pycocotools() {
 fn detection_sharded_merge_matches_pycocotools_in_any_order() {
     for name in ["mixed", "crowded"] {
         let (stats, expected) = load_det(name);
-        let mut rng = Rng(17);
+        let mut rng = Rng::new(17);
         for (shards, round) in [(2, 0), (3, 1), (5, 2), (20, 3)] {
             let mut parts = split_detection(&stats, shards, |_| rng.below(shards));
             if round % 2 == 1 {
@@ -135,7 +135,7 @@ fn multilabel_matches_sklearn_in_any_order() {
             )
         })
         .collect();
-    let mut rng = Rng(5);
+    let mut rng = Rng::new(5);
     let mut reference = None;
     for shards in [1usize, 2, 4, 7] {
         rng.shuffle(&mut samples);

@@ -47,7 +47,7 @@ fn classification_errors() {
 
 #[test]
 fn classification_merge_equals_single_pass_in_any_split() {
-    let mut rng = Rng(3);
+    let mut rng = Rng::new(3);
     let samples: Vec<(usize, usize)> = (0..500).map(|_| (rng.below(4), rng.below(4))).collect();
     let mut single = ClassificationStats::new(4).unwrap();
     for &(p, t) in &samples {
@@ -163,7 +163,7 @@ fn segmentation_errors_leave_stats_unchanged() {
 
 #[test]
 fn segmentation_merge_equals_single_pass() {
-    let mut rng = Rng(9);
+    let mut rng = Rng::new(9);
     let images: Vec<(Vec<u8>, Vec<u8>)> = (0..12)
         .map(|_| {
             let target: Vec<u8> =

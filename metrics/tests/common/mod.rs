@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+use mtl_job::splitmix::SplitMix64;
 use mtl_metrics::DetectionStats;
 use serde_json::Value;
 
@@ -45,29 +46,22 @@ pub(crate) fn split_detection(
     out
 }
 
-/// Small deterministic PRNG (SplitMix64) for shuffles in tests.
-pub(crate) struct Rng(pub(crate) u64);
+/// The project's seeded generator, with the draws these tests use.
+pub(crate) struct Rng(SplitMix64);
 
 impl Rng {
-    /// Next pseudo-random number.
-    pub(crate) fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+    /// A stream from `seed`.
+    pub(crate) fn new(seed: u64) -> Self {
+        Self(SplitMix64::new(seed))
     }
 
     /// Uniform index below `n`.
     pub(crate) fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
+        self.0.below(n as u64) as usize
     }
 
     /// Fisher-Yates shuffle.
     pub(crate) fn shuffle<T>(&mut self, items: &mut [T]) {
-        for i in (1..items.len()).rev() {
-            let j = self.below(i + 1);
-            items.swap(i, j);
-        }
+        self.0.shuffle(items);
     }
 }

@@ -1,37 +1,24 @@
-//! A small seeded generator (SplitMix64) for data generation and augmentation.
-//!
-//! Written out rather than taken from `rand` so the bytes `gen-data` writes and the
-//! augmentation a sample gets never change with a dependency upgrade. Streams are keyed by
-//! tuples such as (seed, epoch, sample id), never by thread or load order.
+//! The data's random streams: [`SplitMix64`] keyed by tuples such as (seed, epoch, sample id),
+//! never by thread or load order, with the draws augmentation and generation need.
+use mtl_job::splitmix::SplitMix64;
 
-/// A SplitMix64 stream.
+/// A SplitMix64 stream chosen by a key.
 #[derive(Debug, Clone)]
-pub(crate) struct Rng {
-    state: u64,
-}
-
-const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
-
-fn mix(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
+pub(crate) struct Rng(SplitMix64);
 
 impl Rng {
     /// A stream determined by the key parts (order matters).
     pub(crate) fn from_key(parts: &[u64]) -> Self {
         let mut state: u64 = 0x6D74_6C5F_6461_7461; // "mtl_data"
         for &part in parts {
-            state = mix(state.wrapping_add(GOLDEN) ^ part);
+            state = SplitMix64::mix(state.wrapping_add(SplitMix64::GAMMA) ^ part);
         }
-        Self { state }
+        Self(SplitMix64::new(state))
     }
 
     /// The next 64 random bits.
     pub(crate) fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(GOLDEN);
-        mix(self.state)
+        self.0.next_u64()
     }
 
     /// Uniform in [0, 1).
@@ -46,8 +33,7 @@ impl Rng {
 
     /// Uniform integer in [0, n); `n` must be positive.
     pub(crate) fn below(&mut self, n: u64) -> u64 {
-        // Multiply-shift: bias is below 2^-64 * n, irrelevant here.
-        ((u128::from(self.next_u64()) * u128::from(n)) >> 64) as u64
+        self.0.below(n)
     }
 
     /// True with probability `p`.
@@ -79,5 +65,21 @@ mod tests {
             seen[r.below(5) as usize] = true;
         }
         assert!(seen.iter().all(|&s| s));
+    }
+
+    #[test]
+    fn keyed_streams_are_pinned() {
+        // Synthetic data and augmentation depend on these streams staying put. Python (mix and
+        // G as in mtl_job's splitmix tests):
+        //   s = 0x6D746C5F64617461
+        //   for p in key: s = mix(((s + G) & M) ^ p)
+        //   then s = (s + G) & M; out = mix(s), ...; unit = (out >> 11) / 2**53; below(n) = (out * n) >> 64
+        let mut r = Rng::from_key(&[1, 2, 3]);
+        let got: Vec<u64> = (0..3).map(|_| r.next_u64()).collect();
+        assert_eq!(got, [13892112381272280527, 6869514767354214486, 10057630273015622979]);
+        let mut r = Rng::from_key(&[7]);
+        assert_eq!((r.unit(), r.unit()), (0.9569945530323865, 0.08856139886991288));
+        let mut r = Rng::from_key(&[7]);
+        assert_eq!((0..6).map(|_| r.below(5)).collect::<Vec<_>>(), [4, 0, 1, 1, 2, 0]);
     }
 }

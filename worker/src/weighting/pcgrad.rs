@@ -8,6 +8,7 @@
 //! parameter receives the gradient of its own task (the sum of all task gradients, since other
 //! tasks do not reach it), left for the trainer's usual all-reduce. The order is drawn from
 //! (seed, step) with SplitMix64, the same on every rank.
+use mtl_job::splitmix::SplitMix64;
 use tch::Tensor;
 
 use super::grads::{accumulate_grads, flatten, task_grads, unflatten};
@@ -58,9 +59,9 @@ impl PcGrad {
             });
         }
         reducer.all_reduce_mean(&mut task_shared)?;
-        let mut rng = SplitMix64::new(self.seed ^ self.steps.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let mut rng = SplitMix64::new(self.seed ^ self.steps.wrapping_mul(SplitMix64::GAMMA));
         let orders: Vec<Vec<usize>> =
-            (0..task_shared.len()).map(|i| rng.others_shuffled(task_shared.len(), i)).collect();
+            (0..task_shared.len()).map(|i| others_shuffled(&mut rng, task_shared.len(), i)).collect();
         let combined = tch::no_grad(|| project_conflicts(&task_shared, &orders))?;
         let mut grads = unflatten(&combined, shared)?;
         grads.extend(head_grads.unwrap_or_default());
@@ -99,29 +100,9 @@ pub(super) fn project_conflicts(grads: &[Tensor], orders: &[Vec<usize>]) -> Resu
     Ok(sum)
 }
 
-/// A tiny deterministic generator (SplitMix64), so the task order depends only on the seed.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn new(seed: u64) -> Self {
-        Self(seed)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// `0..n` without `skip`, Fisher–Yates shuffled.
-    fn others_shuffled(&mut self, n: usize, skip: usize) -> Vec<usize> {
-        let mut v: Vec<usize> = (0..n).filter(|&j| j != skip).collect();
-        for k in (1..v.len()).rev() {
-            let r = (self.next() % (k as u64 + 1)) as usize;
-            v.swap(k, r);
-        }
-        v
-    }
+/// `0..n` without `skip`, Fisher–Yates shuffled.
+fn others_shuffled(rng: &mut SplitMix64, n: usize, skip: usize) -> Vec<usize> {
+    let mut v: Vec<usize> = (0..n).filter(|&j| j != skip).collect();
+    rng.shuffle(&mut v);
+    v
 }
