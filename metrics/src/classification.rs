@@ -7,8 +7,9 @@
 //! predictions (they contribute 0 to each average). Accuracy matches
 //! `accuracy_score`.
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 
+use crate::confusion::{ConfusionMatrix, ConfusionWire};
 use crate::numeric;
 use crate::MetricsError;
 
@@ -17,33 +18,19 @@ use crate::MetricsError;
 ///
 /// Deserialisation validates the shape (a `num_classes²` matrix), so statistics
 /// received from a worker cannot make `finish` panic.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(try_from = "ClassificationStatsWire")]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
 pub struct ClassificationStats {
-    num_classes: usize,
-    /// Row-major counts: `confusion[target * num_classes + pred]`.
-    confusion: Vec<u64>,
+    matrix: ConfusionMatrix,
 }
 
-#[derive(Deserialize)]
-struct ClassificationStatsWire {
-    num_classes: usize,
-    confusion: Vec<u64>,
-}
-
-impl TryFrom<ClassificationStatsWire> for ClassificationStats {
-    type Error = MetricsError;
-
-    fn try_from(wire: ClassificationStatsWire) -> Result<Self, MetricsError> {
-        let empty = Self::new(wire.num_classes)?;
-        if wire.confusion.len() != empty.confusion.len() {
-            return Err(MetricsError::LengthMismatch {
-                what: "classification confusion vs num_classes²".to_string(),
-                left: wire.confusion.len(),
-                right: empty.confusion.len(),
-            });
-        }
-        Ok(Self { confusion: wire.confusion, ..empty })
+impl<'de> Deserialize<'de> for ClassificationStats {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let wire = ConfusionWire::deserialize(deserializer)?;
+        Self::new(wire.num_classes)
+            .and_then(|_| ConfusionMatrix::from_wire(wire, "classification"))
+            .map(|matrix| Self { matrix })
+            .map_err(serde::de::Error::custom)
     }
 }
 
@@ -87,79 +74,60 @@ impl ClassificationStats {
                 reason: "must be at least 1",
             });
         }
-        Ok(Self { num_classes, confusion: vec![0; num_classes * num_classes] })
+        Ok(Self { matrix: ConfusionMatrix::zeros(num_classes) })
     }
 
     /// Number of classes.
     pub fn num_classes(&self) -> usize {
-        self.num_classes
+        self.matrix.num_classes()
     }
 
     /// Count of samples with target `target` predicted as `pred`.
     pub fn count(&self, target: usize, pred: usize) -> u64 {
-        self.confusion[target * self.num_classes + pred]
+        self.matrix.count(target, pred)
     }
 
     /// Records one sample. Both indices must be below `num_classes`.
     pub fn add(&mut self, pred: usize, target: usize) -> Result<(), MetricsError> {
+        let num_classes = self.num_classes();
         for (what, value) in [("classification prediction", pred), ("classification target", target)] {
-            if value >= self.num_classes {
-                return Err(MetricsError::ClassOutOfRange {
-                    what: what.to_string(),
-                    value,
-                    num_classes: self.num_classes,
-                });
+            if value >= num_classes {
+                return Err(MetricsError::ClassOutOfRange { what: what.to_string(), value, num_classes });
             }
         }
-        self.confusion[target * self.num_classes + pred] += 1;
+        self.matrix.add(target, pred, 1);
         Ok(())
     }
 
     /// Adds the counts of `other`; fails (leaving `self` unchanged) when the
     /// number of classes differs.
     pub fn merge(&mut self, other: &Self) -> Result<(), MetricsError> {
-        if self.num_classes != other.num_classes || self.confusion.len() != other.confusion.len() {
-            return Err(MetricsError::NumClassesMismatch {
-                what: "classification merge",
-                expected: self.num_classes,
-                found: other.num_classes,
-            });
-        }
-        for (a, b) in self.confusion.iter_mut().zip(&other.confusion) {
-            *a += b;
-        }
-        Ok(())
+        self.matrix.merge(&other.matrix, "classification merge")
     }
 
     /// Computes the metrics. Depends only on the counts, so it is independent of
     /// the order in which samples were added or statistics merged.
     pub fn finish(&self) -> ClassificationMetrics {
-        let n = self.num_classes;
-        let mut per_class = Vec::with_capacity(n);
-        let mut correct = 0u64;
-        let mut total = 0u64;
-        for c in 0..n {
-            let tp = self.count(c, c);
-            let support: u64 = (0..n).map(|p| self.count(c, p)).sum();
-            let predicted: u64 = (0..n).map(|t| self.count(t, c)).sum();
-            correct += tp;
-            total += support;
-            let div = |num: f64, den: u64| if den == 0 { 0.0 } else { num / den as f64 };
-            per_class.push(ClassMetrics {
-                precision: div(tp as f64, predicted),
-                recall: div(tp as f64, support),
-                f1: div(2.0 * tp as f64, support + predicted),
-                support,
-            });
-        }
+        let div = |num: f64, den: u64| if den == 0 { 0.0 } else { num / den as f64 };
+        let per_class: Vec<ClassMetrics> = self
+            .matrix
+            .class_totals()
+            .into_iter()
+            .map(|t| ClassMetrics {
+                precision: div(t.hits as f64, t.predictions),
+                recall: div(t.hits as f64, t.targets),
+                f1: div(2.0 * t.hits as f64, t.targets + t.predictions),
+                support: t.targets,
+            })
+            .collect();
         let macro_of =
             |f: fn(&ClassMetrics) -> f64| numeric::mean(&per_class.iter().map(f).collect::<Vec<_>>());
         ClassificationMetrics {
-            accuracy: if total == 0 { f64::NAN } else { correct as f64 / total as f64 },
+            accuracy: self.matrix.accuracy(),
             macro_precision: macro_of(|m| m.precision),
             macro_recall: macro_of(|m| m.recall),
             macro_f1: macro_of(|m| m.f1),
-            confusion: self.confusion.chunks(n).map(<[u64]>::to_vec).collect(),
+            confusion: self.matrix.rows(),
             per_class,
         }
     }

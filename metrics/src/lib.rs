@@ -12,6 +12,7 @@
 //! including numpy's pairwise summation ([`numeric`]).
 //!
 //! Module layout:
+//! - `confusion`: the confusion matrix classification and segmentation count into;
 //! - [`classification`]: confusion matrix → accuracy, macro precision/recall/F1;
 //! - [`multilabel`]: per-sample scores/labels → per-class AP and mAP;
 //! - [`segmentation`]: pixel confusion matrix → per-class IoU, mIoU, pixel accuracy;
@@ -24,6 +25,7 @@
 
 pub mod classification;
 pub mod coco;
+mod confusion;
 pub mod detection;
 mod error;
 pub mod multilabel;

@@ -5,8 +5,9 @@
 //! no IoU and is skipped, rather than counted as 0 or 1. The mean is taken the
 //! way `np.nanmean` takes it, so it is bit-identical to a numpy reference.
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 
+use crate::confusion::{ConfusionMatrix, ConfusionWire};
 use crate::numeric;
 use crate::MetricsError;
 
@@ -18,33 +19,19 @@ pub const IGNORE_INDEX: u8 = 255;
 ///
 /// Deserialisation validates the shape (a `num_classes²` matrix, at most 255
 /// classes), so statistics received from a worker cannot make `finish` panic.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(try_from = "SegmentationStatsWire")]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
 pub struct SegmentationStats {
-    num_classes: usize,
-    /// Row-major counts: `confusion[target * num_classes + pred]`.
-    confusion: Vec<u64>,
+    matrix: ConfusionMatrix,
 }
 
-#[derive(Deserialize)]
-struct SegmentationStatsWire {
-    num_classes: usize,
-    confusion: Vec<u64>,
-}
-
-impl TryFrom<SegmentationStatsWire> for SegmentationStats {
-    type Error = MetricsError;
-
-    fn try_from(wire: SegmentationStatsWire) -> Result<Self, MetricsError> {
-        let empty = Self::new(wire.num_classes)?;
-        if wire.confusion.len() != empty.confusion.len() {
-            return Err(MetricsError::LengthMismatch {
-                what: "segmentation confusion vs num_classes²".to_string(),
-                left: wire.confusion.len(),
-                right: empty.confusion.len(),
-            });
-        }
-        Ok(Self { confusion: wire.confusion, ..empty })
+impl<'de> Deserialize<'de> for SegmentationStats {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let wire = ConfusionWire::deserialize(deserializer)?;
+        Self::new(wire.num_classes)
+            .and_then(|_| ConfusionMatrix::from_wire(wire, "segmentation"))
+            .map(|matrix| Self { matrix })
+            .map_err(serde::de::Error::custom)
     }
 }
 
@@ -70,17 +57,17 @@ impl SegmentationStats {
                 reason: "must be between 1 and 255",
             });
         }
-        Ok(Self { num_classes, confusion: vec![0; num_classes * num_classes] })
+        Ok(Self { matrix: ConfusionMatrix::zeros(num_classes) })
     }
 
     /// Number of classes.
     pub fn num_classes(&self) -> usize {
-        self.num_classes
+        self.matrix.num_classes()
     }
 
     /// Pixel count with target `target` predicted as `pred`.
     pub fn count(&self, target: usize, pred: usize) -> u64 {
-        self.confusion[target * self.num_classes + pred]
+        self.matrix.count(target, pred)
     }
 
     /// Adds one image (or any batch of pixels). `pred` and `target` must have the
@@ -94,7 +81,7 @@ impl SegmentationStats {
                 right: target.len(),
             });
         }
-        let n = self.num_classes;
+        let n = self.num_classes();
         for (i, (&p, &t)) in pred.iter().zip(target).enumerate() {
             if t != IGNORE_INDEX && t as usize >= n {
                 return Err(MetricsError::ClassOutOfRange {
@@ -113,7 +100,7 @@ impl SegmentationStats {
         }
         for (&p, &t) in pred.iter().zip(target) {
             if t != IGNORE_INDEX {
-                self.confusion[t as usize * n + p as usize] += 1;
+                self.matrix.add(t as usize, p as usize, 1);
             }
         }
         Ok(())
@@ -122,38 +109,23 @@ impl SegmentationStats {
     /// Adds the counts of `other`; fails (leaving `self` unchanged) when the
     /// number of classes differs.
     pub fn merge(&mut self, other: &Self) -> Result<(), MetricsError> {
-        if self.num_classes != other.num_classes || self.confusion.len() != other.confusion.len() {
-            return Err(MetricsError::NumClassesMismatch {
-                what: "segmentation merge",
-                expected: self.num_classes,
-                found: other.num_classes,
-            });
-        }
-        for (a, b) in self.confusion.iter_mut().zip(&other.confusion) {
-            *a += b;
-        }
-        Ok(())
+        self.matrix.merge(&other.matrix, "segmentation merge")
     }
 
     /// Computes IoU per class, mIoU and pixel accuracy.
     pub fn finish(&self) -> SegmentationMetrics {
-        let n = self.num_classes;
-        let mut correct = 0u64;
-        let mut total = 0u64;
-        let per_class_iou: Vec<Option<f64>> = (0..n)
-            .map(|c| {
-                let inter = self.count(c, c);
-                let target: u64 = (0..n).map(|p| self.count(c, p)).sum();
-                let pred: u64 = (0..n).map(|t| self.count(t, c)).sum();
-                correct += inter;
-                total += target;
-                let union = target + pred - inter;
-                (union > 0).then(|| inter as f64 / union as f64)
+        let per_class_iou: Vec<Option<f64>> = self
+            .matrix
+            .class_totals()
+            .into_iter()
+            .map(|t| {
+                let union = t.targets + t.predictions - t.hits;
+                (union > 0).then(|| t.hits as f64 / union as f64)
             })
             .collect();
         SegmentationMetrics {
             miou: numeric::nan_mean(&per_class_iou).unwrap_or(f64::NAN),
-            pixel_accuracy: if total == 0 { f64::NAN } else { correct as f64 / total as f64 },
+            pixel_accuracy: self.matrix.accuracy(),
             per_class_iou,
         }
     }

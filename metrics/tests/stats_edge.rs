@@ -189,3 +189,19 @@ fn segmentation_merge_equals_single_pass() {
     assert_eq!(a.miou.to_bits(), b.miou.to_bits());
     assert_eq!(a.per_class_iou[5], None);
 }
+
+#[test]
+fn confusion_statistics_keep_their_wire_format() {
+    // Workers and coordinators of one release exchange these as JSON: the format is
+    // `{"num_classes": n, "confusion": [row-major counts, target by prediction]}` for both.
+    let mut c = ClassificationStats::new(2).unwrap();
+    c.add(1, 0).unwrap();
+    assert_eq!(serde_json::to_string(&c).unwrap(), r#"{"num_classes":2,"confusion":[0,1,0,0]}"#);
+    let mut s = SegmentationStats::new(2).unwrap();
+    s.add(&[0, 0, 1], &[1, 255, 1]).unwrap();
+    assert_eq!(serde_json::to_string(&s).unwrap(), r#"{"num_classes":2,"confusion":[0,0,1,1]}"#);
+    assert_eq!(wire(&c), c);
+    assert_eq!(wire(&s), s);
+    let err = serde_json::from_str::<SegmentationStats>(r#"{"num_classes":0,"confusion":[]}"#).unwrap_err();
+    assert!(err.to_string().contains("segmentation: invalid num_classes 0"), "{err}");
+}
