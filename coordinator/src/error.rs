@@ -38,6 +38,26 @@ pub enum CoordinatorError {
         /// The generation the request named.
         generation: u64,
     },
+    /// A worker asked to re-attach to a generation that is not running (any more).
+    #[error("worker `{worker_id}` asked to re-attach to generation {generation}, but the coordinator runs {current}: register with generation 0 to join the next one")]
+    StaleGeneration {
+        /// Who asked.
+        worker_id: String,
+        /// The generation it named.
+        generation: u64,
+        /// What runs now ("generation N" or "no generation").
+        current: String,
+    },
+    /// A checkpoint was written for another job configuration.
+    #[error("checkpoint {path} was written with config hash {theirs}, this job's is {ours}")]
+    ConfigHashMismatch {
+        /// The checkpoint as reported.
+        path: String,
+        /// Its config hash.
+        theirs: String,
+        /// The job's.
+        ours: String,
+    },
     /// A request field is malformed.
     #[error("invalid request field `{field}`: {message}")]
     InvalidRequest {
@@ -64,6 +84,22 @@ pub enum CoordinatorError {
         /// "finished" or "failed".
         state: &'static str,
     },
+    /// The state database failed.
+    #[error("state database {path}: {message}")]
+    Store {
+        /// The database file.
+        path: std::path::PathBuf,
+        /// What was being done and the SQLite error.
+        message: String,
+    },
+    /// The state database belongs to another job, or to another version of the coordinator.
+    #[error("state database {path} cannot be used: {message}")]
+    StoreMismatch {
+        /// The database file.
+        path: std::path::PathBuf,
+        /// Whose it is.
+        message: String,
+    },
     /// A file the coordinator writes (the metrics history) could not be opened.
     #[error("{path}: {source}")]
     Io {
@@ -71,6 +107,14 @@ pub enum CoordinatorError {
         path: std::path::PathBuf,
         /// Why.
         source: std::io::Error,
+    },
+    /// `coordinator status` could not reach the coordinator or its answer was an error.
+    #[error("coordinator at {addr}: {message}")]
+    Unreachable {
+        /// The address tried.
+        addr: String,
+        /// Why.
+        message: String,
     },
     /// The gRPC server failed (bind, transport).
     #[error("gRPC server: {0}")]
@@ -88,7 +132,13 @@ impl From<CoordinatorError> for Status {
             CoordinatorError::InvalidRequest { .. } => Status::invalid_argument(message),
             CoordinatorError::JobOver { .. } => Status::failed_precondition(message),
             CoordinatorError::DatasetMismatch { .. } => Status::failed_precondition(message),
-            CoordinatorError::Transport(_) | CoordinatorError::Io { .. } => Status::internal(message),
+            CoordinatorError::StaleGeneration { .. } => Status::failed_precondition(message),
+            CoordinatorError::ConfigHashMismatch { .. } => Status::failed_precondition(message),
+            CoordinatorError::Transport(_)
+            | CoordinatorError::Unreachable { .. }
+            | CoordinatorError::Io { .. }
+            | CoordinatorError::Store { .. }
+            | CoordinatorError::StoreMismatch { .. } => Status::internal(message),
         }
     }
 }

@@ -1,15 +1,23 @@
 //! The coordinator: the control plane of a multi-task training job.
 //!
 //! It owns the job configuration, forms generations of workers (rendezvous), watches their
-//! heartbeats, records the metrics they report and decides when the job is over. It never
-//! touches tensors and does not link LibTorch. Layout: [`state`] is the job's state machine
-//! (pure, clock passed in), `service` is its gRPC face, [`run`] wires them to a listener.
+//! heartbeats, accounts for every sample of every epoch, commits and prunes checkpoints,
+//! records the metrics they report and decides when the job is over; all of it survives a
+//! restart through the job's state database. It never touches tensors and does not link
+//! LibTorch. Layout: [`state`] is the job's state machine (pure, clock passed in) over
+//! `accounting` (epoch samples), `checkpoints` (path check, pruning), `history` (metrics) and
+//! `store` (SQLite); `service` is its gRPC face, [`run`] wires them to a listener, and
+//! [`status`] renders a job's status for `coordinator status`.
 #![warn(missing_docs)]
 
+mod accounting;
+mod checkpoints;
 mod error;
+mod history;
 mod service;
 pub mod state;
 pub mod status;
+mod store;
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -54,10 +62,17 @@ pub async fn run(
     let addr = listener.local_addr().ok();
     let heartbeat_check = Duration::from_millis(u64::from(cfg.rendezvous.heartbeat_interval_ms));
     let (changed_tx, mut changed_rx) = watch::channel(());
+    let rendezvous_timeout = Duration::from_millis(cfg.rendezvous.timeout_ms);
+    let min_workers = cfg.rendezvous.min_workers;
+    let state = JobState::new(cfg, Instant::now())?;
+    if *state.phase() == Phase::Finished {
+        // Nothing to serve: the state database says the job is done.
+        return Ok(JobReport { outcome: JobOutcome::Finished, status: state.status(Instant::now()) });
+    }
     let shared = Shared {
-        rendezvous_timeout: Duration::from_millis(cfg.rendezvous.timeout_ms),
-        min_workers: cfg.rendezvous.min_workers,
-        state: Arc::new(Mutex::new(JobState::new(cfg)?)),
+        rendezvous_timeout,
+        min_workers,
+        state: Arc::new(Mutex::new(state)),
         changed_tx: Arc::new(changed_tx),
     };
     tracing::info!(?addr, "coordinator serving");
@@ -69,8 +84,10 @@ pub async fn run(
             loop {
                 tokio::select! {
                     _ = tick.tick() => {
-                        if !shared.lock().check_liveness(Instant::now()).is_empty() {
-                            shared.changed_tx.send_replace(());
+                        match shared.lock().check_liveness(Instant::now()) {
+                            Ok(lost) if lost.is_empty() => {}
+                            Ok(_) => { shared.changed_tx.send_replace(()); }
+                            Err(err) => tracing::error!(%err, "cannot record lost workers"),
                         }
                     }
                     changed = changed_rx.changed() => if changed.is_err() { return JobOutcome::Interrupted },
@@ -104,6 +121,6 @@ pub async fn run(
     server.await?;
     let outcome = stop_rx.await.unwrap_or(JobOutcome::Interrupted);
     tracing::info!(?outcome, "coordinator done");
-    let status = shared.lock().status();
+    let status = shared.lock().status(Instant::now());
     Ok(JobReport { outcome, status })
 }

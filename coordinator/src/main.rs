@@ -80,8 +80,11 @@ fn main() -> ExitCode {
             }
         }
         Command::Status { addr, token } => {
-            match runtime.block_on(mtl_coordinator::status::print(&addr, &token)) {
-                Ok(()) => ExitCode::SUCCESS,
+            match runtime.block_on(mtl_coordinator::status::fetch(&addr, &token)) {
+                Ok(status) => {
+                    print!("{}", mtl_coordinator::status::render(&status));
+                    ExitCode::SUCCESS
+                }
                 Err(err) => {
                     eprintln!("error: {err:#}");
                     ExitCode::from(1)

@@ -11,7 +11,7 @@ use mtl_proto::v1::{
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
-use crate::state::{JobState, Registered, WorkerInfo};
+use crate::state::{JobState, Progress, Registered, WorkerInfo};
 use crate::CoordinatorError;
 
 /// Shared handle on the job: the state plus a signal that fires on every phase change.
@@ -57,7 +57,17 @@ impl Coordinator for CoordinatorService {
                 peer_addr: req.peer_addr,
                 nccl_unique_id: req.nccl_unique_id,
             };
-            match state.register(info, Instant::now())? {
+            match state.register(info, req.generation, req.step, Instant::now())? {
+                Registered::Reattached => {
+                    let mut placement = state.placement(&req.worker_id).ok_or_else(|| {
+                        Status::internal(format!(
+                            "worker `{}` re-attached without a placement",
+                            req.worker_id
+                        ))
+                    })?;
+                    placement.reattached = true;
+                    return Ok(Response::new(placement));
+                }
                 Registered::Formed => {
                     drop(state);
                     shared.notify();
@@ -66,9 +76,10 @@ impl Coordinator for CoordinatorService {
                     let shared = shared.clone();
                     tokio::spawn(async move {
                         tokio::time::sleep_until(deadline.into()).await;
-                        let formed = shared.lock().close_rendezvous(Instant::now());
-                        if formed {
-                            shared.notify();
+                        match shared.lock().close_rendezvous(Instant::now()) {
+                            Ok(true) => shared.notify(),
+                            Ok(false) => {}
+                            Err(err) => tracing::error!(%err, "cannot form the generation"),
                         }
                     });
                 }
@@ -112,8 +123,9 @@ impl Coordinator for CoordinatorService {
         let req = request.into_inner();
         let mut state = self.shared.lock();
         state.check_token(&req.job_token)?;
+        let progress = Progress { step: req.step, phase: req.phase(), collective_seq: req.collective_seq };
         let (directive, reason) =
-            state.heartbeat(&req.worker_id, req.generation, req.step, Instant::now())?;
+            state.heartbeat(&req.worker_id, req.generation, progress, Instant::now())?;
         Ok(Response::new(HeartbeatResponse { directive: directive as i32, reason }))
     }
 
@@ -134,12 +146,15 @@ impl Coordinator for CoordinatorService {
         Ok(Response::new(MetricsAck {}))
     }
 
+    #[tracing::instrument(skip_all, fields(worker_id = %request.get_ref().worker_id, step = request.get_ref().step))]
     async fn commit_checkpoint(
         &self,
         request: Request<CheckpointCommit>,
     ) -> Result<Response<CheckpointAck>, Status> {
-        self.shared.lock().check_token(&request.get_ref().job_token)?;
-        Err(Status::unimplemented("checkpoints are not committed by this coordinator version"))
+        let req = request.into_inner();
+        let mut state = self.shared.lock();
+        state.check_token(&req.job_token)?;
+        Ok(Response::new(state.commit_checkpoint(&req, Instant::now())?))
     }
 
     #[tracing::instrument(skip_all, fields(worker_id = %request.get_ref().worker_id, failed = request.get_ref().failed))]
@@ -157,6 +172,6 @@ impl Coordinator for CoordinatorService {
     async fn get_status(&self, request: Request<StatusRequest>) -> Result<Response<JobStatus>, Status> {
         let state = self.shared.lock();
         state.check_token(&request.get_ref().job_token)?;
-        Ok(Response::new(state.status()))
+        Ok(Response::new(state.status(Instant::now())))
     }
 }

@@ -5,39 +5,98 @@ use std::fmt::Write;
 use mtl_proto::v1::coordinator_client::CoordinatorClient;
 use mtl_proto::v1::{JobStatus, MetricsKind, StatusRequest};
 
-/// Fetches the status of the job served at `addr` and prints it to stdout.
-pub async fn print(addr: &str, token: &str) -> anyhow::Result<()> {
-    use anyhow::Context;
+use crate::CoordinatorError;
+
+/// Fetches the status of the job served at `addr`.
+pub async fn fetch(addr: &str, token: &str) -> Result<JobStatus, CoordinatorError> {
+    let unreachable = |message: String| CoordinatorError::Unreachable { addr: addr.to_string(), message };
     let mut client = CoordinatorClient::connect(addr.to_string())
         .await
-        .with_context(|| format!("cannot reach the coordinator at {addr}"))?
+        .map_err(|e| unreachable(format!("cannot connect: {e}")))?
         .max_decoding_message_size(mtl_proto::MAX_MESSAGE_BYTES);
-    let status = client.get_status(StatusRequest { job_token: token.to_string() }).await?.into_inner();
-    print!("{}", render(&status));
-    Ok(())
+    let status = client
+        .get_status(StatusRequest { job_token: token.to_string() })
+        .await
+        .map_err(|s| unreachable(s.message().to_string()))?;
+    Ok(status.into_inner())
 }
 
-/// A human-readable summary: job state, workers, and the latest metrics of each kind.
+/// A human-readable summary: job state, workers, generation changes, checkpoints, epoch
+/// accounting and the latest metrics of each kind.
 pub fn render(status: &JobStatus) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "job {}: {} (generation {}, {} workers)",
-        status.job_name, status.state, status.generation, status.world_size
+        "job {}: {} (generation {}, {} workers, config hash {})",
+        status.job_name, status.state, status.generation, status.world_size, status.config_hash
     );
     if status.state == "running" {
         let _ = writeln!(out, "  epoch {}, {} samples of it consumed", status.epoch, status.epoch_position);
     }
+    if let Some(r) = &status.resume {
+        let _ = writeln!(
+            out,
+            "  generation {} resumed from checkpoint step {} ({}, epoch {} at sample {})",
+            status.generation, r.step, r.path, r.epoch, r.epoch_position
+        );
+    }
     if !status.message.is_empty() {
         let _ = writeln!(out, "  {}", status.message);
     }
-    let _ = writeln!(out, "  {:<5} {:<24} {:<10} {:<8} {:>8}", "rank", "worker", "device", "state", "step");
+    let _ = writeln!(
+        out,
+        "  {:<5} {:<24} {:<10} {:<9} {:<11} {:>8} {:>10} {:>10}",
+        "rank", "worker", "device", "state", "phase", "step", "heartbeat", "collective"
+    );
     for w in &status.workers {
+        let phase = if w.phase.is_empty() { "-" } else { &w.phase };
+        let age = format!("{:.1} s", w.heartbeat_age_ms as f64 / 1000.0);
         let _ = writeln!(
             out,
-            "  {:<5} {:<24} {:<10} {:<8} {:>8}",
-            w.rank, w.worker_id, w.device, w.state, w.last_step
+            "  {:<5} {:<24} {:<10} {:<9} {:<11} {:>8} {:>10} {:>10}",
+            w.rank, w.worker_id, w.device, w.state, phase, w.last_step, age, w.collective_seq
         );
+    }
+    if !status.events.is_empty() {
+        let _ = writeln!(out, "  generation changes (UTC):");
+        for e in status.events.iter().rev().take(10).rev() {
+            let secs = (e.at_unix_ms / 1000) % 86_400;
+            let _ = writeln!(
+                out,
+                "    {:02}:{:02}:{:02} generation {} {}: {}",
+                secs / 3600,
+                secs / 60 % 60,
+                secs % 60,
+                e.generation,
+                e.kind,
+                e.detail
+            );
+        }
+    }
+    let live: Vec<_> = status.checkpoints.iter().filter(|c| !c.pruned).collect();
+    if !live.is_empty() {
+        let _ = writeln!(out, "  checkpoints ({} committed, {} kept):", status.checkpoints.len(), live.len());
+        for c in live {
+            let _ = writeln!(
+                out,
+                "    step {:>8}  epoch {} at sample {}  generation {}  {}",
+                c.step, c.epoch, c.epoch_position, c.generation, c.path
+            );
+        }
+    }
+    let mut epochs: BTreeMap<u64, Vec<String>> = BTreeMap::new();
+    for s in &status.epoch_segments {
+        let mut part = format!(
+            "[{}, {}) by generation {} ({}x{})",
+            s.start, s.kept_end, s.generation, s.world_size, s.batch_size
+        );
+        if s.end > s.kept_end {
+            part += &format!(" +{} rolled back", s.end - s.kept_end);
+        }
+        epochs.entry(s.epoch).or_default().push(part);
+    }
+    for (epoch, parts) in epochs.iter().rev().take(3).rev() {
+        let _ = writeln!(out, "  epoch {epoch} samples: {}", parts.join(", "));
     }
     if let Some(eval) = status.history.iter().rev().find(|p| p.kind == MetricsKind::Eval as i32) {
         let map = eval.values.iter().map(|(k, v)| (k.clone(), *v)).collect();

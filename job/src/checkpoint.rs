@@ -28,8 +28,13 @@ impl Default for CheckpointSection {
     }
 }
 
-/// Metric prefixes `keep_best` may name: the merged evaluation's keys start with one of these.
-const BEST_PREFIXES: [&str; 3] = ["classification.", "detection.", "segmentation."];
+/// The metrics `keep_best` may name, per task: `task.key`, where `key` is the name the merged
+/// evaluation reports it under (every one higher-is-better).
+const BEST_METRICS: [(&str, &[&str]); 3] = [
+    ("classification", &["accuracy", "precision", "recall", "F1", "mAP"]),
+    ("detection", &["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]),
+    ("segmentation", &["mIoU", "pixel_accuracy"]),
+];
 
 impl CheckpointSection {
     /// The checkpoint directory with its default resolved.
@@ -41,17 +46,30 @@ impl CheckpointSection {
         }
     }
 
-    /// Checks ranges and the `keep_best` metric's form.
+    /// The key `keep_best` names in the merged evaluation's metrics (`detection.AP50` is
+    /// reported as `AP50`), or `None` when no best checkpoint is kept.
+    pub fn keep_best_key(&self) -> Option<&str> {
+        self.keep_best.split_once('.').map(|(_, key)| key)
+    }
+
+    /// Checks ranges and the `keep_best` metric's name.
     pub fn validate(&self) -> Result<(), JobConfigError> {
         let invalid = |key: &str, message: String| JobConfigError::Invalid { key: key.into(), message };
         if self.keep_last == 0 {
             return Err(invalid("checkpoint.keep_last", "must be at least 1, got 0".into()));
         }
         let best = self.keep_best.as_str();
-        if !best.is_empty() && !BEST_PREFIXES.iter().any(|p| best.len() > p.len() && best.starts_with(p)) {
+        let known = |(task, key): (&str, &str)| {
+            BEST_METRICS.iter().any(|(t, keys)| *t == task && keys.contains(&key))
+        };
+        if !best.is_empty() && !best.split_once('.').is_some_and(known) {
+            let names: Vec<String> = BEST_METRICS
+                .iter()
+                .flat_map(|(task, keys)| keys.iter().map(move |k| format!("{task}.{k}")))
+                .collect();
             return Err(invalid(
                 "checkpoint.keep_best",
-                format!("`{best}` is not an evaluation metric like `detection.AP50` or `segmentation.mIoU`"),
+                format!("`{best}` is not an evaluation metric; one of: {}", names.join(", ")),
             ));
         }
         Ok(())

@@ -86,10 +86,19 @@ impl JobConfig {
         toml::to_string(self).expect("a JobConfig always serialises")
     }
 
-    /// A short hash of the configuration, stored in checkpoints to detect a changed job.
+    /// A short hash of what determines the trained model, stored in checkpoints and in the
+    /// coordinator's store to detect a changed job. It leaves out the secret (`job.token`) and
+    /// the sections that say where and how the job runs rather than what it trains
+    /// (`[server]`, `[rendezvous]`, `[checkpoint]`), so a coordinator restarted on another
+    /// port, with another world size or another `keep_last` still resumes.
     pub fn hash(&self) -> String {
         use sha2::Digest;
-        let digest = sha2::Sha256::digest(self.to_toml().as_bytes());
+        let mut trained = self.clone();
+        trained.job.token.clear();
+        trained.server = ServerSection::default();
+        trained.rendezvous = RendezvousSection::default();
+        trained.checkpoint = CheckpointSection::default();
+        let digest = sha2::Sha256::digest(trained.to_toml().as_bytes());
         digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
     }
 }

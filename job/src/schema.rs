@@ -61,13 +61,17 @@ pub struct ServerSection {
     /// Address the coordinator's gRPC server binds, `host:port` (port 0 picks a free one).
     pub listen: String,
     /// Every metrics point (train losses, merged evaluations) is appended here as a JSON line;
-    /// empty means `runs/<job.name>/metrics.jsonl`.
+    /// empty means `runs/<job.name>/metrics.jsonl`. An export: the state database has them too.
     pub metrics_file: String,
+    /// The job's durable state (SQLite): generations, epoch accounting, committed checkpoints,
+    /// metrics history. A coordinator started on an existing one resumes the job. Empty means
+    /// `runs/<job.name>/state.db`.
+    pub state_db: String,
 }
 
 impl Default for ServerSection {
     fn default() -> Self {
-        Self { listen: "127.0.0.1:50051".into(), metrics_file: String::new() }
+        Self { listen: "127.0.0.1:50051".into(), metrics_file: String::new(), state_db: String::new() }
     }
 }
 
@@ -78,6 +82,15 @@ impl ServerSection {
             std::path::Path::new("runs").join(job_name).join("metrics.jsonl")
         } else {
             self.metrics_file.clone().into()
+        }
+    }
+
+    /// Where the state database lives, with the default resolved.
+    pub fn state_db_path(&self, job_name: &str) -> std::path::PathBuf {
+        if self.state_db.is_empty() {
+            std::path::Path::new("runs").join(job_name).join("state.db")
+        } else {
+            self.state_db.clone().into()
         }
     }
 }
@@ -99,6 +112,10 @@ pub struct RendezvousSection {
     pub heartbeat_interval_ms: u32,
     /// A worker silent for this long is marked lost.
     pub heartbeat_timeout_ms: u64,
+    /// A restarted coordinator waits this long for the workers of the generation that was
+    /// running to re-attach (register again with that generation) before it gives up on
+    /// them; workers retry an unreachable coordinator for as long.
+    pub coordinator_grace_ms: u64,
 }
 
 impl Default for RendezvousSection {
@@ -110,6 +127,7 @@ impl Default for RendezvousSection {
             last_call_ms: 3_000,
             heartbeat_interval_ms: 1_000,
             heartbeat_timeout_ms: 30_000,
+            coordinator_grace_ms: 60_000,
         }
     }
 }

@@ -97,3 +97,30 @@ fn toml_round_trip_is_identity() {
     assert_eq!(cfg, back);
     assert_eq!(cfg.hash(), back.hash());
 }
+
+#[test]
+fn hash_ignores_the_token_and_where_the_job_runs_but_not_what_it_trains() {
+    let cfg = load("[job]\nname = \"a\"\ntoken = \"s1\"\n").unwrap();
+    let mut other = cfg.clone();
+    other.job.token = "s2".into();
+    other.server.listen = "0.0.0.0:1".into();
+    other.rendezvous.min_workers = 3;
+    other.checkpoint.keep_last = 9;
+    assert_eq!(cfg.hash(), other.hash());
+    other.train.lr = 0.5;
+    assert_ne!(cfg.hash(), other.hash());
+    assert_eq!(cfg.hash().len(), 16);
+}
+
+#[test]
+fn keep_best_names_a_known_metric_of_a_task() {
+    let cfg = load("[job]\nname = \"a\"\n[checkpoint]\nkeep_best = \"detection.AP50\"\n").unwrap();
+    assert_eq!(cfg.checkpoint.keep_best_key(), Some("AP50"), "the merged evaluation's key");
+    for bad in ["detection.AP51", "classification.AP50", "AP50", "detection."] {
+        let err = load(&format!("[job]\nname = \"a\"\n[checkpoint]\nkeep_best = \"{bad}\"\n")).unwrap_err();
+        assert!(
+            matches!(&err, JobConfigError::Invalid { key, message } if key == "checkpoint.keep_best" && message.contains("segmentation.mIoU")),
+            "{bad}: {err}"
+        );
+    }
+}

@@ -38,12 +38,14 @@ pub fn job(body: &str) -> JobConfig {
     let text = format!("[job]\nname = \"test\"\ntoken = \"t0k\"\n{body}\n");
     let mut cfg = JobConfig::from_toml(&text).expect("test job config");
     cfg.server.listen = "127.0.0.1:0".into();
-    // Each job writes its own metrics file under the system temp dir.
+    // Each job writes its own metrics file, state database and checkpoints under the system
+    // temp dir.
     static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let file =
-        std::env::temp_dir().join(format!("mtl-test-{}-{n}", std::process::id())).join("metrics.jsonl");
-    cfg.server.metrics_file = file.display().to_string();
+    let dir = std::env::temp_dir().join(format!("mtl-test-{}-{n}", std::process::id()));
+    cfg.server.metrics_file = dir.join("metrics.jsonl").display().to_string();
+    cfg.server.state_db = dir.join("state.db").display().to_string();
+    cfg.checkpoint.dir = dir.join("checkpoints").display().to_string();
     cfg
 }
 
@@ -76,6 +78,13 @@ impl InProcessCoordinator {
     /// Waits for the job to end by itself (every worker left, or one failed/was lost).
     pub async fn report(self) -> JobReport {
         self.handle.await.expect("coordinator task").expect("coordinator ran")
+    }
+
+    /// Ends the coordinator abruptly, as a kill would: its task is dropped mid-flight, with no
+    /// shutdown path run. What it had stored is all a restarted one gets.
+    pub async fn kill(self) {
+        self.handle.abort();
+        let _ = self.handle.await;
     }
 
     /// Stops the coordinator and returns how the job ended.
@@ -112,4 +121,125 @@ pub async fn wait(child: Child) -> (Option<i32>, String) {
     })
     .await
     .unwrap()
+}
+
+/// A worker simulated over gRPC: registers, heartbeats, asks for shards, reports, commits.
+pub struct FakeWorker {
+    pub client: CoordinatorClient<tonic::transport::Channel>,
+    pub token: String,
+    pub worker_id: String,
+    pub generation: u64,
+}
+
+impl FakeWorker {
+    pub async fn connect(url: &str, token: &str, worker_id: &str) -> Self {
+        let client = CoordinatorClient::connect(url.to_string()).await.expect("connect to the coordinator");
+        Self { client, token: token.into(), worker_id: worker_id.into(), generation: 0 }
+    }
+
+    /// Register: joins the next generation (`generation` 0) or re-attaches to one.
+    pub async fn register(
+        &mut self,
+        generation: u64,
+        step: u64,
+    ) -> Result<mtl_proto::v1::RegisterResponse, tonic::Status> {
+        let reply = self
+            .client
+            .register(mtl_proto::v1::RegisterRequest {
+                job_token: self.token.clone(),
+                worker_id: self.worker_id.clone(),
+                host: "fake".into(),
+                device: "cpu".into(),
+                peer_addr: format!("{}:1", self.worker_id),
+                generation,
+                step,
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        self.generation = reply.generation;
+        Ok(reply)
+    }
+
+    pub async fn heartbeat(&mut self, step: u64) -> Result<mtl_proto::v1::HeartbeatResponse, tonic::Status> {
+        let request = mtl_proto::v1::HeartbeatRequest {
+            job_token: self.token.clone(),
+            worker_id: self.worker_id.clone(),
+            generation: self.generation,
+            step,
+            phase: mtl_proto::v1::WorkerPhase::Step as i32,
+            collective_seq: step,
+        };
+        Ok(self.client.heartbeat(request).await?.into_inner())
+    }
+
+    /// This worker's train shard of `epoch` of a split of `samples` samples.
+    pub async fn train_shard(
+        &mut self,
+        epoch: u64,
+        samples: u64,
+        steps_done: u64,
+        epoch_position: Option<u64>,
+    ) -> Result<mtl_proto::v1::ShardResponse, tonic::Status> {
+        let request = mtl_proto::v1::ShardRequest {
+            job_token: self.token.clone(),
+            worker_id: self.worker_id.clone(),
+            generation: self.generation,
+            split: mtl_proto::v1::Split::Train as i32,
+            epoch,
+            dataset_samples: samples,
+            dataset_fingerprint: "fake".into(),
+            steps_done,
+            epoch_position,
+        };
+        Ok(self.client.get_shard(request).await?.into_inner())
+    }
+
+    pub async fn report_train(&mut self, step: u64, epoch: u64, loss: f64) -> Result<(), tonic::Status> {
+        let request = mtl_proto::v1::MetricsReport {
+            job_token: self.token.clone(),
+            worker_id: self.worker_id.clone(),
+            generation: self.generation,
+            rank: 0,
+            kind: mtl_proto::v1::MetricsKind::Train as i32,
+            step,
+            epoch,
+            scalars: [("loss/cls".to_string(), loss)].into_iter().collect(),
+            eval_stats_json: Vec::new(),
+        };
+        self.client.report_metrics(request).await.map(drop)
+    }
+
+    /// Commits the checkpoint directory `path` taken at `step` (`epoch`, `epoch_position`).
+    pub async fn commit(
+        &mut self,
+        path: &str,
+        step: u64,
+        epoch: u64,
+        epoch_position: u64,
+        config_hash: &str,
+    ) -> Result<mtl_proto::v1::CheckpointAck, tonic::Status> {
+        let request = mtl_proto::v1::CheckpointCommit {
+            job_token: self.token.clone(),
+            worker_id: self.worker_id.clone(),
+            generation: self.generation,
+            step,
+            epoch,
+            epoch_position,
+            path: path.into(),
+            config_hash: config_hash.into(),
+        };
+        Ok(self.client.commit_checkpoint(request).await?.into_inner())
+    }
+
+    pub async fn leave(&mut self) -> Result<(), tonic::Status> {
+        let request = mtl_proto::v1::LeaveRequest {
+            job_token: self.token.clone(),
+            worker_id: self.worker_id.clone(),
+            generation: self.generation,
+            failed: false,
+            message: String::new(),
+        };
+        self.client.leave(request).await.map(drop)
+    }
 }

@@ -60,6 +60,8 @@ impl Session {
                 device: identity.device.clone(),
                 peer_addr: identity.peer_addr.clone(),
                 nccl_unique_id: identity.nccl_unique_id.clone(),
+                generation: 0,
+                step: 0,
             })
             .await
             .map_err(WorkerError::rpc("Register"))?
@@ -91,6 +93,7 @@ impl Session {
                 worker_id: identity.worker_id.clone(),
                 generation: placement.generation,
                 step: 0,
+                ..Default::default()
             },
             Duration::from_millis(u64::from(placement.heartbeat_interval_ms.max(1))),
             Duration::from_millis(config.rendezvous.heartbeat_timeout_ms),
@@ -158,6 +161,7 @@ impl Session {
                 dataset_samples,
                 dataset_fingerprint,
                 steps_done: self.step.load(Ordering::Relaxed),
+                epoch_position: None,
             })
             .await
             .map_err(WorkerError::rpc("GetShard"))?

@@ -1,11 +1,18 @@
 use super::*;
 
-/// A job state whose metrics file lives in a temporary directory (kept alive by the caller).
+/// A job state whose metrics file, state database and checkpoints live in a temporary
+/// directory (kept alive by the caller).
 fn new_state(cfg: JobConfig) -> (JobState, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = cfg;
-    cfg.server.metrics_file = dir.path().join("metrics.jsonl").display().to_string();
-    (JobState::new(cfg).unwrap(), dir)
+    let cfg = in_dir(cfg, dir.path());
+    (JobState::new(cfg, Instant::now()).unwrap(), dir)
+}
+
+fn in_dir(mut cfg: JobConfig, dir: &std::path::Path) -> JobConfig {
+    cfg.server.metrics_file = dir.join("metrics.jsonl").display().to_string();
+    cfg.server.state_db = dir.join("state.db").display().to_string();
+    cfg.checkpoint.dir = dir.join("checkpoints").display().to_string();
+    cfg
 }
 
 fn cfg(min: u32, max: u32) -> JobConfig {
@@ -15,6 +22,17 @@ fn cfg(min: u32, max: u32) -> JobConfig {
     cfg.rendezvous.heartbeat_interval_ms = 100;
     cfg.rendezvous.heartbeat_timeout_ms = 1_000;
     cfg
+}
+
+fn progress(step: u64) -> Progress {
+    Progress { step, ..Default::default() }
+}
+
+impl JobState {
+    /// A registration that joins the next generation (not a re-attach).
+    fn register_new(&mut self, info: WorkerInfo, now: Instant) -> Result<Registered, CoordinatorError> {
+        self.register(info, 0, 0, now)
+    }
 }
 
 fn info(id: &str) -> WorkerInfo {
@@ -31,9 +49,9 @@ fn info(id: &str) -> WorkerInfo {
 fn generation_forms_at_min_workers_with_ranks_by_worker_id() {
     let now = Instant::now();
     let (mut s, _dir) = new_state(cfg(2, 2));
-    assert_eq!(s.register(info("b"), now).unwrap(), Registered::Waiting);
+    assert_eq!(s.register_new(info("b"), now).unwrap(), Registered::Waiting);
     assert!(s.placement("b").is_none());
-    assert_eq!(s.register(info("a"), now).unwrap(), Registered::Formed);
+    assert_eq!(s.register_new(info("a"), now).unwrap(), Registered::Formed);
     let a = s.placement("a").unwrap();
     let b = s.placement("b").unwrap();
     assert_eq!((a.rank, b.rank, a.world_size, a.generation), (0, 1, 2, 1));
@@ -51,13 +69,13 @@ fn generation_forms_at_min_workers_with_ranks_by_worker_id() {
 fn full_generation_rejects_newcomers_but_accepts_retries() {
     let now = Instant::now();
     let (mut s, _dir) = new_state(cfg(1, 1));
-    s.register(info("a"), now).unwrap();
+    s.register_new(info("a"), now).unwrap();
     assert_eq!(
-        s.register(info("a"), now).unwrap(),
+        s.register_new(info("a"), now).unwrap(),
         Registered::Waiting,
         "a retried registration keeps its place"
     );
-    let err = s.register(info("z"), now).unwrap_err();
+    let err = s.register_new(info("z"), now).unwrap_err();
     assert!(matches!(err, CoordinatorError::Full { .. }), "{err}");
 }
 
@@ -72,20 +90,20 @@ fn wrong_token_is_rejected() {
 fn job_finishes_when_every_member_left() {
     let now = Instant::now();
     let (mut s, _dir) = new_state(cfg(2, 2));
-    s.register(info("a"), now).unwrap();
-    s.register(info("b"), now).unwrap();
+    s.register_new(info("a"), now).unwrap();
+    s.register_new(info("b"), now).unwrap();
     s.leave("a", 1, false, "").unwrap();
     assert_eq!(s.phase(), &Phase::Running);
     s.leave("b", 1, false, "").unwrap();
     assert_eq!(s.phase(), &Phase::Finished);
-    assert!(matches!(s.register(info("c"), now), Err(CoordinatorError::JobOver { .. })));
+    assert!(matches!(s.register_new(info("c"), now), Err(CoordinatorError::JobOver { .. })));
 }
 
 #[test]
 fn a_failed_worker_fails_the_job() {
     let now = Instant::now();
     let (mut s, _dir) = new_state(cfg(1, 1));
-    s.register(info("a"), now).unwrap();
+    s.register_new(info("a"), now).unwrap();
     s.leave("a", 1, true, "out of memory").unwrap();
     assert!(matches!(s.phase(), Phase::Failed(m) if m.contains("out of memory")));
 }
@@ -94,14 +112,17 @@ fn a_failed_worker_fails_the_job() {
 fn silent_worker_is_lost_after_the_heartbeat_timeout() {
     let t0 = Instant::now();
     let (mut s, _dir) = new_state(cfg(2, 2));
-    s.register(info("a"), t0).unwrap();
-    s.register(info("b"), t0).unwrap();
-    s.heartbeat("a", 1, 5, t0 + Duration::from_millis(900)).unwrap();
-    assert!(s.check_liveness(t0 + Duration::from_millis(1_000)).is_empty(), "not past the timeout yet");
-    let lost = s.check_liveness(t0 + Duration::from_millis(1_500));
+    s.register_new(info("a"), t0).unwrap();
+    s.register_new(info("b"), t0).unwrap();
+    s.heartbeat("a", 1, progress(5), t0 + Duration::from_millis(900)).unwrap();
+    assert!(
+        s.check_liveness(t0 + Duration::from_millis(1_000)).unwrap().is_empty(),
+        "not past the timeout yet"
+    );
+    let lost = s.check_liveness(t0 + Duration::from_millis(1_500)).unwrap();
     assert_eq!(lost, ["b"]);
     assert!(matches!(s.phase(), Phase::Failed(m) if m.contains('b')));
-    let (directive, reason) = s.heartbeat("a", 1, 6, t0 + Duration::from_millis(1_600)).unwrap();
+    let (directive, reason) = s.heartbeat("a", 1, progress(6), t0 + Duration::from_millis(1_600)).unwrap();
     assert_eq!(directive, Directive::Stop);
     assert!(reason.contains("no heartbeat"));
 }
@@ -110,12 +131,12 @@ fn silent_worker_is_lost_after_the_heartbeat_timeout() {
 fn requests_for_another_generation_are_rejected() {
     let now = Instant::now();
     let (mut s, _dir) = new_state(cfg(1, 1));
-    s.register(info("a"), now).unwrap();
+    s.register_new(info("a"), now).unwrap();
     assert!(matches!(
-        s.heartbeat("a", 7, 0, now),
+        s.heartbeat("a", 7, progress(0), now),
         Err(CoordinatorError::UnknownWorker { generation: 7, .. })
     ));
-    assert!(matches!(s.heartbeat("x", 1, 0, now), Err(CoordinatorError::UnknownWorker { .. })));
+    assert!(matches!(s.heartbeat("x", 1, progress(0), now), Err(CoordinatorError::UnknownWorker { .. })));
 }
 
 fn shard_req(worker: &str, split: Split, samples: u64, fingerprint: &str) -> ShardRequest {
@@ -128,6 +149,7 @@ fn shard_req(worker: &str, split: Split, samples: u64, fingerprint: &str) -> Sha
         dataset_samples: samples,
         dataset_fingerprint: fingerprint.into(),
         steps_done: 0,
+        epoch_position: None,
     }
 }
 
@@ -135,8 +157,8 @@ fn shard_req(worker: &str, split: Split, samples: u64, fingerprint: &str) -> Sha
 fn shards_cover_the_split_and_mismatched_data_is_rejected() {
     let now = Instant::now();
     let (mut s, _dir) = new_state(cfg(2, 2));
-    s.register(info("a"), now).unwrap();
-    s.register(info("b"), now).unwrap();
+    s.register_new(info("a"), now).unwrap();
+    s.register_new(info("b"), now).unwrap();
     let a = s.shard(&shard_req("a", Split::Train, 100, "f1")).unwrap();
     let b = s.shard(&shard_req("b", Split::Train, 100, "f1")).unwrap();
     assert_eq!(a.steps, b.steps);
@@ -154,13 +176,13 @@ fn shards_cover_the_split_and_mismatched_data_is_rejected() {
 fn metrics_are_appended_to_the_metrics_file_and_epoch_position_is_tracked() {
     let now = Instant::now();
     let (mut s, dir) = new_state(cfg(2, 2));
-    s.register(info("a"), now).unwrap();
-    s.register(info("b"), now).unwrap();
+    s.register_new(info("a"), now).unwrap();
+    s.register_new(info("b"), now).unwrap();
     let mut req = shard_req("a", Split::Train, 100, "f");
     req.steps_done = 0;
     s.shard(&req).unwrap();
-    s.heartbeat("a", 1, 3, now).unwrap();
-    let status = s.status();
+    s.heartbeat("a", 1, progress(3), now).unwrap();
+    let status = s.status(now);
     assert_eq!((status.epoch, status.epoch_position), (0, 3 * 2 * 8), "3 steps x 2 ranks x batch 8");
     let report = MetricsReport {
         worker_id: "a".into(),
@@ -184,7 +206,9 @@ fn metrics_are_appended_to_the_metrics_file_and_epoch_position_is_tracked() {
 fn an_unwritable_metrics_file_is_named() {
     let mut c = cfg(1, 1);
     c.server.metrics_file = "/proc/no-such-dir/metrics.jsonl".into();
-    let err = JobState::new(c).unwrap_err();
+    let dir = tempfile::tempdir().unwrap();
+    c.server.state_db = dir.path().join("state.db").display().to_string();
+    let err = JobState::new(c, Instant::now()).unwrap_err();
     assert!(err.to_string().contains("/proc/no-such-dir/metrics.jsonl"), "{err}");
 }
 
@@ -194,18 +218,288 @@ fn last_call_admits_workers_up_to_max_then_forms() {
     let mut c = cfg(2, 4);
     c.rendezvous.last_call_ms = 1_000;
     let (mut s, _dir) = new_state(c.clone());
-    assert_eq!(s.register(info("a"), t0).unwrap(), Registered::Waiting);
-    assert_eq!(s.register(info("b"), t0).unwrap(), Registered::LastCall(t0 + Duration::from_millis(1_000)));
-    assert!(!s.close_rendezvous(t0 + Duration::from_millis(999)), "still in the last call");
-    assert_eq!(s.register(info("c"), t0).unwrap(), Registered::Waiting, "admitted during the last call");
-    assert!(s.close_rendezvous(t0 + Duration::from_millis(1_000)));
+    assert_eq!(s.register_new(info("a"), t0).unwrap(), Registered::Waiting);
+    assert_eq!(
+        s.register_new(info("b"), t0).unwrap(),
+        Registered::LastCall(t0 + Duration::from_millis(1_000))
+    );
+    assert!(!s.close_rendezvous(t0 + Duration::from_millis(999)).unwrap(), "still in the last call");
+    assert_eq!(s.register_new(info("c"), t0).unwrap(), Registered::Waiting, "admitted during the last call");
+    assert!(s.close_rendezvous(t0 + Duration::from_millis(1_000)).unwrap());
     assert_eq!(s.placement("c").unwrap().world_size, 3);
 
     // Reaching max_workers forms the generation without waiting.
     let (mut s, _dir) = new_state(c);
     for id in ["a", "b", "c"] {
-        s.register(info(id), t0).unwrap();
+        s.register_new(info(id), t0).unwrap();
     }
-    assert_eq!(s.register(info("d"), t0).unwrap(), Registered::Formed);
+    assert_eq!(s.register_new(info("d"), t0).unwrap(), Registered::Formed);
     assert_eq!(s.placement("d").unwrap().world_size, 4);
+}
+
+/// The config hash the state computes, for commits.
+fn commit(s: &JobState, worker: &str, generation: u64, step: u64, path: &str) -> CheckpointCommit {
+    CheckpointCommit {
+        job_token: String::new(),
+        worker_id: worker.into(),
+        generation,
+        step,
+        epoch: 0,
+        epoch_position: step * 16,
+        path: path.into(),
+        config_hash: s.config_hash.clone(),
+    }
+}
+
+/// A checkpoint directory as a worker would leave it.
+fn write_checkpoint(dir: &std::path::Path, step: u64) -> String {
+    let name = format!("step-{step}");
+    std::fs::create_dir_all(dir.join("checkpoints").join(&name)).unwrap();
+    std::fs::write(dir.join("checkpoints").join(&name).join("manifest.json"), b"{}").unwrap();
+    name
+}
+
+#[test]
+fn commits_are_checked_recorded_and_pruned_beyond_keep_last() {
+    let now = Instant::now();
+    let mut c = cfg(1, 1);
+    c.checkpoint.keep_last = 2;
+    let (mut s, dir) = new_state(c);
+    s.register_new(info("a"), now).unwrap();
+    for step in [10, 20] {
+        let name = write_checkpoint(dir.path(), step);
+        let ack = s.commit_checkpoint(&commit(&s, "a", 1, step, &name), now).unwrap();
+        assert!(ack.committed && ack.pruned.is_empty());
+    }
+    let name = write_checkpoint(dir.path(), 30);
+    let ack = s.commit_checkpoint(&commit(&s, "a", 1, 30, &name), now).unwrap();
+    assert_eq!(ack.pruned, ["step-10"]);
+    assert!(!dir.path().join("checkpoints/step-10").exists(), "the directory is deleted");
+    assert!(dir.path().join("checkpoints/step-20").exists());
+    let status = s.status(now);
+    assert_eq!(
+        status.checkpoints.iter().map(|c| (c.step, c.pruned)).collect::<Vec<_>>(),
+        [(10, true), (20, false), (30, false)]
+    );
+
+    // The checks: a foreign hash, a path outside the directory, a stranger.
+    let mut bad = commit(&s, "a", 1, 40, "step-30");
+    bad.config_hash = "0000".into();
+    assert!(matches!(s.commit_checkpoint(&bad, now), Err(CoordinatorError::ConfigHashMismatch { .. })));
+    let outside = dir.path().display().to_string();
+    let err = s.commit_checkpoint(&commit(&s, "a", 1, 40, &outside), now).unwrap_err();
+    assert!(matches!(&err, CoordinatorError::InvalidRequest { field: "path", .. }), "{err}");
+    assert!(err.to_string().contains("not inside the checkpoint directory"), "{err}");
+    let err = s.commit_checkpoint(&commit(&s, "a", 1, 40, "../state.db"), now).unwrap_err();
+    assert!(err.to_string().contains(".."), "{err}");
+    assert!(matches!(
+        s.commit_checkpoint(&commit(&s, "z", 1, 40, "step-30"), now),
+        Err(CoordinatorError::UnknownWorker { .. })
+    ));
+}
+
+#[test]
+fn the_best_checkpoint_by_keep_best_survives_pruning() {
+    let now = Instant::now();
+    let mut c = cfg(1, 1);
+    c.checkpoint.keep_last = 1;
+    c.checkpoint.keep_best = "classification.accuracy".into();
+    let (mut s, dir) = new_state(c);
+    s.register_new(info("a"), now).unwrap();
+    // Accuracy at steps 10, 20, 30: 2/2, 1/2, 0/2 (evaluations of one rank).
+    for (step, correct) in [(10u64, 2usize), (20, 1), (30, 0)] {
+        let mut stats = mtl_metrics::EvalStats::default();
+        let mut cls = mtl_metrics::ClassificationStats::new(2).unwrap();
+        for i in 0..2 {
+            cls.add(0, if i < correct { 0 } else { 1 }).unwrap();
+        }
+        stats.classification = Some(cls);
+        let report = MetricsReport {
+            worker_id: "a".into(),
+            generation: 1,
+            kind: MetricsKind::Eval as i32,
+            step,
+            eval_stats_json: serde_json::to_vec(&stats).unwrap(),
+            ..Default::default()
+        };
+        s.report_metrics(report, now).unwrap();
+        let name = write_checkpoint(dir.path(), step);
+        s.commit_checkpoint(&commit(&s, "a", 1, step, &name), now).unwrap();
+    }
+    let kept: Vec<u64> = s.status(now).checkpoints.iter().filter(|c| !c.pruned).map(|c| c.step).collect();
+    assert_eq!(kept, [10, 30], "the best (step 10) and the newest");
+    assert!(dir.path().join("checkpoints/step-10").exists());
+    assert!(!dir.path().join("checkpoints/step-20").exists());
+}
+
+#[test]
+fn a_restarted_coordinator_reloads_the_job_and_workers_re_attach() {
+    let t0 = Instant::now();
+    let dir = tempfile::tempdir().unwrap();
+    let c = in_dir(cfg(2, 2), dir.path());
+    let mut s = JobState::new(c.clone(), t0).unwrap();
+    s.register_new(info("a"), t0).unwrap();
+    s.register_new(info("b"), t0).unwrap();
+    s.shard(&shard_req("a", Split::Train, 100, "f")).unwrap();
+    s.shard(&shard_req("b", Split::Train, 100, "f")).unwrap();
+    s.heartbeat("a", 1, progress(2), t0).unwrap();
+    let name = write_checkpoint(dir.path(), 2);
+    s.commit_checkpoint(&commit(&s, "a", 1, 2, &name), t0).unwrap();
+    let report = MetricsReport {
+        worker_id: "a".into(),
+        generation: 1,
+        kind: MetricsKind::Train as i32,
+        step: 3,
+        scalars: [("loss/cls".to_string(), 0.5)].into_iter().collect(),
+        ..Default::default()
+    };
+    s.report_metrics(report, t0).unwrap();
+    let before = s.status(t0);
+    drop(s); // the coordinator dies
+
+    let t1 = t0 + Duration::from_secs(5);
+    let mut s = JobState::new(c.clone(), t1).unwrap();
+    assert_eq!(s.phase(), &Phase::Running);
+    let status = s.status(t1);
+    assert_eq!(status.generation, 1);
+    assert!(status.workers.iter().all(|w| w.state == "detached"), "{:?}", status.workers);
+    assert_eq!(status.history, before.history, "the metrics history is back");
+    assert_eq!(status.checkpoints, before.checkpoints);
+    assert_eq!(status.epoch_segments, before.epoch_segments);
+    assert_eq!((status.epoch, status.epoch_position), (0, 3 * 16), "rank 0's step 3 x 2 ranks x batch 8");
+    assert_eq!(status.events.last().unwrap().kind, "coordinator_restarted");
+
+    // Rank 1 re-attaches through Register, rank 0 through its next heartbeat.
+    assert_eq!(s.register(info("b"), 1, 4, t1).unwrap(), Registered::Reattached);
+    let placement = s.placement("b").unwrap();
+    assert_eq!((placement.generation, placement.rank, placement.world_size), (1, 1, 2));
+    assert_eq!(placement.peers[0].peer_addr, "a:1", "the placement is the stored one");
+    let (directive, _) = s.heartbeat("a", 1, progress(4), t1).unwrap();
+    assert_eq!(directive, Directive::Continue);
+    let status = s.status(t1);
+    assert!(status.workers.iter().all(|w| w.state == "active" && w.last_step == 4), "{:?}", status.workers);
+    assert_eq!(status.epoch_position, 4 * 16);
+    assert_eq!(status.events.iter().filter(|e| e.kind == "reattached").count(), 2);
+    // No generation change: the shards stand, and the grace period no longer applies.
+    let grace = Duration::from_millis(c.rendezvous.coordinator_grace_ms);
+    s.heartbeat("a", 1, progress(5), t1 + grace).unwrap();
+    s.heartbeat("b", 1, progress(5), t1 + grace).unwrap();
+    assert!(s.check_liveness(t1 + grace + Duration::from_millis(1)).unwrap().is_empty());
+    assert!(matches!(s.register(info("a"), 7, 0, t1), Err(CoordinatorError::StaleGeneration { .. })));
+    let again = s.shard(&shard_req("b", Split::Train, 100, "f")).unwrap();
+    assert_eq!(again.epoch_position, 0, "the epoch still starts where generation 1 started it");
+}
+
+#[test]
+fn workers_that_do_not_re_attach_within_the_grace_period_are_lost() {
+    let t0 = Instant::now();
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = in_dir(cfg(2, 2), dir.path());
+    c.rendezvous.coordinator_grace_ms = 3_000;
+    let mut s = JobState::new(c.clone(), t0).unwrap();
+    s.register_new(info("a"), t0).unwrap();
+    s.register_new(info("b"), t0).unwrap();
+    drop(s);
+    let mut s = JobState::new(c.clone(), t0).unwrap();
+    s.heartbeat("a", 1, progress(1), t0 + Duration::from_millis(2_500)).unwrap();
+    assert!(s.check_liveness(t0 + Duration::from_millis(2_999)).unwrap().is_empty());
+    assert_eq!(s.check_liveness(t0 + Duration::from_millis(3_000)).unwrap(), ["b"]);
+    let Phase::Failed(reason) = s.phase().clone() else { panic!("{:?}", s.phase()) };
+    assert!(reason.contains("b did not re-attach") && reason.contains("3000"), "{reason}");
+    let (directive, told) = s.heartbeat("a", 1, progress(2), t0 + Duration::from_millis(3_100)).unwrap();
+    assert_eq!((directive, told), (Directive::Stop, reason.clone()));
+
+    // Restarted again: the failed job goes on from scratch (no checkpoint) in generation 2.
+    let mut s = JobState::new(c, t0).unwrap();
+    assert_eq!(s.phase(), &Phase::Rendezvous);
+    s.register_new(info("a"), t0).unwrap();
+    assert_eq!(s.register_new(info("b"), t0).unwrap(), Registered::Formed);
+    let placement = s.placement("a").unwrap();
+    assert_eq!((placement.generation, placement.resume.is_none()), (2, true));
+    let ended = s
+        .status(t0)
+        .events
+        .iter()
+        .filter(|e| e.kind == "ended")
+        .map(|e| e.detail.clone())
+        .collect::<Vec<_>>();
+    assert_eq!(ended, [reason]);
+}
+
+#[test]
+fn a_member_that_registers_afresh_ends_the_restored_generation_and_the_next_resumes() {
+    let t0 = Instant::now();
+    let dir = tempfile::tempdir().unwrap();
+    let c = in_dir(cfg(2, 2), dir.path());
+    let mut s = JobState::new(c.clone(), t0).unwrap();
+    s.register_new(info("a"), t0).unwrap();
+    s.register_new(info("b"), t0).unwrap();
+    s.shard(&shard_req("a", Split::Train, 100, "f")).unwrap();
+    let name = write_checkpoint(dir.path(), 2);
+    let mut req = commit(&s, "a", 1, 2, &name);
+    req.epoch_position = 32;
+    s.commit_checkpoint(&req, t0).unwrap();
+    s.heartbeat("a", 1, progress(4), t0).unwrap();
+    drop(s);
+
+    // Everything restarted: the worker processes register with generation 0.
+    let mut s = JobState::new(c, t0).unwrap();
+    assert_eq!(s.register_new(info("b"), t0).unwrap(), Registered::Waiting);
+    assert_eq!(s.phase(), &Phase::Rendezvous);
+    assert_eq!(s.register_new(info("a"), t0).unwrap(), Registered::Formed);
+    let placement = s.placement("a").unwrap();
+    assert_eq!(placement.generation, 2);
+    let resume = placement.resume.unwrap();
+    assert_eq!(
+        (resume.step, resume.epoch, resume.epoch_position, resume.path.as_str()),
+        (2, 0, 32, "step-2")
+    );
+    // The epoch goes on from the checkpoint's position; what generation 1 trained past it is
+    // rolled back.
+    let mut req = shard_req("a", Split::Train, 100, "f");
+    req.generation = 2;
+    req.steps_done = 2;
+    assert_eq!(s.shard(&req).unwrap().epoch_position, 32);
+    let mut disagree = shard_req("b", Split::Train, 100, "f");
+    disagree.generation = 2;
+    disagree.epoch_position = Some(48);
+    let err = s.shard(&disagree).unwrap_err();
+    assert!(err.to_string().contains("rank 1 continues epoch 0 at sample 48"), "{err}");
+    let segments = s.status(t0).epoch_segments;
+    assert_eq!(
+        segments.iter().map(|g| (g.generation, g.start, g.end, g.kept_end)).collect::<Vec<_>>(),
+        [(1, 0, 64, 32), (2, 32, 32, 32)]
+    );
+    let events: Vec<String> = s.status(t0).events.iter().map(|e| e.kind.clone()).collect();
+    assert_eq!(events, ["formed", "coordinator_restarted", "ended", "formed"]);
+}
+
+#[test]
+fn a_finished_job_stays_finished() {
+    let now = Instant::now();
+    let dir = tempfile::tempdir().unwrap();
+    let c = in_dir(cfg(1, 1), dir.path());
+    let mut s = JobState::new(c.clone(), now).unwrap();
+    s.register_new(info("a"), now).unwrap();
+    s.leave("a", 1, false, "").unwrap();
+    drop(s);
+    let s = JobState::new(c, now).unwrap();
+    assert_eq!(s.phase(), &Phase::Finished);
+}
+
+#[test]
+fn heartbeats_carry_phase_and_collective_sequence_into_status() {
+    let t0 = Instant::now();
+    let (mut s, _dir) = new_state(cfg(1, 1));
+    s.register_new(info("a"), t0).unwrap();
+    let p = Progress { step: 7, phase: WorkerPhase::AllReduce, collective_seq: 15 };
+    s.heartbeat("a", 1, p, t0).unwrap();
+    let w = s.status(t0 + Duration::from_millis(250)).workers.remove(0);
+    assert_eq!(
+        (w.phase.as_str(), w.last_step, w.collective_seq, w.heartbeat_age_ms),
+        ("all-reduce", 7, 15, 250)
+    );
+    // An older worker sends no phase: shown empty, not as a wrong one.
+    s.heartbeat("a", 1, progress(8), t0).unwrap();
+    assert_eq!(s.status(t0).workers[0].phase, "");
 }

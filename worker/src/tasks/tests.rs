@@ -6,8 +6,8 @@ use super::decode::{decode, nms, DecodeParams, Detection};
 use super::detection::DetOutput;
 use super::fcos_targets::FcosTargets;
 use crate::data::batch::{ClassTarget, DatasetInfo, GtBox};
-use crate::model::MultiTaskModel;
 use crate::data::Batch;
+use crate::model::MultiTaskModel;
 use crate::task::TaskLosses;
 use crate::train::losses::*;
 

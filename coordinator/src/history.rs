@@ -1,0 +1,69 @@
+//! The job's metrics history: every training report and merged evaluation, in memory for
+//! `Status`, in the state database for a restarted coordinator, and appended to
+//! `metrics.jsonl` as an export for people and scripts.
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::PathBuf;
+
+use mtl_proto::v1::{MetricPoint, MetricsKind};
+
+use crate::store::Store;
+use crate::CoordinatorError;
+
+#[derive(Debug)]
+pub(crate) struct History {
+    points: Vec<MetricPoint>,
+    file: std::fs::File,
+    path: PathBuf,
+}
+
+impl History {
+    /// Opens (appends to) the export file, naming it if that fails; `points` are the ones a
+    /// restarted coordinator reloaded (already exported).
+    pub(crate) fn open(path: PathBuf, points: Vec<MetricPoint>) -> Result<Self, CoordinatorError> {
+        let io = |source| CoordinatorError::Io { path: path.clone(), source };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(io)?;
+        }
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(io)?;
+        Ok(Self { points, file, path })
+    }
+
+    pub(crate) fn points(&self) -> &[MetricPoint] {
+        &self.points
+    }
+
+    /// Adds a point: to the store, the export file and memory. A failed write is logged, not
+    /// fatal: training goes on and `Status` still has the point.
+    pub(crate) fn record(&mut self, point: MetricPoint, store: &mut Store) {
+        if let Err(err) = store.insert_metric(&point) {
+            tracing::error!(%err, "cannot store a metrics point");
+        }
+        let kind = if point.kind == MetricsKind::Eval as i32 { "eval" } else { "train" };
+        let values: BTreeMap<&String, &f64> = point.values.iter().collect();
+        let line = format!(
+            "{{\"kind\":\"{kind}\",\"generation\":{},\"epoch\":{},\"step\":{},\"rank\":{},\"values\":{}}}\n",
+            point.generation,
+            point.epoch,
+            point.step,
+            point.rank,
+            serde_json::to_string(&values).expect("metric values serialise")
+        );
+        if let Err(err) = self.file.write_all(line.as_bytes()) {
+            tracing::error!(path = %self.path.display(), %err, "cannot append to the metrics file");
+        }
+        self.points.push(point);
+    }
+
+    /// The metrics that describe the model at `step`: the merged evaluation of that step (if
+    /// any), and the training scalars reported last at or before it.
+    pub(crate) fn at_step(&self, step: u64) -> BTreeMap<String, f64> {
+        let mut out = BTreeMap::new();
+        let train = self.points.iter().rev().find(|p| p.kind == MetricsKind::Train as i32 && p.step <= step);
+        let eval = self.points.iter().rev().find(|p| p.kind == MetricsKind::Eval as i32 && p.step == step);
+        for p in train.into_iter().chain(eval) {
+            out.extend(p.values.iter().map(|(k, v)| (k.clone(), *v)));
+        }
+        out
+    }
+}
