@@ -21,8 +21,18 @@ pub enum WorkerError {
     #[error(transparent)]
     Config(#[from] mtl_job::JobConfigError),
     /// A LibTorch operation failed.
-    #[error("torch: {0}")]
+    #[error("torch: {}", torch_message(.0))]
     Torch(#[from] tch::TchError),
+    /// A LibTorch operation failed in the named layer, head, loss or decoder: a tensor shape
+    /// that does not fit (labels outside the model's label space, an input of the wrong size)
+    /// or the device running out of memory.
+    #[error("{at}: {}", torch_message(.source))]
+    TorchAt {
+        /// Where: `backbone layer3.0`, `detection head`, `segmentation loss`, ...
+        at: String,
+        /// LibTorch's error.
+        source: tch::TchError,
+    },
     /// Training panicked: a tch call without a `Result` hit a LibTorch error (CUDA out of
     /// memory, a shape mismatch) or an invariant broke.
     #[error("training stopped on an unexpected error: {message}")]
@@ -142,8 +152,39 @@ pub enum WorkerError {
     },
 }
 
+/// LibTorch's message without the C++ stack trace it appends (`Exception raised from ...` and
+/// a frame a line): the first lines say what failed; the frames are LibTorch's internals.
+fn torch_message(err: &tch::TchError) -> String {
+    let text = err.to_string();
+    match text.find("\nException raised from") {
+        Some(end) => text[..end].to_string(),
+        None => text,
+    }
+}
+
 impl WorkerError {
+    /// Names where a bare LibTorch error ([`WorkerError::Torch`]) happened; any other error,
+    /// one that already says where included, passes unchanged (the innermost place wins).
+    pub(crate) fn at(self, at: &str) -> Self {
+        match self {
+            WorkerError::Torch(source) => WorkerError::TorchAt { at: at.to_string(), source },
+            other => other,
+        }
+    }
+
     pub(crate) fn rpc(rpc: &'static str) -> impl FnOnce(tonic::Status) -> Self {
         move |status| Self::Rpc { rpc, status }
+    }
+}
+
+/// [`WorkerError::at`] on results: `layer.forward(x).at("neck")?`.
+pub(crate) trait At<T> {
+    /// Names where a LibTorch error in this result happened.
+    fn at(self, at: &str) -> Result<T, WorkerError>;
+}
+
+impl<T, E: Into<WorkerError>> At<T> for Result<T, E> {
+    fn at(self, at: &str) -> Result<T, WorkerError> {
+        self.map_err(|e| e.into().at(at))
     }
 }

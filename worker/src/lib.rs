@@ -23,6 +23,7 @@ pub mod tasks;
 pub mod train;
 pub mod weighting;
 
+pub(crate) use error::At;
 pub use error::WorkerError;
 
 use crate::session::{Identity, Session};

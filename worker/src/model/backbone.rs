@@ -7,8 +7,9 @@ use std::path::Path;
 use mtl_job::{BackboneKind, NormKind};
 use tch::{nn, Tensor};
 
+use super::layers::Conv2d;
 use super::norm::Norm;
-use crate::WorkerError;
+use crate::{At, WorkerError};
 
 /// Residual block type and blocks per stage of a backbone.
 fn layout(kind: BackboneKind) -> (bool, [usize; 4]) {
@@ -21,7 +22,7 @@ fn layout(kind: BackboneKind) -> (bool, [usize; 4]) {
 }
 
 /// A bias-free convolution initialised as torchvision does (Kaiming normal, fan-out, ReLU).
-fn conv(path: nn::Path<'_>, c_in: i64, c_out: i64, k: i64, stride: i64) -> nn::Conv2D {
+fn conv(path: nn::Path<'_>, c_in: i64, c_out: i64, k: i64, stride: i64) -> Conv2d {
     let cfg = nn::ConvConfig {
         stride,
         padding: k / 2,
@@ -33,18 +34,28 @@ fn conv(path: nn::Path<'_>, c_in: i64, c_out: i64, k: i64, stride: i64) -> nn::C
         },
         ..Default::default()
     };
-    nn::conv2d(path, c_in, c_out, k, cfg)
+    Conv2d::new(path, c_in, c_out, k, cfg)
 }
 
 /// One residual block: BasicBlock (two 3x3 convs) or Bottleneck (1x1, 3x3 with the stride, 1x1).
 #[derive(Debug)]
 struct Block {
-    convs: Vec<(nn::Conv2D, Norm)>,
-    downsample: Option<(nn::Conv2D, Norm)>,
+    /// `backbone layerS.B`, for errors.
+    name: String,
+    convs: Vec<(Conv2d, Norm)>,
+    downsample: Option<(Conv2d, Norm)>,
 }
 
 impl Block {
-    fn new(p: nn::Path<'_>, norm: NormKind, bottleneck: bool, c_in: i64, planes: i64, stride: i64) -> Self {
+    fn new(
+        p: nn::Path<'_>,
+        name: String,
+        norm: NormKind,
+        bottleneck: bool,
+        c_in: i64,
+        planes: i64,
+        stride: i64,
+    ) -> Self {
         let (c_out, shapes): (i64, Vec<(i64, i64, i64, i64)>) = if bottleneck {
             (planes * 4, vec![(c_in, planes, 1, 1), (planes, planes, 3, stride), (planes, planes * 4, 1, 1)])
         } else {
@@ -67,30 +78,38 @@ impl Block {
             let d = &p / "downsample";
             (conv(&d / "0", c_in, c_out, 1, stride), Norm::new(&d / "1", norm, c_out))
         });
-        Block { convs, downsample }
+        Block { name, convs, downsample }
     }
 
-    fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor, WorkerError> {
+        self.forward_unnamed(x, train).at(&self.name)
+    }
+
+    fn forward_unnamed(&self, x: &Tensor, train: bool) -> Result<Tensor, WorkerError> {
         let last = self.convs.len() - 1;
         let mut y = x.shallow_clone();
         for (i, (c, n)) in self.convs.iter().enumerate() {
-            y = n.forward(&y.apply(c), train);
+            let conv_out = c.forward(&y)?;
+            y = n.forward(&conv_out, train);
             if i < last {
-                y = y.relu();
+                y = y.f_relu()?;
             }
         }
         let identity = match &self.downsample {
-            Some((c, n)) => n.forward(&x.apply(c), train),
+            Some((c, n)) => {
+                let conv_out = c.forward(x)?;
+                n.forward(&conv_out, train)
+            }
             None => x.shallow_clone(),
         };
-        (y + identity).relu()
+        Ok(y.f_add(&identity)?.f_relu()?)
     }
 }
 
 /// A ResNet without its classifier, returning features at strides 8, 16 and 32.
 #[derive(Debug)]
 pub struct Backbone {
-    conv1: nn::Conv2D,
+    conv1: Conv2d,
     bn1: Norm,
     stages: Vec<Vec<Block>>,
     out_channels: [i64; 3],
@@ -111,7 +130,8 @@ impl Backbone {
             let stage = (0..n)
                 .map(|j| {
                     let stride = if i > 0 && j == 0 { 2 } else { 1 };
-                    let block = Block::new(&stage_path / j, norm, bottleneck, c_in, planes, stride);
+                    let name = format!("backbone layer{}.{j}", i + 1);
+                    let block = Block::new(&stage_path / j, name, norm, bottleneck, c_in, planes, stride);
                     c_in = planes * expansion;
                     block
                 })
@@ -128,20 +148,24 @@ impl Backbone {
     }
 
     /// C3, C4, C5 for `images` (`[B,3,H,W]`).
-    pub fn forward(&self, images: &Tensor, train: bool) -> [Tensor; 3] {
-        let x = self.bn1.forward(&images.apply(&self.conv1), train).relu();
-        let mut x = x.max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false);
+    pub fn forward(&self, images: &Tensor, train: bool) -> Result<[Tensor; 3], WorkerError> {
+        let stem = || -> Result<Tensor, WorkerError> {
+            let conv_out = self.conv1.forward(images)?;
+            let x = self.bn1.forward(&conv_out, train);
+            Ok(x.f_relu()?.f_max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false)?)
+        };
+        let mut x = stem().at("backbone stem")?;
         let mut taps = Vec::with_capacity(3);
         for (i, stage) in self.stages.iter().enumerate() {
             for block in stage {
-                x = block.forward(&x, train);
+                x = block.forward(&x, train)?;
             }
             if i > 0 {
                 taps.push(x.shallow_clone());
             }
         }
         let [c3, c4, c5]: [Tensor; 3] = taps.try_into().expect("three stages after the first");
-        [c3, c4, c5]
+        Ok([c3, c4, c5])
     }
 }
 
@@ -182,7 +206,7 @@ pub fn load_backbone(vs: &nn::VarStore, prefix: &str, path: &Path) -> Result<(),
                 format!("shape {:?} in the file, the model has {:?}", src.size(), var.size()),
             ));
         }
-        tch::no_grad(|| var.f_copy_(&src.to_kind(var.kind()))).map_err(|e| err(key, e.to_string()))?;
+        tch::no_grad(|| var.f_copy_(&src.f_to_kind(var.kind())?)).map_err(|e| err(key, e.to_string()))?;
     }
     Ok(())
 }
@@ -243,7 +267,7 @@ mod tests {
         let b = Backbone::new(vs.root(), kind, 64, NormKind::Batch);
         fill_deterministic(&vs);
         let x = (Tensor::arange(3 * 64 * 64, tch::kind::FLOAT_CPU) * 0.01).sin().view([1, 3, 64, 64]);
-        let taps = tch::no_grad(|| b.forward(&x, false));
+        let taps = tch::no_grad(|| b.forward(&x, false)).unwrap();
         taps.iter()
             .map(|t| {
                 let w = (Tensor::arange(t.numel() as i64, tch::kind::FLOAT_CPU) * 0.1).cos();
@@ -294,7 +318,7 @@ mod tests {
         assert_eq!(names["layer4.0.downsample.0.weight"].size(), [256, 128, 1, 1]);
         assert!(!names["bn1.weight"].requires_grad(), "frozen BN affine is a buffer");
         assert!(vs.variables().keys().all(|n| !n.contains("layer4.3")));
-        let taps = b.forward(&Tensor::zeros([1, 3, 50, 70], tch::kind::FLOAT_CPU), false);
+        let taps = b.forward(&Tensor::zeros([1, 3, 50, 70], tch::kind::FLOAT_CPU), false).unwrap();
         let sizes: Vec<_> = taps.iter().map(|t| t.size()).collect();
         let f = feature_sizes(50, 70);
         assert_eq!(sizes[0], [1, 64, f[0].0, f[0].1]);

@@ -4,6 +4,7 @@
 //! so the shared and per-task parameters can be told apart for PCGrad/GradNorm.
 pub mod backbone;
 pub mod fpn;
+pub(crate) mod layers;
 pub(crate) mod norm;
 mod predict;
 
@@ -110,19 +111,27 @@ impl MultiTaskModel {
         Ok(model_out)
     }
 
-    /// Runs the network; `train` switches BatchNorm to batch statistics.
-    pub fn forward(&self, images: &Tensor, train: bool) -> Outputs {
-        let size = images.size();
-        let image_hw = (size[2], size[3]);
-        let c = self.backbone.forward(images, train);
-        let needs_fpn = self.det.is_some() || self.seg.is_some();
-        let p = needs_fpn.then(|| self.neck.forward(&c));
-        Outputs {
-            cls: self.cls.as_ref().map(|h| h.forward(&c[2])),
-            det: self.det.as_ref().zip(p.as_ref()).map(|(h, p)| h.forward(p)),
-            seg: self.seg.as_ref().zip(p.as_ref()).map(|(h, p)| h.forward(p, image_hw)),
+    /// Runs the network on `images` (`[B,3,H,W]`); `train` switches BatchNorm to batch
+    /// statistics. A LibTorch failure (an input of the wrong shape, the device out of memory)
+    /// is an error naming the layer or head.
+    pub fn forward(&self, images: &Tensor, train: bool) -> Result<Outputs, WorkerError> {
+        let image_hw = match images.size().as_slice() {
+            &[_, 3, h, w] => (h, w),
+            other => {
+                return Err(WorkerError::TorchAt {
+                    at: "model input".into(),
+                    source: tch::TchError::Shape(format!("expected images [B,3,H,W], got {other:?}")),
+                })
+            }
+        };
+        let c = self.backbone.forward(images, train)?;
+        let p = if self.det.is_some() || self.seg.is_some() { Some(self.neck.forward(&c)?) } else { None };
+        Ok(Outputs {
+            cls: self.cls.as_ref().map(|h| h.forward(&c[2])).transpose()?,
+            det: self.det.as_ref().zip(p.as_ref()).map(|(h, p)| h.forward(p)).transpose()?,
+            seg: self.seg.as_ref().zip(p.as_ref()).map(|(h, p)| h.forward(p, image_hw)).transpose()?,
             image_hw,
-        }
+        })
     }
 
     /// Loads a backbone-only safetensors file with torchvision names (see docs/MODEL.md).

@@ -1,10 +1,11 @@
 //! Turning FCOS outputs into boxes: score = sqrt(sigmoid(class) * sigmoid(centerness)) as in
 //! torchvision's FCOS, a score threshold and top-k per level, ltrb → corners clipped to the
 //! image, then class-wise greedy NMS (on the CPU, in Rust) and a cap per image.
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Kind, TchError, Tensor};
 
 use super::detection::DetOutput;
 use super::fcos_targets::STRIDES;
+use crate::{At, WorkerError};
 
 /// One detected object in input pixels.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -68,23 +69,34 @@ pub fn nms(mut dets: Vec<Detection>, iou: f32) -> Vec<Detection> {
     kept
 }
 
-fn to_vec(t: &Tensor) -> Vec<f32> {
-    Vec::<f32>::try_from(t.to_device(Device::Cpu).to_kind(Kind::Float).contiguous().view([-1]))
-        .expect("a float tensor")
+fn to_vec(t: &Tensor) -> Result<Vec<f32>, TchError> {
+    Vec::<f32>::try_from(t.f_to_device(Device::Cpu)?.f_to_kind(Kind::Float)?.f_contiguous()?.f_view([-1])?)
 }
 
 /// Detections per image for an input of `image_hw` pixels.
-pub fn decode(out: &DetOutput, image_hw: (i64, i64), params: &DecodeParams) -> Vec<Vec<Detection>> {
-    let batch = out.cls_logits[0].size()[0];
+pub fn decode(
+    out: &DetOutput,
+    image_hw: (i64, i64),
+    params: &DecodeParams,
+) -> Result<Vec<Vec<Detection>>, WorkerError> {
+    decode_unnamed(out, image_hw, params).at("detection decoding")
+}
+
+fn decode_unnamed(
+    out: &DetOutput,
+    image_hw: (i64, i64),
+    params: &DecodeParams,
+) -> Result<Vec<Vec<Detection>>, TchError> {
+    let batch = out.cls_logits.first().map_or(Ok(0), |t| t.size4().map(|s| s.0))?;
     let (h_img, w_img) = (image_hw.0 as f32, image_hw.1 as f32);
     let mut per_image = vec![Vec::new(); batch as usize];
     for (level, (cls, &stride)) in out.cls_logits.iter().zip(&STRIDES).enumerate() {
-        let (_, _, h, w) = cls.size4().expect("[B,C,h,w]");
-        let scores = (cls.sigmoid() * out.centerness[level].sigmoid()).sqrt();
+        let (_, _, h, w) = cls.size4()?;
+        let scores = cls.f_sigmoid()?.f_mul(&out.centerness[level].f_sigmoid()?)?.f_sqrt()?;
         let stride = stride as f32;
         for (i, dets) in per_image.iter_mut().enumerate() {
-            let s = to_vec(&scores.get(i as i64));
-            let ltrb = to_vec(&out.ltrb[level].get(i as i64));
+            let s = to_vec(&scores.f_get(i as i64)?)?;
+            let ltrb = to_vec(&out.ltrb[level].f_get(i as i64)?)?;
             let mut cand: Vec<(f32, usize)> = s
                 .iter()
                 .enumerate()
@@ -112,12 +124,12 @@ pub fn decode(out: &DetOutput, image_hw: (i64, i64), params: &DecodeParams) -> V
             }
         }
     }
-    per_image
+    Ok(per_image
         .into_iter()
         .map(|dets| {
             let mut kept = nms(dets, params.nms_iou);
             kept.truncate(params.max_detections);
             kept
         })
-        .collect()
+        .collect())
 }

@@ -2,10 +2,12 @@
 //! scale per level, predicting per location class logits (sigmoid focal loss), ltrb box
 //! distances (GIoU loss on positives) and centerness (BCE on positives). Targets come from
 //! [`super::fcos_targets`], decoding and NMS from [`super::decode`].
-use tch::{nn, Kind, Reduction, Tensor};
+use tch::{nn, Kind, Reduction, TchError, Tensor};
 
 use super::fcos_targets::{FcosTargets, STRIDES};
+use crate::model::layers::{group_norm as apply_group_norm, Conv2d};
 use crate::model::norm::group_norm;
+use crate::{At, WorkerError};
 
 /// Convs in each of the classification and box towers.
 const TOWER_DEPTH: usize = 4;
@@ -27,24 +29,30 @@ pub struct DetOutput {
 }
 
 /// `[B,C,h,w]` per level → `[B, sum(h*w), C]`, levels concatenated in order.
-pub(crate) fn flatten_levels(levels: &[Tensor]) -> Tensor {
-    let flat: Vec<Tensor> = levels
+pub(crate) fn flatten_levels(levels: &[Tensor]) -> Result<Tensor, TchError> {
+    let flat = levels
         .iter()
         .map(|t| {
-            let c = t.size()[1];
-            t.permute([0, 2, 3, 1]).reshape([t.size()[0], -1, c])
+            let (b, c, _, _) = t.size4()?;
+            t.f_permute([0, 2, 3, 1])?.f_reshape([b, -1, c])
         })
-        .collect();
-    Tensor::cat(&flat, 1)
+        .collect::<Result<Vec<_>, _>>()?;
+    Tensor::f_cat(&flat, 1)
 }
 
-fn tower(path: nn::Path<'_>, channels: i64) -> Vec<(nn::Conv2D, nn::GroupNorm)> {
+type Tower = Vec<(Conv2d, nn::GroupNorm)>;
+
+fn tower(path: nn::Path<'_>, channels: i64) -> Tower {
     (0..TOWER_DEPTH)
         .map(|i| {
-            let conv = nn::conv2d(&path / (2 * i), channels, channels, 3, head_conv_config(0.0));
+            let conv = Conv2d::new(&path / (2 * i), channels, channels, 3, head_conv_config(0.0));
             (conv, group_norm(&path / (2 * i + 1), channels))
         })
         .collect()
+}
+
+fn run_tower(tower: &Tower, x: &Tensor) -> Result<Tensor, TchError> {
+    tower.iter().try_fold(x.shallow_clone(), |x, (c, g)| apply_group_norm(g, &c.forward(&x)?)?.f_relu())
 }
 
 fn head_conv_config(bias: f64) -> nn::ConvConfig {
@@ -59,11 +67,11 @@ fn head_conv_config(bias: f64) -> nn::ConvConfig {
 /// The FCOS head, shared across levels.
 #[derive(Debug)]
 pub struct DetectionHead {
-    cls_tower: Vec<(nn::Conv2D, nn::GroupNorm)>,
-    box_tower: Vec<(nn::Conv2D, nn::GroupNorm)>,
-    cls_logits: nn::Conv2D,
-    bbox_pred: nn::Conv2D,
-    centerness: nn::Conv2D,
+    cls_tower: Tower,
+    box_tower: Tower,
+    cls_logits: Conv2d,
+    bbox_pred: Conv2d,
+    centerness: Conv2d,
     scales: Tensor,
 }
 
@@ -74,92 +82,111 @@ impl DetectionHead {
         DetectionHead {
             cls_tower: tower(&path / "cls_tower", channels),
             box_tower: tower(&path / "box_tower", channels),
-            cls_logits: nn::conv2d(
+            cls_logits: Conv2d::new(
                 &path / "cls_logits",
                 channels,
                 num_classes,
                 3,
                 head_conv_config(prior_bias),
             ),
-            bbox_pred: nn::conv2d(&path / "bbox_pred", channels, 4, 3, head_conv_config(0.0)),
-            centerness: nn::conv2d(&path / "centerness", channels, 1, 3, head_conv_config(0.0)),
+            bbox_pred: Conv2d::new(&path / "bbox_pred", channels, 4, 3, head_conv_config(0.0)),
+            centerness: Conv2d::new(&path / "centerness", channels, 1, 3, head_conv_config(0.0)),
             scales: path.var("scales", &[3], nn::Init::Const(1.0)),
         }
     }
 
     /// Outputs for P3, P4, P5.
-    pub fn forward(&self, features: &[Tensor; 3]) -> DetOutput {
-        let run = |tower: &[(nn::Conv2D, nn::GroupNorm)], x: &Tensor| {
-            tower.iter().fold(x.shallow_clone(), |x, (c, g)| x.apply(c).apply(g).relu())
-        };
+    pub fn forward(&self, features: &[Tensor; 3]) -> Result<DetOutput, WorkerError> {
+        self.forward_unnamed(features).at("detection head")
+    }
+
+    fn forward_unnamed(&self, features: &[Tensor; 3]) -> Result<DetOutput, TchError> {
         let mut out = DetOutput { cls_logits: Vec::new(), ltrb: Vec::new(), centerness: Vec::new() };
         for (level, x) in features.iter().enumerate() {
-            out.cls_logits.push(run(&self.cls_tower, x).apply(&self.cls_logits));
-            let b = run(&self.box_tower, x);
-            let scale = self.scales.get(level as i64);
-            out.ltrb.push((b.apply(&self.bbox_pred) * scale).relu() * STRIDES[level] as f64);
-            out.centerness.push(b.apply(&self.centerness));
+            out.cls_logits.push(self.cls_logits.forward(&run_tower(&self.cls_tower, x)?)?);
+            let b = run_tower(&self.box_tower, x)?;
+            let scale = self.scales.f_get(level as i64)?;
+            let ltrb = self.bbox_pred.forward(&b)?.f_mul(&scale)?.f_relu()?;
+            out.ltrb.push(ltrb.f_mul_scalar(STRIDES[level] as f64)?);
+            out.centerness.push(self.centerness.forward(&b)?);
         }
-        out
+        Ok(out)
     }
 }
 
 /// Sigmoid focal loss per element, as `torchvision.ops.sigmoid_focal_loss(reduction="none")`.
-fn sigmoid_focal(logits: &Tensor, targets: &Tensor) -> Tensor {
-    let p = logits.sigmoid();
-    let ce = logits.binary_cross_entropy_with_logits::<Tensor>(targets, None, None, Reduction::None);
-    let p_t: Tensor = &p * targets + (1.0 - &p) * (1.0 - targets);
-    let alpha_t: Tensor = targets * FOCAL_ALPHA + (1.0 - targets) * (1.0 - FOCAL_ALPHA);
-    let modulator = (1f64 - &p_t).pow_tensor_scalar(FOCAL_GAMMA);
-    ce * modulator * alpha_t
+fn sigmoid_focal(logits: &Tensor, targets: &Tensor) -> Result<Tensor, TchError> {
+    let p = logits.f_sigmoid()?;
+    let ce = logits.f_binary_cross_entropy_with_logits::<Tensor>(targets, None, None, Reduction::None)?;
+    let not_targets = targets.f_neg()?.f_add_scalar(1.0)?;
+    // p_t = p·y + (1 − p)·(1 − y); alpha_t = α·y + (1 − α)·(1 − y)
+    let p_t = p.f_mul(targets)?.f_add(&p.f_neg()?.f_add_scalar(1.0)?.f_mul(&not_targets)?)?;
+    let alpha_t = targets.f_mul_scalar(FOCAL_ALPHA)?.f_add(&not_targets.f_mul_scalar(1.0 - FOCAL_ALPHA)?)?;
+    let modulator = p_t.f_neg()?.f_add_scalar(1.0)?.f_pow_tensor_scalar(FOCAL_GAMMA)?;
+    ce.f_mul(&modulator)?.f_mul(&alpha_t)
 }
 
 /// `1 - GIoU` of boxes given as ltrb distances from the same point (`[K,4]` each), with
 /// torchvision's `generalized_box_iou_loss` epsilon.
-pub(crate) fn giou_loss_ltrb(pred: &Tensor, target: &Tensor) -> Tensor {
+pub(crate) fn giou_loss_ltrb(pred: &Tensor, target: &Tensor) -> Result<Tensor, TchError> {
     let eps = 1e-7;
-    let (p, t) = (pred.unbind(1), target.unbind(1));
-    let area = |v: &[Tensor]| (&v[0] + &v[2]) * (&v[1] + &v[3]);
-    let inter = (p[0].minimum(&t[0]) + p[2].minimum(&t[2])) * (p[1].minimum(&t[1]) + p[3].minimum(&t[3]));
-    let union = area(&p) + area(&t) - &inter;
-    let enclosing = (p[0].maximum(&t[0]) + p[2].maximum(&t[2])) * (p[1].maximum(&t[1]) + p[3].maximum(&t[3]));
-    let iou = inter / (&union + eps);
-    1.0 - (iou - (&enclosing - union) / (enclosing + eps))
+    let (p, t) = (pred.f_unbind(1)?, target.f_unbind(1)?);
+    if p.len() != 4 || t.len() != 4 {
+        return Err(TchError::Shape(format!("ltrb boxes need 4 columns, got {} and {}", p.len(), t.len())));
+    }
+    let area = |v: &[Tensor]| v[0].f_add(&v[2])?.f_mul(&v[1].f_add(&v[3])?);
+    let extent = |a: &Tensor, b: &Tensor, max: bool| if max { a.f_maximum(b) } else { a.f_minimum(b) };
+    // Sum of the extents along one axis (l + r or t + b) of the intersection or the enclosure.
+    let span = |i: usize, j: usize, max: bool| extent(&p[i], &t[i], max)?.f_add(&extent(&p[j], &t[j], max)?);
+    let inter = span(0, 2, false)?.f_mul(&span(1, 3, false)?)?;
+    let union = area(&p)?.f_add(&area(&t)?)?.f_sub(&inter)?;
+    let enclosing = span(0, 2, true)?.f_mul(&span(1, 3, true)?)?;
+    let iou = inter.f_div(&union.f_add_scalar(eps)?)?;
+    let penalty = enclosing.f_sub(&union)?.f_div(&enclosing.f_add_scalar(eps)?)?;
+    iou.f_sub(&penalty)?.f_neg()?.f_add_scalar(1.0)
 }
 
 /// FCOS centerness target of ltrb distances `[K,4]`.
-pub(crate) fn centerness_target(ltrb: &Tensor) -> Tensor {
-    let v = ltrb.unbind(1);
-    let lr = v[0].minimum(&v[2]) / v[0].maximum(&v[2]);
-    let tb = v[1].minimum(&v[3]) / v[1].maximum(&v[3]);
-    (lr * tb).sqrt()
+pub(crate) fn centerness_target(ltrb: &Tensor) -> Result<Tensor, TchError> {
+    let v = ltrb.f_unbind(1)?;
+    if v.len() != 4 {
+        return Err(TchError::Shape(format!("ltrb boxes need 4 columns, got {}", v.len())));
+    }
+    let lr = v[0].f_minimum(&v[2])?.f_div(&v[0].f_maximum(&v[2])?)?;
+    let tb = v[1].f_minimum(&v[3])?.f_div(&v[1].f_maximum(&v[3])?)?;
+    lr.f_mul(&tb)?.f_sqrt()
 }
 
 /// Focal loss over all locations of labelled images plus GIoU and centerness BCE over positive
 /// locations, summed and divided by `normaliser` (positives, possibly summed over ranks;
 /// clamped to at least 1).
-pub fn loss(out: &DetOutput, targets: &FcosTargets, normaliser: f64) -> Tensor {
-    let cls = flatten_levels(&out.cls_logits);
-    let device = cls.device();
-    let (b, n, c) = cls.size3().expect("[B,N,C]");
-    let labels = targets.labels.to_device(device);
-    let positive = labels.ge(0);
-    let onehot = labels.clamp_min(0).one_hot(c).to_kind(Kind::Float) * positive.unsqueeze(-1);
-    let image_mask = targets.labelled.to_device(device).to_kind(Kind::Float).view([b, 1, 1]);
-    let focal = (sigmoid_focal(&cls, &onehot) * image_mask).sum(Kind::Float);
+pub fn loss(out: &DetOutput, targets: &FcosTargets, normaliser: f64) -> Result<Tensor, WorkerError> {
+    loss_unnamed(out, targets, normaliser).at("detection loss")
+}
 
-    let pos_index = positive.view([b * n]).nonzero().squeeze_dim(1);
-    let pred_ltrb = flatten_levels(&out.ltrb).view([b * n, 4]).index_select(0, &pos_index);
-    let target_ltrb = targets.ltrb.to_device(device).view([b * n, 4]).index_select(0, &pos_index);
-    let giou = giou_loss_ltrb(&pred_ltrb, &target_ltrb).sum(Kind::Float);
-    let ctr_logits = flatten_levels(&out.centerness).view([b * n]).index_select(0, &pos_index);
-    let ctr = ctr_logits.binary_cross_entropy_with_logits::<Tensor>(
-        &centerness_target(&target_ltrb),
+fn loss_unnamed(out: &DetOutput, targets: &FcosTargets, normaliser: f64) -> Result<Tensor, TchError> {
+    let cls = flatten_levels(&out.cls_logits)?;
+    let device = cls.device();
+    let (b, n, c) = cls.size3()?;
+    let labels = targets.labels.f_to_device(device)?;
+    let positive = labels.f_ge(0)?;
+    let onehot =
+        labels.f_clamp_min(0)?.f_one_hot(c)?.f_to_kind(Kind::Float)?.f_mul(&positive.f_unsqueeze(-1)?)?;
+    let image_mask = targets.labelled.f_to_device(device)?.f_to_kind(Kind::Float)?.f_view([b, 1, 1])?;
+    let focal = sigmoid_focal(&cls, &onehot)?.f_mul(&image_mask)?.f_sum(Kind::Float)?;
+
+    let pos_index = positive.f_view([b * n])?.f_nonzero()?.f_squeeze_dim(1)?;
+    let pred_ltrb = flatten_levels(&out.ltrb)?.f_view([b * n, 4])?.f_index_select(0, &pos_index)?;
+    let target_ltrb = targets.ltrb.f_to_device(device)?.f_view([b * n, 4])?.f_index_select(0, &pos_index)?;
+    let giou = giou_loss_ltrb(&pred_ltrb, &target_ltrb)?.f_sum(Kind::Float)?;
+    let ctr_logits = flatten_levels(&out.centerness)?.f_view([b * n])?.f_index_select(0, &pos_index)?;
+    let ctr = ctr_logits.f_binary_cross_entropy_with_logits::<Tensor>(
+        &centerness_target(&target_ltrb)?,
         None,
         None,
         Reduction::Sum,
-    );
-    (focal + giou + ctr) / normaliser.max(1.0)
+    )?;
+    focal.f_add(&giou)?.f_add(&ctr)?.f_div_scalar(normaliser.max(1.0))
 }
 
 #[cfg(test)]
@@ -175,12 +202,12 @@ mod tests {
         // print(generalized_box_iou_loss(p, t).item())  # 0.4209769368171692
         let x = Tensor::from_slice2(&[[2f32, -1.], [-3., 0.5]]);
         let y = Tensor::from_slice2(&[[1f32, 0.], [0., 1.]]);
-        let focal = sigmoid_focal(&x, &y).sum(Kind::Float).double_value(&[]);
+        let focal = sigmoid_focal(&x, &y).unwrap().sum(Kind::Float).double_value(&[]);
         assert!((focal - FOCAL_REF).abs() < 1e-6, "{focal}");
         // The same boxes as ltrb distances from the point (20, 25) inside both.
         let p = Tensor::from_slice2(&[[10f32, 5., 10., 15.]]);
         let t = Tensor::from_slice2(&[[8f32, 7., 15., 13.]]);
-        let g = giou_loss_ltrb(&p, &t).double_value(&[0]);
+        let g = giou_loss_ltrb(&p, &t).unwrap().double_value(&[0]);
         assert!((g - GIOU_REF).abs() < 1e-6, "{g}");
     }
 

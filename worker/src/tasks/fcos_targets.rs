@@ -3,7 +3,7 @@
 //! "center sampling" region of 1.5 strides around the box centre and (b) whose largest ltrb
 //! distance falls in the level's size range; its targets are that box's class and ltrb
 //! distances in pixels. Crowd boxes are never targets.
-use tch::Tensor;
+use tch::{TchError, Tensor};
 
 use crate::data::batch::GtBox;
 
@@ -71,8 +71,15 @@ pub fn assign(boxes: &[GtBox], locs: &[(f32, f32, f32)]) -> (Vec<i64>, Vec<[f32;
 
 impl FcosTargets {
     /// Targets for every image of a batch whose P3-P5 sizes are `sizes`; unlabelled images get
-    /// no positives.
-    pub fn new(boxes: &[Vec<GtBox>], labelled: &[bool], sizes: &[(i64, i64); 3]) -> Self {
+    /// no positives. `boxes` and `labelled` have one entry per image.
+    pub fn new(boxes: &[Vec<GtBox>], labelled: &[bool], sizes: &[(i64, i64); 3]) -> Result<Self, TchError> {
+        if boxes.len() != labelled.len() {
+            return Err(TchError::Shape(format!(
+                "{} images with boxes but {} detection label flags",
+                boxes.len(),
+                labelled.len()
+            )));
+        }
         let locs = locations(sizes);
         let n = locs.len() as i64;
         let mut all_labels = Vec::with_capacity(boxes.len() * locs.len());
@@ -88,12 +95,12 @@ impl FcosTargets {
         }
         let b = boxes.len() as i64;
         let num_positives = all_labels.iter().filter(|&&l| l >= 0).count();
-        FcosTargets {
-            labels: Tensor::from_slice(&all_labels).view([b, n]),
-            ltrb: Tensor::from_slice(&all_ltrb).view([b, n, 4]),
+        Ok(FcosTargets {
+            labels: Tensor::from_slice(&all_labels).f_view([b, n])?,
+            ltrb: Tensor::from_slice(&all_ltrb).f_view([b, n, 4])?,
             labelled: Tensor::from_slice(labelled),
             num_positives,
-        }
+        })
     }
 }
 
@@ -160,7 +167,7 @@ mod tests {
     #[test]
     fn unlabelled_images_have_no_positives() {
         let boxes = vec![vec![gt(12.0, 12.0, 28.0, 28.0, 0)], vec![gt(12.0, 12.0, 28.0, 28.0, 0)]];
-        let t = FcosTargets::new(&boxes, &[true, false], &[(8, 8), (4, 4), (2, 2)]);
+        let t = FcosTargets::new(&boxes, &[true, false], &[(8, 8), (4, 4), (2, 2)]).unwrap();
         assert_eq!(t.num_positives, 1);
         assert_eq!(t.labels.size(), [2, 84]);
         assert_eq!(t.labels.get(1).max().int64_value(&[]), -1);

@@ -2,9 +2,11 @@
 //! bilinearly to P3's size and summed with it, a 3x3 conv + GroupNorm + ReLU mixes them, a 1x1
 //! conv gives class logits at stride 8, upsampled bilinearly to the input size. The loss is
 //! pixel cross-entropy with ignore index 255.
-use tch::{nn, Kind, Reduction, Tensor};
+use tch::{nn, Kind, Reduction, TchError, Tensor};
 
+use crate::model::layers::{group_norm as apply_group_norm, Conv2d};
 use crate::model::norm::group_norm;
+use crate::{At, WorkerError};
 
 /// Mask value excluded from the loss and the metrics.
 pub const IGNORE_INDEX: i64 = 255;
@@ -12,9 +14,9 @@ pub const IGNORE_INDEX: i64 = 255;
 /// The segmentation head.
 #[derive(Debug)]
 pub struct SegmentationHead {
-    fuse: nn::Conv2D,
+    fuse: Conv2d,
     fuse_norm: nn::GroupNorm,
-    classifier: nn::Conv2D,
+    classifier: Conv2d,
 }
 
 impl SegmentationHead {
@@ -22,45 +24,73 @@ impl SegmentationHead {
     pub fn new(path: nn::Path<'_>, channels: i64, num_classes: i64) -> Self {
         let fuse_cfg = nn::ConvConfig { padding: 1, bias: false, ..Default::default() };
         SegmentationHead {
-            fuse: nn::conv2d(&path / "fuse", channels, channels, 3, fuse_cfg),
+            fuse: Conv2d::new(&path / "fuse", channels, channels, 3, fuse_cfg),
             fuse_norm: group_norm(&path / "fuse_norm", channels),
-            classifier: nn::conv2d(&path / "classifier", channels, num_classes, 1, Default::default()),
+            classifier: Conv2d::new(&path / "classifier", channels, num_classes, 1, Default::default()),
         }
     }
 
     /// Logits `[B,K,H,W]` at the input size `image_hw`.
-    pub fn forward(&self, p: &[Tensor; 3], image_hw: (i64, i64)) -> Tensor {
-        let size = p[0].size();
-        let (h, w) = (size[2], size[3]);
-        let fused = p[1..]
-            .iter()
-            .fold(p[0].shallow_clone(), |acc, x| acc + x.upsample_bilinear2d([h, w], false, None, None));
-        let logits = fused.apply(&self.fuse).apply(&self.fuse_norm).relu().apply(&self.classifier);
-        logits.upsample_bilinear2d([image_hw.0, image_hw.1], false, None, None)
+    pub fn forward(&self, p: &[Tensor; 3], image_hw: (i64, i64)) -> Result<Tensor, WorkerError> {
+        self.forward_unnamed(p, image_hw).at("segmentation head")
+    }
+
+    fn forward_unnamed(&self, p: &[Tensor; 3], image_hw: (i64, i64)) -> Result<Tensor, TchError> {
+        let (_, _, h, w) = p[0].size4()?;
+        let fused = p[1..].iter().try_fold(p[0].shallow_clone(), |acc, x| {
+            acc.f_add(&x.f_upsample_bilinear2d([h, w], false, None, None)?)
+        })?;
+        let mixed = apply_group_norm(&self.fuse_norm, &self.fuse.forward(&fused)?)?.f_relu()?;
+        let logits = self.classifier.forward(&mixed)?;
+        logits.f_upsample_bilinear2d([image_hw.0, image_hw.1], false, None, None)
     }
 }
 
 /// Summed pixel cross-entropy over valid pixels (not 255) of labelled images, divided by
-/// `normaliser` (valid pixels, possibly summed over ranks; clamped to at least 1).
-pub fn loss(logits: &Tensor, target: &Tensor, labelled: &Tensor, normaliser: f64) -> Tensor {
+/// `normaliser` (valid pixels, possibly summed over ranks; clamped to at least 1). A mask
+/// value that is neither a class of the head nor 255 is an error naming the loss.
+pub fn loss(
+    logits: &Tensor,
+    target: &Tensor,
+    labelled: &Tensor,
+    normaliser: f64,
+) -> Result<Tensor, WorkerError> {
+    loss_unnamed(logits, target, labelled, normaliser).at("segmentation loss")
+}
+
+fn loss_unnamed(
+    logits: &Tensor,
+    target: &Tensor,
+    labelled: &Tensor,
+    normaliser: f64,
+) -> Result<Tensor, TchError> {
     let device = logits.device();
-    let labelled = labelled.to_device(device).view([-1, 1, 1]);
-    let target =
-        target.to_device(device).where_self(&labelled, &Tensor::from(IGNORE_INDEX).to_device(device));
-    let sum = logits.cross_entropy_loss::<Tensor>(&target, None, Reduction::Sum, IGNORE_INDEX, 0.0);
-    sum / normaliser.max(1.0)
+    let labelled = labelled.f_to_device(device)?.f_view([-1, 1, 1])?;
+    let ignore = Tensor::from(IGNORE_INDEX).f_to_device(device)?;
+    let target = target.f_to_device(device)?.f_where_self(&labelled, &ignore)?;
+    let sum = logits.f_cross_entropy_loss::<Tensor>(&target, None, Reduction::Sum, IGNORE_INDEX, 0.0)?;
+    sum.f_div_scalar(normaliser.max(1.0))
 }
 
 /// Valid (labelled, not ignored) pixels of a batch.
-pub fn valid_pixels(target: &Tensor, labelled: &Tensor) -> f64 {
-    let valid = target.ne(IGNORE_INDEX).logical_and(&labelled.view([-1, 1, 1]));
-    valid.sum(Kind::Int64).int64_value(&[]) as f64
+pub fn valid_pixels(target: &Tensor, labelled: &Tensor) -> Result<f64, WorkerError> {
+    let count = || -> Result<f64, TchError> {
+        let valid = target.f_ne(IGNORE_INDEX)?.f_logical_and(&labelled.f_view([-1, 1, 1])?)?;
+        Ok(valid.f_sum(Kind::Int64)?.f_int64_value(&[])? as f64)
+    };
+    count().at("segmentation valid pixels")
 }
 
 /// Per-image argmax masks `H*W` (row-major) from logits `[B,K,H,W]`.
-pub fn predict(logits: &Tensor) -> Vec<Vec<u8>> {
-    let argmax = logits.argmax(1, false).to_device(tch::Device::Cpu).to_kind(Kind::Uint8);
-    (0..argmax.size()[0]).map(|i| Vec::<u8>::try_from(argmax.get(i).view([-1])).expect("u8 mask")).collect()
+pub fn predict(logits: &Tensor) -> Result<Vec<Vec<u8>>, WorkerError> {
+    let masks = || -> Result<Vec<Vec<u8>>, TchError> {
+        let argmax = logits.f_argmax(1, false)?.f_to_device(tch::Device::Cpu)?.f_to_kind(Kind::Uint8)?;
+        let (batch, h, w) = argmax.size3()?;
+        let flat = Vec::<u8>::try_from(argmax.f_contiguous()?.f_view([-1])?)?;
+        let pixels = (h * w) as usize;
+        Ok((0..batch as usize).map(|i| flat[i * pixels..(i + 1) * pixels].to_vec()).collect())
+    };
+    masks().at("segmentation prediction")
 }
 
 #[cfg(test)]
@@ -77,8 +107,8 @@ mod tests {
         let logits = Tensor::cat(&[&x, &x], 0);
         let target = Tensor::cat(&[&y, &y.zeros_like()], 0);
         let labelled = Tensor::from_slice(&[true, false]);
-        assert_eq!(valid_pixels(&target, &labelled), 6.0);
-        let l = loss(&logits, &target, &labelled, 6.0).double_value(&[]);
+        assert_eq!(valid_pixels(&target, &labelled).unwrap(), 6.0);
+        let l = loss(&logits, &target, &labelled, 6.0).unwrap().double_value(&[]);
         assert!((l - SEG_REF / 6.0).abs() < 1e-6, "{l}");
     }
 
@@ -87,6 +117,6 @@ mod tests {
     #[test]
     fn predict_is_the_argmax() {
         let logits = Tensor::from_slice(&[0f32, 1., 1., 0.]).view([1, 2, 1, 2]);
-        assert_eq!(predict(&logits), vec![vec![1u8, 0]]);
+        assert_eq!(predict(&logits).unwrap(), vec![vec![1u8, 0]]);
     }
 }

@@ -99,9 +99,9 @@ fn slice(batch: &Batch, start: usize, len: usize) -> Batch {
 
 /// Sum of the task losses of `batch` with `normalisers` (local counts if `None`).
 fn total_loss(model: &MultiTaskModel, batch: &Batch, normalisers: Option<Counts>) -> (Tensor, TaskLosses) {
-    let targets = build_targets(model, batch);
-    let counts = normalisers.unwrap_or_else(|| local_counts(batch, &targets));
-    let losses = task_losses(&model.forward(&batch.images, true), batch, &targets, &counts);
+    let targets = build_targets(model, batch).unwrap();
+    let counts = normalisers.unwrap_or_else(|| local_counts(batch, &targets).unwrap());
+    let losses = task_losses(&model.forward(&batch.images, true).unwrap(), batch, &targets, &counts).unwrap();
     let total = losses.iter().map(|(_, l)| l.shallow_clone()).reduce(|a, b| a + b).unwrap();
     (total, losses)
 }
@@ -129,8 +129,9 @@ fn halves_with_the_global_normaliser_sum_to_the_full_batch_gradient() {
     let expected = grads(&model);
 
     let (a, b) = (slice(&batch, 0, 2), slice(&batch, 2, 2));
-    let global = local_counts(&batch, &build_targets(&model, &batch));
-    let sum = local_counts(&a, &build_targets(&model, &a)) + local_counts(&b, &build_targets(&model, &b));
+    let global = local_counts(&batch, &build_targets(&model, &batch).unwrap()).unwrap();
+    let sum = local_counts(&a, &build_targets(&model, &a).unwrap()).unwrap()
+        + local_counts(&b, &build_targets(&model, &b).unwrap()).unwrap();
     assert_eq!(global, sum, "counts add up across ranks");
     assert!(global.det_positives > 0.0 && global.seg_valid_pixels > 0.0);
     zero_grads(&model);
@@ -171,8 +172,8 @@ fn unlabelled_samples_contribute_nothing() {
 fn no_labels_give_zero_losses_and_zero_gradients_everywhere() {
     let model = test_model(&TasksSection::default());
     let batch = test_batch(&[(false, false, false), (false, false, false)], 4);
-    let targets = build_targets(&model, &batch);
-    let counts = local_counts(&batch, &targets);
+    let targets = build_targets(&model, &batch).unwrap();
+    let counts = local_counts(&batch, &targets).unwrap();
     assert_eq!(counts, Counts::default());
     let (total, losses) = total_loss(&model, &batch, None);
     assert_eq!(losses.iter().count(), 3);
@@ -215,11 +216,11 @@ fn decoding_perfect_predictions_recovers_the_boxes() {
     let boxes =
         vec![gt(4.0, 4.0, 28.0, 28.0, 0), gt(36.0, 20.0, 60.0, 52.0, 2), gt(0.0, 0.0, 250.0, 200.0, 1)];
     let sizes = crate::model::backbone::feature_sizes(256, 256);
-    let t = FcosTargets::new(std::slice::from_ref(&boxes), &[true], &sizes);
+    let t = FcosTargets::new(std::slice::from_ref(&boxes), &[true], &sizes).unwrap();
     assert!(t.num_positives >= 3);
     let params =
         DecodeParams { score_threshold: 0.5, pre_nms_top_k: 1000, nms_iou: 0.6, max_detections: 100 };
-    let mut dets = decode(&perfect_outputs(&t, &sizes, 3), (256, 256), &params).remove(0);
+    let mut dets = decode(&perfect_outputs(&t, &sizes, 3), (256, 256), &params).unwrap().remove(0);
     assert_eq!(dets.len(), 3, "{dets:?}");
     dets.sort_by_key(|d| d.category);
     for (d, g) in dets.iter().zip([&boxes[0], &boxes[2], &boxes[1]]) {
@@ -256,8 +257,20 @@ fn multi_label_classification_masks_unlabelled_rows() {
     let mut batch = test_batch(&[(true, false, false), (false, false, false)], 6);
     batch.class_target = ClassTarget::Multi(Tensor::from_slice2(&[[1f32, 0., 1., 0.], [1., 1., 1., 1.]]));
     let (_, losses) = total_loss(&model, &batch, None);
-    let logits = model.forward(&batch.images, true).cls.unwrap().get(0);
+    let logits = model.forward(&batch.images, true).unwrap().cls.unwrap().get(0);
     let target = Tensor::from_slice(&[1f32, 0., 1., 0.]);
     let want = logits.binary_cross_entropy_with_logits::<Tensor>(&target, None, None, tch::Reduction::Sum);
     assert!((losses.cls.unwrap() - want).abs().double_value(&[]) < 1e-6);
+}
+
+#[test]
+fn a_class_outside_the_head_is_an_error_naming_the_loss() {
+    let model = test_model(&TasksSection::default());
+    let mut batch = test_batch(&MIXED, 8);
+    batch.class_target = ClassTarget::Single(Tensor::from_slice(&[0i64, -1, 9, 1]));
+    let targets = build_targets(&model, &batch).unwrap();
+    let counts = local_counts(&batch, &targets).unwrap();
+    let outputs = model.forward(&batch.images, true).unwrap();
+    let err = task_losses(&outputs, &batch, &targets, &counts).unwrap_err().to_string();
+    assert!(err.starts_with("classification loss: ") && err.contains("out of bounds"), "{err}");
 }

@@ -7,13 +7,14 @@
 //! gradient one process would compute on the union of the batches (with the all-reduce summing;
 //! with a mean all-reduce, scale the losses by the world size). A task with no labelled sample
 //! still returns a loss connected to its head (value and gradients zero).
-use tch::{Kind, Tensor};
+use tch::Kind;
 
 use crate::data::batch::Batch;
 use crate::model::{MultiTaskModel, Outputs};
 use crate::task::{Task, TaskLosses};
 use crate::tasks::fcos_targets::FcosTargets;
 use crate::tasks::{classification, detection, segmentation};
+use crate::{At, WorkerError};
 
 /// Loss normalisers of a batch; summed across ranks before the losses use them.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -56,39 +57,68 @@ pub struct Targets {
 }
 
 /// Assigns detection targets for `batch` on the model's P3-P5 grid.
-pub fn build_targets(model: &MultiTaskModel, batch: &Batch) -> Targets {
-    let size = batch.images.size();
-    let det = model.has_task(Task::Detection).then(|| {
-        FcosTargets::new(&batch.boxes, &batch.boxes_labelled, &model.feature_sizes(size[2], size[3]))
-    });
-    Targets { det }
+pub fn build_targets(model: &MultiTaskModel, batch: &Batch) -> Result<Targets, WorkerError> {
+    let (_, _, h, w) = batch.images.size4().at("batch images")?;
+    let det = model
+        .has_task(Task::Detection)
+        .then(|| {
+            FcosTargets::new(&batch.boxes, &batch.boxes_labelled, &model.feature_sizes(h, w))
+                .at("detection targets")
+        })
+        .transpose()?;
+    Ok(Targets { det })
 }
 
 /// The local (this rank's) normalisers of a batch.
-pub fn local_counts(batch: &Batch, targets: &Targets) -> Counts {
-    let count = |t: &Tensor| t.to_kind(Kind::Int64).sum(Kind::Int64).int64_value(&[]) as f64;
-    Counts {
-        cls_labelled: count(&batch.class_labelled),
+pub fn local_counts(batch: &Batch, targets: &Targets) -> Result<Counts, WorkerError> {
+    let labelled = || batch.class_labelled.f_to_kind(Kind::Int64)?.f_sum(Kind::Int64)?.f_int64_value(&[]);
+    Ok(Counts {
+        cls_labelled: labelled().at("classification label count")? as f64,
         det_positives: targets.det.as_ref().map_or(0.0, |t| t.num_positives as f64),
         det_labelled: batch.boxes_labelled.iter().filter(|&&l| l).count() as f64,
-        seg_valid_pixels: segmentation::valid_pixels(&batch.mask_target, &batch.mask_labelled),
-    }
+        seg_valid_pixels: segmentation::valid_pixels(&batch.mask_target, &batch.mask_labelled)?,
+    })
 }
 
 /// Masked per-task losses of `outputs` for `batch`, each divided by its normaliser (see the
-/// module docs). The class target kind must match the head (softmax or multi-label).
-pub fn task_losses(outputs: &Outputs, batch: &Batch, targets: &Targets, normalisers: &Counts) -> TaskLosses {
-    TaskLosses {
-        cls: outputs.cls.as_ref().map(|logits| {
-            classification::loss(logits, &batch.class_target, &batch.class_labelled, normalisers.cls_labelled)
-        }),
+/// module docs). The class target kind must match the head (softmax or multi-label); labels
+/// outside a head's label space are an error naming the task's loss.
+pub fn task_losses(
+    outputs: &Outputs,
+    batch: &Batch,
+    targets: &Targets,
+    normalisers: &Counts,
+) -> Result<TaskLosses, WorkerError> {
+    Ok(TaskLosses {
+        cls: outputs
+            .cls
+            .as_ref()
+            .map(|logits| {
+                classification::loss(
+                    logits,
+                    &batch.class_target,
+                    &batch.class_labelled,
+                    normalisers.cls_labelled,
+                )
+            })
+            .transpose()?,
         det: outputs
             .det
             .as_ref()
             .zip(targets.det.as_ref())
-            .map(|(out, t)| detection::loss(out, t, normalisers.det_positives)),
-        seg: outputs.seg.as_ref().map(|logits| {
-            segmentation::loss(logits, &batch.mask_target, &batch.mask_labelled, normalisers.seg_valid_pixels)
-        }),
-    }
+            .map(|(out, t)| detection::loss(out, t, normalisers.det_positives))
+            .transpose()?,
+        seg: outputs
+            .seg
+            .as_ref()
+            .map(|logits| {
+                segmentation::loss(
+                    logits,
+                    &batch.mask_target,
+                    &batch.mask_labelled,
+                    normalisers.seg_valid_pixels,
+                )
+            })
+            .transpose()?,
+    })
 }

@@ -185,8 +185,8 @@ impl Trainer {
         }
 
         // Normalisers summed over ranks before any loss divides by them.
-        let targets = losses::build_targets(&self.model, &batch);
-        let local = losses::local_counts(&batch, &targets);
+        let targets = losses::build_targets(&self.model, &batch)?;
+        let local = losses::local_counts(&batch, &targets)?;
         let mut counts = [Tensor::from_slice(&local.to_array()).to_device(self.device)];
         self.collective.all_reduce(&mut counts, ReduceOp::Sum)?;
         let global = counts_from(&counts[0])?;
@@ -198,8 +198,8 @@ impl Trainer {
             // Forward and losses under bf16 autocast when asked; backward runs after the guard.
             let _autocast =
                 if self.bf16 { Some(crate::precision::bf16_autocast(self.device)?) } else { None };
-            let outputs = self.model.forward(&batch.images, true);
-            losses::task_losses(&outputs, &batch, &targets, &global)
+            let outputs = self.model.forward(&batch.images, true)?;
+            losses::task_losses(&outputs, &batch, &targets, &global)?
         };
         let scaled = losses.map(|_, l| l * world);
         let shared: Vec<Tensor> = self.model.shared_parameters().into_iter().map(|(_, t)| t).collect();

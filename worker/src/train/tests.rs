@@ -297,3 +297,24 @@ fn bf16_steps_track_fp32_steps() {
     // bf16 rounding shows: the runs are close but not identical.
     assert!(a.params.iter().zip(&b.params).any(|((_, x), (_, y))| !x.equal(y)));
 }
+
+#[test]
+fn labels_outside_the_models_label_space_are_an_error_not_a_panic() {
+    // A manifest whose dataset.json declares only the background class while its masks hold
+    // the shapes' classes: LibTorch rejects the targets, and the standalone run says where.
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = job(dir.path(), "");
+    open_dataset(&cfg.data, Split::Train, cfg.job.seed).unwrap(); // generate
+    let info_path = dir.path().join("dataset.json");
+    let mut info: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&info_path).unwrap()).unwrap();
+    info["seg_classes"] = serde_json::json!(["background"]);
+    std::fs::write(&info_path, info.to_string()).unwrap();
+    cfg.data.format = mtl_job::DataFormat::Jsonl;
+    cfg.data.train = dir.path().join("train.jsonl");
+    let err = standalone::run(&cfg, Device::Cpu, None, &mut |_, _| {}).unwrap_err();
+    let message = err.to_string();
+    assert!(matches!(err, WorkerError::TorchAt { .. }), "{message}");
+    assert!(message.starts_with("segmentation loss: ") && message.contains("out of bounds"), "{message}");
+    assert!(!message.contains("Exception raised from"), "no C++ stack trace: {message}");
+}
