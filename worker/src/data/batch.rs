@@ -2,6 +2,10 @@
 //! says about its label spaces. Every task is labelled (or not) per sample.
 use tch::Tensor;
 
+// Defined next to the sample types; still reachable here for the modules that import it from
+// this path.
+pub(crate) use super::sample::DatasetInfo;
+
 /// One ground-truth box in pixel coordinates of the (augmented) network input, corners
 /// (x1, y1, x2, y2).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -48,19 +52,6 @@ pub struct Batch {
     pub mask_target: Tensor,
     /// `[B]` bool: the sample has a segmentation mask.
     pub mask_labelled: Tensor,
-}
-
-/// What a dataset says about its label spaces.
-#[derive(Debug, Clone, PartialEq)]
-pub struct DatasetInfo {
-    /// Classification classes.
-    pub class_names: Vec<String>,
-    /// Classification is multi-label (sigmoid) rather than single-label (softmax).
-    pub multi_label: bool,
-    /// Detection categories, (original id, name); the index is the contiguous category.
-    pub det_categories: Vec<(u64, String)>,
-    /// Segmentation classes; the index is the class id in masks, 0 is background.
-    pub seg_classes: Vec<String>,
 }
 
 /// The mask value that losses and metrics ignore.

@@ -13,9 +13,9 @@ use std::path::Path;
 use mtl_job::ClassRule;
 use serde_json::Value;
 
-use super::batch::{DatasetInfo, IGNORE_INDEX};
+use super::batch::IGNORE_INDEX;
 use super::rle::{Rle, Segmentation};
-use super::sample::{BoxLabel, ClassLabel, Dataset, InstanceMasks, MaskSource, SampleRecord};
+use super::sample::{BoxLabel, ClassLabel, Dataset, DatasetInfo, InstanceMasks, MaskSource, SampleRecord};
 use crate::WorkerError;
 
 struct Ctx<'a> {

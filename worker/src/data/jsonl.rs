@@ -12,8 +12,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use super::batch::DatasetInfo;
-use super::sample::{BoxLabel, ClassLabel, Dataset, MaskSource, SampleRecord};
+use super::sample::{BoxLabel, ClassLabel, Dataset, DatasetInfo, MaskSource, SampleRecord};
 use crate::WorkerError;
 
 /// Name of the optional label-space file next to a manifest.

@@ -1,9 +1,22 @@
-//! Annotation records as read from disk, before any pixel is decoded.
+//! Annotation records as read from disk, before any pixel is decoded, and the label spaces
+//! of a dataset.
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use super::batch::DatasetInfo;
 use super::rle::Segmentation;
+
+/// What a dataset says about its label spaces.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DatasetInfo {
+    /// Classification classes.
+    pub class_names: Vec<String>,
+    /// Classification is multi-label (sigmoid) rather than single-label (softmax).
+    pub multi_label: bool,
+    /// Detection categories, (original id, name); the index is the contiguous category.
+    pub det_categories: Vec<(u64, String)>,
+    /// Segmentation classes; the index is the class id in masks, 0 is background.
+    pub seg_classes: Vec<String>,
+}
 
 /// An image-level class label.
 #[derive(Debug, Clone, PartialEq, Eq)]
