@@ -185,7 +185,7 @@ pub fn augment(
     let boxes = boxes
         .iter()
         .filter_map(|b| {
-            let (mut x1, mut x2) = (f64::from(b.x), f64::from(b.x + b.w));
+            let (mut x1, mut x2) = (b.x, b.x + b.w);
             if g.flip {
                 (x1, x2) = (f64::from(w) - x2, f64::from(w) - x1);
             }
@@ -193,8 +193,8 @@ pub fn augment(
             let gt = GtBox {
                 x1: map(x1, g.tx),
                 x2: map(x2, g.tx),
-                y1: map(f64::from(b.y), g.ty),
-                y2: map(f64::from(b.y + b.h), g.ty),
+                y1: map(b.y, g.ty),
+                y2: map(b.y + b.h, g.ty),
                 category: b.category,
                 iscrowd: b.iscrowd,
             };

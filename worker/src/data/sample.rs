@@ -27,23 +27,25 @@ pub enum ClassLabel {
     Multi(Vec<u32>),
 }
 
-/// One box in the original image's pixels, COCO style (x, y, width, height).
+/// One box in the original image's pixels, COCO style (x, y, width, height), kept in f64 as
+/// read so that evaluation sees the very numbers pycocotools reads from the same file.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct BoxLabel {
     /// Left edge.
-    pub x: f32,
+    pub x: f64,
     /// Top edge.
-    pub y: f32,
+    pub y: f64,
     /// Width.
-    pub w: f32,
+    pub w: f64,
     /// Height.
-    pub h: f32,
+    pub h: f64,
     /// 0-based contiguous detection category.
     pub category: u32,
     /// A crowd region.
     pub iscrowd: bool,
-    /// Object area in pixels (the COCO `area`; w*h where the source has none).
-    pub area: f32,
+    /// Object area in the original image's pixels, which COCO's small/medium/large ranges
+    /// compare: COCO's `area` (the mask area for instances); `w * h` for JSONL boxes.
+    pub area: f64,
 }
 
 /// Where a sample's semantic mask comes from.
