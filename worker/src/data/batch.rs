@@ -4,6 +4,7 @@ use tch::Tensor;
 
 // Defined next to the sample types; still reachable here for the modules that import it from
 // this path.
+use super::sample::BoxLabel;
 pub(crate) use super::sample::DatasetInfo;
 
 /// One ground-truth box in pixel coordinates of the (augmented) network input, corners
@@ -52,6 +53,20 @@ pub struct Batch {
     pub mask_target: Tensor,
     /// `[B]` bool: the sample has a segmentation mask.
     pub mask_labelled: Tensor,
+    /// Per image, its size and boxes before any transform: evaluation scores detections against
+    /// these, in the original image's coordinates, as pycocotools does.
+    pub originals: Vec<OriginalSample>,
+}
+
+/// A sample as it is on disk, for evaluation in the original image's coordinates.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OriginalSample {
+    /// Image width in pixels.
+    pub width: u32,
+    /// Image height in pixels.
+    pub height: u32,
+    /// The boxes as annotated (original pixels, area, crowd flag); empty when unlabelled.
+    pub boxes: Vec<BoxLabel>,
 }
 
 /// The mask value that losses and metrics ignore.
@@ -73,6 +88,8 @@ pub struct Prepared {
     pub class: Option<super::sample::ClassLabel>,
     /// Detection labels present.
     pub boxes_labelled: bool,
+    /// The image's size and boxes before augmentation.
+    pub original: OriginalSample,
 }
 
 impl Batch {
@@ -126,6 +143,7 @@ impl Batch {
             boxes_labelled: items.iter().map(|p| p.boxes_labelled).collect(),
             mask_target: Tensor::f_from_slice(&masks)?.f_view([b, s, s])?,
             mask_labelled: Tensor::f_from_slice(&mask_labelled)?,
+            originals: items.iter().map(|p| p.original.clone()).collect(),
         })
     }
 }

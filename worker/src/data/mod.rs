@@ -23,7 +23,7 @@ use std::path::Path;
 use mtl_job::{DataFormat, DataSection};
 
 pub use augment::{AugmentConfig, Augmented};
-pub use batch::{Batch, ClassTarget, GtBox};
+pub use batch::{Batch, ClassTarget, GtBox, OriginalSample};
 pub use loader::{Loader, LoaderConfig, LoaderSummary};
 pub use ordered::OrderedSplit;
 pub use sample::{BoxLabel, ClassLabel, Dataset, DatasetInfo, MaskSource, SampleRecord};
