@@ -1,24 +1,26 @@
-//! Loading COCO instances ground truth and COCO bbox results into [`DetectionStats`].
+//! COCO files: the instances reader ([`instances`], shared with the worker) and loading COCO
+//! ground truth and bbox results into [`DetectionStats`].
 //!
 //! Mirrors what pycocotools does with `COCO(gt)` and `COCO.loadRes(results)` for
 //! bbox results: the evaluated categories are the ground truth's `categories`,
 //! the images are its `images`, a detection's area is `w * h`, and the order of
 //! annotations and results within an image is kept (it breaks score ties).
 //!
-//! Stricter than pycocotools, with errors naming the file and field:
-//! duplicate image or annotation ids, annotations whose `image_id` is not in
-//! `images`, and results whose `image_id` is not in the ground truth (pycocotools
-//! asserts) are errors. Lenient where pycocotools would be: a missing
-//! `annotations` list means no ground truth, a missing `iscrowd` means 0, and an
-//! empty results list is accepted (pycocotools crashes on it) and means "no
-//! detections".
+//! The ground truth follows the reader's rules (see [`instances`]). Results whose
+//! `image_id` is not in the ground truth are an error naming the file and entry
+//! (pycocotools asserts); an empty results list is accepted (pycocotools crashes
+//! on it) and means "no detections".
 
-use std::collections::{BTreeMap, BTreeSet};
+pub mod instances;
+
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde_json::Value;
 
-use crate::detection::{Detection, DetectionStats, GroundTruth, ImageRecord};
+pub use instances::{parse_instances, read_json, CocoAnnotation, CocoCategory, CocoImage, CocoInstances};
+
+use crate::detection::{Detection, DetectionStats, ImageRecord};
 use crate::MetricsError;
 
 /// Reads a COCO ground-truth file and a COCO results file into detection statistics.
@@ -73,68 +75,19 @@ fn build(categories: Vec<u64>, images: BTreeMap<u64, ImageRecord>) -> Result<Det
     Ok(stats)
 }
 
-fn read_json(path: &Path) -> Result<Value, MetricsError> {
-    let bytes =
-        std::fs::read(path).map_err(|source| MetricsError::Io { path: path.to_path_buf(), source })?;
-    serde_json::from_slice(&bytes).map_err(|source| MetricsError::Json { path: path.to_path_buf(), source })
-}
-
 type GroundTruthParts = (Vec<u64>, BTreeMap<u64, ImageRecord>);
 
 fn parse_ground_truth(root: &Value, path: &Path) -> Result<GroundTruthParts, MetricsError> {
-    let ctx = Ctx { path };
-    let root = root.as_object().ok_or_else(|| ctx.err("<root>", "expected an object"))?;
-    let list = |name: &str, required: bool| -> Result<Vec<Value>, MetricsError> {
-        match root.get(name) {
-            Some(Value::Array(items)) => Ok(items.clone()),
-            Some(_) => Err(ctx.err(name, "expected an array")),
-            None if required => Err(ctx.err(name, "missing")),
-            None => Ok(Vec::new()),
-        }
-    };
-    let mut images: BTreeMap<u64, ImageRecord> = BTreeMap::new();
-    for (i, img) in list("images", true)?.iter().enumerate() {
-        let field = format!("images[{i}].id");
-        let id = ctx.id(img.get("id"), &field)?;
-        if images.insert(id, ImageRecord::default()).is_some() {
-            return Err(ctx.err(&field, &format!("duplicate image id {id}")));
-        }
+    let coco = parse_instances(root, path)?;
+    let mut records = vec![ImageRecord::default(); coco.images.len()];
+    for ann in &coco.annotations {
+        records[ann.image].ground_truth.push(ann.ground_truth());
     }
-    let mut categories = Vec::new();
-    for (i, cat) in list("categories", true)?.iter().enumerate() {
-        categories.push(ctx.id(cat.get("id"), &format!("categories[{i}].id"))?);
-    }
-    let mut ann_ids = BTreeSet::new();
-    for (i, ann) in list("annotations", false)?.iter().enumerate() {
-        let field = |name: &str| format!("annotations[{i}].{name}");
-        if !ann.is_object() {
-            return Err(ctx.err(&format!("annotations[{i}]"), "expected an object"));
-        }
-        let id = ctx.id(ann.get("id"), &field("id"))?;
-        if !ann_ids.insert(id) {
-            return Err(ctx.err(&field("id"), &format!("duplicate annotation id {id}")));
-        }
-        let image_id = ctx.id(ann.get("image_id"), &field("image_id"))?;
-        let category_id = ctx.id(ann.get("category_id"), &field("category_id"))?;
-        let bbox = ctx.bbox(ann.get("bbox"), &field("bbox"))?;
-        let area = ctx.number(ann.get("area"), &field("area"))?;
-        let iscrowd = match ann.get("iscrowd") {
-            None => false,
-            Some(Value::Bool(b)) => *b,
-            Some(v) => match v.as_u64() {
-                Some(0) => false,
-                Some(1) => true,
-                _ => return Err(ctx.err(&field("iscrowd"), "expected 0, 1 or a boolean")),
-            },
-        };
-        let record = images
-            .get_mut(&image_id)
-            .ok_or_else(|| ctx.err(&field("image_id"), &format!("image id {image_id} is not in images")))?;
-        record.ground_truth.push(GroundTruth { bbox, category_id, area, iscrowd });
-    }
-    Ok((categories, images))
+    let images = coco.images.iter().map(|img| img.id).zip(records).collect();
+    Ok((coco.categories.iter().map(|c| c.id).collect(), images))
 }
 
+/// Names the file in errors.
 struct Ctx<'a> {
     path: &'a Path,
 }

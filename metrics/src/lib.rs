@@ -17,7 +17,8 @@
 //! - [`multilabel`]: per-sample scores/labels → per-class AP and mAP;
 //! - [`segmentation`]: pixel confusion matrix → per-class IoU, mIoU, pixel accuracy;
 //! - [`detection`]: per-image boxes → the 12 COCO bbox numbers (pycocotools' `COCOeval`);
-//! - [`coco`]: COCO ground-truth and results JSON files → [`DetectionStats`];
+//! - [`coco`]: the COCO instances reader (shared with the worker), and COCO ground truth and
+//!   results files → [`DetectionStats`];
 //! - [`report`]: the [`EvalStats`] bundle and the flat [`EvalReport`] map;
 //! - [`numeric`]: numpy-compatible summation and `linspace`;
 //! - [`MetricsError`]: the single error type.

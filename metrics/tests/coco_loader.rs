@@ -5,7 +5,7 @@ mod common;
 use std::path::Path;
 
 use common::fixture;
-use mtl_metrics::coco::{load_detection_stats, load_ground_truth, parse_detection_stats};
+use mtl_metrics::coco::{load_detection_stats, load_ground_truth, parse_detection_stats, parse_instances};
 use mtl_metrics::{Detection, DetectionStats, GroundTruth, MetricsError};
 use serde_json::{json, Value};
 
@@ -116,6 +116,22 @@ fn malformed_ground_truth_names_file_and_field() {
             "gt.json: categories: missing",
         ),
         (Box::new(|v| v["images"] = json!({})), "gt.json: images: expected an array"),
+        (
+            Box::new(|v| v["categories"][1]["id"] = json!(5)),
+            "gt.json: categories[1].id: duplicate category id 5",
+        ),
+        (
+            Box::new(|v| v["annotations"][0]["bbox"] = json!([0, 0, -1, 20])),
+            "gt.json: annotations[0].bbox: width and height must be >= 0, found [0.0, 0.0, -1.0, 20.0]",
+        ),
+        (
+            Box::new(|v| v["annotations"][2]["area"] = json!(-3)),
+            "gt.json: annotations[2].area: expected a number >= 0, found -3",
+        ),
+        (
+            Box::new(|v| v["images"][0]["width"] = json!(0)),
+            "gt.json: images[0].width: expected a positive integer, found 0",
+        ),
     ];
     for (mutate, message) in cases {
         let mut gt = gt_json();
@@ -170,4 +186,38 @@ fn ground_truth_only_file_has_no_detections() {
     for (id, record) in stats.images() {
         assert_eq!(record.ground_truth, full.images()[id].ground_truth);
     }
+}
+
+/// The shared reader (the worker trains from it too): crowd flags as pycocotools reads them,
+/// optional training fields, segmentations handed over as written, unknown categories kept.
+#[test]
+fn instances_reader_follows_pycocotools() {
+    let doc = json!({
+        "images": [{"id": 4, "file_name": "a.png", "width": 30, "height": 20}, {"id": 2}],
+        "categories": [{"id": 1, "name": "cat"}, {"id": 5}],
+        "annotations": [
+            {"id": 7, "image_id": 2, "category_id": 5, "bbox": [1, 2, 3, 4], "area": 6.5, "iscrowd": true,
+             "segmentation": {"counts": [0, 1], "size": [1, 1]}},
+            {"id": 8, "image_id": 4, "category_id": 9, "bbox": [0, 0, 1, 1], "area": 1, "iscrowd": false,
+             "segmentation": null},
+            {"id": 9, "image_id": 4, "category_id": 1, "bbox": [0, 0, 2, 2], "area": 4}
+        ]
+    });
+    let coco = parse_instances(&doc, Path::new("gt.json")).unwrap();
+    assert_eq!(
+        (coco.images[0].file_name, coco.images[0].width, coco.images[0].height),
+        (Some("a.png"), Some(30), Some(20))
+    );
+    assert_eq!((coco.images[1].file_name, coco.images[1].width), (None, None));
+    assert_eq!((coco.categories[0].name, coco.categories[1].name), (Some("cat"), None));
+    let crowd: Vec<bool> = coco.annotations.iter().map(|a| a.iscrowd).collect();
+    assert_eq!(crowd, [true, false, false], "true/false as 1/0, missing as 0");
+    assert_eq!(coco.annotations[0].image, 1, "position of image id 2");
+    assert_eq!(coco.annotations[0].segmentation, Some(&doc["annotations"][0]["segmentation"]));
+    assert_eq!(coco.annotations[1].segmentation, None, "null is no segmentation");
+    assert_eq!(coco.annotations[1].category_id, 9, "an unlisted category is kept");
+    assert_eq!(
+        coco.annotations[0].ground_truth(),
+        GroundTruth { bbox: [1.0, 2.0, 3.0, 4.0], category_id: 5, area: 6.5, iscrowd: true }
+    );
 }

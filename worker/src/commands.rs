@@ -97,12 +97,13 @@ pub(crate) fn collective_bench(cfg: &bench::BenchConfig) -> Result<(), WorkerErr
 pub(crate) fn predict(
     checkpoint: &Path,
     input: &Path,
+    image_root: Option<&Path>,
     out: &Path,
     device: tch::Device,
     batch_size: usize,
     overlay_score: f64,
 ) -> Result<(), WorkerError> {
-    let s = mtl_worker::predict::run(checkpoint, input, out, device, batch_size, overlay_score)?;
+    let s = mtl_worker::predict::run(checkpoint, input, image_root, out, device, batch_size, overlay_score)?;
     println!(
         "predicted {} images ({} skipped), {} detections; written to {}",
         s.images,

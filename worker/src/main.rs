@@ -117,9 +117,14 @@ enum Command {
         /// A checkpoint directory written by `worker train --out` or `worker run --out`.
         #[arg(long)]
         checkpoint: std::path::PathBuf,
-        /// A directory of PNG/JPEG images, or a JSONL manifest.
+        /// A directory of PNG/JPEG images (ids in file-name order from 0), a COCO instances
+        /// file (`.json`) or a JSONL manifest: files keep their image ids, so `eval --gt` can
+        /// score `detections.json` against the same COCO file.
         #[arg(long)]
         input: std::path::PathBuf,
+        /// Where a COCO input's `file_name`s are (default: the COCO file's directory).
+        #[arg(long)]
+        image_root: Option<std::path::PathBuf>,
         /// Output directory (created if missing).
         #[arg(long)]
         out: std::path::PathBuf,
@@ -229,9 +234,18 @@ fn main() -> ExitCode {
             (None, Some(gt), Some(dets)) => commands::eval_files(&gt, &dets, json),
             _ => unreachable!("clap requires --checkpoint or --gt with --detections"),
         },
-        Command::Predict { checkpoint, input, out, device, batch_size, overlay_score } => {
-            mtl_worker::device::parse_device(&device)
-                .and_then(|d| commands::predict(&checkpoint, &input, &out, d, batch_size, overlay_score))
+        Command::Predict { checkpoint, input, image_root, out, device, batch_size, overlay_score } => {
+            mtl_worker::device::parse_device(&device).and_then(|d| {
+                commands::predict(
+                    &checkpoint,
+                    &input,
+                    image_root.as_deref(),
+                    &out,
+                    d,
+                    batch_size,
+                    overlay_score,
+                )
+            })
         }
         Command::GenData { kind: GenData::Shapes { out, n, size, seed, val_fraction } } => {
             commands::gen_shapes(&out, &SyntheticConfig { n, size, seed, val_fraction })

@@ -1,7 +1,9 @@
 //! `worker predict`: runs a checkpoint on images and writes what people and other tools use,
 //! all in the input images' own coordinates and sizes:
 //! - `detections.json`: COCO results (`image_id`, `category_id`, `bbox` [x,y,w,h], `score`),
-//!   scoreable with `worker eval --gt` or pycocotools;
+//!   scoreable with `worker eval --gt` or pycocotools. Given a COCO instances file (or a JSONL
+//!   manifest) as input, the image ids are the file's and the category ids the checkpoint's
+//!   (the training data's), so `predict` then `eval --gt` on the same file is a round trip;
 //! - `classes.json`: per image, the class and its probability (or every class's probability
 //!   for multi-label models);
 //! - `masks/<name>.png`: the predicted class id of every pixel (8-bit grey);
@@ -12,8 +14,8 @@ use std::path::{Path, PathBuf};
 use image::{Rgb, RgbImage};
 use tch::Tensor;
 
-use crate::data::augment::{augment, AugmentConfig};
-use crate::data::{jsonl, DatasetInfo};
+use crate::data::augment::{augment, AugmentConfig, Letterbox};
+use crate::data::{coco, jsonl, DatasetInfo};
 use crate::model::{predict, MultiTaskModel, Prediction};
 use crate::tasks::classification::ClassPrediction;
 use crate::train::checkpoint;
@@ -30,8 +32,21 @@ pub struct PredictSummary {
     pub detections: usize,
 }
 
-/// The inputs: every PNG/JPEG of a directory (ids in file-name order) or a JSONL manifest's images.
-pub fn list_inputs(input: &Path) -> Result<Vec<(u64, PathBuf)>, WorkerError> {
+/// The images to predict.
+#[derive(Debug, PartialEq)]
+struct Inputs {
+    /// (image id, path), in the order they are predicted.
+    images: Vec<(u64, PathBuf)>,
+    /// A COCO file's category ids, ascending.
+    coco_categories: Option<Vec<u64>>,
+}
+
+/// The inputs:
+/// - a directory: its PNG/JPEG files in file-name order, numbered from 0;
+/// - a `.json` file: a COCO instances file's images with their ids (paths under `image_root`,
+///   by default the file's directory), in id order;
+/// - any other file: a JSONL manifest's images with their ids, in id order.
+fn list_inputs(input: &Path, image_root: Option<&Path>) -> Result<Inputs, WorkerError> {
     if input.is_dir() {
         let mut files: Vec<PathBuf> = fs::read_dir(input)
             .map_err(|source| WorkerError::Io { path: input.to_owned(), source })?
@@ -42,23 +57,31 @@ pub fn list_inputs(input: &Path) -> Result<Vec<(u64, PathBuf)>, WorkerError> {
             })
             .collect();
         files.sort();
-        Ok(files.into_iter().enumerate().map(|(i, p)| (i as u64, p)).collect())
-    } else {
-        Ok(jsonl::read_manifest(input)?.samples.into_iter().map(|s| (s.id, s.image)).collect())
+        let images = files.into_iter().enumerate().map(|(i, p)| (i as u64, p)).collect();
+        return Ok(Inputs { images, coco_categories: None });
     }
-}
-
-/// The letterbox the evaluation transform applies: network = original * k + (tx, ty).
-fn letterbox(size: u32, w: u32, h: u32) -> (f64, f64, f64) {
-    let k = f64::from(size) / f64::from(w.max(h));
-    (k, (f64::from(size) - f64::from(w) * k) / 2.0, (f64::from(size) - f64::from(h) * k) / 2.0)
+    let coco = input.extension().is_some_and(|e| e.eq_ignore_ascii_case("json"));
+    let dataset = if coco {
+        let root = image_root.unwrap_or_else(|| input.parent().unwrap_or(Path::new("")));
+        coco::read_coco(input, root, mtl_job::ClassRule::LargestArea)?
+    } else {
+        jsonl::read_manifest(input)?
+    };
+    let coco_categories = coco.then(|| dataset.info.det_categories.iter().map(|(id, _)| *id).collect());
+    let mut images: Vec<(u64, PathBuf)> = dataset.samples.into_iter().map(|s| (s.id, s.image)).collect();
+    images.sort_by_key(|(id, _)| *id);
+    Ok(Inputs { images, coco_categories })
 }
 
 /// Predicts every input with the checkpoint in `checkpoint_dir` and writes the files into `out`.
+/// `input` is a directory of PNG/JPEG files (ids in file-name order from 0), a COCO instances
+/// file (`.json`; images under `image_root`, by default its directory) or a JSONL manifest
+/// (any other file); the images of a file are predicted with their ids, in id order.
 /// Overlays draw only boxes scoring at least `overlay_score`; `detections.json` has them all.
 pub fn run(
     checkpoint_dir: &Path,
     input: &Path,
+    image_root: Option<&Path>,
     out: &Path,
     device: tch::Device,
     batch_size: usize,
@@ -68,7 +91,14 @@ pub fn run(
     let mut model = MultiTaskModel::new(&loaded.cfg.model, &loaded.cfg.tasks, &loaded.info, device)?;
     checkpoint::load_into(&mut model, &loaded.weights)?;
     let size = loaded.cfg.data.image_size;
-    let inputs = list_inputs(input)?;
+    let Inputs { images: inputs, coco_categories } = list_inputs(input, image_root)?;
+    let ours: Vec<u64> = loaded.info.det_categories.iter().map(|(id, _)| *id).collect();
+    if coco_categories.is_some_and(|theirs| theirs != ours) {
+        tracing::warn!(
+            input = %input.display(),
+            "the input's category ids differ from the checkpoint's {ours:?}; detections carry the checkpoint's"
+        );
+    }
     for sub in ["masks", "overlays"] {
         let dir = out.join(sub);
         fs::create_dir_all(&dir).map_err(|source| WorkerError::Io { path: dir, source })?;
@@ -100,13 +130,13 @@ pub fn run(
         for ((id, path, img), pred) in images.iter().zip(predict(&model, &batch)?) {
             let name = path.file_stem().map_or_else(|| id.to_string(), |s| s.to_string_lossy().into_owned());
             let (w, h) = img.dimensions();
-            let (k, tx, ty) = letterbox(size, w, h);
-            let boxes = original_boxes(&pred, k, tx, ty, w, h);
+            let lb = Letterbox::new(size, w, h);
+            let boxes = original_boxes(&pred, &lb);
             for (b, score, category) in &boxes {
                 detections.push(serde_json::json!({
                     "image_id": id,
                     "category_id": loaded.info.det_categories[*category as usize].0,
-                    "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]],
+                    "bbox": coco_bbox(b),
                     "score": score,
                 }));
             }
@@ -114,7 +144,7 @@ pub fn run(
             if let Some(c) = &pred.class {
                 classes.push(class_json(*id, path, c, &loaded.info));
             }
-            let mask = pred.mask.as_ref().map(|m| original_mask(m, size, k, tx, ty, w, h));
+            let mask = pred.mask.as_ref().map(|m| original_mask(m, size, &lb, w, h));
             if let Some(mask) = &mask {
                 let p = out.join("masks").join(format!("{name}.png"));
                 mask.save(&p)
@@ -136,25 +166,29 @@ pub fn run(
     Ok(summary)
 }
 
-/// Detections mapped back to the original image: ([x1,y1,x2,y2], score, category).
-fn original_boxes(pred: &Prediction, k: f64, tx: f64, ty: f64, w: u32, h: u32) -> Vec<([f64; 4], f64, u32)> {
-    let (w, h) = (f64::from(w), f64::from(h));
+/// Detections mapped back to the original image through the inverse of the evaluation
+/// letterbox: ([x1, y1, x2, y2], score, category), clipped to the image, empty boxes dropped.
+/// Evaluation maps its predictions with this same function, so its statistics are those of
+/// `detections.json`.
+pub(crate) fn original_boxes(pred: &Prediction, lb: &Letterbox) -> Vec<([f64; 4], f64, u32)> {
     pred.detections
         .iter()
-        .map(|d| {
-            let x = |v: f32| ((f64::from(v) - tx) / k).clamp(0.0, w);
-            let y = |v: f32| ((f64::from(v) - ty) / k).clamp(0.0, h);
-            ([x(d.x1), y(d.y1), x(d.x2), y(d.y2)], f64::from(d.score), d.category)
+        .filter_map(|d| {
+            lb.original_box([d.x1, d.y1, d.x2, d.y2]).map(|b| (b, f64::from(d.score), d.category))
         })
-        .filter(|(b, _, _)| b[2] > b[0] && b[3] > b[1])
         .collect()
 }
 
+/// COCO's `[x, y, w, h]` of a corner box.
+pub(crate) fn coco_bbox(b: &[f64; 4]) -> [f64; 4] {
+    [b[0], b[1], b[2] - b[0], b[3] - b[1]]
+}
+
 /// The network-resolution mask resampled (nearest) to the original image.
-fn original_mask(mask: &[u8], size: u32, k: f64, tx: f64, ty: f64, w: u32, h: u32) -> image::GrayImage {
+fn original_mask(mask: &[u8], size: u32, lb: &Letterbox, w: u32, h: u32) -> image::GrayImage {
     let s = size as usize;
-    let at = |v: u32, t: f64| (((f64::from(v) + 0.5) * k + t).floor().max(0.0) as usize).min(s - 1);
-    image::GrayImage::from_fn(w, h, |u, v| image::Luma([mask[at(v, ty) * s + at(u, tx)]]))
+    let at = |v: u32, t: f64| (((f64::from(v) + 0.5) * lb.k + t).floor().max(0.0) as usize).min(s - 1);
+    image::GrayImage::from_fn(w, h, |u, v| image::Luma([mask[at(v, lb.ty) * s + at(u, lb.tx)]]))
 }
 
 fn class_json(id: u64, path: &Path, c: &ClassPrediction, info: &DatasetInfo) -> serde_json::Value {
@@ -232,8 +266,8 @@ mod tests {
     #[test]
     fn letterbox_maps_network_coordinates_back_to_the_original() {
         // A 100x50 image in a 64 px square: scaled by 0.64, centred vertically.
-        let (k, tx, ty) = letterbox(64, 100, 50);
-        assert_eq!((k, tx, ty), (0.64, 0.0, 16.0));
+        let lb = Letterbox::new(64, 100, 50);
+        assert_eq!((lb.k, lb.tx, lb.ty), (0.64, 0.0, 16.0));
         let pred = Prediction {
             class: None,
             detections: vec![crate::tasks::decode::Detection {
@@ -246,7 +280,7 @@ mod tests {
             }],
             mask: None,
         };
-        let boxes = original_boxes(&pred, k, tx, ty, 100, 50);
+        let boxes = original_boxes(&pred, &lb);
         let b = boxes[0].0;
         assert!(
             (b[0] - 10.0).abs() < 1e-4
@@ -258,11 +292,35 @@ mod tests {
     }
 
     #[test]
+    fn files_keep_their_image_ids() {
+        let dir = tempfile::tempdir().unwrap();
+        let coco = dir.path().join("instances.json");
+        let doc = serde_json::json!({
+            "images": [
+                {"id": 42, "file_name": "b.png", "width": 4, "height": 4},
+                {"id": 7, "file_name": "a.png", "width": 4, "height": 4}
+            ],
+            "categories": [{"id": 3, "name": "cat"}],
+            "annotations": []
+        });
+        fs::write(&coco, doc.to_string()).unwrap();
+        let inputs = list_inputs(&coco, None).unwrap();
+        assert_eq!(inputs.images, [(7, dir.path().join("a.png")), (42, dir.path().join("b.png"))]);
+        assert_eq!(inputs.coco_categories, Some(vec![3]));
+        let inputs = list_inputs(&coco, Some(Path::new("/data/val2017"))).unwrap();
+        assert_eq!(inputs.images[0].1, Path::new("/data/val2017/a.png"), "--image-root");
+        let manifest = dir.path().join("m.jsonl");
+        fs::write(&manifest, "{\"file\": \"x.png\", \"id\": 9}\n{\"file\": \"y.png\", \"id\": 2}\n").unwrap();
+        let inputs = list_inputs(&manifest, None).unwrap();
+        assert_eq!(inputs.images, [(2, dir.path().join("y.png")), (9, dir.path().join("x.png"))]);
+        assert_eq!(inputs.coco_categories, None);
+    }
+
+    #[test]
     fn mask_is_resampled_to_the_original_size() {
         // Network mask: left half class 1, right half class 2, for a 4x2 image in a 4 px square.
         let mask: Vec<u8> = (0..16).map(|i| if i % 4 < 2 { 1 } else { 2 }).collect();
-        let (k, tx, ty) = letterbox(4, 4, 2);
-        let m = original_mask(&mask, 4, k, tx, ty, 4, 2);
+        let m = original_mask(&mask, 4, &Letterbox::new(4, 4, 2), 4, 2);
         assert_eq!(m.dimensions(), (4, 2));
         assert_eq!(m.get_pixel(0, 0)[0], 1);
         assert_eq!(m.get_pixel(3, 1)[0], 2);

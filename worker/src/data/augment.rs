@@ -54,6 +54,40 @@ pub struct Augmented {
     pub mask: Option<Vec<u8>>,
 }
 
+/// The evaluation letterbox of a `width × height` image into a square of `size` pixels
+/// (network = original · k + (tx, ty)), and its inverse, with which predictions are mapped back
+/// to the original image by both `worker predict` and evaluation.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Letterbox {
+    /// Scale: the longer side becomes `size`.
+    pub(crate) k: f64,
+    /// Horizontal offset of the image in the square.
+    pub(crate) tx: f64,
+    /// Vertical offset of the image in the square.
+    pub(crate) ty: f64,
+    width: u32,
+    height: u32,
+}
+
+impl Letterbox {
+    /// The letterbox [`AugmentConfig::eval`] applies to a `width × height` image.
+    pub(crate) fn new(size: u32, width: u32, height: u32) -> Self {
+        let k = f64::from(size) / f64::from(width.max(height));
+        let centre = |extent: u32| (f64::from(size) - f64::from(extent) * k) / 2.0;
+        Self { k, tx: centre(width), ty: centre(height), width, height }
+    }
+
+    /// A box `[x1, y1, x2, y2]` in network pixels as `[x1, y1, x2, y2]` in the original image,
+    /// clipped to it; `None` when nothing of it is inside.
+    pub(crate) fn original_box(&self, b: [f32; 4]) -> Option<[f64; 4]> {
+        let (w, h) = (f64::from(self.width), f64::from(self.height));
+        let x = |v: f32| ((f64::from(v) - self.tx) / self.k).clamp(0.0, w);
+        let y = |v: f32| ((f64::from(v) - self.ty) / self.k).clamp(0.0, h);
+        let out = [x(b[0]), y(b[1]), x(b[2]), y(b[3])];
+        (out[2] > out[0] && out[3] > out[1]).then_some(out)
+    }
+}
+
 /// Where the source image lands in the output: `u = x' * k + tx` with `x' = W - x` if flipped.
 #[derive(Debug, Clone, Copy)]
 struct Geometry {
@@ -185,7 +219,7 @@ pub fn augment(
     let boxes = boxes
         .iter()
         .filter_map(|b| {
-            let (mut x1, mut x2) = (f64::from(b.x), f64::from(b.x + b.w));
+            let (mut x1, mut x2) = (b.x, b.x + b.w);
             if g.flip {
                 (x1, x2) = (f64::from(w) - x2, f64::from(w) - x1);
             }
@@ -193,8 +227,8 @@ pub fn augment(
             let gt = GtBox {
                 x1: map(x1, g.tx),
                 x2: map(x2, g.tx),
-                y1: map(f64::from(b.y), g.ty),
-                y2: map(f64::from(b.y + b.h), g.ty),
+                y1: map(b.y, g.ty),
+                y2: map(b.y + b.h, g.ty),
                 category: b.category,
                 iscrowd: b.iscrowd,
             };

@@ -2,6 +2,11 @@
 //! says about its label spaces. Every task is labelled (or not) per sample.
 use tch::Tensor;
 
+// Defined next to the sample types; still reachable here for the modules that import it from
+// this path.
+use super::sample::BoxLabel;
+pub(crate) use super::sample::DatasetInfo;
+
 /// One ground-truth box in pixel coordinates of the (augmented) network input, corners
 /// (x1, y1, x2, y2).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -48,19 +53,20 @@ pub struct Batch {
     pub mask_target: Tensor,
     /// `[B]` bool: the sample has a segmentation mask.
     pub mask_labelled: Tensor,
+    /// Per image, its size and boxes before any transform: evaluation scores detections against
+    /// these, in the original image's coordinates, as pycocotools does.
+    pub originals: Vec<OriginalSample>,
 }
 
-/// What a dataset says about its label spaces.
+/// A sample as it is on disk, for evaluation in the original image's coordinates.
 #[derive(Debug, Clone, PartialEq)]
-pub struct DatasetInfo {
-    /// Classification classes.
-    pub class_names: Vec<String>,
-    /// Classification is multi-label (sigmoid) rather than single-label (softmax).
-    pub multi_label: bool,
-    /// Detection categories, (original id, name); the index is the contiguous category.
-    pub det_categories: Vec<(u64, String)>,
-    /// Segmentation classes; the index is the class id in masks, 0 is background.
-    pub seg_classes: Vec<String>,
+pub struct OriginalSample {
+    /// Image width in pixels.
+    pub width: u32,
+    /// Image height in pixels.
+    pub height: u32,
+    /// The boxes as annotated (original pixels, area, crowd flag); empty when unlabelled.
+    pub boxes: Vec<BoxLabel>,
 }
 
 /// The mask value that losses and metrics ignore.
@@ -82,6 +88,8 @@ pub struct Prepared {
     pub class: Option<super::sample::ClassLabel>,
     /// Detection labels present.
     pub boxes_labelled: bool,
+    /// The image's size and boxes before augmentation.
+    pub original: OriginalSample,
 }
 
 impl Batch {
@@ -135,6 +143,7 @@ impl Batch {
             boxes_labelled: items.iter().map(|p| p.boxes_labelled).collect(),
             mask_target: Tensor::f_from_slice(&masks)?.f_view([b, s, s])?,
             mask_labelled: Tensor::f_from_slice(&mask_labelled)?,
+            originals: items.iter().map(|p| p.original.clone()).collect(),
         })
     }
 }

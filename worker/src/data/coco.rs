@@ -1,6 +1,11 @@
 //! COCO instances JSON: `images`, `annotations` (bbox, polygon or RLE `segmentation`,
 //! `iscrowd`, `area`, `category_id`) and `categories`.
 //!
+//! The file is read by the metrics crate's COCO reader (`mtl_metrics::coco`), the same that
+//! reads ground truth for `worker eval --gt`, so both follow one set of rules. Training needs
+//! more than evaluation: every image needs `file_name`, `width` and `height`, every category a
+//! `name`, and every annotation a category listed in `categories`.
+//!
 //! Categories are made contiguous in order of their ids. Per image: boxes are every
 //! annotation (crowd ones flagged); the semantic mask paints each annotation in file order
 //! with its category index + 1 (crowd regions with 255 = ignore) over a background of 0, and is
@@ -11,11 +16,13 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 
 use mtl_job::ClassRule;
+use mtl_metrics::coco::{parse_instances, read_json};
+use mtl_metrics::MetricsError;
 use serde_json::Value;
 
-use super::batch::{DatasetInfo, IGNORE_INDEX};
+use super::batch::IGNORE_INDEX;
 use super::rle::{Rle, Segmentation};
-use super::sample::{BoxLabel, ClassLabel, Dataset, InstanceMasks, MaskSource, SampleRecord};
+use super::sample::{BoxLabel, ClassLabel, Dataset, DatasetInfo, InstanceMasks, MaskSource, SampleRecord};
 use crate::WorkerError;
 
 struct Ctx<'a> {
@@ -29,29 +36,6 @@ impl Ctx<'_> {
             location: location.into(),
             message: message.into(),
         }
-    }
-
-    fn field<'v>(&self, obj: &'v Value, at: &str, key: &str) -> Result<&'v Value, WorkerError> {
-        obj.get(key).ok_or_else(|| self.bad(at, format!("missing field `{key}`")))
-    }
-
-    fn array<'v>(&self, obj: &'v Value, at: &str, key: &str) -> Result<&'v Vec<Value>, WorkerError> {
-        let v = self.field(obj, at, key)?;
-        v.as_array()
-            .ok_or_else(|| self.bad(format!("{at}.{key}"), format!("expected an array, got {}", short(v))))
-    }
-
-    fn uint(&self, obj: &Value, at: &str, key: &str) -> Result<u64, WorkerError> {
-        let v = self.field(obj, at, key)?;
-        v.as_u64().ok_or_else(|| {
-            self.bad(format!("{at}.{key}"), format!("expected a non-negative integer, got {}", short(v)))
-        })
-    }
-
-    fn string<'v>(&self, obj: &'v Value, at: &str, key: &str) -> Result<&'v str, WorkerError> {
-        let v = self.field(obj, at, key)?;
-        v.as_str()
-            .ok_or_else(|| self.bad(format!("{at}.{key}"), format!("expected a string, got {}", short(v))))
     }
 }
 
@@ -68,48 +52,49 @@ fn numbers(v: &Value) -> Option<Vec<f64>> {
     v.as_array()?.iter().map(|x| x.as_f64().filter(|f| f.is_finite())).collect()
 }
 
+/// The reader's errors as the worker reports annotation files: the file, the field, the problem.
+fn annotation_error(err: MetricsError) -> WorkerError {
+    match err {
+        MetricsError::Io { path, source } => WorkerError::Io { path, source },
+        MetricsError::Json { path, source } => WorkerError::Annotation {
+            path,
+            location: "document".into(),
+            message: format!("not JSON: {source}"),
+        },
+        MetricsError::Malformed { path, field, message } => {
+            WorkerError::Annotation { path, location: field, message }
+        }
+        other => WorkerError::Metrics { message: other.to_string() },
+    }
+}
+
 /// Reads a COCO instances file; image paths are `image_root/file_name`.
 pub fn read_coco(path: &Path, image_root: &Path, rule: ClassRule) -> Result<Dataset, WorkerError> {
     let cx = Ctx { path };
-    let text =
-        std::fs::read_to_string(path).map_err(|source| WorkerError::Io { path: path.into(), source })?;
-    let doc: Value = serde_json::from_str(&text).map_err(|e| cx.bad("document", format!("not JSON: {e}")))?;
-    if !doc.is_object() {
-        return Err(cx.bad("document", "expected a JSON object with images, annotations, categories"));
-    }
+    let doc = read_json(path).map_err(annotation_error)?;
+    let coco = parse_instances(&doc, path).map_err(annotation_error)?;
 
-    let mut cats: Vec<(u64, String)> = Vec::new();
-    for (i, c) in cx.array(&doc, "document", "categories")?.iter().enumerate() {
-        let at = format!("categories[{i}]");
-        cats.push((cx.uint(c, &at, "id")?, cx.string(c, &at, "name")?.to_string()));
+    let mut cats: Vec<(u64, String)> = Vec::with_capacity(coco.categories.len());
+    for (i, c) in coco.categories.iter().enumerate() {
+        let name = c.name.ok_or_else(|| cx.bad(format!("categories[{i}].name"), "missing"))?;
+        cats.push((c.id, name.to_string()));
     }
     cats.sort_by_key(|(id, _)| *id);
-    if cats.windows(2).any(|w| w[0].0 == w[1].0) {
-        return Err(cx.bad("categories", "duplicate category id"));
-    }
     if cats.len() >= usize::from(IGNORE_INDEX) {
         return Err(cx.bad("categories", format!("{} categories; masks hold at most 254", cats.len())));
     }
     let cat_index: HashMap<u64, u32> = cats.iter().enumerate().map(|(i, (id, _))| (*id, i as u32)).collect();
 
-    let mut samples = Vec::new();
-    let mut by_image: HashMap<u64, usize> = HashMap::new();
-    let mut dims: Vec<(u32, u32)> = Vec::new();
-    for (i, img) in cx.array(&doc, "document", "images")?.iter().enumerate() {
-        let at = format!("images[{i}]");
-        let id = cx.uint(img, &at, "id")?;
-        let file = cx.string(img, &at, "file_name")?;
-        let width = u32::try_from(cx.uint(img, &at, "width")?).unwrap_or(0);
-        let height = u32::try_from(cx.uint(img, &at, "height")?).unwrap_or(0);
-        if width == 0 || height == 0 {
-            return Err(cx.bad(at, "width and height must be positive integers"));
-        }
-        if by_image.insert(id, samples.len()).is_some() {
-            return Err(cx.bad(format!("{at}.id"), format!("duplicate image id {id}")));
-        }
+    let mut samples = Vec::with_capacity(coco.images.len());
+    let mut dims = Vec::with_capacity(coco.images.len());
+    for (i, img) in coco.images.iter().enumerate() {
+        let missing = |key: &str| cx.bad(format!("images[{i}].{key}"), "missing");
+        let file = img.file_name.ok_or_else(|| missing("file_name"))?;
+        let width = img.width.ok_or_else(|| missing("width"))?;
+        let height = img.height.ok_or_else(|| missing("height"))?;
         dims.push((width, height));
         samples.push(SampleRecord {
-            id,
+            id: img.id,
             image: image_root.join(file),
             class: None,
             boxes: Some(Vec::new()),
@@ -117,70 +102,38 @@ pub fn read_coco(path: &Path, image_root: &Path, rule: ClassRule) -> Result<Data
         });
     }
 
-    let empty = Vec::new();
-    let anns = match doc.get("annotations") {
-        None => &empty,
-        Some(_) => cx.array(&doc, "document", "annotations")?,
-    };
     let mut areas: Vec<HashMap<u32, f64>> = vec![HashMap::new(); samples.len()];
-    for (i, ann) in anns.iter().enumerate() {
+    for (i, ann) in coco.annotations.iter().enumerate() {
         let at = format!("annotations[{i}]");
-        let image_id = cx.uint(ann, &at, "image_id")?;
-        let &slot = by_image
-            .get(&image_id)
-            .ok_or_else(|| cx.bad(format!("{at}.image_id"), format!("unknown image id {image_id}")))?;
-        let cat_id = cx.uint(ann, &at, "category_id")?;
-        let &category = cat_index
-            .get(&cat_id)
-            .ok_or_else(|| cx.bad(format!("{at}.category_id"), format!("unknown category id {cat_id}")))?;
-        let bbox = cx.field(ann, &at, "bbox")?;
-        let b = numbers(bbox).filter(|b| b.len() == 4 && b[2] >= 0.0 && b[3] >= 0.0).ok_or_else(|| {
-            cx.bad(
-                format!("{at}.bbox"),
-                format!("expected 4 numbers [x, y, w, h], w, h >= 0, got {}", short(bbox)),
-            )
+        let &category = cat_index.get(&ann.category_id).ok_or_else(|| {
+            cx.bad(format!("{at}.category_id"), format!("unknown category id {}", ann.category_id))
         })?;
-        let iscrowd = match ann.get("iscrowd") {
-            None => false,
-            Some(v) => match v.as_u64() {
-                Some(0) => false,
-                Some(1) => true,
-                _ => {
-                    return Err(cx.bad(format!("{at}.iscrowd"), format!("expected 0 or 1, got {}", short(v))))
-                }
-            },
-        };
-        let area = match ann.get("area") {
-            None => b[2] * b[3],
-            Some(v) => v.as_f64().filter(|a| *a >= 0.0).ok_or_else(|| {
-                cx.bad(format!("{at}.area"), format!("expected a non-negative number, got {}", short(v)))
-            })?,
-        };
-        let (width, height) = dims[slot];
-        let segmentation = match ann.get("segmentation") {
-            None | Some(Value::Null) => None,
+        let (width, height) = dims[ann.image];
+        let segmentation = match ann.segmentation {
+            None => None,
             Some(v) => Some(parse_segmentation(&cx, &format!("{at}.segmentation"), v, height, width)?),
         };
-        let sample = &mut samples[slot];
+        let sample = &mut samples[ann.image];
+        let [x, y, w, h] = ann.bbox;
         sample.boxes.get_or_insert_with(Vec::new).push(BoxLabel {
-            x: b[0] as f32,
-            y: b[1] as f32,
-            w: b[2] as f32,
-            h: b[3] as f32,
+            x,
+            y,
+            w,
+            h,
             category,
-            iscrowd,
-            area: area as f32,
+            iscrowd: ann.iscrowd,
+            area: ann.area,
         });
         match (segmentation, &mut sample.mask) {
             (Some(seg), Some(MaskSource::Instances(m))) => {
-                let value = if iscrowd { IGNORE_INDEX } else { category as u8 + 1 };
+                let value = if ann.iscrowd { IGNORE_INDEX } else { category as u8 + 1 };
                 m.shapes.push((value, seg));
             }
             (None, mask) => *mask = None,
             (Some(_), _) => {}
         }
-        if !iscrowd {
-            *areas[slot].entry(category).or_insert(0.0) += area;
+        if !ann.iscrowd {
+            *areas[ann.image].entry(category).or_insert(0.0) += ann.area;
         }
     }
 
@@ -254,7 +207,8 @@ fn parse_segmentation(
             format!("RLE size [{}, {}] does not match the image's [{height}, {width}]", size[0], size[1]),
         ));
     }
-    let rle = match cx.field(v, at, "counts")? {
+    let counts = v.get("counts").ok_or_else(|| cx.bad(format!("{at}.counts"), "missing"))?;
+    let rle = match counts {
         Value::String(s) => Rle::from_compressed(s, height, width),
         Value::Array(items) => items
             .iter()

@@ -12,8 +12,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use super::batch::DatasetInfo;
-use super::sample::{BoxLabel, ClassLabel, Dataset, MaskSource, SampleRecord};
+use super::sample::{BoxLabel, ClassLabel, Dataset, DatasetInfo, MaskSource, SampleRecord};
 use crate::WorkerError;
 
 /// Name of the optional label-space file next to a manifest.
@@ -141,7 +140,7 @@ fn parse_box(item: &Value) -> Result<BoxLabel, String> {
             .filter(|v| v.is_finite())
             .ok_or_else(|| format!("element {i} is not a number: {}", nums[i]))
     };
-    let (x, y, w, h) = (f(0)? as f32, f(1)? as f32, f(2)? as f32, f(3)? as f32);
+    let (x, y, w, h) = (f(0)?, f(1)?, f(2)?, f(3)?);
     if w < 0.0 || h < 0.0 {
         return Err(format!("negative width or height in {item}"));
     }

@@ -15,7 +15,7 @@ use image::DynamicImage;
 use mtl_job::DataSection;
 
 use super::augment::{augment, AugmentConfig};
-use super::batch::{Batch, Prepared};
+use super::batch::{Batch, OriginalSample, Prepared};
 use super::rle::rasterise;
 use super::sample::{Dataset, MaskSource, SampleRecord};
 use crate::WorkerError;
@@ -244,6 +244,7 @@ pub fn prepare(record: &SampleRecord, cfg: &LoaderConfig) -> Result<Prepared, St
         sample,
         class: record.class.clone(),
         boxes_labelled: record.boxes.is_some(),
+        original: OriginalSample { width: w, height: h, boxes: boxes.to_vec() },
     })
 }
 

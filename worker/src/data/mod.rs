@@ -1,6 +1,6 @@
 //! Data: datasets on disk, joint augmentation and the prefetching loader.
 //!
-//! Layout: `sample` (annotation records), `jsonl`, `coco` and `synthetic` (the three formats,
+//! Layout: `sample` (annotation records and label spaces), `jsonl`, `coco` and `synthetic` (the three formats,
 //! each giving a [`Dataset`]), `rle` (COCO polygon/RLE rasterisation), `augment` (joint
 //! geometry + colour jitter), `loader` (thread pool, ordered batches) and `batch` (the
 //! [`Batch`] contract with the training step). Malformed annotation files fail when the
@@ -23,10 +23,10 @@ use std::path::Path;
 use mtl_job::{DataFormat, DataSection};
 
 pub use augment::{AugmentConfig, Augmented};
-pub use batch::{Batch, ClassTarget, DatasetInfo, GtBox};
+pub use batch::{Batch, ClassTarget, GtBox, OriginalSample};
 pub use loader::{Loader, LoaderConfig, LoaderSummary};
 pub use ordered::OrderedSplit;
-pub use sample::{BoxLabel, ClassLabel, Dataset, MaskSource, SampleRecord};
+pub use sample::{BoxLabel, ClassLabel, Dataset, DatasetInfo, MaskSource, SampleRecord};
 
 use crate::WorkerError;
 

@@ -1,9 +1,22 @@
-//! Annotation records as read from disk, before any pixel is decoded.
+//! Annotation records as read from disk, before any pixel is decoded, and the label spaces
+//! of a dataset.
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use super::batch::DatasetInfo;
 use super::rle::Segmentation;
+
+/// What a dataset says about its label spaces.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DatasetInfo {
+    /// Classification classes.
+    pub class_names: Vec<String>,
+    /// Classification is multi-label (sigmoid) rather than single-label (softmax).
+    pub multi_label: bool,
+    /// Detection categories, (original id, name); the index is the contiguous category.
+    pub det_categories: Vec<(u64, String)>,
+    /// Segmentation classes; the index is the class id in masks, 0 is background.
+    pub seg_classes: Vec<String>,
+}
 
 /// An image-level class label.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -14,23 +27,25 @@ pub enum ClassLabel {
     Multi(Vec<u32>),
 }
 
-/// One box in the original image's pixels, COCO style (x, y, width, height).
+/// One box in the original image's pixels, COCO style (x, y, width, height), kept in f64 as
+/// read so that evaluation sees the very numbers pycocotools reads from the same file.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct BoxLabel {
     /// Left edge.
-    pub x: f32,
+    pub x: f64,
     /// Top edge.
-    pub y: f32,
+    pub y: f64,
     /// Width.
-    pub w: f32,
+    pub w: f64,
     /// Height.
-    pub h: f32,
+    pub h: f64,
     /// 0-based contiguous detection category.
     pub category: u32,
     /// A crowd region.
     pub iscrowd: bool,
-    /// Object area in pixels (the COCO `area`; w*h where the source has none).
-    pub area: f32,
+    /// Object area in the original image's pixels, which COCO's small/medium/large ranges
+    /// compare: COCO's `area` (the mask area for instances); `w * h` for JSONL boxes.
+    pub area: f64,
 }
 
 /// Where a sample's semantic mask comes from.

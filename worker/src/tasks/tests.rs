@@ -5,7 +5,7 @@ use tch::{Device, Kind, Tensor};
 use super::decode::{decode, nms, DecodeParams, Detection};
 use super::detection::DetOutput;
 use super::fcos_targets::FcosTargets;
-use crate::data::batch::{ClassTarget, DatasetInfo, GtBox};
+use crate::data::batch::{ClassTarget, DatasetInfo, GtBox, OriginalSample};
 use crate::data::Batch;
 use crate::model::MultiTaskModel;
 use crate::task::TaskLosses;
@@ -75,6 +75,7 @@ pub(crate) fn test_batch(labelled: &[(bool, bool, bool)], seed: i64) -> Batch {
         boxes_labelled: labelled.iter().map(|l| l.1).collect(),
         mask_target: Tensor::stack(&masks, 0),
         mask_labelled: Tensor::from_slice(&labelled.iter().map(|l| l.2).collect::<Vec<_>>()),
+        originals: vec![OriginalSample { width: 64, height: 64, boxes: Vec::new() }; labelled.len()],
     }
 }
 
@@ -94,6 +95,7 @@ fn slice(batch: &Batch, start: usize, len: usize) -> Batch {
         boxes_labelled: batch.boxes_labelled[start..start + len].to_vec(),
         mask_target: batch.mask_target.narrow(0, s, l),
         mask_labelled: batch.mask_labelled.narrow(0, s, l),
+        originals: batch.originals[start..start + len].to_vec(),
     }
 }
 

@@ -1,17 +1,23 @@
 //! Evaluation: the model's predictions on a loader, accumulated as mergeable statistics
 //! (the metrics crate). The coordinator merges the statistics of all ranks, so distributed
 //! evaluation gives exactly the numbers of one process on the same validation set.
-//! Boxes and masks are compared at the network's input resolution (after the evaluation
-//! letterbox), where the loader puts both ground truth and predictions.
+//!
+//! Detections are scored as pycocotools scores `worker predict`'s `detections.json`: in the
+//! original image's coordinates (mapped back through the inverse of the evaluation letterbox by
+//! the function predict uses), against the boxes as annotated, with their COCO `area` for the
+//! size ranges and their crowd flags. Masks are compared at the network's input resolution
+//! (after the evaluation letterbox), where the loader puts both.
 use mtl_metrics::{
     ClassificationStats, Detection as MDetection, DetectionStats, EvalStats, GroundTruth, MultiLabelStats,
     SegmentationStats,
 };
 use tch::{Device, Kind};
 
+use crate::data::augment::Letterbox;
 use crate::data::{Batch, ClassTarget, DatasetInfo};
 use crate::model::MultiTaskModel;
 use crate::model::{predict, Prediction};
+use crate::predict::{coco_bbox, original_boxes};
 use crate::task::Task;
 use crate::tasks::classification::ClassPrediction;
 use crate::WorkerError;
@@ -75,6 +81,8 @@ pub fn accumulate(
         }
     };
     let num_classes = info.class_names.len();
+    // The square network input's side, which the evaluation letterbox filled.
+    let side = batch.images.size4()?.3 as u32;
     for (i, pred) in preds.iter().enumerate() {
         let id = batch.ids[i];
         if cls_labelled[i] {
@@ -91,25 +99,24 @@ pub fn accumulate(
         }
         if let (true, Some(s)) = (batch.boxes_labelled[i], &mut stats.detection) {
             let cat = |c: u32| info.det_categories[c as usize].0;
-            let gts = batch.boxes[i]
+            let original = &batch.originals[i];
+            let gts = original
+                .boxes
                 .iter()
-                .map(|b| {
-                    let (w, h) = (f64::from(b.x2 - b.x1), f64::from(b.y2 - b.y1));
-                    GroundTruth {
-                        bbox: [f64::from(b.x1), f64::from(b.y1), w, h],
-                        category_id: cat(b.category),
-                        area: w * h,
-                        iscrowd: b.iscrowd,
-                    }
+                .map(|b| GroundTruth {
+                    bbox: [b.x, b.y, b.w, b.h],
+                    category_id: cat(b.category),
+                    area: b.area,
+                    iscrowd: b.iscrowd,
                 })
                 .collect();
-            let dets = pred
-                .detections
+            let letterbox = Letterbox::new(side, original.width, original.height);
+            let dets = original_boxes(pred, &letterbox)
                 .iter()
-                .map(|d| MDetection {
-                    bbox: [f64::from(d.x1), f64::from(d.y1), f64::from(d.x2 - d.x1), f64::from(d.y2 - d.y1)],
-                    score: f64::from(d.score),
-                    category_id: cat(d.category),
+                .map(|(b, score, category)| MDetection {
+                    bbox: coco_bbox(b),
+                    score: *score,
+                    category_id: cat(*category),
                 })
                 .collect();
             s.add_image(id, gts, dets).map_err(metrics_err)?;

@@ -327,6 +327,7 @@ pub fn to_device(batch: &Batch, device: Device) -> Result<Batch, WorkerError> {
         boxes_labelled: batch.boxes_labelled.clone(),
         mask_target: batch.mask_target.f_to_device(device)?,
         mask_labelled: batch.mask_labelled.f_to_device(device)?,
+        originals: batch.originals.clone(),
     })
 }
 

@@ -159,3 +159,20 @@ fn boxes_cropped_away_are_dropped() {
     }
     assert!(dropped > 10 && kept > 0, "dropped {dropped}, kept {kept}");
 }
+
+#[test]
+fn letterbox_inverse_undoes_the_eval_transform() {
+    // A 40×30 image in a 32 px square: the box the eval transform produces maps back onto the
+    // annotated one, and a box in the padding maps to nothing.
+    let (img, mask, b) = scene();
+    let a = augment(&img, &[b], Some(&mask), &AugmentConfig::eval(32), [0, 0, 0]);
+    let lb = Letterbox::new(32, 40, 30);
+    assert_eq!((lb.k, lb.tx, lb.ty), (0.8, 0.0, 4.0));
+    let g = a.boxes[0];
+    let back = lb.original_box([g.x1, g.y1, g.x2, g.y2]).unwrap();
+    for (got, want) in back.iter().zip([b.x, b.y, b.x + b.w, b.y + b.h]) {
+        assert!((got - want).abs() < 1e-5, "{back:?}");
+    }
+    assert_eq!(lb.original_box([0.0, 0.0, 32.0, 2.0]), None, "inside the top padding");
+    assert_eq!(lb.original_box([-4.0, 2.0, 40.0, 40.0]), Some([0.0, 0.0, 40.0, 30.0]), "clipped");
+}

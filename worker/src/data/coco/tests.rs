@@ -23,7 +23,7 @@ fn doc() -> Value {
             // Compressed "T12:" = [36, 2, 10]: column 6, rows 0..2, a crowd region.
             {"id": 3, "image_id": 10, "category_id": 3, "bbox": [6, 0, 1, 2], "area": 2,
              "segmentation": {"counts": "T12:", "size": [6, 8]}, "iscrowd": 1},
-            {"id": 4, "image_id": 11, "category_id": 3, "bbox": [1, 1, 2, 2]}
+            {"id": 4, "image_id": 11, "category_id": 3, "bbox": [1, 1, 2, 2], "area": 4}
         ]
     })
 }
@@ -90,7 +90,7 @@ fn malformed_fields_are_named() {
     let e = error_with(|d| d["images"][2]["id"] = json!("12"));
     assert!(e.contains("images[2].id") && e.contains("integer"), "{e}");
     let e = error_with(|d| d["annotations"][3]["image_id"] = json!(5));
-    assert!(e.contains("annotations[3].image_id") && e.contains("unknown image id 5"), "{e}");
+    assert!(e.contains("annotations[3].image_id") && e.contains("image id 5 is not in images"), "{e}");
     let e = error_with(|d| d["annotations"][1]["segmentation"]["counts"] = json!([14, 3]));
     assert!(e.contains("annotations[1].segmentation.counts") && e.contains("sum to 17"), "{e}");
     let e = error_with(|d| d["annotations"][2]["segmentation"]["size"] = json!([8, 6]));
@@ -99,12 +99,52 @@ fn malformed_fields_are_named() {
     assert!(e.contains("annotations[0].segmentation[0]") && e.contains("far outside"), "{e}");
     let e = error_with(|d| d["annotations"][0]["segmentation"] = json!([[0, 0, 1, 0, 4]]));
     assert!(e.contains("annotations[0].segmentation[0]") && e.contains("polygon"), "{e}");
-    let e = error_with(|d| d["annotations"][0]["iscrowd"] = json!(true));
-    assert!(e.contains("annotations[0].iscrowd"), "{e}");
+    let e = error_with(|d| d["annotations"][0]["iscrowd"] = json!(2));
+    assert!(e.contains("annotations[0].iscrowd") && e.contains("expected 0, 1 or a boolean"), "{e}");
+    let e = error_with(|d| {
+        d["annotations"][3].as_object_mut().unwrap().remove("area");
+    });
+    assert!(e.contains("annotations[3].area: missing"), "{e}");
+    let e = error_with(|d| {
+        d["images"][1].as_object_mut().unwrap().remove("width");
+    });
+    assert!(e.contains("images[1].width: missing"), "{e}");
     let e = error_with(|d| *d = json!({"images": []}));
-    assert!(e.contains("missing field `categories`"), "{e}");
+    assert!(e.contains("categories: missing"), "{e}");
     let dir = tempfile::tempdir().unwrap();
     let path = text(dir.path(), "broken.json", "{\"images\": [");
     let e = read_coco(&path, dir.path(), ClassRule::Presence).unwrap_err().to_string();
     assert!(e.contains("broken.json") && e.contains("not JSON"), "{e}");
+}
+
+/// The worker and `worker eval --gt` read a COCO file through one reader: the same boxes, areas
+/// and crowd flags (`true`/`false` as well as 1/0, as pycocotools takes them).
+#[test]
+fn worker_and_metrics_read_the_same_ground_truth() {
+    let mut d = doc();
+    d["annotations"][0]["iscrowd"] = json!(true);
+    d["annotations"][1]["iscrowd"] = json!(false);
+    d["annotations"][1]["bbox"] = json!([2.1, 2.2, 0.7, 3.3]);
+    d["annotations"][1]["area"] = json!(1.23);
+    let dir = tempfile::tempdir().unwrap();
+    let path = text(dir.path(), "instances.json", &d.to_string());
+    let ds = read_coco(&path, dir.path(), ClassRule::LargestArea).unwrap();
+    let gt = mtl_metrics::coco::load_ground_truth(&path).unwrap();
+    assert_eq!(gt.category_ids(), ds.info.det_categories.iter().map(|(id, _)| *id).collect::<Vec<_>>());
+    for sample in &ds.samples {
+        let from_worker: Vec<mtl_metrics::GroundTruth> = sample
+            .boxes
+            .iter()
+            .flatten()
+            .map(|b| mtl_metrics::GroundTruth {
+                bbox: [b.x, b.y, b.w, b.h],
+                category_id: ds.info.det_categories[b.category as usize].0,
+                area: b.area,
+                iscrowd: b.iscrowd,
+            })
+            .collect();
+        assert_eq!(from_worker, gt.images()[&sample.id].ground_truth, "image {}", sample.id);
+    }
+    let first = &ds.samples[0].boxes.as_ref().unwrap()[0];
+    assert!(first.iscrowd, "`true` is a crowd");
 }

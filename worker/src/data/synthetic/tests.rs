@@ -52,7 +52,7 @@ fn labels_agree_with_the_mask() {
             let v = p.0[0];
             if (1..=5).contains(&v) {
                 counts[v as usize] += 1;
-                let (fx, fy) = (x as f32, y as f32);
+                let (fx, fy) = (f64::from(x), f64::from(y));
                 let covered = boxes.iter().any(|b| {
                     b.category + 1 == u32::from(v)
                         && fx >= b.x
