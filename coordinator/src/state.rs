@@ -2,19 +2,18 @@
 //! sample accounting, checkpoint commits, completion. Pure logic behind a mutex; the gRPC
 //! service only translates requests into these calls, and time is passed in (`now`) so
 //! liveness is testable without sleeping. Every durable change goes to the [`Store`] as it
-//! happens, and [`JobState::new`] reloads it.
+//! happens, and [`JobState::new`] reloads it. Submodules: `restore` (after a restart),
+//! `shards` (sharding and epoch accounting), `reports` (metrics and checkpoint commits),
+//! `view` (status).
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use mtl_job::{sharding, JobConfig};
-use mtl_proto::v1::{
-    CheckpointAck, CheckpointCommit, Directive, JobEvent, JobStatus, MetricPoint, MetricsKind, MetricsReport,
-    Peer, RegisterResponse, ShardRequest, ShardResponse, Split, WorkerPhase, WorkerStatus,
-};
+use mtl_job::JobConfig;
+use mtl_proto::v1::{Directive, JobEvent, Peer, RegisterResponse, WorkerPhase};
 
-use crate::accounting::{Accounting, SegmentStart};
-use crate::checkpoints::{self, Checkpoint};
+use crate::accounting::Accounting;
+use crate::checkpoints::Checkpoint;
 use crate::history::History;
 use crate::store::{unix_ms, Store, StoredOutcome};
 use crate::CoordinatorError;
@@ -138,6 +137,9 @@ pub(crate) struct JobState {
     reattach_deadline: Option<Instant>,
     /// Evaluation statistics waiting for the other ranks: (generation, step) -> rank -> stats.
     pending_eval: BTreeMap<(u64, u64), BTreeMap<u32, mtl_metrics::EvalStats>>,
+    /// The last train permutation computed, by (samples, epoch): every rank's shard of an
+    /// epoch is a slice of it.
+    permutation: Option<((u64, u64), Vec<u64>)>,
 }
 
 impl JobState {
@@ -170,68 +172,12 @@ impl JobState {
             last_call: None,
             reattach_deadline: None,
             pending_eval: BTreeMap::new(),
+            permutation: None,
         };
         if !fresh {
             state.restore(restored.outcome, restored.generations, now)?;
         }
         Ok(state)
-    }
-
-    /// Picks the job up where the store left it.
-    fn restore(
-        &mut self,
-        outcome: Option<StoredOutcome>,
-        generations: Vec<crate::store::StoredGeneration>,
-        now: Instant,
-    ) -> Result<(), CoordinatorError> {
-        let path = self.store.path().display().to_string();
-        if outcome == Some(StoredOutcome::Finished) {
-            tracing::info!(state_db = %path, "the job already finished");
-            self.phase = Phase::Finished;
-            return Ok(());
-        }
-        let running = generations.into_iter().last().filter(|g| g.end_cause.is_none());
-        let detail = match running {
-            Some(g) => {
-                let grace = Duration::from_millis(self.cfg.rendezvous.coordinator_grace_ms);
-                let resume =
-                    g.resume_step.and_then(|step| self.checkpoints.iter().find(|c| c.step == step).cloned());
-                let members = g
-                    .members
-                    .into_iter()
-                    .map(|info| Member {
-                        info,
-                        state: MemberState::Detached,
-                        last_seen: now,
-                        progress: Progress::default(),
-                    })
-                    .collect::<Vec<_>>();
-                let detail = format!(
-                    "coordinator restarted from {path}: the {} workers of generation {} have {} ms to re-attach",
-                    members.len(),
-                    g.id,
-                    grace.as_millis()
-                );
-                self.generation = Some(Generation { id: g.id, members, resume });
-                self.reattach_deadline = Some(now + grace);
-                self.phase = Phase::Running;
-                detail
-            }
-            None => {
-                if outcome.is_some() {
-                    self.store.set_outcome(None)?; // a failed job goes on from its checkpoint
-                }
-                match self.newest_checkpoint() {
-                    Some(c) => format!(
-                        "coordinator restarted from {path}: the next generation resumes from checkpoint step {} ({})",
-                        c.step, c.path
-                    ),
-                    None => format!("coordinator restarted from {path}: no committed checkpoint, the next generation starts afresh"),
-                }
-            }
-        };
-        let generation = self.generation.as_ref().map_or(0, |g| g.id);
-        self.log_event(generation, "coordinator_restarted", detail)
     }
 
     fn log_event(&mut self, generation: u64, kind: &str, detail: String) -> Result<(), CoordinatorError> {
@@ -598,268 +544,6 @@ impl JobState {
         Ok(silent)
     }
 
-    /// This rank's samples for one epoch of one split; checks every rank sees the same data
-    /// and, for training, records which part of the epoch this generation trains.
-    pub(crate) fn shard(&mut self, req: &ShardRequest) -> Result<ShardResponse, CoordinatorError> {
-        let split = Split::try_from(req.split).unwrap_or(Split::Unspecified);
-        if split == Split::Unspecified {
-            return Err(CoordinatorError::InvalidRequest {
-                field: "split",
-                message: format!("unknown split {}", req.split),
-            });
-        }
-        let generation = self.generation.as_ref().filter(|g| g.id == req.generation);
-        let (rank, world_size) = generation
-            .and_then(|g| Some((g.rank_of(&req.worker_id)? as u32, g.members.len() as u32)))
-            .ok_or_else(|| CoordinatorError::UnknownWorker {
-                worker_id: req.worker_id.clone(),
-                generation: req.generation,
-            })?;
-        let seen = (req.dataset_samples, req.dataset_fingerprint.clone(), req.worker_id.clone());
-        let first = self.datasets.entry(req.split).or_insert(seen);
-        if (first.0, &first.1) != (req.dataset_samples, &req.dataset_fingerprint) {
-            return Err(CoordinatorError::DatasetMismatch {
-                split: split.as_str_name(),
-                worker_id: req.worker_id.clone(),
-                first_worker: first.2.clone(),
-                detail: format!(
-                    "{} samples (index {}) vs {} samples (index {})",
-                    req.dataset_samples, req.dataset_fingerprint, first.0, first.1
-                ),
-            });
-        }
-        let n = req.dataset_samples;
-        let batch_size = self.cfg.train.batch_size;
-        if split == Split::Val {
-            return Ok(ShardResponse {
-                epoch: req.epoch,
-                positions: sharding::val_shard(n, world_size, rank),
-                batch_size,
-                steps: 0,
-                epoch_position: 0,
-            });
-        }
-        let consumed = self.segment_start(req, rank, world_size)?;
-        let shard = sharding::train_shard(sharding::ShardSpec {
-            samples: n,
-            seed: self.cfg.job.seed,
-            epoch: req.epoch,
-            consumed,
-            world_size,
-            rank,
-            batch_size,
-        });
-        Ok(ShardResponse {
-            epoch: req.epoch,
-            positions: shard.positions,
-            batch_size,
-            steps: shard.steps,
-            epoch_position: consumed,
-        })
-    }
-
-    /// Where this generation's run through `req.epoch` starts. The first request of the
-    /// generation for the epoch fixes it (the worker's own position, else the resume
-    /// checkpoint's for its epoch, else 0); every other rank must agree.
-    fn segment_start(
-        &mut self,
-        req: &ShardRequest,
-        rank: u32,
-        world_size: u32,
-    ) -> Result<u64, CoordinatorError> {
-        let n = req.dataset_samples;
-        if let Some(seg) = self.accounting.find(req.generation, req.epoch) {
-            return match req.epoch_position {
-                Some(p) if p != seg.start => Err(CoordinatorError::InvalidRequest {
-                    field: "epoch_position",
-                    message: format!(
-                        "rank {rank} continues epoch {} at sample {p}, but generation {} started it at {}: \
-                         the ranks hold different state",
-                        req.epoch, req.generation, seg.start
-                    ),
-                }),
-                _ => Ok(seg.start),
-            };
-        }
-        let resume =
-            self.generation.as_ref().and_then(|g| g.resume.as_ref()).filter(|c| c.epoch == req.epoch);
-        let start = req.epoch_position.or(resume.map(|c| c.epoch_position)).unwrap_or(0);
-        if start > n {
-            return Err(CoordinatorError::InvalidRequest {
-                field: "epoch_position",
-                message: format!("{start} is past the split's {n} samples"),
-            });
-        }
-        let batch_size = self.cfg.train.batch_size;
-        let global = u64::from(world_size) * u64::from(batch_size);
-        let changed = self.accounting.begin(SegmentStart {
-            epoch: req.epoch,
-            generation: req.generation,
-            world_size,
-            batch_size,
-            samples: n,
-            start,
-            steps_at_start: req.steps_done,
-            steps: (n - start) / global,
-        });
-        for segment in &changed {
-            self.store.put_segment(segment)?;
-        }
-        Ok(start)
-    }
-
-    pub(crate) fn report_metrics(
-        &mut self,
-        report: MetricsReport,
-        now: Instant,
-    ) -> Result<(), CoordinatorError> {
-        let kind = MetricsKind::try_from(report.kind).unwrap_or(MetricsKind::Unspecified);
-        if kind == MetricsKind::Unspecified {
-            return Err(CoordinatorError::InvalidRequest {
-                field: "kind",
-                message: format!("unknown metrics kind {}", report.kind),
-            });
-        }
-        self.touch(&report.worker_id, report.generation, now, |p| p.step = p.step.max(report.step))?;
-        if kind == MetricsKind::Eval {
-            return self.collect_eval(report);
-        }
-        let mut keys: Vec<(&String, &f64)> = report.scalars.iter().collect();
-        keys.sort_by(|a, b| a.0.cmp(b.0));
-        let values: String = keys.iter().map(|(k, v)| format!("{k}={v:.5} ")).collect();
-        tracing::info!(
-            rank = report.rank,
-            step = report.step,
-            epoch = report.epoch,
-            values = values.trim_end(),
-            "train"
-        );
-        self.history.record(
-            MetricPoint {
-                kind: kind as i32,
-                step: report.step,
-                epoch: report.epoch,
-                values: report.scalars,
-                rank: report.rank,
-                generation: report.generation,
-            },
-            &mut self.store,
-        );
-        Ok(())
-    }
-
-    /// Keeps one rank's evaluation statistics; once every rank of the generation has sent its
-    /// share for this step, merges them (in rank order) and records the finished metrics.
-    fn collect_eval(&mut self, report: MetricsReport) -> Result<(), CoordinatorError> {
-        let stats: mtl_metrics::EvalStats = serde_json::from_slice(&report.eval_stats_json).map_err(|e| {
-            CoordinatorError::InvalidRequest {
-                field: "eval_stats_json",
-                message: format!("rank {}: {e}", report.rank),
-            }
-        })?;
-        let world_size = self.generation.as_ref().map_or(0, |g| g.members.len());
-        let key = (report.generation, report.step);
-        let ranks = self.pending_eval.entry(key).or_default();
-        ranks.insert(report.rank, stats);
-        if ranks.len() < world_size {
-            return Ok(());
-        }
-        let ranks = self.pending_eval.remove(&key).unwrap_or_default();
-        let mut merged = mtl_metrics::EvalStats::default();
-        for (rank, stats) in &ranks {
-            merged.merge(stats).map_err(|e| CoordinatorError::InvalidRequest {
-                field: "eval_stats_json",
-                message: format!("rank {rank}'s statistics do not merge: {e}"),
-            })?;
-        }
-        let map = merged.finish().to_map();
-        tracing::info!(
-            step = report.step,
-            epoch = report.epoch,
-            ranks = ranks.len(),
-            "evaluation\n{}",
-            mtl_metrics::render_table(&map)
-        );
-        if let Some(c) = self.checkpoints.iter_mut().find(|c| c.step == report.step) {
-            c.metrics.extend(map.iter().map(|(k, v)| (k.clone(), *v)));
-            self.store.add_checkpoint_metrics(report.step, &map)?;
-        }
-        self.history.record(
-            MetricPoint {
-                kind: MetricsKind::Eval as i32,
-                step: report.step,
-                epoch: report.epoch,
-                values: map.into_iter().collect(),
-                rank: 0,
-                generation: report.generation,
-            },
-            &mut self.store,
-        );
-        Ok(())
-    }
-
-    /// Records a checkpoint that a member wrote, then prunes beyond `checkpoint.keep_last`.
-    /// A commit of a step already recorded replaces that record (the newest write wins).
-    pub(crate) fn commit_checkpoint(
-        &mut self,
-        req: &CheckpointCommit,
-        now: Instant,
-    ) -> Result<CheckpointAck, CoordinatorError> {
-        self.touch(&req.worker_id, req.generation, now, |_| {})?;
-        if req.config_hash != self.config_hash {
-            return Err(CoordinatorError::ConfigHashMismatch {
-                path: req.path.clone(),
-                theirs: req.config_hash.clone(),
-                ours: self.config_hash.clone(),
-            });
-        }
-        let resolved = checkpoints::resolve(&self.checkpoint_dir, &req.path)
-            .map_err(|message| CoordinatorError::InvalidRequest { field: "path", message })?;
-        let checkpoint = Checkpoint {
-            step: req.step,
-            epoch: req.epoch,
-            epoch_position: req.epoch_position,
-            generation: req.generation,
-            path: req.path.clone(),
-            resolved,
-            metrics: self.history.at_step(req.step),
-            pruned: false,
-        };
-        self.store.insert_checkpoint(&checkpoint)?;
-        tracing::info!(step = req.step, epoch = req.epoch, epoch_position = req.epoch_position, path = %req.path, "checkpoint committed");
-        self.checkpoints.retain(|c| c.step != req.step);
-        let at = self.checkpoints.partition_point(|c| c.step < req.step);
-        self.checkpoints.insert(at, checkpoint);
-        let pruned = self.prune()?;
-        Ok(CheckpointAck { committed: true, pruned })
-    }
-
-    /// Deletes the directories of checkpoints beyond `keep_last` (never the best by
-    /// `keep_best`, never the one the current generation resumed from). A directory that
-    /// cannot be deleted is logged and tried again after the next commit.
-    fn prune(&mut self) -> Result<Vec<String>, CoordinatorError> {
-        let protected = self.generation.as_ref().and_then(|g| g.resume.as_ref()).map(|c| c.step);
-        let c = &self.cfg.checkpoint;
-        let steps = checkpoints::to_prune(&self.checkpoints, c.keep_last, c.keep_best_key(), protected);
-        let mut pruned = Vec::new();
-        for step in steps {
-            let Some(c) = self.checkpoints.iter_mut().find(|c| c.step == step) else { continue };
-            match std::fs::remove_dir_all(&c.resolved) {
-                Ok(()) => {}
-                Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
-                Err(err) => {
-                    tracing::warn!(path = %c.resolved.display(), %err, "cannot prune a checkpoint");
-                    continue;
-                }
-            }
-            c.pruned = true;
-            tracing::info!(step, path = %c.resolved.display(), "checkpoint pruned");
-            pruned.push(c.path.clone());
-            self.store.mark_pruned(step)?;
-        }
-        Ok(pruned)
-    }
-
     /// A worker is done (or failed). The job finishes when every member has left.
     pub(crate) fn leave(
         &mut self,
@@ -897,69 +581,11 @@ impl JobState {
         Ok(())
     }
 
-    pub(crate) fn status(&self, now: Instant) -> JobStatus {
-        let shown = self.generation.as_ref().or(self.ended.as_ref().map(|(g, _)| g));
-        let (epoch, epoch_position) =
-            shown.and_then(|g| self.accounting.current(g.id)).map_or((0, 0), |s| (s.epoch, s.end));
-        let mut workers: Vec<WorkerStatus> = self
-            .pending
-            .values()
-            .map(|info| WorkerStatus {
-                worker_id: info.worker_id.clone(),
-                host: info.host.clone(),
-                device: info.device.clone(),
-                state: "waiting".into(),
-                ..Default::default()
-            })
-            .collect();
-        if let Some(g) = shown {
-            workers.extend(g.members.iter().enumerate().map(|(rank, m)| WorkerStatus {
-                worker_id: m.info.worker_id.clone(),
-                rank: rank as u32,
-                host: m.info.host.clone(),
-                device: m.info.device.clone(),
-                state: format!("{:?}", m.state).to_lowercase(),
-                last_step: m.progress.step,
-                phase: phase_name(m.progress.phase).into(),
-                heartbeat_age_ms: now.saturating_duration_since(m.last_seen).as_millis() as u64,
-                collective_seq: m.progress.collective_seq,
-            }));
-        }
-        let skip = self.events.len().saturating_sub(STATUS_EVENTS);
-        JobStatus {
-            job_name: self.cfg.job.name.clone(),
-            state: self.phase.name().into(),
-            generation: shown.map_or(0, |g| g.id),
-            world_size: shown.map_or(0, |g| g.members.len() as u32),
-            workers,
-            history: self.history.points().to_vec(),
-            message: match &self.phase {
-                Phase::Failed(reason) => reason.clone(),
-                _ => String::new(),
-            },
-            epoch,
-            epoch_position,
-            events: self.events[skip..].to_vec(),
-            epoch_segments: self.accounting.segments().iter().map(|s| s.to_proto()).collect(),
-            checkpoints: self.checkpoints.iter().map(Checkpoint::to_proto).collect(),
-            resume: shown.and_then(|g| g.resume.as_ref()).map(Checkpoint::resume),
-            config_hash: self.config_hash.clone(),
-        }
-    }
 }
 
-/// The phase as `coordinator status` shows it.
-fn phase_name(phase: WorkerPhase) -> &'static str {
-    match phase {
-        WorkerPhase::Unspecified => "",
-        WorkerPhase::Loading => "loading",
-        WorkerPhase::Step => "step",
-        WorkerPhase::AllReduce => "all-reduce",
-        WorkerPhase::Checkpoint => "checkpoint",
-        WorkerPhase::Eval => "eval",
-        WorkerPhase::Waiting => "waiting",
-    }
-}
-
+mod reports;
+mod restore;
+mod shards;
 #[cfg(test)]
 mod tests;
+mod view;

@@ -10,7 +10,9 @@ pids=()
 cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; }
 trap cleanup EXIT
 
-./target/release/coordinator serve --config deploy/local/demo.toml --addr-file "$run_dir/addr" &
+# A fresh state database per run: on the same one, a finished job stays finished.
+./target/release/coordinator serve --config deploy/local/demo.toml --addr-file "$run_dir/addr" \
+    --set server.state_db="$run_dir/state.db" &
 coordinator=$!
 pids+=("$coordinator")
 for _ in $(seq 100); do [[ -s "$run_dir/addr" ]] && break; sleep 0.1; done

@@ -51,12 +51,21 @@ pub struct ShardSpec {
 /// The train shard `spec` describes: rank `spec.rank`'s positions of epoch `spec.epoch`,
 /// skipping the first `spec.consumed` samples of the epoch's permutation.
 pub fn train_shard(spec: ShardSpec) -> TrainShard {
-    let ShardSpec { samples: n, seed, epoch, consumed, world_size, rank, batch_size } = spec;
+    train_shard_of(&permutation(spec.samples, spec.seed, spec.epoch), spec)
+}
+
+/// [`train_shard`] with the epoch's permutation computed by the caller, who can then compute
+/// it once for every rank (the coordinator serves a thousand ranks from one).
+///
+/// # Panics
+/// If `perm` is not `spec.samples` long.
+pub fn train_shard_of(perm: &[u64], spec: ShardSpec) -> TrainShard {
+    let ShardSpec { samples: n, consumed, world_size, rank, batch_size, .. } = spec;
+    assert_eq!(perm.len() as u64, n, "the permutation must cover the split");
     let (world, b) = (u64::from(world_size), u64::from(batch_size));
     let global = world * b;
     let remaining = n.saturating_sub(consumed);
     let steps = remaining / global;
-    let perm = permutation(n, seed, epoch);
     let rest = &perm[consumed.min(n) as usize..];
     let mut positions = Vec::with_capacity((steps * b) as usize);
     for step in 0..steps {

@@ -1,4 +1,5 @@
 use super::*;
+use mtl_proto::v1::{CheckpointCommit, MetricsKind, MetricsReport, ShardRequest, Split};
 
 /// A job state whose metrics file, state database and checkpoints live in a temporary
 /// directory (kept alive by the caller).
