@@ -299,6 +299,36 @@ fn bf16_steps_track_fp32_steps() {
 }
 
 #[test]
+fn equivalence_holds_with_gradnorm() {
+    check_equivalence("[weighting]\nstrategy = \"gradnorm\"", false);
+}
+
+#[test]
+fn equivalence_holds_with_gradnorm_and_partial_labels() {
+    check_equivalence("[weighting]\nstrategy = \"gradnorm\"", true);
+}
+
+#[test]
+fn gradnorm_sees_every_task_at_the_layer_it_balances() {
+    // The FPN output conv GradNorm used to balance at is never reached by classification
+    // (it reads C5): its gradient norm there was 0 and its weight never balanced.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = job(dir.path(), "[weighting]\nstrategy = \"gradnorm\"");
+    let train = OrderedSplit::new(open_dataset(&cfg.data, Split::Train, cfg.job.seed).unwrap().unwrap());
+    let model = MultiTaskModel::new(&cfg.model, &cfg.tasks, &train.dataset.info, Device::Cpu).unwrap();
+    let mut trainer = Trainer::new(&cfg, model, Box::new(LocalCollective)).unwrap();
+    let lc = LoaderConfig::from_section(&cfg.data, 4, true, cfg.job.seed, 0);
+    for batch in Loader::new(train.dataset.clone(), &train.ids[..8], lc).unwrap() {
+        let report = trainer.step(&batch.unwrap()).unwrap();
+        for task in crate::task::Task::ALL {
+            let norm = report.task_grad_norms.value(task);
+            assert!(norm.is_some_and(|n| n > 0.0), "step {}: {} has norm {norm:?}", report.step, task.name());
+        }
+        assert!(report.scalars().iter().any(|(k, _)| k == "grad_norm/cls"));
+    }
+}
+
+#[test]
 fn labels_outside_the_models_label_space_are_an_error_not_a_panic() {
     // A manifest whose dataset.json declares only the background class while its masks hold
     // the shapes' classes: LibTorch rejects the targets, and the standalone run says where.
