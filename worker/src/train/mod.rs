@@ -164,6 +164,12 @@ impl Trainer {
         self.collective.world_size()
     }
 
+    /// Ends an epoch: task weighting that adapts per epoch (DWA) turns the losses the steps
+    /// recorded into the next epoch's weights. Every rank calls it after the same step.
+    pub fn end_epoch(&mut self) {
+        self.weighting.end_epoch();
+    }
+
     /// Overwrites every parameter and buffer with rank 0's.
     fn broadcast_state(&mut self) -> Result<(), WorkerError> {
         if self.collective.world_size() == 1 {
@@ -238,6 +244,7 @@ impl Trainer {
         for (task, v) in present.into_iter().zip(reduced) {
             values.set(task, f64::from(v));
         }
+        self.weighting.record_losses(&values);
 
         let grad_norm = if self.clip_grad_norm > 0.0 {
             let all: Vec<Tensor> = self.model.parameters().into_iter().map(|(_, t)| t).collect();

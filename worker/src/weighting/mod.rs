@@ -163,11 +163,21 @@ impl TaskWeighting {
         matches!(self.strategy, Strategy::PcGrad(_))
     }
 
-    /// Tells DWA the mean loss of each task over the epoch (or window) that just ended; the
-    /// values must be the same on every rank (reduced). Other strategies ignore it.
-    pub fn end_epoch(&mut self, mean_losses: &TaskValues) {
+    /// Adds one step's per-task losses to DWA's running means of the epoch; the values must
+    /// be the same on every rank (reduced, as the trainer reports them). Other strategies
+    /// ignore them.
+    pub fn record_losses(&mut self, losses: &TaskValues) {
         if let Strategy::Dwa(dwa) = &mut self.strategy {
-            dwa.end_epoch(mean_losses);
+            dwa.record_losses(losses);
+        }
+    }
+
+    /// Ends the epoch (or window): DWA turns the means recorded since the last call into the
+    /// weights of the next epoch. Every rank calls it at the same step. Other strategies
+    /// ignore it.
+    pub fn end_epoch(&mut self) {
+        if let Strategy::Dwa(dwa) = &mut self.strategy {
+            dwa.end_epoch();
         }
     }
 

@@ -146,21 +146,28 @@ fn dwa_weights_match_hand_computation() {
         vec![r.cls.unwrap(), r.det.unwrap(), r.seg.unwrap()]
     };
     assert_eq!(weights(&mut weighting), [1.0; 3], "1 before any epoch");
-    weighting.end_epoch(&TaskValues { cls: Some(1.0), det: Some(2.0), seg: Some(3.0) });
+    // Epoch means from the steps' losses: (1, 2, 3) from two steps each.
+    weighting.record_losses(&TaskValues { cls: Some(0.5), det: Some(1.0), seg: Some(3.5) });
+    weighting.record_losses(&TaskValues { cls: Some(1.5), det: Some(3.0), seg: Some(2.5) });
+    weighting.end_epoch();
     assert_eq!(weights(&mut weighting), [1.0; 3], "1 after one epoch");
-    weighting.end_epoch(&TaskValues { cls: Some(0.8), det: Some(1.9), seg: Some(2.4) });
+    weighting.record_losses(&TaskValues { cls: Some(0.8), det: Some(1.9), seg: Some(2.4) });
+    assert_eq!(weights(&mut weighting), [1.0; 3], "recording does not change the epoch's weights");
+    weighting.end_epoch();
     // r = (0.8, 0.95, 0.8), T = 2: w = 3·softmax(r/2), by hand in f64:
     // e = [exp(.4), exp(.475), exp(.4)]; 3·e/Σe
     let want = [0.9746955547816033, 1.0506088904367932, 0.9746955547816033];
     assert_close(&weights(&mut weighting), &want, 1e-12);
 
-    // Restored from its state, DWA gives the same weights.
+    // A task missing from an epoch drops out; the two others share K = 2. The epoch is
+    // checkpointed half way: the restored state carries the running sums.
+    weighting.record_losses(&TaskValues { cls: None, det: Some(1.7), seg: Some(1.92) });
     let mut restored = TaskWeighting::new(&cfg(WeightingStrategy::Dwa), 0, Device::Cpu);
     restored.load_state_dict(&weighting.state_dict()).unwrap();
     assert_close(&weights(&mut restored), &want, 1e-12);
-
-    // A task missing from an epoch drops out; the two others share K = 2.
-    weighting.end_epoch(&TaskValues { cls: None, det: Some(1.8), seg: Some(1.92) });
+    let mut weighting = restored;
+    weighting.record_losses(&TaskValues { cls: None, det: Some(1.9), seg: Some(1.92) });
+    weighting.end_epoch();
     // r = (1.8/1.9, 1.92/2.4) = (0.947368.., 0.8); 2·softmax(r/2)
     let r = [1.8f64 / 1.9, 1.92 / 2.4];
     let e = [(r[0] / 2.0).exp(), (r[1] / 2.0).exp()];
