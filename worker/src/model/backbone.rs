@@ -167,6 +167,14 @@ impl Backbone {
         let [c3, c4, c5]: [Tensor; 3] = taps.try_into().expect("three stages after the first");
         Ok([c3, c4, c5])
     }
+
+    /// The kernel of the last stage's shortcut convolution (`layer4.0.downsample.0.weight`):
+    /// the last convolution whose gradient every consumer of C5 reaches from the first step
+    /// (see [`super::MultiTaskModel::gradnorm_layer`]).
+    pub fn last_stage_shortcut(&self) -> &Tensor {
+        let first = &self.stages[3][0];
+        first.downsample.as_ref().expect("the last stage starts with a stride-2 block").0.weight()
+    }
 }
 
 /// Spatial sizes of C3/C4/C5 (and P3/P4/P5) for an `h`x`w` input: each stride-2 layer maps n to

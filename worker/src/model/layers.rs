@@ -21,6 +21,11 @@ impl Conv2d {
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor, TchError> {
         x.f_conv2d(&self.conv.ws, self.conv.bs.as_ref(), [self.stride; 2], [self.padding; 2], [1, 1], 1)
     }
+
+    /// The kernel, `[out, in, k, k]`.
+    pub(crate) fn weight(&self) -> &Tensor {
+        &self.conv.ws
+    }
 }
 
 /// `x·Wᵀ + b`.

@@ -134,6 +134,18 @@ impl MultiTaskModel {
         })
     }
 
+    /// The shared weight where GradNorm compares the tasks' gradient norms: the last stage's
+    /// shortcut convolution (`backbone.layer4.0.downsample.0.weight`). Every head reads C5
+    /// (classification directly, detection and segmentation through the FPN), and C5 is a sum
+    /// with this convolution's output, so every enabled task's loss reaches it, with a
+    /// non-zero gradient from the first step. The last convolution of each residual branch
+    /// would not do: its norm's scale starts at 0 (`zero_init_residual`), which makes its
+    /// gradient exactly 0 until that scale has moved; the FPN's output convs are not reached
+    /// by classification at all.
+    pub fn gradnorm_layer(&self) -> Tensor {
+        self.backbone.last_stage_shortcut().shallow_clone()
+    }
+
     /// Loads a backbone-only safetensors file with torchvision names (see docs/MODEL.md).
     pub fn load_pretrained_backbone(&self, path: &Path) -> Result<(), WorkerError> {
         backbone::load_backbone(&self.vs, BACKBONE_PREFIX, path)

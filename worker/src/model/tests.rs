@@ -138,6 +138,34 @@ fn frozen_batch_norm_is_neither_trained_nor_updated() {
 }
 
 #[test]
+fn every_task_reaches_the_gradnorm_layer_from_the_first_step() {
+    let model = test_model(&TasksSection::default());
+    let batch = test_batch(&[(true, true, true), (true, true, true)], 7);
+    let targets = build_targets(&model, &batch).unwrap();
+    let counts = local_counts(&batch, &targets).unwrap();
+    let losses =
+        task_losses(&model.forward(&batch.images, true).unwrap(), &batch, &targets, &counts).unwrap();
+    let vars = model.var_store().variables();
+    let layer = model.gradnorm_layer();
+    assert!(layer.equal(&vars["backbone.layer4.0.downsample.0.weight"]));
+    let norm_at = |loss: &Tensor, at: &Tensor| {
+        let g = Tensor::run_backward(&[loss], &[at], true, true).remove(0);
+        if g.defined() {
+            g.norm().double_value(&[])
+        } else {
+            0.0
+        }
+    };
+    for (task, loss) in losses.iter() {
+        assert!(norm_at(loss, &layer) > 0.0, "{} does not reach the GradNorm layer", task.name());
+    }
+    // Why not the alternatives: classification never reaches the FPN, and the last conv of a
+    // residual branch sits behind a norm whose scale starts at 0.
+    assert_eq!(norm_at(losses.cls.as_ref().unwrap(), &vars["neck.output.2.weight"]), 0.0);
+    assert_eq!(norm_at(losses.seg.as_ref().unwrap(), &vars["backbone.layer4.0.conv2.weight"]), 0.0);
+}
+
+#[test]
 fn a_wrong_sized_input_is_an_error_naming_the_layer() {
     let model = test_model(&TasksSection::default());
     let gray = Tensor::zeros([2, 1, 32, 32], (Kind::Float, Device::Cpu));

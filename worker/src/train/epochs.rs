@@ -1,7 +1,8 @@
 //! The epoch loop both training modes share: take this rank's shard of an epoch, step through
 //! it, log every `train.log_every_steps`, evaluate every `train.eval_every_steps` and once at
-//! the end. Where shards come from and where progress goes is the [`Driver`]'s business: the
-//! process itself for `worker train --standalone`, the coordinator for `worker run`.
+//! the end; after an epoch's last step the trainer ends the epoch (DWA's weights move there).
+//! Where shards come from and where progress goes is the [`Driver`]'s business: the process
+//! itself for `worker train --standalone`, the coordinator for `worker run`.
 use mtl_job::sharding::TrainShard;
 use mtl_job::JobConfig;
 
@@ -75,10 +76,12 @@ pub fn train(
             &ids,
             LoaderConfig::from_section(&cfg.data, batch_size, true, cfg.job.seed, epoch),
         )?;
+        let mut epoch_steps = 0;
         for batch in loader.by_ref().take(shard.steps as usize) {
             if trainer.steps_done() >= cfg.train.steps {
                 break;
             }
+            epoch_steps += 1;
             driver.before_step()?;
             let step = trainer.steps_done() + 1;
             let report = trainer.step(&batch?)?;
@@ -92,6 +95,10 @@ pub fn train(
                 meter.restart();
                 since = std::time::Instant::now();
             }
+        }
+        // Every rank runs the same number of steps of a shard, so all end the epoch together.
+        if epoch_steps == shard.steps {
+            trainer.end_epoch();
         }
         skipped += loader.summary().skipped.len();
         epoch += 1;

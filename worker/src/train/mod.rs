@@ -24,7 +24,7 @@ use crate::data::{Batch, ClassTarget};
 use crate::model::MultiTaskModel;
 use crate::optim::{clip_grad_norm, Optimizer, Schedule};
 use crate::task::{Task, TaskLosses, TaskValues};
-use crate::weighting::{Reducer, TaskWeighting};
+use crate::weighting::{Params, Reducer, TaskWeighting};
 use crate::WorkerError;
 use losses::Counts;
 
@@ -48,6 +48,9 @@ pub struct StepReport {
     pub losses: TaskValues,
     /// Per-task weight the weighting strategy applied.
     pub weights: TaskValues,
+    /// GradNorm only: each task's gradient norm at the layer it balances (averaged over ranks);
+    /// empty for the other strategies.
+    pub task_grad_norms: TaskValues,
     /// Global gradient norm before clipping (when clipping is on).
     pub grad_norm: Option<f64>,
     /// Samples this step trained on, over all ranks.
@@ -55,7 +58,8 @@ pub struct StepReport {
 }
 
 impl StepReport {
-    /// Named scalars for the coordinator and logs: `loss/<task>`, `weight/<task>`, `lr`.
+    /// Named scalars for the coordinator and logs: `loss/<task>`, `weight/<task>`, `lr`, and
+    /// `grad_norm` (clipping) and `grad_norm/<task>` (GradNorm) when present.
     pub fn scalars(&self) -> Vec<(String, f64)> {
         let mut out = vec![("lr".to_string(), self.lr)];
         for task in Task::ALL {
@@ -64,6 +68,9 @@ impl StepReport {
             }
             if let Some(w) = self.weights.value(task) {
                 out.push((format!("weight/{}", task.short()), w));
+            }
+            if let Some(n) = self.task_grad_norms.value(task) {
+                out.push((format!("grad_norm/{}", task.short()), n));
             }
         }
         if let Some(g) = self.grad_norm {
@@ -157,6 +164,12 @@ impl Trainer {
         self.collective.world_size()
     }
 
+    /// Ends an epoch: task weighting that adapts per epoch (DWA) turns the losses the steps
+    /// recorded into the next epoch's weights. Every rank calls it after the same step.
+    pub fn end_epoch(&mut self) {
+        self.weighting.end_epoch();
+    }
+
     /// Overwrites every parameter and buffer with rank 0's.
     fn broadcast_state(&mut self) -> Result<(), WorkerError> {
         if self.collective.world_size() == 1 {
@@ -205,12 +218,10 @@ impl Trainer {
         let shared: Vec<Tensor> = self.model.shared_parameters().into_iter().map(|(_, t)| t).collect();
         let heads: Vec<Tensor> =
             Task::ALL.into_iter().flat_map(|t| self.model.head_parameters(t)).map(|(_, t)| t).collect();
-        let report = self.weighting.backward(
-            &scaled,
-            &shared,
-            &heads,
-            &mut CollectiveReducer(self.collective.as_mut()),
-        )?;
+        let gradnorm_layer = self.model.gradnorm_layer();
+        let params = Params { shared: &shared, heads: &heads, gradnorm_layer: Some(&gradnorm_layer) };
+        let report =
+            self.weighting.backward(&scaled, params, &mut CollectiveReducer(self.collective.as_mut()))?;
 
         // Every rank all-reduces every gradient, also of heads without labels this step.
         let mut params: Vec<Tensor> = if self.weighting.reduces_shared_grads() {
@@ -233,6 +244,7 @@ impl Trainer {
         for (task, v) in present.into_iter().zip(reduced) {
             values.set(task, f64::from(v));
         }
+        self.weighting.record_losses(&values);
 
         let grad_norm = if self.clip_grad_norm > 0.0 {
             let all: Vec<Tensor> = self.model.parameters().into_iter().map(|(_, t)| t).collect();
@@ -249,6 +261,7 @@ impl Trainer {
             lr,
             losses: values,
             weights: report.weights,
+            task_grad_norms: report.grad_norms,
             grad_norm,
             samples: (batch.ids.len() as f64 * world) as u64,
         })

@@ -299,6 +299,173 @@ fn bf16_steps_track_fp32_steps() {
 }
 
 #[test]
+fn equivalence_holds_with_gradnorm() {
+    check_equivalence("[weighting]\nstrategy = \"gradnorm\"", false);
+}
+
+#[test]
+fn equivalence_holds_with_gradnorm_and_partial_labels() {
+    check_equivalence("[weighting]\nstrategy = \"gradnorm\"", true);
+}
+
+#[test]
+fn gradnorm_sees_every_task_at_the_layer_it_balances() {
+    // The FPN output conv GradNorm used to balance at is never reached by classification
+    // (it reads C5): its gradient norm there was 0 and its weight never balanced.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = job(dir.path(), "[weighting]\nstrategy = \"gradnorm\"");
+    let train = OrderedSplit::new(open_dataset(&cfg.data, Split::Train, cfg.job.seed).unwrap().unwrap());
+    let model = MultiTaskModel::new(&cfg.model, &cfg.tasks, &train.dataset.info, Device::Cpu).unwrap();
+    let mut trainer = Trainer::new(&cfg, model, Box::new(LocalCollective)).unwrap();
+    let lc = LoaderConfig::from_section(&cfg.data, 4, true, cfg.job.seed, 0);
+    for batch in Loader::new(train.dataset.clone(), &train.ids[..8], lc).unwrap() {
+        let report = trainer.step(&batch.unwrap()).unwrap();
+        for task in crate::task::Task::ALL {
+            let norm = report.task_grad_norms.value(task);
+            assert!(norm.is_some_and(|n| n > 0.0), "step {}: {} has norm {norm:?}", report.step, task.name());
+        }
+        assert!(report.scalars().iter().any(|(k, _)| k == "grad_norm/cls"));
+    }
+}
+
+/// Trains through the real epoch loop and records every step's report with its epoch.
+struct Recorder {
+    spec: sharding::ShardSpec,
+    reports: Vec<(u64, StepReport)>,
+}
+
+impl Recorder {
+    fn new(cfg: &JobConfig, world_size: u32, rank: u32) -> Self {
+        let spec = sharding::ShardSpec {
+            samples: 0,
+            seed: cfg.job.seed,
+            epoch: 0,
+            consumed: 0,
+            world_size,
+            rank,
+            batch_size: cfg.train.batch_size,
+        };
+        Recorder { spec, reports: Vec::new() }
+    }
+}
+
+impl epochs::Driver for Recorder {
+    fn train_shard(&mut self, epoch: u64, train: &OrderedSplit) -> Result<sharding::TrainShard, WorkerError> {
+        Ok(sharding::train_shard(sharding::ShardSpec { samples: train.ids.len() as u64, epoch, ..self.spec }))
+    }
+
+    fn after_step(&mut self, epoch: u64, report: &StepReport, _: Option<f64>) -> Result<(), WorkerError> {
+        self.reports.push((epoch, report.clone()));
+        Ok(())
+    }
+
+    fn evaluate(&mut self, _: &Trainer, _: u64) -> Result<(), WorkerError> {
+        Ok(())
+    }
+}
+
+/// DWA's weights in every step of `reports` against eq. 7 of Liu et al. (2019) computed here
+/// from the epoch means of the reported (rank-averaged) losses: 1 in the first two epochs,
+/// `K·exp(r_t/T)/Σ_i exp(r_i/T)` with `r_t = L̄_t(e−1)/L̄_t(e−2)` after. Returns how far the
+/// weights moved from 1.
+fn check_dwa_weights(reports: &[(u64, StepReport)], temperature: f64) -> f64 {
+    let epochs = reports.last().unwrap().0 as usize + 1;
+    let mut means = vec![[0f64; 3]; epochs];
+    for (e, mean) in means.iter_mut().enumerate() {
+        let steps: Vec<&StepReport> =
+            reports.iter().filter(|(re, _)| *re as usize == e).map(|(_, r)| r).collect();
+        for task in crate::task::Task::ALL {
+            let sum = steps.iter().fold(0.0, |s, r| s + r.losses.value(task).unwrap());
+            mean[task.index()] = sum / steps.len() as f64;
+        }
+    }
+    let mut moved = 0f64;
+    for (epoch, report) in reports {
+        let e = *epoch as usize;
+        let want: Vec<f64> = if e < 2 {
+            vec![1.0; 3]
+        } else {
+            let r: Vec<f64> = (0..3).map(|t| means[e - 1][t] / means[e - 2][t]).collect();
+            let z: f64 = r.iter().map(|r| (r / temperature).exp()).sum();
+            r.iter().map(|r| 3.0 * (r / temperature).exp() / z).collect()
+        };
+        for task in crate::task::Task::ALL {
+            let got = report.weights.value(task).unwrap();
+            let want = want[task.index()];
+            assert!(
+                (got - want).abs() <= 1e-12,
+                "epoch {e} step {}: {} weight {got}, eq. 7 gives {want}",
+                report.step,
+                task.name()
+            );
+            moved = moved.max((got - 1.0).abs());
+        }
+    }
+    moved
+}
+
+fn dwa_job(dir: &Path) -> JobConfig {
+    let mut cfg = job(dir, "[weighting]\nstrategy = \"dwa\"");
+    // 24 training samples: 6 steps of 4 per epoch, 4 epochs.
+    cfg.data.synthetic_n = 32;
+    cfg.train.batch_size = 4;
+    cfg.train.steps = 24;
+    cfg
+}
+
+#[test]
+fn dwa_weights_follow_the_epoch_means_through_the_epoch_loop() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dwa_job(dir.path());
+    let (train, _, model) = super::job::open_job(&cfg, Device::Cpu).unwrap();
+    assert_eq!(train.ids.len(), 24);
+    let mut trainer = Trainer::new(&cfg, model, Box::new(LocalCollective)).unwrap();
+    let mut recorder = Recorder::new(&cfg, 1, 0);
+    let outcome = epochs::train(&cfg, &mut trainer, &train, &mut recorder).unwrap();
+    assert_eq!(outcome.epochs, 4);
+    let moved = check_dwa_weights(&recorder.reports, cfg.weighting.dwa_temperature);
+    assert!(moved > 1e-3, "DWA's weights must move after two epochs (moved {moved})");
+}
+
+#[test]
+fn dwa_weights_agree_on_two_ranks_over_the_ring() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = dwa_job(dir.path());
+    cfg.train.batch_size = 2;
+    let (train, _, _) = super::job::open_job(&cfg, Device::Cpu).unwrap();
+    let info = train.dataset.info.clone();
+    let listeners: Vec<TcpListener> = (0..2).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+    let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
+    let reports: Vec<Vec<(u64, StepReport)>> = std::thread::scope(|s| {
+        let handles: Vec<_> = listeners
+            .into_iter()
+            .enumerate()
+            .map(|(rank, listener)| {
+                let (cfg, train, addrs, info) = (&cfg, &train, &addrs, &info);
+                s.spawn(move || {
+                    let t = Duration::from_secs(60);
+                    let ring = Ring::connect(rank, addrs, listener, 1, t, t).unwrap();
+                    // Rank 0's initial weights reach rank 1 through the trainer's broadcast.
+                    let model = MultiTaskModel::new(&cfg.model, &cfg.tasks, info, Device::Cpu).unwrap();
+                    let mut trainer =
+                        Trainer::new(cfg, model, Box::new(RingCollective::new(ring, 1 << 20))).unwrap();
+                    let mut recorder = Recorder::new(cfg, 2, rank as u32);
+                    epochs::train(cfg, &mut trainer, train, &mut recorder).unwrap();
+                    recorder.reports
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(reports[0].len(), 24);
+    for ((_, a), (_, b)) in reports[0].iter().zip(&reports[1]) {
+        assert_eq!(a.weights, b.weights, "step {}: ranks disagree on DWA's weights", a.step);
+    }
+    let moved = check_dwa_weights(&reports[0], cfg.weighting.dwa_temperature);
+    assert!(moved > 1e-3, "DWA's weights must move after two epochs (moved {moved})");
+}
+
+#[test]
 fn labels_outside_the_models_label_space_are_an_error_not_a_panic() {
     // A manifest whose dataset.json declares only the background class while its masks hold
     // the shapes' classes: LibTorch rejects the targets, and the standalone run says where.

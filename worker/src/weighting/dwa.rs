@@ -2,6 +2,11 @@
 //! Attention", eq. 7): with `r_t = L_t(k−1) / L_t(k−2)` the ratio of a task's mean loss over the
 //! two previous epochs (or windows), `w_t = K · exp(r_t/T) / Σ_i exp(r_i/T)` for the `K` tasks
 //! that have both values and temperature `T`; weights are 1 until two epochs have ended.
+//!
+//! The epoch means are kept here: every step's reduced losses are added
+//! ([`Dwa::record_losses`]) and [`Dwa::end_epoch`] divides by the number of steps in which
+//! each task was present. The running sums are part of the state, so a checkpoint taken
+//! mid-epoch resumes the same means.
 use tch::Tensor;
 
 use super::{values_from, values_tensor};
@@ -10,6 +15,7 @@ use crate::task::{Task, TaskValues};
 use crate::WorkerError;
 
 const HISTORY: [&str; 2] = ["weighting.dwa.loss_prev", "weighting.dwa.loss_prev2"];
+const RUNNING: [&str; 2] = ["weighting.dwa.epoch_loss_sum", "weighting.dwa.epoch_steps"];
 
 #[derive(Debug)]
 pub(super) struct Dwa {
@@ -17,21 +23,47 @@ pub(super) struct Dwa {
     /// Mean losses of the last epoch and the one before, NaN where a task had none.
     prev: [f64; 3],
     prev2: [f64; 3],
+    /// Sum of the losses recorded in the current epoch, and the number of steps each task
+    /// was present in.
+    epoch_sum: [f64; 3],
+    epoch_steps: [f64; 3],
     weights: [f64; 3],
 }
 
 impl Dwa {
     pub(super) fn new(temperature: f64) -> Self {
-        Self { temperature, prev: [f64::NAN; 3], prev2: [f64::NAN; 3], weights: [1.0; 3] }
+        Self {
+            temperature,
+            prev: [f64::NAN; 3],
+            prev2: [f64::NAN; 3],
+            epoch_sum: [0.0; 3],
+            epoch_steps: [0.0; 3],
+            weights: [1.0; 3],
+        }
     }
 
     pub(super) fn weight(&self, task: Task) -> f64 {
         self.weights[task.index()]
     }
 
-    pub(super) fn end_epoch(&mut self, mean_losses: &TaskValues) {
+    pub(super) fn record_losses(&mut self, losses: &TaskValues) {
+        for (task, &loss) in losses.iter() {
+            self.epoch_sum[task.index()] += loss;
+            self.epoch_steps[task.index()] += 1.0;
+        }
+    }
+
+    pub(super) fn end_epoch(&mut self) {
         self.prev2 = self.prev;
-        self.prev = Task::ALL.map(|t| mean_losses.value(t).unwrap_or(f64::NAN));
+        self.prev = [0, 1, 2].map(|i| {
+            if self.epoch_steps[i] > 0.0 {
+                self.epoch_sum[i] / self.epoch_steps[i]
+            } else {
+                f64::NAN
+            }
+        });
+        self.epoch_sum = [0.0; 3];
+        self.epoch_steps = [0.0; 3];
         self.update_weights();
     }
 
@@ -54,18 +86,30 @@ impl Dwa {
     }
 
     pub(super) fn state_dict(&self) -> Vec<(String, Tensor)> {
-        vec![(HISTORY[0].into(), values_tensor(&self.prev)), (HISTORY[1].into(), values_tensor(&self.prev2))]
+        vec![
+            (HISTORY[0].into(), values_tensor(&self.prev)),
+            (HISTORY[1].into(), values_tensor(&self.prev2)),
+            (RUNNING[0].into(), values_tensor(&self.epoch_sum)),
+            (RUNNING[1].into(), values_tensor(&self.epoch_steps)),
+        ]
     }
 
     pub(super) fn load_state_dict(&mut self, state: &[(String, Tensor)]) -> Result<(), WorkerError> {
-        let (mut prev, mut prev2) = (values_tensor(&self.prev), values_tensor(&self.prev2));
+        let mut tensors =
+            [self.prev, self.prev2, self.epoch_sum, self.epoch_steps].map(|v| values_tensor(&v));
+        let [prev, prev2, sum, steps] = &mut tensors;
         load_entries(
             "weighting",
-            &mut [(HISTORY[0].into(), &mut prev), (HISTORY[1].into(), &mut prev2)],
+            &mut [
+                (HISTORY[0].into(), prev),
+                (HISTORY[1].into(), prev2),
+                (RUNNING[0].into(), sum),
+                (RUNNING[1].into(), steps),
+            ],
             state,
         )?;
-        self.prev = values_from(&prev)?;
-        self.prev2 = values_from(&prev2)?;
+        [self.prev, self.prev2, self.epoch_sum, self.epoch_steps] =
+            [values_from(prev)?, values_from(prev2)?, values_from(sum)?, values_from(steps)?];
         self.update_weights();
         Ok(())
     }

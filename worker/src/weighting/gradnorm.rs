@@ -1,7 +1,8 @@
 //! GradNorm (Chen et al. 2018, "GradNorm: Gradient Normalization for Adaptive Loss Balancing").
 //!
 //! Each step the model's gradient is that of `Σ w_i·L_i` with the current weights `w_i`
-//! (initially 1). Then, at the last shared layer's weight `W`: `G_i = ‖∇_W w_i·L_i‖₂ = w_i·n_i`,
+//! (initially 1). Then, at a shared layer's weight `W` that every task's loss reaches
+//! ([`crate::model::MultiTaskModel::gradnorm_layer`]): `G_i = ‖∇_W w_i·L_i‖₂ = w_i·n_i`,
 //! `Ḡ = mean_i G_i`, `L̃_i = L_i/L_i(0)` (loss relative to the task's first step),
 //! `r_i = L̃_i / mean_j L̃_j`, and the target `Ḡ·r_i^α` is a constant. The weights take one
 //! gradient step of size `gradnorm_lr` on `L_grad = Σ_i |G_i − Ḡ·r_i^α|`, whose gradient is
@@ -15,7 +16,7 @@ use tch::{Kind, Tensor};
 use super::grads::task_grads;
 use super::{values_from, values_tensor, weighted_backward, Reducer, WeightReport};
 use crate::optim::load_entries;
-use crate::task::Task;
+use crate::task::{Task, TaskValues};
 use crate::WorkerError;
 
 /// Weights are clamped to at least this before renormalising, so a task is never switched off
@@ -41,22 +42,14 @@ impl GradNorm {
     pub(super) fn backward(
         &mut self,
         present: &[(Task, &Tensor)],
-        shared: &[Tensor],
+        layer: &Tensor,
         reducer: &mut dyn Reducer,
     ) -> Result<WeightReport, WorkerError> {
-        let last = shared.iter().rev().find(|t| t.dim() >= 2).ok_or_else(|| WorkerError::Weighting {
-            strategy: "gradnorm",
-            message: format!(
-                "needs a shared parameter with two or more dimensions (the last shared layer's weight); \
-                 got {} shared tensors without one",
-                shared.len()
-            ),
-        })?;
-        let last = std::slice::from_ref(last);
+        let layer = std::slice::from_ref(layer);
         // Per-task gradients at W, then the loss values, reduced together.
         let mut reduced = Vec::with_capacity(present.len() + 1);
         for &(_, loss) in present {
-            reduced.push(task_grads(loss, last, true)?.remove(0));
+            reduced.push(task_grads(loss, layer, true)?.remove(0));
         }
         let loss_values = present
             .iter()
@@ -68,8 +61,13 @@ impl GradNorm {
         let norms = reduced.iter().map(|g| g.f_norm()?.f_double_value(&[])).collect::<Result<Vec<_>, _>>()?;
 
         // The model's gradient with the weights of this step, then the weights' own update.
-        let report = weighted_backward(present, |t| self.weights[t.index()])?;
+        let mut report = weighted_backward(present, |t| self.weights[t.index()])?;
         self.update_weights(present, &losses, &norms);
+        let mut grad_norms = TaskValues::default();
+        for (&(task, _), &n) in present.iter().zip(&norms) {
+            grad_norms.set(task, n);
+        }
+        report.grad_norms = grad_norms;
         Ok(report)
     }
 

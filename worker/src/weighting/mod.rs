@@ -47,6 +47,20 @@ impl Reducer for LocalReducer {
     }
 }
 
+/// The parameters a weighted backward pass accumulates gradients into.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Params<'a> {
+    /// Parameters all tasks use (backbone and neck), in the same order on every rank; PCGrad
+    /// projects their gradients.
+    pub shared: &'a [Tensor],
+    /// Task-specific parameters (the heads).
+    pub heads: &'a [Tensor],
+    /// The shared weight where GradNorm compares the tasks' gradient norms; every enabled
+    /// task's loss must reach it ([`crate::model::MultiTaskModel::gradnorm_layer`]). Only
+    /// GradNorm needs it.
+    pub gradnorm_layer: Option<&'a Tensor>,
+}
+
 /// What one weighted backward pass used.
 #[derive(Debug, Clone, PartialEq)]
 pub struct WeightReport {
@@ -54,6 +68,9 @@ pub struct WeightReport {
     pub weights: TaskValues,
     /// The value of the combined loss (for PCGrad `Σ w_t·L_t`, whose gradient it replaces).
     pub total_loss: f64,
+    /// GradNorm only: each present task's gradient norm `‖∇_W L_t‖` at the balanced layer
+    /// (reduced across ranks); empty for the other strategies.
+    pub grad_norms: TaskValues,
 }
 
 #[derive(Debug)]
@@ -96,16 +113,13 @@ impl TaskWeighting {
     }
 
     /// Runs backward for the weighted multi-task loss, accumulating gradients into `.grad()` of
-    /// `shared` (parameters all tasks use, in forward order) and `heads` (task-specific ones) and
-    /// of [`Self::parameters`]. GradNorm balances gradients at the last tensor of `shared` with two
-    /// or more dimensions (the last shared layer's weight); PCGrad projects the gradients of all of
-    /// `shared`. Both reduce their per-task inputs with `reducer` first; the other strategies
-    /// never call it.
+    /// the `params` and of [`Self::parameters`]. GradNorm balances gradients at
+    /// `params.gradnorm_layer`; PCGrad projects the gradients of all of `params.shared`. Both
+    /// reduce their per-task inputs with `reducer` first; the other strategies never call it.
     pub fn backward(
         &mut self,
         losses: &TaskLosses,
-        shared: &[Tensor],
-        heads: &[Tensor],
+        params: Params<'_>,
         reducer: &mut dyn Reducer,
     ) -> Result<WeightReport, WorkerError> {
         let present = losses.present();
@@ -127,11 +141,18 @@ impl TaskWeighting {
                     total = total.f_add(&precision.f_mul(loss)?.f_add(&s)?)?;
                 }
                 total.f_backward()?;
-                Ok(WeightReport { weights, total_loss: total.f_double_value(&[])? })
+                let total_loss = total.f_double_value(&[])?;
+                Ok(WeightReport { weights, total_loss, grad_norms: TaskValues::default() })
             }
             Strategy::Dwa(dwa) => weighted_backward(&present, |t| dwa.weight(t)),
-            Strategy::GradNorm(gn) => gn.backward(&present, shared, reducer),
-            Strategy::PcGrad(pc) => pc.backward(&present, &self.fixed, shared, heads, reducer),
+            Strategy::GradNorm(gn) => {
+                let layer = params.gradnorm_layer.ok_or_else(|| WorkerError::Weighting {
+                    strategy: "gradnorm",
+                    message: "no shared layer to compare the tasks' gradient norms at".into(),
+                })?;
+                gn.backward(&present, layer, reducer)
+            }
+            Strategy::PcGrad(pc) => pc.backward(&present, &self.fixed, params.shared, params.heads, reducer),
         }
     }
 
@@ -142,11 +163,21 @@ impl TaskWeighting {
         matches!(self.strategy, Strategy::PcGrad(_))
     }
 
-    /// Tells DWA the mean loss of each task over the epoch (or window) that just ended; the
-    /// values must be the same on every rank (reduced). Other strategies ignore it.
-    pub fn end_epoch(&mut self, mean_losses: &TaskValues) {
+    /// Adds one step's per-task losses to DWA's running means of the epoch; the values must
+    /// be the same on every rank (reduced, as the trainer reports them). Other strategies
+    /// ignore them.
+    pub fn record_losses(&mut self, losses: &TaskValues) {
         if let Strategy::Dwa(dwa) = &mut self.strategy {
-            dwa.end_epoch(mean_losses);
+            dwa.record_losses(losses);
+        }
+    }
+
+    /// Ends the epoch (or window): DWA turns the means recorded since the last call into the
+    /// weights of the next epoch. Every rank calls it at the same step. Other strategies
+    /// ignore it.
+    pub fn end_epoch(&mut self) {
+        if let Strategy::Dwa(dwa) = &mut self.strategy {
+            dwa.end_epoch();
         }
     }
 
@@ -214,7 +245,7 @@ pub(super) fn weighted_backward(
     if total.requires_grad() {
         total.f_backward()?;
     }
-    Ok(WeightReport { weights, total_loss: total.f_double_value(&[])? })
+    Ok(WeightReport { weights, total_loss: total.f_double_value(&[])?, grad_norms: TaskValues::default() })
 }
 
 /// A per-task `[3]` f64 state vector (NaN where unset), as stored in a checkpoint.

@@ -67,7 +67,7 @@ impl PcGrad {
         grads.extend(head_grads.unwrap_or_default());
         accumulate_grads(&inputs, &grads)?;
         self.steps += 1;
-        Ok(WeightReport { weights, total_loss })
+        Ok(WeightReport { weights, total_loss, grad_norms: TaskValues::default() })
     }
 
     pub(super) fn state_dict(&self) -> Vec<(String, Tensor)> {

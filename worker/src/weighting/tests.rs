@@ -68,6 +68,11 @@ impl Toy {
         }
     }
 
+    /// GradNorm balances at the shared layer's weight.
+    fn params(&self) -> Params<'_> {
+        Params { shared: &self.shared, heads: &self.heads, gradnorm_layer: Some(&self.shared[0]) }
+    }
+
     fn grads(&self) -> Vec<Vec<f64>> {
         self.shared.iter().chain(&self.heads).map(|t| values(&t.grad())).collect()
     }
@@ -92,9 +97,7 @@ fn fixed_is_the_gradient_of_the_weighted_sum() {
     section.weights.seg = 2.0;
     let toy = Toy::new();
     let mut weighting = TaskWeighting::new(&section, 0, Device::Cpu);
-    let report = weighting
-        .backward(&toy.losses(&x, &ya, &yb, 8.0), &toy.shared, &toy.heads, &mut LocalReducer)
-        .unwrap();
+    let report = weighting.backward(&toy.losses(&x, &ya, &yb, 8.0), toy.params(), &mut LocalReducer).unwrap();
     assert_eq!((report.weights.cls, report.weights.det, report.weights.seg), (Some(0.5), None, Some(2.0)));
 
     let reference = toy.copy();
@@ -117,7 +120,7 @@ fn uncertainty_gradient_matches_the_closed_form() {
     let theta = Tensor::from_slice(&[1.5f32, -0.5]).set_requires_grad(true);
     let (l_cls, l_seg) = (theta.get(0).square() * 0.5, theta.get(1).square() * 4.0); // 1.125, 1.0
     let losses = TaskLosses { cls: Some(l_cls), det: None, seg: Some(l_seg) };
-    let report = weighting.backward(&losses, &[], &[], &mut LocalReducer).unwrap();
+    let report = weighting.backward(&losses, Params::default(), &mut LocalReducer).unwrap();
 
     let (e_cls, e_seg) = ((-0.3f64).exp(), 0.2f64.exp());
     assert_close(&[report.weights.cls.unwrap(), report.weights.seg.unwrap()], &[e_cls, e_seg], 1e-6);
@@ -139,25 +142,32 @@ fn dwa_weights_match_hand_computation() {
         seg: Some(theta.sum(Kind::Float) * 3.0),
     };
     let weights = |w: &mut TaskWeighting| {
-        let r = w.backward(&losses(), &[], &[], &mut LocalReducer).unwrap().weights;
+        let r = w.backward(&losses(), Params::default(), &mut LocalReducer).unwrap().weights;
         vec![r.cls.unwrap(), r.det.unwrap(), r.seg.unwrap()]
     };
     assert_eq!(weights(&mut weighting), [1.0; 3], "1 before any epoch");
-    weighting.end_epoch(&TaskValues { cls: Some(1.0), det: Some(2.0), seg: Some(3.0) });
+    // Epoch means from the steps' losses: (1, 2, 3) from two steps each.
+    weighting.record_losses(&TaskValues { cls: Some(0.5), det: Some(1.0), seg: Some(3.5) });
+    weighting.record_losses(&TaskValues { cls: Some(1.5), det: Some(3.0), seg: Some(2.5) });
+    weighting.end_epoch();
     assert_eq!(weights(&mut weighting), [1.0; 3], "1 after one epoch");
-    weighting.end_epoch(&TaskValues { cls: Some(0.8), det: Some(1.9), seg: Some(2.4) });
+    weighting.record_losses(&TaskValues { cls: Some(0.8), det: Some(1.9), seg: Some(2.4) });
+    assert_eq!(weights(&mut weighting), [1.0; 3], "recording does not change the epoch's weights");
+    weighting.end_epoch();
     // r = (0.8, 0.95, 0.8), T = 2: w = 3·softmax(r/2), by hand in f64:
     // e = [exp(.4), exp(.475), exp(.4)]; 3·e/Σe
     let want = [0.9746955547816033, 1.0506088904367932, 0.9746955547816033];
     assert_close(&weights(&mut weighting), &want, 1e-12);
 
-    // Restored from its state, DWA gives the same weights.
+    // A task missing from an epoch drops out; the two others share K = 2. The epoch is
+    // checkpointed half way: the restored state carries the running sums.
+    weighting.record_losses(&TaskValues { cls: None, det: Some(1.7), seg: Some(1.92) });
     let mut restored = TaskWeighting::new(&cfg(WeightingStrategy::Dwa), 0, Device::Cpu);
     restored.load_state_dict(&weighting.state_dict()).unwrap();
     assert_close(&weights(&mut restored), &want, 1e-12);
-
-    // A task missing from an epoch drops out; the two others share K = 2.
-    weighting.end_epoch(&TaskValues { cls: None, det: Some(1.8), seg: Some(1.92) });
+    let mut weighting = restored;
+    weighting.record_losses(&TaskValues { cls: None, det: Some(1.9), seg: Some(1.92) });
+    weighting.end_epoch();
     // r = (1.8/1.9, 1.92/2.4) = (0.947368.., 0.8); 2·softmax(r/2)
     let r = [1.8f64 / 1.9, 1.92 / 2.4];
     let e = [(r[0] / 2.0).exp(), (r[1] / 2.0).exp()];
@@ -190,7 +200,13 @@ fn gradnorm_lowers_the_weight_of_the_task_with_the_larger_gradient() {
         let h = w.sum_dim_intlist([1i64].as_slice(), false, Kind::Float);
         TaskLosses { cls: Some(h.get(0) * 4.0 + 1.0), det: None, seg: Some(h.get(1) + 1.0) }
     };
-    let report = weighting.backward(&losses(), std::slice::from_ref(&w), &[], &mut LocalReducer).unwrap();
+    let report = weighting
+        .backward(
+            &losses(),
+            Params { shared: std::slice::from_ref(&w), heads: &[], gradnorm_layer: Some(&w) },
+            &mut LocalReducer,
+        )
+        .unwrap();
     assert_eq!((report.weights.cls, report.weights.seg), (Some(1.0), Some(1.0)), "weights start at 1");
     let state = weighting.state_dict();
     let weights = values(&state.iter().find(|(n, _)| n == "weighting.gradnorm.weights").unwrap().1);
@@ -253,9 +269,7 @@ fn pcgrad_on_two_ranks_equals_one_process_on_the_whole_batch() {
     // One process, whole batch.
     let single = base.copy();
     let mut weighting = TaskWeighting::new(&cfg(WeightingStrategy::Pcgrad), 7, Device::Cpu);
-    weighting
-        .backward(&single.losses(&x, &ya, &yb, 8.0), &single.shared, &single.heads, &mut LocalReducer)
-        .unwrap();
+    weighting.backward(&single.losses(&x, &ya, &yb, 8.0), single.params(), &mut LocalReducer).unwrap();
     let got = single.grads();
     for (g, w) in got.iter().zip(&want) {
         assert_close(g, w, 1e-5);
@@ -276,7 +290,7 @@ fn pcgrad_on_two_ranks_equals_one_process_on_the_whole_batch() {
                 scope.spawn(move || {
                     let mut weighting = TaskWeighting::new(&cfg(WeightingStrategy::Pcgrad), 7, Device::Cpu);
                     let losses = toy.losses(&x, &ya, &yb, 8.0 / world as f64);
-                    weighting.backward(&losses, &toy.shared, &toy.heads, &mut reducer).unwrap();
+                    weighting.backward(&losses, toy.params(), &mut reducer).unwrap();
                     toy.grads()
                 })
             })
@@ -306,7 +320,7 @@ fn pcgrad_task_order_is_seeded() {
         let mut losses = toy.losses(&x, &ya, &yb, 8.0);
         losses.det = Some(toy.losses(&x, &(&ya * 2.0), &(&yb * -1.0), 8.0).seg.unwrap());
         let mut w = TaskWeighting::new(&cfg(WeightingStrategy::Pcgrad), seed, Device::Cpu);
-        w.backward(&losses, &toy.shared, &toy.heads, &mut LocalReducer).unwrap();
+        w.backward(&losses, toy.params(), &mut LocalReducer).unwrap();
         (toy.grads(), w.state_dict())
     };
     let (a, state) = run(3);
@@ -326,7 +340,8 @@ fn weighting_state_errors_name_the_entry() {
     let mut fixed = TaskWeighting::new(&cfg(WeightingStrategy::Fixed), 0, Device::Cpu);
     let err = fixed.load_state_dict(&gn.state_dict()).unwrap_err().to_string();
     assert!(err.contains("weighting.gradnorm"), "{err}");
-    let err = fixed.backward(&TaskLosses::default(), &[], &[], &mut LocalReducer).unwrap_err().to_string();
+    let err =
+        fixed.backward(&TaskLosses::default(), Params::default(), &mut LocalReducer).unwrap_err().to_string();
     assert!(err.contains("no task loss"), "{err}");
 }
 
@@ -356,9 +371,7 @@ fn cuda_strategies_match_cpu() {
             let mut w = TaskWeighting::new(&cfg(strategy), 5, device);
             let mut reports = Vec::new();
             for _ in 0..2 {
-                let r = w
-                    .backward(&toy.losses(&x, &ya, &yb, 8.0), &toy.shared, &toy.heads, &mut LocalReducer)
-                    .unwrap();
+                let r = w.backward(&toy.losses(&x, &ya, &yb, 8.0), toy.params(), &mut LocalReducer).unwrap();
                 reports.push(vec![r.weights.cls.unwrap(), r.weights.seg.unwrap(), r.total_loss]);
             }
             let state: Vec<Vec<f64>> = w.state_dict().iter().map(|(_, t)| values(t)).collect();
