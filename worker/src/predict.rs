@@ -54,7 +54,8 @@ fn letterbox(size: u32, w: u32, h: u32) -> (f64, f64, f64) {
     (k, (f64::from(size) - f64::from(w) * k) / 2.0, (f64::from(size) - f64::from(h) * k) / 2.0)
 }
 
-/// Predicts every input with the checkpoint in `checkpoint_dir` and writes the files into `out`.
+/// Predicts every input with the checkpoint `checkpoint_dir` (or the newest complete one in it)
+/// and writes the files into `out`.
 /// Overlays draw only boxes scoring at least `overlay_score`; `detections.json` has them all.
 pub fn run(
     checkpoint_dir: &Path,
@@ -66,7 +67,7 @@ pub fn run(
 ) -> Result<PredictSummary, WorkerError> {
     let loaded = checkpoint::open(checkpoint_dir)?;
     let mut model = MultiTaskModel::new(&loaded.cfg.model, &loaded.cfg.tasks, &loaded.info, device)?;
-    checkpoint::load_into(&mut model, &loaded.weights)?;
+    loaded.load_model(&mut model)?;
     let size = loaded.cfg.data.image_size;
     let inputs = list_inputs(input)?;
     for sub in ["masks", "overlays"] {
