@@ -25,6 +25,9 @@ for run in "${runs[@]}"; do
     for task in "${off[@]}"; do sets+=(--set "tasks.$task=false"); done
     echo "== $run: $(date -u +%FT%TZ)" >&2
     start=$(date +%s)
+    # Each run starts from scratch: its own, emptied checkpoint directory.
+    rm -rf "$out/$run.checkpoints"
+    sets+=(--set "checkpoint.dir=$out/$run.checkpoints")
     ./target/release/worker train --standalone --config bench/cpu_multitask.toml "${sets[@]}" --json \
         > "$out/$run.json" 2> >(tee "$out/$run.log" | grep --line-buffered -E 'step=|evaluated' >&2)
     echo "   $run: $(( $(date +%s) - start )) s wall, $(grep -o 'train_seconds="[0-9.]*"' "$out/$run.log")" >&2

@@ -17,7 +17,9 @@ nvidia-smi -L 2>/dev/null || echo "no nvidia-smi"
 for backbone in ${BACKBONES-tiny resnet18}; do
   for precision in ${PRECISIONS-fp32 bf16}; do
     echo "== standalone $DEVICE, backbone $backbone, $precision"
+    rm -rf /tmp/mtl-gpu-checkpoints
     timeout 150 ./worker train --standalone --config gpu.toml --device $DEVICE --set model.backbone=$backbone \
+        --set checkpoint.dir=/tmp/mtl-gpu-checkpoints \
         --set train.steps=$STEPS --set data.synthetic_n=$N --set train.precision=$precision --json 2>&1 \
         | grep -E "images_per_s|^\{|error" | sed -E 's/^.*(step=[0-9]+ images_per_s="?[0-9.]+"?).*$/\1/'
     echo "== exit ${PIPESTATUS[0]}"

@@ -3,10 +3,11 @@
 # Needs a release build. Prints the images_per_s reported at each log step.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-echo "== 1 worker, batch 32"
-./target/release/worker train --standalone --config bench/throughput.toml 2>&1 | grep -o 'step=[0-9]* images_per_s="[0-9.]*"'
-echo "== 2 workers, batch 16 each"
 dir=$(mktemp -d)
+echo "== 1 worker, batch 32"
+./target/release/worker train --standalone --config bench/throughput.toml --set "checkpoint.dir=$dir/checkpoints" 2>&1 \
+    | grep -o 'step=[0-9]* images_per_s="[0-9.]*"'
+echo "== 2 workers, batch 16 each"
 ./target/release/coordinator serve --config bench/throughput.toml --set rendezvous.min_workers=2 \
     --set train.batch_size=16 --addr-file "$dir/addr" > "$dir/coord.log" 2>&1 &
 for _ in $(seq 100); do [[ -s "$dir/addr" ]] && break; sleep 0.1; done

@@ -24,8 +24,10 @@ fn standalone_training_improves_every_task_and_the_checkpoint_evaluates_the_same
         format!(
             "[job]\nname = \"ci-train\"\nseed = 1\n[data]\nformat = \"synthetic\"\ntrain = \"{}\"\nsynthetic_n = 256\n\
              synthetic_size = 64\nimage_size = 64\n[model]\nbackbone = \"tiny\"\n\
-             [train]\nsteps = 250\nbatch_size = 16\nlr = 0.1\nwarmup_steps = 5\nlog_every_steps = 50\n",
-            data.display()
+             [train]\nsteps = 250\nbatch_size = 16\nlr = 0.1\nwarmup_steps = 5\nlog_every_steps = 50\n\
+             [checkpoint]\ndir = \"{}\"\n",
+            data.display(),
+            dir.path().join("checkpoints").display()
         ),
     )
     .unwrap();
@@ -87,8 +89,9 @@ fn predict_writes_detections_classes_masks_and_overlays_in_input_coordinates() {
         format!(
             "[job]\nname = \"predict\"\n[data]\nformat = \"synthetic\"\ntrain = \"{}\"\nsynthetic_n = 40\n\
              synthetic_size = 64\nimage_size = 32\n[model]\nbackbone = \"tiny\"\n[tasks]\nscore_threshold = 0.0\n\
-             [train]\nsteps = 5\nbatch_size = 8\n",
-            data.display()
+             [train]\nsteps = 5\nbatch_size = 8\n[checkpoint]\ndir = \"{}\"\n",
+            data.display(),
+            dir.path().join("checkpoints").display()
         ),
     )
     .unwrap();

@@ -33,39 +33,59 @@ pub(crate) fn print_metrics(map: &BTreeMap<String, f64>, json: bool) {
 pub(crate) fn train_standalone(
     cfg: &JobConfig,
     device: tch::Device,
-    out: Option<&Path>,
+    opts: &standalone::Options,
     json: bool,
 ) -> Result<(), WorkerError> {
     // Evaluations before and during training go to stderr as tables; the final one is the
     // command's result, printed below.
-    let mut progress = |step: u64, metrics: &BTreeMap<String, f64>| {
-        if !json && step < cfg.train.steps {
-            let when = if step == 0 { "untrained model".to_string() } else { format!("step {step}") };
-            eprint!("{when}:\n{}", mtl_metrics::render_table(metrics));
+    let mut progress = |event: standalone::Event<'_>| {
+        if let standalone::Event::Evaluated { step, metrics } = event {
+            if !json && step < cfg.train.steps {
+                let when = if step == 0 { "untrained model".to_string() } else { format!("step {step}") };
+                eprint!("{when}:\n{}", mtl_metrics::render_table(metrics));
+            }
         }
     };
-    let summary = standalone::run(cfg, device, out.map(Path::to_owned), &mut progress)?;
+    let summary = standalone::run(cfg, device, opts, &mut progress)?;
     if !json {
-        println!("trained {} steps; validation metrics:", summary.steps);
+        match &summary.checkpoint {
+            Some(path) if summary.steps < cfg.train.steps => {
+                println!("stopped after {} steps; resume from {}", summary.steps, path.display());
+            }
+            _ => println!("trained {} steps; validation metrics:", summary.steps),
+        }
     }
     print_metrics(&summary.last, json);
     Ok(())
 }
 
-/// `worker eval --checkpoint DIR`: the checkpoint's model on its job's validation split.
-pub(crate) fn eval_checkpoint(dir: &Path, device: tch::Device, json: bool) -> Result<(), WorkerError> {
-    let loaded = checkpoint::open(dir)?;
-    let cfg = &loaded.cfg;
-    let mut model = MultiTaskModel::new(&cfg.model, &cfg.tasks, &loaded.info, device)?;
-    checkpoint::load_into(&mut model, &loaded.weights)?;
+/// `worker eval --checkpoint PATH`: the checkpoint's model on its job's validation split.
+pub(crate) fn eval_checkpoint(path: &Path, device: tch::Device, json: bool) -> Result<(), WorkerError> {
+    let ckpt = checkpoint::open(path)?;
+    let cfg = &ckpt.cfg;
+    let mut model = MultiTaskModel::new(&cfg.model, &cfg.tasks, &ckpt.info, device)?;
+    ckpt.load_model(&mut model)?;
     let val = open_dataset(&cfg.data, Split::Val, cfg.job.seed)?.map(OrderedSplit::new).ok_or_else(|| {
         WorkerError::Data {
             key: "data.val".into(),
             message: "the checkpoint's job has no validation split".into(),
         }
     })?;
-    let stats = eval::evaluate(&model, val.eval_loader(&val.ids, cfg)?, &loaded.info)?;
+    let stats = eval::evaluate(&model, val.eval_loader(&val.ids, cfg)?, &ckpt.info)?;
     print_metrics(&stats.finish().to_map(), json);
+    Ok(())
+}
+
+/// `worker export --checkpoint PATH --out FILE`: the checkpoint's model weights alone.
+pub(crate) fn export(path: &Path, out: &Path) -> Result<(), WorkerError> {
+    let ckpt = checkpoint::open(path)?;
+    let tensors = ckpt.export_model(out)?;
+    println!(
+        "wrote the {tensors} model tensors of {} (step {}) to {}",
+        ckpt.path.display(),
+        ckpt.meta.step,
+        out.display()
+    );
     Ok(())
 }
 

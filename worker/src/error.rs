@@ -91,12 +91,28 @@ pub enum WorkerError {
     /// Saved optimiser or task-weighting state does not fit the live one.
     #[error("cannot load {owner} state `{key}`: {message}")]
     State {
-        /// Whose state: `sgd`, `adamw`, `weighting`.
+        /// Whose state: `model`, `optimizer`, `sgd`, `adamw`, `weighting`.
         owner: &'static str,
         /// The state entry at fault.
         key: String,
         /// What is missing or mismatched (shapes, counts).
         message: String,
+    },
+    /// A checkpoint cannot be used: none found, incomplete, corrupt, or from another job.
+    #[error("checkpoint {path}: {message}")]
+    Checkpoint {
+        /// The checkpoint (or the directory searched).
+        path: std::path::PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// Writing a checkpoint failed. The checkpoints written before are untouched.
+    #[error("cannot write checkpoint: {path}: {source}")]
+    CheckpointWrite {
+        /// The file or directory that could not be written.
+        path: std::path::PathBuf,
+        /// The operating system's error.
+        source: std::io::Error,
     },
     /// Task weighting was asked for something its inputs cannot give.
     #[error("task weighting ({strategy}): {message}")]

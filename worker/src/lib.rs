@@ -39,7 +39,7 @@ pub struct RunConfig {
     pub identity: Identity,
     /// Address to bind for ring traffic (`host:0` picks a free port); its host is advertised.
     pub peer_bind: String,
-    /// Rank 0 saves the trained model here.
+    /// Rank 0 writes the final checkpoint (a checkpoint directory) here.
     pub out: Option<std::path::PathBuf>,
 }
 

@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 use mtl_worker::collective::bench;
 use mtl_worker::data::synthetic::SyntheticConfig;
 use mtl_worker::session::Identity;
+use mtl_worker::train::standalone;
 use mtl_worker::RunConfig;
 
 mod commands;
@@ -42,7 +43,7 @@ enum Command {
         /// port). The host is what peers connect to: use this node's reachable address.
         #[arg(long, env = "MTL_PEER_ADDR", default_value = "127.0.0.1:0")]
         peer_addr: String,
-        /// Rank 0 saves the trained model (a checkpoint directory) here.
+        /// Rank 0 writes the final checkpoint (a checkpoint directory) here.
         #[arg(long)]
         out: Option<std::path::PathBuf>,
     },
@@ -69,7 +70,9 @@ enum Command {
     /// Train without a coordinator: the whole job in this process (world size 1).
     ///
     /// Evaluates the untrained model, every `train.eval_every_steps` and at the end, printing a
-    /// per-task table (or one JSON object with --json); saves the model with --out.
+    /// per-task table (or one JSON object with --json). Writes checkpoints (`step-<N>/`) into
+    /// `checkpoint.dir` every `checkpoint.every_steps` and at the end, keeping the newest
+    /// `checkpoint.keep_last`; a run from scratch refuses a directory that already holds some.
     Train {
         /// Required: run without a coordinator (distributed training is `worker run`).
         #[arg(long, required = true)]
@@ -83,9 +86,17 @@ enum Command {
         /// Device: `cpu` or `cuda:N`.
         #[arg(long, env = "MTL_DEVICE", default_value = "cpu")]
         device: String,
-        /// Save the trained model (a checkpoint directory) here.
+        /// Also write the final checkpoint (a checkpoint directory) here.
         #[arg(long)]
         out: Option<std::path::PathBuf>,
+        /// Continue exactly where a checkpoint left off: DIR is a checkpoint directory (its
+        /// newest complete `step-<N>/` is taken; corrupt ones are skipped and logged) or one
+        /// `step-<N>/`. The job must be the same (up to `[checkpoint]`, `[server]`, `[rendezvous]`).
+        #[arg(long, value_name = "DIR")]
+        resume: Option<std::path::PathBuf>,
+        /// Stop after this step and write a checkpoint there (a planned stop; continue with --resume).
+        #[arg(long, value_name = "STEP")]
+        stop_at_step: Option<u64>,
         /// Print the final metrics as one JSON object on stdout.
         #[arg(long)]
         json: bool,
@@ -95,7 +106,8 @@ enum Command {
     /// Either --checkpoint DIR, or --gt COCO.json with --detections RESULTS.json (scored
     /// exactly as pycocotools' COCOeval for bbox).
     Eval {
-        /// A checkpoint directory written by `worker train --out`.
+        /// A checkpoint (`step-<N>/` or an --out directory), or a checkpoint directory (its
+        /// newest complete checkpoint).
         #[arg(long, conflicts_with_all = ["gt", "detections"], required_unless_present = "gt")]
         checkpoint: Option<std::path::PathBuf>,
         /// COCO instances ground truth.
@@ -114,7 +126,8 @@ enum Command {
     /// Run a checkpoint on images: detections.json (COCO results), classes.json, masks/*.png
     /// and overlays/*.png (boxes and mask drawn on the input), in the input's coordinates.
     Predict {
-        /// A checkpoint directory written by `worker train --out` or `worker run --out`.
+        /// A checkpoint (`step-<N>/` or an --out directory), or a checkpoint directory (its
+        /// newest complete checkpoint).
         #[arg(long)]
         checkpoint: std::path::PathBuf,
         /// A directory of PNG/JPEG images (ids in file-name order from 0), a COCO instances
@@ -137,6 +150,17 @@ enum Command {
         /// Overlays draw boxes scoring at least this (detections.json keeps every detection).
         #[arg(long, default_value_t = 0.3)]
         overlay_score: f64,
+    },
+    /// Write a checkpoint's model weights alone as one safetensors file (names as in
+    /// docs/CHECKPOINTS.md), after checking the checkpoint's checksums.
+    Export {
+        /// A checkpoint (`step-<N>/` or an --out directory), or a checkpoint directory (its
+        /// newest complete checkpoint).
+        #[arg(long)]
+        checkpoint: std::path::PathBuf,
+        /// The file to write, e.g. `model.safetensors`.
+        #[arg(long)]
+        out: std::path::PathBuf,
     },
     /// Generate a dataset on disk.
     GenData {
@@ -218,10 +242,13 @@ fn main() -> ExitCode {
             };
             commands::collective_bench(&cfg)
         }
-        Command::Train { standalone: _, config, overrides, device, out, json } => {
+        Command::Train { standalone: _, config, overrides, device, out, resume, stop_at_step, json } => {
             match mtl_job::JobConfig::load(Some(&config), &overrides, std::env::vars()) {
-                Ok(cfg) => mtl_worker::device::parse_device(&device)
-                    .and_then(|d| commands::train_standalone(&cfg, d, out.as_deref(), json)),
+                Ok(cfg) => {
+                    let opts = standalone::Options { out, resume, stop_at_step };
+                    mtl_worker::device::parse_device(&device)
+                        .and_then(|d| commands::train_standalone(&cfg, d, &opts, json))
+                }
                 Err(err) => {
                     eprintln!("error: {err}");
                     return ExitCode::from(2);
@@ -247,6 +274,7 @@ fn main() -> ExitCode {
                 )
             })
         }
+        Command::Export { checkpoint, out } => commands::export(&checkpoint, &out),
         Command::GenData { kind: GenData::Shapes { out, n, size, seed, val_fraction } } => {
             commands::gen_shapes(&out, &SyntheticConfig { n, size, seed, val_fraction })
         }

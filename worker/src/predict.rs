@@ -73,8 +73,8 @@ fn list_inputs(input: &Path, image_root: Option<&Path>) -> Result<Inputs, Worker
     Ok(Inputs { images, coco_categories })
 }
 
-/// Predicts every input with the checkpoint in `checkpoint_dir` and writes the files into `out`.
-/// `input` is a directory of PNG/JPEG files (ids in file-name order from 0), a COCO instances
+/// Predicts every input with the checkpoint `checkpoint_dir` (or the newest complete one in it)
+/// and writes the files into `out`. `input` is a directory of PNG/JPEG files (ids in file-name order from 0), a COCO instances
 /// file (`.json`; images under `image_root`, by default its directory) or a JSONL manifest
 /// (any other file); the images of a file are predicted with their ids, in id order.
 /// Overlays draw only boxes scoring at least `overlay_score`; `detections.json` has them all.
@@ -89,7 +89,7 @@ pub fn run(
 ) -> Result<PredictSummary, WorkerError> {
     let loaded = checkpoint::open(checkpoint_dir)?;
     let mut model = MultiTaskModel::new(&loaded.cfg.model, &loaded.cfg.tasks, &loaded.info, device)?;
-    checkpoint::load_into(&mut model, &loaded.weights)?;
+    loaded.load_model(&mut model)?;
     let size = loaded.cfg.data.image_size;
     let Inputs { images: inputs, coco_categories } = list_inputs(input, image_root)?;
     let ours: Vec<u64> = loaded.info.det_categories.iter().map(|(id, _)| *id).collect();

@@ -12,8 +12,9 @@ use mtl_job::{Backend, JobConfig};
 use mtl_proto::v1::{MetricsKind, Split as WireSplit};
 use tokio::runtime::Handle;
 
-use super::epochs::{self, Driver};
-use super::{checkpoint, StepReport, Trainer};
+use super::checkpoint::{self, Record};
+use super::epochs::{self, Driver, Position};
+use super::{StepReport, Trainer};
 use crate::collective::nccl::NcclCollective;
 use crate::collective::ring::Ring;
 use crate::collective::{Collective, RingCollective, Timeouts};
@@ -81,7 +82,7 @@ pub fn connect_collective(
     }
 }
 
-/// Trains the job the session belongs to; rank 0 saves the final model to `out`.
+/// Trains the job the session belongs to; rank 0 writes the final checkpoint to `out`.
 pub fn train(
     session: &mut Session,
     handle: &Handle,
@@ -95,9 +96,18 @@ pub fn train(
     let collective = connect_collective(session, device, listener)?;
     let mut trainer = Trainer::new(&cfg, model, collective)?;
     let mut driver = Coordinated { cfg: &cfg, session, handle, val };
-    epochs::train(&cfg, &mut trainer, &train, &mut driver)?;
+    let outcome = epochs::train(&cfg, &mut trainer, &train, Position::default(), None, &mut driver)?;
     if let (0, Some(dir)) = (driver.session.placement.rank, out) {
-        checkpoint::save(&dir, &trainer.model, &cfg, &info)?;
+        let generation = driver.session.placement.generation;
+        let record = Record {
+            cfg: &cfg,
+            info: &info,
+            train: &train,
+            next: outcome.position,
+            generation,
+            metrics: None,
+        };
+        checkpoint::write_at(&dir, &trainer, &record)?;
         tracing::info!(dir = %dir.display(), "model saved");
     }
     Ok(())
@@ -113,7 +123,13 @@ struct Coordinated<'a> {
 }
 
 impl Driver for Coordinated<'_> {
-    fn train_shard(&mut self, epoch: u64, train: &OrderedSplit) -> Result<TrainShard, WorkerError> {
+    /// The coordinator keeps the epoch's position itself, so `consumed` is not sent.
+    fn train_shard(
+        &mut self,
+        epoch: u64,
+        _consumed: u64,
+        train: &OrderedSplit,
+    ) -> Result<TrainShard, WorkerError> {
         let shard = self.handle.block_on(self.session.shard(
             WireSplit::Train,
             epoch,

@@ -1,8 +1,13 @@
 //! The epoch loop both training modes share: take this rank's shard of an epoch, step through
 //! it, log every `train.log_every_steps`, evaluate every `train.eval_every_steps` and once at
-//! the end; after an epoch's last step the trainer ends the epoch (DWA's weights move there).
-//! Where shards come from and where progress goes is the [`Driver`]'s business: the process
-//! itself for `worker train --standalone`, the coordinator for `worker run`.
+//! the end, offer a checkpoint every `checkpoint.every_steps`, at a planned stop and at the end;
+//! after an epoch's last step the trainer ends the epoch (DWA's weights move there).
+//! Where shards come from and where progress and checkpoints go is the [`Driver`]'s business:
+//! the process itself for `worker train --standalone`, the coordinator for `worker run`.
+//!
+//! The loop tracks its [`Position`] in the data (epoch, samples of the epoch trained), so a
+//! run resumed from a checkpoint continues with the very next global batch: the epoch's
+//! permutation depends only on (seed, epoch) and augmentation on (seed, epoch, sample id).
 use mtl_job::sharding::TrainShard;
 use mtl_job::JobConfig;
 
@@ -11,10 +16,27 @@ use crate::data::OrderedSplit;
 use crate::data::{Loader, LoaderConfig};
 use crate::WorkerError;
 
+/// Where a run stands in its data: training continues with sample `consumed` of `epoch`'s
+/// permutation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Position {
+    /// The epoch (0-based).
+    pub epoch: u64,
+    /// Samples of the epoch's permutation already trained, over all ranks (a multiple of the
+    /// global batch; 0 at the start of an epoch).
+    pub consumed: u64,
+}
+
 /// The mode-specific half of a training run.
 pub trait Driver {
-    /// Positions (into the ordered training split) this rank trains on in `epoch`, in order.
-    fn train_shard(&mut self, epoch: u64, train: &OrderedSplit) -> Result<TrainShard, WorkerError>;
+    /// Positions (into the ordered training split) this rank trains on in `epoch`, in order,
+    /// skipping the first `consumed` samples of the epoch (non-zero only right after a resume).
+    fn train_shard(
+        &mut self,
+        epoch: u64,
+        consumed: u64,
+        train: &OrderedSplit,
+    ) -> Result<TrainShard, WorkerError>;
 
     /// Called before every step; an error ends the run (a stop requested from outside).
     fn before_step(&mut self) -> Result<(), WorkerError> {
@@ -32,59 +54,93 @@ pub trait Driver {
 
     /// Evaluates the current model on the validation split and publishes the result.
     fn evaluate(&mut self, trainer: &Trainer, epoch: u64) -> Result<(), WorkerError>;
+
+    /// A checkpoint is due after step `trainer.steps_done()`: every `checkpoint.every_steps`,
+    /// at a planned stop, and at the end (after the last evaluation). Training continues from
+    /// `next` of `train`. The default writes nothing.
+    fn checkpoint(
+        &mut self,
+        _trainer: &Trainer,
+        _train: &OrderedSplit,
+        _next: Position,
+    ) -> Result<(), WorkerError> {
+        Ok(())
+    }
 }
 
 /// What a run of [`train`] did.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Outcome {
-    /// Epochs started.
+    /// Epochs started (entered) by this run.
     pub epochs: u64,
+    /// Where the run stopped: the next sample to train.
+    pub position: Position,
     /// Training images skipped because they could not be read.
     pub skipped_images: usize,
     /// Seconds spent training (loading and steps; evaluations excluded).
     pub train_seconds: f64,
 }
 
-/// Trains until `train.steps`, then evaluates once more.
+/// Trains from `start` until `train.steps` (then evaluates once more) or, for a planned stop,
+/// until step `stop_at_step`; offers a checkpoint at the end either way if a step was taken.
 pub fn train(
     cfg: &JobConfig,
     trainer: &mut Trainer,
     train: &OrderedSplit,
+    start: Position,
+    stop_at_step: Option<u64>,
     driver: &mut dyn Driver,
 ) -> Result<Outcome, WorkerError> {
     let batch_size = cfg.train.batch_size as usize;
-    let mut epoch = 0;
+    let global_batch = trainer.world_size() as u64 * u64::from(cfg.train.batch_size);
+    let until = stop_at_step.map_or(cfg.train.steps, |s| s.min(cfg.train.steps));
+    let first_step = trainer.steps_done();
+    let mut at = start;
+    let mut epochs = 0;
     let mut skipped = 0;
     let mut meter = Throughput::default();
     let mut train_time = std::time::Duration::ZERO;
     let mut since = std::time::Instant::now();
-    while trainer.steps_done() < cfg.train.steps {
-        let shard = driver.train_shard(epoch, train)?;
+    while trainer.steps_done() < until {
+        let shard = driver.train_shard(at.epoch, at.consumed, train)?;
         if shard.steps == 0 {
             return Err(WorkerError::Data {
                 key: "train.batch_size".into(),
                 message: format!(
-                    "{} rank(s) x batch {batch_size} is more than the training split ({} samples)",
+                    "{} rank(s) x batch {batch_size} is more than the training split ({} samples, {} of epoch {} \
+                     already trained)",
                     trainer.world_size(),
-                    train.ids.len()
+                    train.ids.len(),
+                    at.consumed,
+                    at.epoch
                 ),
             });
         }
+        epochs += 1;
+        let epoch = at.epoch;
         let ids = train.ids_at(&shard.positions);
         let mut loader = Loader::new(
             train.dataset.clone(),
             &ids,
             LoaderConfig::from_section(&cfg.data, batch_size, true, cfg.job.seed, epoch),
         )?;
-        let mut epoch_steps = 0;
-        for batch in loader.by_ref().take(shard.steps as usize) {
-            if trainer.steps_done() >= cfg.train.steps {
+        for (i, batch) in loader.by_ref().take(shard.steps as usize).enumerate() {
+            if trainer.steps_done() >= until {
                 break;
             }
-            epoch_steps += 1;
             driver.before_step()?;
             let step = trainer.steps_done() + 1;
             let report = trainer.step(&batch?)?;
+            // An epoch whose last whole global batch is trained is done: the next sample is
+            // the start of the next epoch (its short tail is never trained, see sharding).
+            // Every rank runs the same number of steps of a shard, so all end the epoch together
+            // (DWA's weights move there), before a checkpoint of this step is taken.
+            at = if i as u64 + 1 == shard.steps {
+                trainer.end_epoch();
+                Position { epoch: epoch + 1, consumed: 0 }
+            } else {
+                Position { epoch, consumed: at.consumed + global_batch }
+            };
             meter.add(report.samples);
             let log = step.is_multiple_of(cfg.train.log_every_steps.max(1)) || step == cfg.train.steps;
             driver.after_step(epoch, &report, log.then(|| meter.rate()))?;
@@ -95,18 +151,25 @@ pub fn train(
                 meter.restart();
                 since = std::time::Instant::now();
             }
-        }
-        // Every rank runs the same number of steps of a shard, so all end the epoch together.
-        if epoch_steps == shard.steps {
-            trainer.end_epoch();
+            let every = cfg.checkpoint.every_steps;
+            if every > 0 && step.is_multiple_of(every) && step < until {
+                train_time += since.elapsed();
+                driver.checkpoint(trainer, train, at)?;
+                meter.restart();
+                since = std::time::Instant::now();
+            }
         }
         skipped += loader.summary().skipped.len();
-        epoch += 1;
     }
     train_time += since.elapsed();
     if skipped > 0 {
         tracing::warn!(skipped, "training images could not be read and were skipped");
     }
-    driver.evaluate(trainer, epoch)?;
-    Ok(Outcome { epochs: epoch, skipped_images: skipped, train_seconds: train_time.as_secs_f64() })
+    if trainer.steps_done() >= cfg.train.steps {
+        driver.evaluate(trainer, at.epoch)?;
+    }
+    if trainer.steps_done() > first_step {
+        driver.checkpoint(trainer, train, at)?;
+    }
+    Ok(Outcome { epochs, position: at, skipped_images: skipped, train_seconds: train_time.as_secs_f64() })
 }

@@ -7,7 +7,7 @@
 //! gradient one process computes on the union of their batches.
 //! Layout: `epochs` (the epoch loop both modes share), `eval` (metric statistics from a loader),
 //! `standalone` (`worker train --standalone`), `distributed` (`worker run`, driven by the
-//! coordinator), `checkpoint` (weights on disk).
+//! coordinator), `checkpoint` (the run's state on disk: written, checked, resumed from).
 pub mod checkpoint;
 pub mod distributed;
 pub mod epochs;
@@ -112,6 +112,20 @@ impl Throughput {
     }
 }
 
+/// A rank's training state as named tensors, what a checkpoint holds of a [`Trainer`].
+/// The learning-rate schedule is a function of `step`, so `step` is its position too.
+#[derive(Debug)]
+pub struct TrainerState {
+    /// Optimizer steps taken.
+    pub step: u64,
+    /// Every variable of the model (parameters and buffers), named as in its `VarStore`.
+    pub model: Vec<(String, Tensor)>,
+    /// [`Optimizer::state_dict`].
+    pub optimizer: Vec<(String, Tensor)>,
+    /// [`TaskWeighting::state_dict`].
+    pub weighting: Vec<(String, Tensor)>,
+}
+
 /// Model, optimizer, weighting, schedule and collective of one rank.
 pub struct Trainer {
     /// The network.
@@ -168,6 +182,43 @@ impl Trainer {
     /// recorded into the next epoch's weights. Every rank calls it after the same step.
     pub fn end_epoch(&mut self) {
         self.weighting.end_epoch();
+    }
+
+    /// The state to checkpoint. Model variables are the live tensors (not copies): write them
+    /// out before the next step.
+    pub fn state_dict(&self) -> TrainerState {
+        let mut model: Vec<(String, Tensor)> = self.model.var_store().variables().into_iter().collect();
+        model.sort_by(|a, b| a.0.cmp(&b.0));
+        TrainerState {
+            step: self.step,
+            model,
+            optimizer: self.optimizer.state_dict(),
+            weighting: self.weighting.state_dict(),
+        }
+    }
+
+    /// Restores [`Self::state_dict`]: every entry must be present with its shape, and nothing
+    /// else may be given (errors name the entry).
+    pub fn load_state_dict(&mut self, state: &TrainerState) -> Result<(), WorkerError> {
+        let vars = self.model.var_store().variables();
+        let mut live: Vec<(String, Tensor)> = vars.into_iter().collect();
+        let mut live: Vec<(String, &mut Tensor)> = live.iter_mut().map(|(n, t)| (n.clone(), t)).collect();
+        crate::optim::load_entries("model", &mut live, &state.model)?;
+        self.optimizer.load_state_dict(&state.optimizer)?;
+        self.weighting.load_state_dict(&state.weighting)?;
+        if self.optimizer.steps() != state.step {
+            return Err(WorkerError::State {
+                owner: "optimizer",
+                key: "step".into(),
+                message: format!(
+                    "{} optimizer steps saved with training step {}",
+                    self.optimizer.steps(),
+                    state.step
+                ),
+            });
+        }
+        self.step = state.step;
+        Ok(())
     }
 
     /// Overwrites every parameter and buffer with rank 0's.

@@ -206,12 +206,14 @@ fn distributed_evaluation_equals_one_process_exactly() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = job(dir.path(), "");
     cfg.train.steps = 20;
-    let summary = standalone::run(&cfg, Device::Cpu, Some(dir.path().join("ckpt")), &mut |_, _| {}).unwrap();
+    cfg.checkpoint.dir = dir.path().join("checkpoints").display().to_string();
+    let opts = standalone::Options { out: Some(dir.path().join("ckpt")), ..Default::default() };
+    let summary = standalone::run(&cfg, Device::Cpu, &opts, &mut |_| {}).unwrap();
     assert!(summary.steps == 20);
     let loaded = checkpoint::open(&dir.path().join("ckpt")).unwrap();
     let mut model =
         MultiTaskModel::new(&loaded.cfg.model, &loaded.cfg.tasks, &loaded.info, Device::Cpu).unwrap();
-    checkpoint::load_into(&mut model, &loaded.weights).unwrap();
+    loaded.load_model(&mut model).unwrap();
     let val = OrderedSplit::new(open_dataset(&cfg.data, Split::Val, cfg.job.seed).unwrap().unwrap());
     let eval_ids = |ids: &[u64]| {
         let lc = LoaderConfig::from_section(&cfg.data, 4, false, cfg.job.seed, 0);
