@@ -1,10 +1,10 @@
-//! The shared data contract: what the loader hands to the training step and what a dataset
-//! says about its label spaces. Every task is labelled (or not) per sample.
+//! The shared data contract: what the loader hands to the training step (and to evaluation).
+//! Every task is labelled (or not) per sample.
 use tch::Tensor;
 
+use super::sample::BoxLabel;
 // Defined next to the sample types; still reachable here for the modules that import it from
 // this path.
-use super::sample::BoxLabel;
 pub(crate) use super::sample::DatasetInfo;
 
 /// One ground-truth box in pixel coordinates of the (augmented) network input, corners

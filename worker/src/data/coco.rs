@@ -39,12 +39,12 @@ impl Ctx<'_> {
     }
 }
 
+/// A JSON value for an error message, cut at 60 characters.
 fn short(v: &Value) -> String {
     let s = v.to_string();
-    if s.len() > 60 {
-        format!("{}...", &s[..60])
-    } else {
-        s
+    match s.char_indices().nth(60) {
+        Some((cut, _)) => format!("{}...", &s[..cut]),
+        None => s,
     }
 }
 
