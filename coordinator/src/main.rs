@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use mtl_coordinator::{JobConfig, JobOutcome};
+use mtl_proto::v1::{JobStatus, MetricsKind};
 
 #[derive(Parser)]
 #[command(version, about = "Control plane of a distributed multi-task vision training job")]
@@ -104,5 +105,33 @@ async fn serve(cfg: JobConfig, addr_file: Option<PathBuf>) -> anyhow::Result<Job
     };
     let report = mtl_coordinator::run(cfg, listener, shutdown).await?;
     print!("{}", mtl_coordinator::status::render(&report.status));
+    print!("{}", render_learning(&report.status));
     Ok(report.outcome)
+}
+
+/// The first and the last merged evaluation side by side, one row per metric, grouped by task:
+/// what training changed. Empty unless the job evaluated at least twice.
+fn render_learning(status: &JobStatus) -> String {
+    const ROWS: [(&str, &[&str]); 3] = [
+        ("classification", &["accuracy", "F1"]),
+        ("detection", &["AP", "AP50", "AP75"]),
+        ("segmentation", &["mIoU", "pixel_accuracy"]),
+    ];
+    let mut evals = status.history.iter().filter(|p| p.kind == MetricsKind::Eval as i32);
+    let (Some(first), Some(last)) = (evals.next(), evals.next_back()) else { return String::new() };
+    let mut out = format!(
+        "validation metrics, all ranks merged:\n  {:<15} {:<15} {:>12} {:>12}\n",
+        "task",
+        "metric",
+        if first.step == 0 { "untrained".to_string() } else { format!("step {}", first.step) },
+        format!("step {}", last.step),
+    );
+    for (task, keys) in ROWS {
+        for key in keys {
+            if let (Some(a), Some(b)) = (first.values.get(*key), last.values.get(*key)) {
+                out.push_str(&format!("  {task:<15} {key:<15} {a:>12.4} {b:>12.4}\n"));
+            }
+        }
+    }
+    out
 }
