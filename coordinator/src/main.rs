@@ -135,3 +135,44 @@ fn render_learning(status: &JobStatus) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use mtl_proto::v1::{JobStatus, MetricPoint, MetricsKind};
+
+    fn point(kind: MetricsKind, step: u64, values: &[(&str, f64)]) -> MetricPoint {
+        MetricPoint {
+            kind: kind as i32,
+            step,
+            values: values.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn learning_table_puts_the_untrained_and_the_last_evaluation_side_by_side() {
+        let mut status = JobStatus {
+            history: vec![
+                point(MetricsKind::Eval, 0, &[("accuracy", 0.2), ("mIoU", 0.05), ("AP50", 0.0)]),
+                point(MetricsKind::Train, 10, &[("accuracy", 9.0)]),
+                point(MetricsKind::Eval, 10, &[("accuracy", 0.5), ("mIoU", 0.3), ("AP50", 0.4)]),
+                point(MetricsKind::Eval, 20, &[("accuracy", 0.75), ("mIoU", 0.55), ("AP50", 0.625)]),
+            ],
+            ..Default::default()
+        };
+        let table = super::render_learning(&status);
+        let lines: Vec<&str> = table.lines().map(str::trim_end).collect();
+        assert_eq!(
+            lines,
+            [
+                "validation metrics, all ranks merged:",
+                "  task            metric             untrained      step 20",
+                "  classification  accuracy              0.2000       0.7500",
+                "  detection       AP50                  0.0000       0.6250",
+                "  segmentation    mIoU                  0.0500       0.5500",
+            ]
+        );
+        status.history.truncate(2);
+        assert_eq!(super::render_learning(&status), "", "one evaluation: nothing to compare");
+    }
+}
