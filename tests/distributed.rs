@@ -38,10 +38,10 @@ async fn train_and_compare(world: usize) {
     let evals: Vec<_> = history.iter().filter(|p| p.kind == MetricsKind::Eval as i32).collect();
     assert_eq!(
         evals.iter().map(|p| p.step).collect::<Vec<_>>(),
-        [6, 12],
-        "one merged evaluation per eval step"
+        [0, 6, 12],
+        "one merged evaluation of the untrained model and one per eval step"
     );
-    let merged: BTreeMap<String, f64> = evals[1].values.iter().map(|(k, v)| (k.clone(), *v)).collect();
+    let merged: BTreeMap<String, f64> = evals[2].values.iter().map(|(k, v)| (k.clone(), *v)).collect();
 
     // The same model evaluated by one process over the whole validation split.
     let out = Command::new(common::bin("worker"))

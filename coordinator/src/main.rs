@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use mtl_coordinator::{JobConfig, JobOutcome};
+use mtl_proto::v1::{JobStatus, MetricsKind};
 
 #[derive(Parser)]
 #[command(version, about = "Control plane of a distributed multi-task vision training job")]
@@ -107,5 +108,74 @@ async fn serve(cfg: JobConfig, addr_file: Option<PathBuf>) -> anyhow::Result<Job
     };
     let report = mtl_coordinator::run(cfg, listener, shutdown).await?;
     print!("{}", mtl_coordinator::status::render(&report.status));
+    print!("{}", render_learning(&report.status));
     Ok(report.outcome)
+}
+
+/// The first and the last merged evaluation side by side, one row per metric, grouped by task:
+/// what training changed. Empty unless the job evaluated at least twice.
+fn render_learning(status: &JobStatus) -> String {
+    const ROWS: [(&str, &[&str]); 3] = [
+        ("classification", &["accuracy", "F1"]),
+        ("detection", &["AP", "AP50", "AP75"]),
+        ("segmentation", &["mIoU", "pixel_accuracy"]),
+    ];
+    let mut evals = status.history.iter().filter(|p| p.kind == MetricsKind::Eval as i32);
+    let (Some(first), Some(last)) = (evals.next(), evals.next_back()) else { return String::new() };
+    let mut out = format!(
+        "validation metrics, all ranks merged:\n  {:<15} {:<15} {:>12} {:>12}\n",
+        "task",
+        "metric",
+        if first.step == 0 { "untrained".to_string() } else { format!("step {}", first.step) },
+        format!("step {}", last.step),
+    );
+    for (task, keys) in ROWS {
+        for key in keys {
+            if let (Some(a), Some(b)) = (first.values.get(*key), last.values.get(*key)) {
+                out.push_str(&format!("  {task:<15} {key:<15} {a:>12.4} {b:>12.4}\n"));
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use mtl_proto::v1::{JobStatus, MetricPoint, MetricsKind};
+
+    fn point(kind: MetricsKind, step: u64, values: &[(&str, f64)]) -> MetricPoint {
+        MetricPoint {
+            kind: kind as i32,
+            step,
+            values: values.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn learning_table_puts_the_untrained_and_the_last_evaluation_side_by_side() {
+        let mut status = JobStatus {
+            history: vec![
+                point(MetricsKind::Eval, 0, &[("accuracy", 0.2), ("mIoU", 0.05), ("AP50", 0.0)]),
+                point(MetricsKind::Train, 10, &[("accuracy", 9.0)]),
+                point(MetricsKind::Eval, 10, &[("accuracy", 0.5), ("mIoU", 0.3), ("AP50", 0.4)]),
+                point(MetricsKind::Eval, 20, &[("accuracy", 0.75), ("mIoU", 0.55), ("AP50", 0.625)]),
+            ],
+            ..Default::default()
+        };
+        let table = super::render_learning(&status);
+        let lines: Vec<&str> = table.lines().map(str::trim_end).collect();
+        assert_eq!(
+            lines,
+            [
+                "validation metrics, all ranks merged:",
+                "  task            metric             untrained      step 20",
+                "  classification  accuracy              0.2000       0.7500",
+                "  detection       AP50                  0.0000       0.6250",
+                "  segmentation    mIoU                  0.0500       0.5500",
+            ]
+        );
+        status.history.truncate(2);
+        assert_eq!(super::render_learning(&status), "", "one evaluation: nothing to compare");
+    }
 }

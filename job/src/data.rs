@@ -17,6 +17,19 @@ pub enum DataFormat {
     Coco,
 }
 
+/// Which scenes the synthetic generator draws (`data.synthetic_preset`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SyntheticPreset {
+    /// 1-3 overlapping shapes (radius 8-32% of the image) on noise, stripe, gradient or
+    /// check backgrounds: the benchmark's data.
+    #[default]
+    Standard,
+    /// 1-2 shapes, a large one (radius 24-36%) and at most a small distractor (8-14%), on
+    /// plain or gradient backgrounds: learnable in minutes on a CPU (the demo's data).
+    Easy,
+}
+
 /// How a COCO image gets its image-level class from its instance annotations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -50,6 +63,9 @@ pub struct DataSection {
     pub synthetic_size: u32,
     /// Synthetic only: fraction of the generated images written to `val.jsonl`.
     pub synthetic_val_fraction: f64,
+    /// Synthetic only: `standard` (the benchmark's scenes) or `easy` (fewer, larger shapes on
+    /// plainer backgrounds).
+    pub synthetic_preset: SyntheticPreset,
     /// Side of the square network input in pixels (images are letterboxed to it).
     pub image_size: u32,
     /// Threads decoding and augmenting images ahead of the training step.
@@ -71,6 +87,7 @@ impl Default for DataSection {
             synthetic_n: 512,
             synthetic_size: 64,
             synthetic_val_fraction: 0.2,
+            synthetic_preset: SyntheticPreset::Standard,
             image_size: 64,
             loader_threads: 2,
             prefetch_batches: 4,
@@ -217,11 +234,15 @@ mod tests {
         assert_eq!(cfg.data.augment.hflip_prob, 0.0);
         assert_eq!(cfg.data.augment.scale_max, 1.25);
         assert_eq!(JobConfig::from_toml(&cfg.to_toml()).unwrap(), cfg);
+        assert_eq!(cfg.data.synthetic_preset, crate::SyntheticPreset::Standard);
+        let cfg = load("[data]\nsynthetic_preset = \"easy\"\n").unwrap();
+        assert_eq!(cfg.data.synthetic_preset, crate::SyntheticPreset::Easy);
     }
 
     #[test]
     fn bad_values_name_their_key() {
         assert_eq!(invalid_key("[data]\nformat = \"parquet\"\n"), "data.format");
+        assert_eq!(invalid_key("[data]\nsynthetic_preset = \"hard\"\n"), "data.synthetic_preset");
         assert_eq!(invalid_key("[data.augment]\nhflip_prob = 2.0\n"), "data.augment.hflip_prob");
         assert_eq!(invalid_key("[data.augment]\nscale_min = 1.5\n"), "data.augment.scale_max");
         assert_eq!(invalid_key("[data.augment]\nblur = 1\n"), "data.augment.blur");

@@ -3,7 +3,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use mtl_worker::collective::bench;
-use mtl_worker::data::synthetic::SyntheticConfig;
+use mtl_worker::data::synthetic::{SyntheticConfig, SyntheticPreset};
 use mtl_worker::session::Identity;
 use mtl_worker::train::standalone;
 use mtl_worker::RunConfig;
@@ -192,6 +192,10 @@ enum GenData {
         /// Fraction of the images (the last ones) written to val.jsonl, in [0, 1).
         #[arg(long, default_value_t = 0.2, value_parser = parse_fraction)]
         val_fraction: f64,
+        /// `standard` (1-3 overlapping shapes on textured backgrounds) or `easy` (1-2 larger
+        /// shapes on plain or gradient backgrounds), as `data.synthetic_preset`.
+        #[arg(long, default_value = "standard", value_parser = parse_preset)]
+        preset: SyntheticPreset,
     },
 }
 
@@ -201,6 +205,14 @@ fn parse_fraction(text: &str) -> Result<f64, String> {
         Ok(value)
     } else {
         Err(format!("{value} is not in [0, 1)"))
+    }
+}
+
+fn parse_preset(text: &str) -> Result<SyntheticPreset, String> {
+    match text {
+        "standard" => Ok(SyntheticPreset::Standard),
+        "easy" => Ok(SyntheticPreset::Easy),
+        _ => Err(format!("`{text}` is not a preset (standard or easy)")),
     }
 }
 
@@ -275,8 +287,8 @@ fn main() -> ExitCode {
             })
         }
         Command::Export { checkpoint, out } => commands::export(&checkpoint, &out),
-        Command::GenData { kind: GenData::Shapes { out, n, size, seed, val_fraction } } => {
-            commands::gen_shapes(&out, &SyntheticConfig { n, size, seed, val_fraction })
+        Command::GenData { kind: GenData::Shapes { out, n, size, seed, val_fraction, preset } } => {
+            commands::gen_shapes(&out, &SyntheticConfig { n, size, seed, val_fraction, preset })
         }
     };
     match result {

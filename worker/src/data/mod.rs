@@ -19,6 +19,7 @@ pub mod synthetic;
 mod testutil;
 
 use std::path::Path;
+use std::time::Duration;
 
 use mtl_job::{DataFormat, DataSection};
 
@@ -39,6 +40,9 @@ pub enum Split {
     Val,
 }
 
+/// How long a process opening the synthetic dataset waits for another one generating it.
+const SYNTHETIC_GENERATION_WAIT: Duration = Duration::from_secs(600);
+
 /// Opens a split as `[data]` describes it, generating the synthetic dataset first if needed.
 /// `Ok(None)` when the split is not configured (an empty `data.val`). `seed` is `job.seed`.
 pub fn open_dataset(data: &DataSection, split: Split, seed: u64) -> Result<Option<Dataset>, WorkerError> {
@@ -49,8 +53,9 @@ pub fn open_dataset(data: &DataSection, split: Split, seed: u64) -> Result<Optio
                 size: data.synthetic_size,
                 seed,
                 val_fraction: data.synthetic_val_fraction,
+                preset: data.synthetic_preset,
             };
-            synthetic::ensure(&data.train, &cfg)?;
+            synthetic::ensure(&data.train, &cfg, SYNTHETIC_GENERATION_WAIT)?;
             let name = if split == Split::Train { "train.jsonl" } else { "val.jsonl" };
             data.train.join(name)
         }

@@ -1,7 +1,8 @@
 //! The built-in synthetic dataset: shapes (circle, square, triangle, cross, ring) in random
 //! colours on textured backgrounds (noise, stripes, gradients, checks), 1-3 shapes per image:
 //! a large one (radius 18-32% of the image) and up to two smaller ones (8-22%) drawn over it,
-//! rotated and overlapping. Every task is labelled:
+//! rotated and overlapping. The `easy` preset draws 1-2 shapes, a larger one (24-36%) and at
+//! most one small distractor (8-14%), on plain or gradient backgrounds. Every task is labelled:
 //!
 //! - class: the shape class with the largest visible area (summed over its shapes); scenes are
 //!   redrawn until that area is at least [`CLASS_MARGIN`] times the runner-up's, so the class
@@ -12,16 +13,21 @@
 //!   occluded to get a box = 255 (ignore).
 //!
 //! Colours are drawn independently of the shape class, so only the shape tells classes apart.
-//! Generation is a pure function of (seed, sample index): the same seed gives the same bytes.
+//! Generation is a pure function of (preset, seed, sample index): the same seed gives the same
+//! bytes. `ensure` generates a dataset once, safely when several processes ask at once.
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use image::{GrayImage, RgbImage};
+pub use mtl_job::SyntheticPreset;
 
 use super::batch::{DatasetInfo, IGNORE_INDEX};
 use super::jsonl::write_info;
 use super::rng::Rng;
 use crate::WorkerError;
+
+mod ensure;
+pub(crate) use ensure::ensure;
 
 /// The shape classes, in class-index order.
 pub const SHAPES: [&str; 5] = ["circle", "square", "triangle", "cross", "ring"];
@@ -40,6 +46,8 @@ pub struct SyntheticConfig {
     pub seed: u64,
     /// Fraction of the images (the last ones) written to `val.jsonl`.
     pub val_fraction: f64,
+    /// Which scenes to draw.
+    pub preset: SyntheticPreset,
 }
 
 /// The label spaces of the synthetic dataset.
@@ -69,7 +77,8 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> WorkerError + '_ {
     move |source| WorkerError::Io { path: path.to_owned(), source }
 }
 
-/// Writes `images/`, `masks/`, `train.jsonl`, `val.jsonl` and `dataset.json` into `dir`.
+/// Writes `images/`, `masks/`, `train.jsonl`, `val.jsonl` and, last, `dataset.json` into `dir`
+/// (a directory with `dataset.json` is complete).
 pub fn generate(dir: &Path, cfg: &SyntheticConfig) -> Result<(), WorkerError> {
     for sub in ["images", "masks"] {
         std::fs::create_dir_all(dir.join(sub)).map_err(io(&dir.join(sub)))?;
@@ -77,7 +86,7 @@ pub fn generate(dir: &Path, cfg: &SyntheticConfig) -> Result<(), WorkerError> {
     let n_val = (f64::from(cfg.n) * cfg.val_fraction).round() as u32;
     let (mut train, mut val) = (String::new(), String::new());
     for i in 0..cfg.n {
-        let scene = render(cfg.size, &mut Rng::from_key(&[cfg.seed, u64::from(i)]));
+        let scene = render(cfg.size, Scenes::of(cfg.preset), &mut Rng::from_key(&[cfg.seed, u64::from(i)]));
         let (image, mask) = (format!("images/{i:06}.png"), format!("masks/{i:06}.png"));
         scene
             .image
@@ -100,38 +109,35 @@ pub fn generate(dir: &Path, cfg: &SyntheticConfig) -> Result<(), WorkerError> {
     for (name, text) in [("train.jsonl", train), ("val.jsonl", val)] {
         std::fs::write(dir.join(name), text).map_err(io(&dir.join(name)))?;
     }
+    // Last: its presence marks the directory complete.
     write_info(dir, &info())?;
     Ok(())
 }
 
-/// Generates into `dir` unless it already holds `train.jsonl`. Safe when several workers on
-/// one machine race: each writes a private directory and renames it into place.
-pub fn ensure(dir: &Path, cfg: &SyntheticConfig) -> Result<(), WorkerError> {
-    if dir.join("train.jsonl").is_file() {
-        return Ok(());
+/// The ranges a preset draws scenes from.
+#[derive(Debug, Clone, Copy)]
+struct Scenes {
+    /// 1 to this many shapes.
+    max_shapes: u64,
+    /// Radius of the first (largest) shape, as a fraction of the image side.
+    large: (f64, f64),
+    /// Radius of the shapes drawn over it.
+    small: (f64, f64),
+    /// Background kinds to choose from: 0 noise, 1 stripes, 2 gradient, 3 checks.
+    backgrounds: &'static [u64],
+}
+
+impl Scenes {
+    fn of(preset: SyntheticPreset) -> Self {
+        match preset {
+            SyntheticPreset::Standard => {
+                Self { max_shapes: 3, large: (0.18, 0.32), small: (0.08, 0.22), backgrounds: &[0, 1, 2, 3] }
+            }
+            SyntheticPreset::Easy => {
+                Self { max_shapes: 2, large: (0.24, 0.36), small: (0.08, 0.14), backgrounds: &[0, 2] }
+            }
+        }
     }
-    let mut partial = dir.as_os_str().to_owned();
-    partial.push(format!(".partial-{}", std::process::id()));
-    let partial = PathBuf::from(partial);
-    tracing::info!(dir = %dir.display(), n = cfg.n, size = cfg.size, "generating the synthetic dataset");
-    generate(&partial, cfg)?;
-    if dir.is_dir() && std::fs::read_dir(dir).map_err(io(dir))?.next().is_none() {
-        std::fs::remove_dir(dir).map_err(io(dir))?;
-    }
-    if std::fs::rename(&partial, dir).is_err() && dir.join("train.jsonl").is_file() {
-        // Another process finished first; its files are identical.
-        let _ = std::fs::remove_dir_all(&partial);
-        return Ok(());
-    }
-    if !dir.join("train.jsonl").is_file() {
-        return Err(WorkerError::Io {
-            path: dir.to_owned(),
-            source: std::io::Error::other(
-                "exists without train.jsonl; remove it or point data.train elsewhere",
-            ),
-        });
-    }
-    Ok(())
 }
 
 const PALETTE: [[f64; 3]; 8] = [
@@ -150,9 +156,9 @@ fn rand_colour(rng: &mut Rng, lo: f64, hi: f64) -> [f64; 3] {
 }
 
 /// The background texture's colour at (x, y), before noise.
-fn background(size: u32, rng: &mut Rng) -> Vec<[f64; 3]> {
+fn background(size: u32, kinds: &[u64], rng: &mut Rng) -> Vec<[f64; 3]> {
     let (c1, c2) = (rand_colour(rng, 30.0, 200.0), rand_colour(rng, 30.0, 200.0));
-    let kind = rng.below(4);
+    let kind = kinds[rng.below(kinds.len() as u64) as usize];
     let angle = rng.range(0.0, std::f64::consts::PI);
     let period = rng.range(3.0, f64::from(size) / 4.0);
     let (ca, sa) = (angle.cos(), angle.sin());
@@ -202,10 +208,10 @@ fn inside(class: u32, x: f64, y: f64) -> bool {
 
 /// Renders scenes until the class is clear: the largest visible class area at least
 /// [`CLASS_MARGIN`] times the second (after 20 tries the last scene is kept).
-fn render(size: u32, rng: &mut Rng) -> Scene {
+fn render(size: u32, scenes: Scenes, rng: &mut Rng) -> Scene {
     let mut tries = 0;
     loop {
-        let (scene, area) = render_once(size, rng);
+        let (scene, area) = render_once(size, scenes, rng);
         let mut sorted = area;
         sorted.sort_unstable_by(|a, b| b.cmp(a));
         tries += 1;
@@ -218,17 +224,18 @@ fn render(size: u32, rng: &mut Rng) -> Scene {
 /// The largest visible class area is at least this many times the second largest.
 pub const CLASS_MARGIN: f64 = 1.5;
 
-fn render_once(size: u32, rng: &mut Rng) -> (Scene, [usize; SHAPES.len()]) {
+fn render_once(size: u32, scenes: Scenes, rng: &mut Rng) -> (Scene, [usize; SHAPES.len()]) {
     let n = size as usize;
-    let mut rgb = background(size, rng);
+    let mut rgb = background(size, scenes.backgrounds, rng);
     let bg_mean: [f64; 3] = std::array::from_fn(|i| rgb.iter().map(|p| p[i]).sum::<f64>() / rgb.len() as f64);
     let mut owner: Vec<Option<usize>> = vec![None; n * n];
-    let count = 1 + rng.below(3) as usize;
+    let count = 1 + rng.below(scenes.max_shapes) as usize;
     let mut classes = Vec::with_capacity(count);
     for shape in 0..count {
         let class = rng.below(SHAPES.len() as u64) as u32;
         // The first shape is large, the others (drawn over it) are smaller distractors.
-        let r = f64::from(size) * if shape == 0 { rng.range(0.18, 0.32) } else { rng.range(0.08, 0.22) };
+        let (lo, hi) = if shape == 0 { scenes.large } else { scenes.small };
+        let r = f64::from(size) * rng.range(lo, hi);
         let (cx, cy) =
             (rng.range(r * 0.6, f64::from(size) - r * 0.6), rng.range(r * 0.6, f64::from(size) - r * 0.6));
         let angle = rng.range(0.0, std::f64::consts::TAU);

@@ -82,7 +82,8 @@ pub fn connect_collective(
     }
 }
 
-/// Trains the job the session belongs to; rank 0 writes the final checkpoint to `out`.
+/// Trains the job the session belongs to, evaluating before, every `train.eval_every_steps`
+/// and at the end; rank 0 writes the final checkpoint to `out`.
 pub fn train(
     session: &mut Session,
     handle: &Handle,
@@ -96,7 +97,15 @@ pub fn train(
     let collective = connect_collective(session, device, listener)?;
     let mut trainer = Trainer::new(&cfg, model, collective)?;
     let mut driver = Coordinated { cfg: &cfg, session, handle, val };
+    // The untrained model's metrics, merged like every evaluation: the baseline for the rest.
+    driver.evaluate(&trainer, 0)?;
     let outcome = epochs::train(&cfg, &mut trainer, &train, Position::default(), None, &mut driver)?;
+    tracing::info!(
+        steps = trainer.steps_done(),
+        epochs = outcome.epochs,
+        train_seconds = format!("{:.1}", outcome.train_seconds),
+        "training finished"
+    );
     if let (0, Some(dir)) = (driver.session.placement.rank, out) {
         let generation = driver.session.placement.generation;
         let record = Record {

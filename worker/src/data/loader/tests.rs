@@ -3,7 +3,7 @@ use std::sync::Arc;
 use super::*;
 use crate::data::batch::ClassTarget;
 use crate::data::jsonl::read_manifest;
-use crate::data::synthetic::{generate, SyntheticConfig};
+use crate::data::synthetic::{generate, SyntheticConfig, SyntheticPreset};
 use crate::data::testutil::{mask_png, png, text};
 
 fn cfg(batch_size: usize, threads: usize, augment: AugmentConfig) -> LoaderConfig {
@@ -100,7 +100,11 @@ fn corrupt_and_missing_images_are_skipped_and_counted() {
 #[test]
 fn batches_do_not_depend_on_thread_count() {
     let dir = tempfile::tempdir().unwrap();
-    generate(dir.path(), &SyntheticConfig { n: 13, size: 32, seed: 3, val_fraction: 0.0 }).unwrap();
+    generate(
+        dir.path(),
+        &SyntheticConfig { n: 13, size: 32, seed: 3, val_fraction: 0.0, preset: SyntheticPreset::Standard },
+    )
+    .unwrap();
     let ds = Arc::new(read_manifest(&dir.path().join("train.jsonl")).unwrap());
     let shard = [7, 2, 11, 0, 12, 5, 9, 1, 3, 10, 4];
     let params = mtl_job::AugmentSection {
@@ -149,7 +153,11 @@ fn unknown_ids_and_zero_sizes_are_errors() {
 fn loader_throughput() {
     let dir = tempfile::tempdir().unwrap();
     let n = 512;
-    generate(dir.path(), &SyntheticConfig { n, size: 128, seed: 0, val_fraction: 0.0 }).unwrap();
+    generate(
+        dir.path(),
+        &SyntheticConfig { n, size: 128, seed: 0, val_fraction: 0.0, preset: SyntheticPreset::Standard },
+    )
+    .unwrap();
     let ds = Arc::new(read_manifest(&dir.path().join("train.jsonl")).unwrap());
     let ids = ds.ids();
     let data = mtl_job::DataSection { image_size: 128, ..mtl_job::DataSection::default() };

@@ -1,3 +1,6 @@
+use std::path::PathBuf;
+use std::time::Duration;
+
 use super::*;
 use crate::data::jsonl::read_manifest;
 use crate::data::sample::{ClassLabel, MaskSource};
@@ -21,7 +24,8 @@ fn files(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
 
 #[test]
 fn same_seed_same_bytes() {
-    let cfg = SyntheticConfig { n: 6, size: 32, seed: 7, val_fraction: 0.34 };
+    let cfg =
+        SyntheticConfig { n: 6, size: 32, seed: 7, val_fraction: 0.34, preset: SyntheticPreset::Standard };
     let (a, b, c) =
         (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     generate(a.path(), &cfg).unwrap();
@@ -38,7 +42,11 @@ fn same_seed_same_bytes() {
 #[test]
 fn labels_agree_with_the_mask() {
     let dir = tempfile::tempdir().unwrap();
-    generate(dir.path(), &SyntheticConfig { n: 40, size: 48, seed: 1, val_fraction: 0.0 }).unwrap();
+    generate(
+        dir.path(),
+        &SyntheticConfig { n: 40, size: 48, seed: 1, val_fraction: 0.0, preset: SyntheticPreset::Standard },
+    )
+    .unwrap();
     let ds = read_manifest(&dir.path().join("train.jsonl")).unwrap();
     assert_eq!(ds.info, info());
     let (mut multi, mut classes) = (0, [0; 5]);
@@ -72,4 +80,140 @@ fn labels_agree_with_the_mask() {
     }
     assert!(multi > 10, "{multi} images with several shapes");
     assert!(classes.iter().all(|&n| n > 0), "every class occurs: {classes:?}");
+}
+
+#[test]
+fn easy_preset_draws_fewer_larger_shapes() {
+    let easy = SyntheticConfig { n: 60, size: 64, seed: 2, val_fraction: 0.0, preset: SyntheticPreset::Easy };
+    let standard = SyntheticConfig { preset: SyntheticPreset::Standard, ..easy.clone() };
+    // Per image: (number of boxes, side of the largest box).
+    let scenes = |cfg: &SyntheticConfig| {
+        let dir = tempfile::tempdir().unwrap();
+        generate(dir.path(), cfg).unwrap();
+        let ds = read_manifest(&dir.path().join("train.jsonl")).unwrap();
+        let out: Vec<(usize, f32)> = ds
+            .samples
+            .iter()
+            .map(|s| {
+                let boxes = s.boxes.as_ref().unwrap();
+                (boxes.len(), boxes.iter().map(|b| b.w.max(b.h)).fold(0.0, f32::max))
+            })
+            .collect();
+        (out, files(dir.path()))
+    };
+    let ((easy, easy_files), (standard, standard_files)) = (scenes(&easy), scenes(&standard));
+    assert!(easy.iter().all(|&(n, _)| (1..=2).contains(&n)), "1-2 shapes: {easy:?}");
+    assert!(easy.iter().any(|&(n, _)| n == 2), "some images have a distractor");
+    assert!(standard.iter().any(|&(n, _)| n == 3));
+    // The large shape's radius is at least 24% of the side; borders clip it by at most 40%.
+    assert!(easy.iter().all(|&(_, side)| side >= 0.24 * 64.0 * 1.2), "{easy:?}");
+    let mean = |v: &[(usize, f32)]| v.iter().map(|&(_, side)| side).sum::<f32>() / v.len() as f32;
+    assert!(mean(&easy) > 1.2 * mean(&standard), "{} vs {}", mean(&easy), mean(&standard));
+    assert_ne!(easy_files, standard_files);
+}
+
+fn reference(cfg: &SyntheticConfig) -> (tempfile::TempDir, Vec<(PathBuf, Vec<u8>)>) {
+    let dir = tempfile::tempdir().unwrap();
+    generate(dir.path(), cfg).unwrap();
+    let bytes = files(dir.path());
+    (dir, bytes)
+}
+
+fn small() -> SyntheticConfig {
+    SyntheticConfig { n: 24, size: 32, seed: 5, val_fraction: 0.25, preset: SyntheticPreset::Easy }
+}
+
+/// The names in `dir`'s parent: the dataset and nothing left behind (lock, partial directory).
+fn siblings(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn concurrent_ensure_writes_one_dataset_identical_to_a_single_generation() {
+    let cfg = small();
+    let (_single, expected) = reference(&cfg);
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("nested/shapes");
+    let start = std::sync::Barrier::new(6);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..6)
+            .map(|_| {
+                s.spawn(|| {
+                    start.wait();
+                    ensure(&dir, &cfg, Duration::from_secs(120))
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap().unwrap();
+        }
+    });
+    assert_eq!(files(&dir), expected);
+    assert_eq!(siblings(&dir), ["shapes"]);
+}
+
+#[test]
+fn a_crashed_writers_leftovers_are_never_taken_as_complete() {
+    let cfg = small();
+    let (_single, expected) = reference(&cfg);
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("shapes");
+    // A writer died mid-way: its partial directory (with a manifest but no dataset.json) and
+    // its lock file are left; the lock itself went with the process.
+    let partial = root.path().join("shapes.partial");
+    std::fs::create_dir_all(partial.join("images")).unwrap();
+    std::fs::write(partial.join("train.jsonl"), "{\"file\": \"images/000000.png\"}\n").unwrap();
+    std::fs::write(root.path().join("shapes.lock"), "").unwrap();
+    ensure(&dir, &cfg, Duration::from_secs(5)).unwrap();
+    assert_eq!(files(&dir), expected);
+    assert_eq!(siblings(&dir), ["shapes"]);
+
+    // A directory written in place and interrupted (`gen-data` killed): refused, not used.
+    let torn = root.path().join("torn");
+    std::fs::create_dir_all(&torn).unwrap();
+    std::fs::write(torn.join("train.jsonl"), "").unwrap();
+    let err = ensure(&torn, &cfg, Duration::from_secs(5)).unwrap_err().to_string();
+    assert!(err.contains("torn") && err.contains("no complete synthetic dataset"), "{err}");
+    // An empty directory (made by hand) is filled.
+    let empty = root.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    ensure(&empty, &cfg, Duration::from_secs(5)).unwrap();
+    assert_eq!(files(&empty), expected);
+}
+
+#[test]
+fn waiting_for_a_live_writer_is_bounded_and_then_reuses_its_dataset() {
+    let cfg = small();
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("shapes");
+    let lock_path = root.path().join("shapes.lock");
+    let held = std::fs::File::create(&lock_path).unwrap();
+    held.lock().unwrap();
+    let err = ensure(&dir, &cfg, Duration::from_millis(50)).unwrap_err();
+    let message = err.to_string();
+    assert!(
+        message.contains("another process has been generating") && message.contains("shapes.lock"),
+        "{message}"
+    );
+    assert!(!dir.exists(), "nothing written while another process holds the lock");
+
+    // The holder finishes as a writer does: dataset renamed into place, lock file removed,
+    // then unlocked. A waiter (before or after that) reuses it without generating again.
+    std::thread::scope(|s| {
+        let waiter = s.spawn(|| ensure(&dir, &cfg, Duration::from_secs(120)));
+        let staged = root.path().join("staged");
+        generate(&staged, &cfg).unwrap();
+        std::fs::write(staged.join("written-by-the-holder"), "").unwrap();
+        std::fs::rename(&staged, &dir).unwrap();
+        std::fs::remove_file(&lock_path).unwrap();
+        drop(held);
+        waiter.join().unwrap().unwrap();
+    });
+    assert!(dir.join("written-by-the-holder").is_file(), "the holder's dataset was kept");
+    assert_eq!(siblings(&dir), ["shapes"]);
 }
