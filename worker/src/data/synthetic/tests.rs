@@ -91,12 +91,12 @@ fn easy_preset_draws_fewer_larger_shapes() {
         let dir = tempfile::tempdir().unwrap();
         generate(dir.path(), cfg).unwrap();
         let ds = read_manifest(&dir.path().join("train.jsonl")).unwrap();
-        let out: Vec<(usize, f32)> = ds
+        let out: Vec<(usize, f64)> = ds
             .samples
             .iter()
             .map(|s| {
                 let boxes = s.boxes.as_ref().unwrap();
-                (boxes.len(), boxes.iter().map(|b| b.w.max(b.h)).fold(0.0, f32::max))
+                (boxes.len(), boxes.iter().map(|b| b.w.max(b.h)).fold(0.0, f64::max))
             })
             .collect();
         (out, files(dir.path()))
@@ -107,7 +107,7 @@ fn easy_preset_draws_fewer_larger_shapes() {
     assert!(standard.iter().any(|&(n, _)| n == 3));
     // The large shape's radius is at least 24% of the side; borders clip it by at most 40%.
     assert!(easy.iter().all(|&(_, side)| side >= 0.24 * 64.0 * 1.2), "{easy:?}");
-    let mean = |v: &[(usize, f32)]| v.iter().map(|&(_, side)| side).sum::<f32>() / v.len() as f32;
+    let mean = |v: &[(usize, f64)]| v.iter().map(|&(_, side)| side).sum::<f64>() / v.len() as f64;
     assert!(mean(&easy) > 1.2 * mean(&standard), "{} vs {}", mean(&easy), mean(&standard));
     assert_ne!(easy_files, standard_files);
 }
