@@ -5,13 +5,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use mtl_job::JobConfig;
-
-use mtl_worker::collective::bench;
-use mtl_worker::data::synthetic::{generate, SyntheticConfig};
-use mtl_worker::data::{open_dataset, OrderedSplit, Split};
-use mtl_worker::model::MultiTaskModel;
-use mtl_worker::train::{checkpoint, eval, standalone};
-use mtl_worker::WorkerError;
+use mtl_worker::{BenchConfig, Event, StandaloneOptions, SyntheticConfig, WorkerError};
 
 /// Prints metrics as a per-task table or as one JSON object.
 pub(crate) fn print_metrics(map: &BTreeMap<String, f64>, json: bool) {
@@ -33,20 +27,20 @@ pub(crate) fn print_metrics(map: &BTreeMap<String, f64>, json: bool) {
 pub(crate) fn train_standalone(
     cfg: &JobConfig,
     device: tch::Device,
-    opts: &standalone::Options,
+    opts: &StandaloneOptions,
     json: bool,
 ) -> Result<(), WorkerError> {
     // Evaluations before and during training go to stderr as tables; the final one is the
     // command's result, printed below.
-    let mut progress = |event: standalone::Event<'_>| {
-        if let standalone::Event::Evaluated { step, metrics } = event {
+    let mut progress = |event: Event<'_>| {
+        if let Event::Evaluated { step, metrics } = event {
             if !json && step < cfg.train.steps {
                 let when = if step == 0 { "untrained model".to_string() } else { format!("step {step}") };
                 eprint!("{when}:\n{}", mtl_metrics::render_table(metrics));
             }
         }
     };
-    let summary = standalone::run(cfg, device, opts, &mut progress)?;
+    let summary = mtl_worker::train_standalone(cfg, device, opts, &mut progress)?;
     if !json {
         match &summary.checkpoint {
             Some(path) if summary.steps < cfg.train.steps => {
@@ -61,24 +55,13 @@ pub(crate) fn train_standalone(
 
 /// `worker eval --checkpoint PATH`: the checkpoint's model on its job's validation split.
 pub(crate) fn eval_checkpoint(path: &Path, device: tch::Device, json: bool) -> Result<(), WorkerError> {
-    let ckpt = checkpoint::open(path)?;
-    let cfg = &ckpt.cfg;
-    let mut model = MultiTaskModel::new(&cfg.model, &cfg.tasks, &ckpt.info, device)?;
-    ckpt.load_model(&mut model)?;
-    let val = open_dataset(&cfg.data, Split::Val, cfg.job.seed)?.map(OrderedSplit::new).ok_or_else(|| {
-        WorkerError::Data {
-            key: "data.val".into(),
-            message: "the checkpoint's job has no validation split".into(),
-        }
-    })?;
-    let stats = eval::evaluate(&model, val.eval_loader(&val.ids, cfg)?, &ckpt.info)?;
-    print_metrics(&stats.finish().to_map(), json);
+    print_metrics(&mtl_worker::evaluate_checkpoint(path, device)?, json);
     Ok(())
 }
 
 /// `worker export --checkpoint PATH --out FILE`: the checkpoint's model weights alone.
 pub(crate) fn export(path: &Path, out: &Path) -> Result<(), WorkerError> {
-    let ckpt = checkpoint::open(path)?;
+    let ckpt = mtl_worker::open_checkpoint(path)?;
     let tensors = ckpt.export_model(out)?;
     println!(
         "wrote the {tensors} model tensors of {} (step {}) to {}",
@@ -100,9 +83,9 @@ pub(crate) fn eval_files(gt: &Path, detections: &Path, json: bool) -> Result<(),
 }
 
 /// `worker collective-bench`: one rank; rank 0 prints one JSON line per message size.
-pub(crate) fn collective_bench(cfg: &bench::BenchConfig) -> Result<(), WorkerError> {
+pub(crate) fn collective_bench(cfg: &BenchConfig) -> Result<(), WorkerError> {
     let rank = cfg.rank;
-    bench::run(cfg, |r| {
+    mtl_worker::collective_bench(cfg, |r| {
         if rank == 0 {
             println!(
                 "{{\"world_size\":{},\"size_bytes\":{},\"seconds\":{:.6},\"algbw_gbs\":{:.3},\"busbw_gbs\":{:.3}}}",
@@ -123,7 +106,7 @@ pub(crate) fn predict(
     batch_size: usize,
     overlay_score: f64,
 ) -> Result<(), WorkerError> {
-    let s = mtl_worker::predict::run(checkpoint, input, image_root, out, device, batch_size, overlay_score)?;
+    let s = mtl_worker::predict(checkpoint, input, image_root, out, device, batch_size, overlay_score)?;
     println!(
         "predicted {} images ({} skipped), {} detections; written to {}",
         s.images,
@@ -136,7 +119,7 @@ pub(crate) fn predict(
 
 /// `worker gen-data shapes`.
 pub(crate) fn gen_shapes(out: &Path, cfg: &SyntheticConfig) -> Result<(), WorkerError> {
-    generate(out, cfg)?;
+    mtl_worker::generate_shapes(out, cfg)?;
     tracing::info!(out = %out.display(), n = cfg.n, size = cfg.size, seed = cfg.seed, "dataset written");
     Ok(())
 }

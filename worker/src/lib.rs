@@ -9,24 +9,35 @@
 //! `commands` module is the only place that prints.
 #![warn(missing_docs)]
 
-pub mod collective;
-pub mod data;
-pub mod device;
+mod collective;
+mod data;
+mod device;
 mod error;
-pub mod model;
-pub mod optim;
-pub mod precision;
-pub mod predict;
-pub mod session;
-pub mod task;
-pub mod tasks;
-pub mod train;
-pub mod weighting;
+mod model;
+mod optim;
+mod precision;
+mod predict;
+mod session;
+mod task;
+mod tasks;
+mod train;
+mod weighting;
+
+// The entry points the `worker` binary uses; everything else is the crate's own.
+pub use collective::bench::{run as collective_bench, BenchConfig, BenchResult};
+pub use data::synthetic::{generate as generate_shapes, SyntheticConfig, SyntheticPreset};
+pub use device::parse_device;
+pub use predict::{run as predict, PredictSummary};
+pub use session::Identity;
+pub use task::{PerTask, Task, TaskValues};
+pub use train::checkpoint::{evaluate as evaluate_checkpoint, open as open_checkpoint, Checkpoint};
+pub use train::standalone::{run as train_standalone, Event, Options as StandaloneOptions, Summary};
+pub use train::StepReport;
 
 pub(crate) use error::At;
 pub use error::WorkerError;
 
-use crate::session::{Identity, Session};
+use crate::session::Session;
 
 /// Where `worker run` connects, who it says it is, and where it listens for peers.
 #[derive(Debug, Clone)]

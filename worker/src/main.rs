@@ -2,11 +2,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use mtl_worker::collective::bench;
-use mtl_worker::data::synthetic::{SyntheticConfig, SyntheticPreset};
-use mtl_worker::session::Identity;
-use mtl_worker::train::standalone;
-use mtl_worker::RunConfig;
+use mtl_worker::{BenchConfig, Identity, RunConfig, StandaloneOptions, SyntheticConfig, SyntheticPreset};
 
 mod commands;
 
@@ -245,7 +241,7 @@ fn main() -> ExitCode {
                 eprintln!("error: --rank {rank} is outside the {} peers given", peers.len());
                 return ExitCode::from(2);
             }
-            let cfg = bench::BenchConfig {
+            let cfg = BenchConfig {
                 rank,
                 peers,
                 sizes_bytes: sizes_mib.iter().map(|m| m << 20).collect(),
@@ -257,8 +253,8 @@ fn main() -> ExitCode {
         Command::Train { standalone: _, config, overrides, device, out, resume, stop_at_step, json } => {
             match mtl_job::JobConfig::load(Some(&config), &overrides, std::env::vars()) {
                 Ok(cfg) => {
-                    let opts = standalone::Options { out, resume, stop_at_step };
-                    mtl_worker::device::parse_device(&device)
+                    let opts = StandaloneOptions { out, resume, stop_at_step };
+                    mtl_worker::parse_device(&device)
                         .and_then(|d| commands::train_standalone(&cfg, d, &opts, json))
                 }
                 Err(err) => {
@@ -268,13 +264,14 @@ fn main() -> ExitCode {
             }
         }
         Command::Eval { checkpoint, gt, detections, device, json } => match (checkpoint, gt, detections) {
-            (Some(dir), _, _) => mtl_worker::device::parse_device(&device)
-                .and_then(|d| commands::eval_checkpoint(&dir, d, json)),
+            (Some(dir), _, _) => {
+                mtl_worker::parse_device(&device).and_then(|d| commands::eval_checkpoint(&dir, d, json))
+            }
             (None, Some(gt), Some(dets)) => commands::eval_files(&gt, &dets, json),
             _ => unreachable!("clap requires --checkpoint or --gt with --detections"),
         },
         Command::Predict { checkpoint, input, image_root, out, device, batch_size, overlay_score } => {
-            mtl_worker::device::parse_device(&device).and_then(|d| {
+            mtl_worker::parse_device(&device).and_then(|d| {
                 commands::predict(
                     &checkpoint,
                     &input,

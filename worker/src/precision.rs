@@ -8,20 +8,21 @@ use crate::WorkerError;
 extern "C" {
     fn mtl_autocast_enter_bf16(cuda: c_int, prev_enabled: *mut c_int, prev_dtype: *mut c_int) -> c_int;
     fn mtl_autocast_exit(cuda: c_int, prev_enabled: c_int, prev_dtype: c_int) -> c_int;
+    #[cfg(test)]
     fn mtl_autocast_state(cuda: c_int, enabled: *mut c_int, is_bf16: *mut c_int) -> c_int;
 }
 
 /// bf16 autocast on one device type for this thread, until dropped (then the previous state
 /// is back).
 #[derive(Debug)]
-pub struct AutocastGuard {
+pub(crate) struct AutocastGuard {
     cuda: c_int,
     prev_enabled: c_int,
     prev_dtype: c_int,
 }
 
 /// Turns bf16 autocast on for `device`'s type (CUDA or CPU) on this thread.
-pub fn bf16_autocast(device: tch::Device) -> Result<AutocastGuard, WorkerError> {
+pub(crate) fn bf16_autocast(device: tch::Device) -> Result<AutocastGuard, WorkerError> {
     let cuda = c_int::from(device.is_cuda());
     let (mut prev_enabled, mut prev_dtype) = (0, 0);
     // SAFETY: the shim writes two ints and catches every C++ exception.
@@ -35,7 +36,8 @@ pub fn bf16_autocast(device: tch::Device) -> Result<AutocastGuard, WorkerError> 
 }
 
 /// Whether autocast is on for `device`'s type on this thread, and whether its dtype is bf16.
-pub fn autocast_state(device: tch::Device) -> (bool, bool) {
+#[cfg(test)]
+pub(crate) fn autocast_state(device: tch::Device) -> (bool, bool) {
     let (mut enabled, mut is_bf16) = (0, 0);
     // SAFETY: the shim writes two ints and catches every C++ exception.
     unsafe { mtl_autocast_state(c_int::from(device.is_cuda()), &mut enabled, &mut is_bf16) };

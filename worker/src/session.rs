@@ -31,7 +31,7 @@ pub struct Identity {
 }
 
 /// A registered worker: its place in the generation and the job config it was handed.
-pub struct Session {
+pub(crate) struct Session {
     client: CoordinatorClient<Channel>,
     token: String,
     identity: Identity,
@@ -46,7 +46,7 @@ pub struct Session {
 
 impl Session {
     /// Connects, registers and waits for the generation to form.
-    pub async fn join(addr: &str, token: &str, identity: Identity) -> Result<Self, WorkerError> {
+    pub(crate) async fn join(addr: &str, token: &str, identity: Identity) -> Result<Self, WorkerError> {
         let mut client = CoordinatorClient::connect(addr.to_string())
             .await
             .map_err(|source| WorkerError::Connect { addr: addr.to_string(), source })?
@@ -104,12 +104,12 @@ impl Session {
     }
 
     /// Records training progress (sent with the next heartbeat).
-    pub fn set_step(&self, step: u64) {
+    pub(crate) fn set_step(&self, step: u64) {
         self.step.store(step, Ordering::Relaxed);
     }
 
     /// Errors if the coordinator has told this worker to stop.
-    pub fn check_stop(&self) -> Result<(), WorkerError> {
+    pub(crate) fn check_stop(&self) -> Result<(), WorkerError> {
         match self.stop_rx.borrow().as_ref() {
             Some(reason) => Err(WorkerError::Stopped { reason: reason.clone() }),
             None => Ok(()),
@@ -117,7 +117,7 @@ impl Session {
     }
 
     /// Sends named scalars (losses, learning rate, ...) for one step.
-    pub async fn report(
+    pub(crate) async fn report(
         &mut self,
         kind: MetricsKind,
         step: u64,
@@ -143,7 +143,7 @@ impl Session {
     }
 
     /// This rank's share of one epoch of `split`, telling the coordinator what data it sees.
-    pub async fn shard(
+    pub(crate) async fn shard(
         &mut self,
         split: Split,
         epoch: u64,
@@ -169,7 +169,7 @@ impl Session {
     }
 
     /// Tells the coordinator this worker is done (or failed) and stops heartbeating.
-    pub async fn leave(mut self, failure: Option<&str>) -> Result<(), WorkerError> {
+    pub(crate) async fn leave(mut self, failure: Option<&str>) -> Result<(), WorkerError> {
         self.heartbeat.abort();
         let request = leave_request(&self.token, &self.identity, self.placement.generation, failure);
         self.client.leave(request).await.map_err(WorkerError::rpc("Leave"))?;

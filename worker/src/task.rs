@@ -100,7 +100,7 @@ impl<T: Copy> PerTask<T> {
 
 /// The scalar loss of each task in one step. In data-parallel training a task must be present
 /// on all ranks or on none (a rank without labelled samples passes a zero loss).
-pub type TaskLosses = PerTask<Tensor>;
+pub(crate) type TaskLosses = PerTask<Tensor>;
 
 /// One number per task (losses, weights), `None` where the task is absent.
 pub type TaskValues = PerTask<f64>;

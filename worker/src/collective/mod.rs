@@ -2,15 +2,15 @@
 //! tensors, broadcast, barrier. Two backends behind one trait: a CPU TCP ring ([`ring`]) that
 //! CI tests, and NCCL for CUDA tensors. Tensors are packed into flat buckets of about
 //! `bucket_bytes` so each collective call moves large contiguous buffers.
-pub mod bench;
+pub(crate) mod bench;
 mod bucket;
 mod local;
-pub mod nccl;
-pub mod ring;
+pub(crate) mod nccl;
+pub(crate) mod ring;
 mod ring_collective;
 
-pub use local::LocalCollective;
-pub use ring_collective::RingCollective;
+pub(crate) use local::LocalCollective;
+pub(crate) use ring_collective::RingCollective;
 
 use std::time::Duration;
 
@@ -18,7 +18,7 @@ use tch::Tensor;
 
 /// How values from all ranks are combined.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ReduceOp {
+pub(crate) enum ReduceOp {
     /// Element-wise sum.
     Sum,
     /// Element-wise mean (sum divided by the world size).
@@ -75,9 +75,7 @@ impl CollectiveError {
 }
 
 /// The operations data-parallel training needs. Implementations are used from one thread.
-pub trait Collective: Send {
-    /// This rank, 0-based.
-    fn rank(&self) -> usize;
+pub(crate) trait Collective: Send {
     /// Number of ranks.
     fn world_size(&self) -> usize;
     /// All-reduces every tensor in place. All ranks pass tensors of the same shapes, in order.
@@ -85,12 +83,13 @@ pub trait Collective: Send {
     /// Overwrites every tensor with rank `root`'s values.
     fn broadcast(&mut self, tensors: &mut [Tensor], root: usize) -> Result<(), CollectiveError>;
     /// Returns once every rank has entered it.
+    #[cfg(test)]
     fn barrier(&mut self) -> Result<(), CollectiveError>;
 }
 
 /// Timeouts for collectives: set-up is slow (peers start at different times), steps are not.
 #[derive(Debug, Clone, Copy)]
-pub struct Timeouts {
+pub(crate) struct Timeouts {
     /// Bound on connecting the ring / creating the communicator.
     pub setup: Duration,
     /// Bound on any single transfer once running.

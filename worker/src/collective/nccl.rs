@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use tch::{Device, Kind, Tensor};
 
-pub use self::ffi::{candidates, NcclLibrary, LIBRARY_ENV, UNIQUE_ID_BYTES};
 use self::ffi::{Comm, Config, CudaDriver, Status, UniqueId};
+pub(crate) use self::ffi::{NcclLibrary, UNIQUE_ID_BYTES};
 use super::bucket::{buckets, scatter_back};
 use super::{Collective, CollectiveError, ReduceOp, Timeouts};
 
@@ -21,7 +21,7 @@ use super::{Collective, CollectiveError, ReduceOp, Timeouts};
 const POLL_INTERVAL: Duration = Duration::from_micros(20);
 
 /// A new NCCL unique id (128 bytes) for rank 0 to hand to every rank.
-pub fn unique_id() -> Result<Vec<u8>, CollectiveError> {
+pub(crate) fn unique_id() -> Result<Vec<u8>, CollectiveError> {
     let lib = NcclLibrary::shared()?;
     let mut id = UniqueId { internal: [0; UNIQUE_ID_BYTES] };
     // SAFETY: writes one ncclUniqueId.
@@ -35,7 +35,7 @@ pub fn unique_id() -> Result<Vec<u8>, CollectiveError> {
 }
 
 /// NCCL's `ncclDataType_t` for the floating-point kinds the backend reduces.
-pub fn nccl_dtype(kind: Kind) -> Option<i32> {
+pub(crate) fn nccl_dtype(kind: Kind) -> Option<i32> {
     match kind {
         Kind::Half => Some(6),
         Kind::Float => Some(7),
@@ -46,7 +46,7 @@ pub fn nccl_dtype(kind: Kind) -> Option<i32> {
 }
 
 /// Refuses tensors that are not on `cuda:<device_index>` or not f16/bf16/f32/f64.
-pub fn check_tensors(
+pub(crate) fn check_tensors(
     tensors: &[Tensor],
     device_index: usize,
     op: &'static str,
@@ -67,7 +67,7 @@ pub fn check_tensors(
 }
 
 /// One rank of an NCCL communicator on one CUDA device.
-pub struct NcclCollective {
+pub(crate) struct NcclCollective {
     lib: &'static NcclLibrary,
     cuda: &'static CudaDriver,
     /// Null once aborted.
@@ -89,7 +89,7 @@ unsafe impl Send for NcclCollective {}
 impl NcclCollective {
     /// Joins the communicator `unique_id` names as `rank` of `world_size` on `cuda:<device_index>`.
     /// Fails (after aborting) if not every rank joins within `timeouts.setup`.
-    pub fn new(
+    pub(crate) fn new(
         rank: usize,
         world_size: usize,
         unique_id: &[u8],
@@ -258,10 +258,6 @@ impl NcclCollective {
 }
 
 impl Collective for NcclCollective {
-    fn rank(&self) -> usize {
-        self.rank
-    }
-
     fn world_size(&self) -> usize {
         self.world_size
     }
@@ -288,6 +284,7 @@ impl Collective for NcclCollective {
         })
     }
 
+    #[cfg(test)]
     fn barrier(&mut self) -> Result<(), CollectiveError> {
         let mut one = [Tensor::f_zeros([1], (Kind::Float, Device::Cuda(self.device_index)))?];
         self.all_reduce(&mut one, ReduceOp::Sum)

@@ -15,7 +15,7 @@ const SEGMENT_BYTES: usize = 1 << 20;
 const HELLO: &[u8; 4] = b"MTL1";
 
 /// Element types the ring can reduce.
-pub trait Element: bytemuck::Pod + Send + Sync + std::ops::AddAssign {
+pub(crate) trait Element: bytemuck::Pod + Send + Sync + std::ops::AddAssign {
     /// Divides by the world size (for means).
     fn scale(&mut self, by: f64);
 }
@@ -33,7 +33,7 @@ impl Element for f64 {
 }
 
 /// One rank's two ring connections.
-pub struct Ring {
+pub(crate) struct Ring {
     rank: usize,
     world_size: usize,
     /// To rank + 1.
@@ -42,14 +42,13 @@ pub struct Ring {
     prev: Option<TcpStream>,
     next_rank: usize,
     prev_rank: usize,
-    timeout: Duration,
 }
 
 impl Ring {
     /// Connects the ring. `listener` is this rank's own (bound before registering, so the
     /// address given to peers is already accepting); `peers[r]` is rank r's address.
     /// `connect_timeout` bounds the whole set-up; `timeout` bounds every later transfer.
-    pub fn connect(
+    pub(crate) fn connect(
         rank: usize,
         peers: &[SocketAddr],
         listener: TcpListener,
@@ -62,7 +61,7 @@ impl Ring {
         let next_rank = (rank + 1) % world_size;
         let prev_rank = (rank + world_size - 1) % world_size;
         if world_size == 1 {
-            return Ok(Self { rank, world_size, next: None, prev: None, next_rank, prev_rank, timeout });
+            return Ok(Self { rank, world_size, next: None, prev: None, next_rank, prev_rank });
         }
         let deadline = Instant::now() + connect_timeout;
         // Connect out and accept in concurrently: with two ranks, each is the other's next and prev.
@@ -82,21 +81,26 @@ impl Ring {
             s.set_read_timeout(Some(timeout)).and_then(|_| s.set_write_timeout(Some(timeout))).ok();
             s.set_nodelay(true).ok();
         }
-        Ok(Self { rank, world_size, next: Some(next), prev: Some(prev), next_rank, prev_rank, timeout })
+        Ok(Self { rank, world_size, next: Some(next), prev: Some(prev), next_rank, prev_rank })
     }
 
     /// This rank.
-    pub fn rank(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn rank(&self) -> usize {
         self.rank
     }
 
     /// Number of ranks in the ring.
-    pub fn world_size(&self) -> usize {
+    pub(crate) fn world_size(&self) -> usize {
         self.world_size
     }
 
     /// All-reduces `data` in place across the ring.
-    pub fn all_reduce<T: Element>(&mut self, data: &mut [T], op: ReduceOp) -> Result<(), CollectiveError> {
+    pub(crate) fn all_reduce<T: Element>(
+        &mut self,
+        data: &mut [T],
+        op: ReduceOp,
+    ) -> Result<(), CollectiveError> {
         let n = self.world_size;
         if n > 1 && !data.is_empty() {
             let bounds: Vec<(usize, usize)> = (0..n).map(|c| chunk_bounds(data.len(), n, c)).collect();
@@ -121,7 +125,11 @@ impl Ring {
     }
 
     /// Copies rank `root`'s `data` to every rank (passed along the ring).
-    pub fn broadcast<T: Element>(&mut self, data: &mut [T], root: usize) -> Result<(), CollectiveError> {
+    pub(crate) fn broadcast<T: Element>(
+        &mut self,
+        data: &mut [T],
+        root: usize,
+    ) -> Result<(), CollectiveError> {
         let n = self.world_size;
         if n == 1 || data.is_empty() {
             return Ok(());
@@ -144,7 +152,7 @@ impl Ring {
     }
 
     /// Returns once every rank has called it.
-    pub fn barrier(&mut self) -> Result<(), CollectiveError> {
+    pub(crate) fn barrier(&mut self) -> Result<(), CollectiveError> {
         // One element per rank, so every rank both sends and receives in each step.
         let mut token = vec![0f32; self.world_size];
         self.all_reduce(&mut token, ReduceOp::Sum)
@@ -176,11 +184,6 @@ impl Ring {
             let sent = sender.join().expect("ring sender panicked");
             received.and(sent)
         })
-    }
-
-    /// The transfer timeout, for error messages.
-    pub fn timeout(&self) -> Duration {
-        self.timeout
     }
 }
 

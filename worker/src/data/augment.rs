@@ -161,7 +161,7 @@ fn taps(out: u32, src: u32, k: f64, t: f64, flip: bool) -> Vec<Option<Tap>> {
 }
 
 /// Transforms one sample. `mask` (row-major, the image's size) and `boxes` are optional.
-pub fn augment(
+pub(crate) fn augment(
     image: &RgbImage,
     boxes: &[BoxLabel],
     mask: Option<&[u8]>,

@@ -70,12 +70,12 @@ pub struct OriginalSample {
 }
 
 /// The mask value that losses and metrics ignore.
-pub const IGNORE_INDEX: u8 = 255;
+pub(crate) const IGNORE_INDEX: u8 = 255;
 
 /// ImageNet per-channel mean (RGB, 0..1), used to normalise images.
-pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+pub(crate) const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
 /// ImageNet per-channel standard deviation (RGB, 0..1).
-pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
+pub(crate) const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
 
 /// One sample after decoding and augmentation, ready to be stacked into a [`Batch`].
 #[derive(Debug, Clone, PartialEq)]

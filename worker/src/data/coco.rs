@@ -69,7 +69,7 @@ fn annotation_error(err: MetricsError) -> WorkerError {
 }
 
 /// Reads a COCO instances file; image paths are `image_root/file_name`.
-pub fn read_coco(path: &Path, image_root: &Path, rule: ClassRule) -> Result<Dataset, WorkerError> {
+pub(crate) fn read_coco(path: &Path, image_root: &Path, rule: ClassRule) -> Result<Dataset, WorkerError> {
     let cx = Ctx { path };
     let doc = read_json(path).map_err(annotation_error)?;
     let coco = parse_instances(&doc, path).map_err(annotation_error)?;

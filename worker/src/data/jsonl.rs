@@ -16,14 +16,14 @@ use super::sample::{BoxLabel, ClassLabel, Dataset, DatasetInfo, MaskSource, Samp
 use crate::WorkerError;
 
 /// Name of the optional label-space file next to a manifest.
-pub const INFO_FILE: &str = "dataset.json";
+pub(crate) const INFO_FILE: &str = "dataset.json";
 
 fn bad(path: &Path, location: String, message: impl Into<String>) -> WorkerError {
     WorkerError::Annotation { path: path.to_owned(), location, message: message.into() }
 }
 
 /// Reads a manifest and checks every line against the label spaces.
-pub fn read_manifest(path: &Path) -> Result<Dataset, WorkerError> {
+pub(crate) fn read_manifest(path: &Path) -> Result<Dataset, WorkerError> {
     let text =
         std::fs::read_to_string(path).map_err(|source| WorkerError::Io { path: path.into(), source })?;
     let root = path.parent().unwrap_or(Path::new("")).to_owned();
@@ -208,7 +208,7 @@ fn derive_info(samples: &[SampleRecord]) -> DatasetInfo {
 }
 
 /// Writes `dataset.json` for a manifest directory (used by the synthetic generator).
-pub fn write_info(dir: &Path, info: &DatasetInfo) -> Result<PathBuf, WorkerError> {
+pub(crate) fn write_info(dir: &Path, info: &DatasetInfo) -> Result<PathBuf, WorkerError> {
     let path = dir.join(INFO_FILE);
     let value = serde_json::json!({
         "class_names": info.class_names,

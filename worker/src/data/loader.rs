@@ -211,7 +211,7 @@ fn work(shared: &Shared, jobs_rx: &Mutex<mpsc::Receiver<usize>>, results_tx: &mp
 }
 
 /// Decodes and augments one sample; the error is the reason it is skipped.
-pub fn prepare(record: &SampleRecord, cfg: &LoaderConfig) -> Result<Prepared, String> {
+pub(crate) fn prepare(record: &SampleRecord, cfg: &LoaderConfig) -> Result<Prepared, String> {
     let image = image::open(&record.image).map_err(|e| format!("cannot read image: {e}"))?.to_rgb8();
     let (w, h) = image.dimensions();
     let mask = match &record.mask {

@@ -5,16 +5,16 @@
 //! geometry + colour jitter), `loader` (thread pool, ordered batches) and `batch` (the
 //! [`Batch`] contract with the training step). Malformed annotation files fail when the
 //! dataset is opened; unreadable images are skipped by the loader.
-pub mod augment;
-pub mod batch;
-pub mod coco;
-pub mod jsonl;
-pub mod loader;
+pub(crate) mod augment;
+pub(crate) mod batch;
+pub(crate) mod coco;
+pub(crate) mod jsonl;
+pub(crate) mod loader;
 mod ordered;
-pub mod rle;
+pub(crate) mod rle;
 mod rng;
-pub mod sample;
-pub mod synthetic;
+pub(crate) mod sample;
+pub(crate) mod synthetic;
 #[cfg(test)]
 mod testutil;
 
@@ -23,17 +23,16 @@ use std::time::Duration;
 
 use mtl_job::{DataFormat, DataSection};
 
-pub use augment::{AugmentConfig, Augmented};
-pub use batch::{Batch, ClassTarget, GtBox, OriginalSample};
-pub use loader::{Loader, LoaderConfig, LoaderSummary};
-pub use ordered::OrderedSplit;
-pub use sample::{BoxLabel, ClassLabel, Dataset, DatasetInfo, MaskSource, SampleRecord};
+pub(crate) use batch::{Batch, ClassTarget};
+pub(crate) use loader::{Loader, LoaderConfig};
+pub(crate) use ordered::OrderedSplit;
+pub(crate) use sample::{Dataset, DatasetInfo};
 
 use crate::WorkerError;
 
 /// Which split of the dataset to open.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Split {
+pub(crate) enum Split {
     /// `data.train`.
     Train,
     /// `data.val`.
@@ -45,7 +44,11 @@ const SYNTHETIC_GENERATION_WAIT: Duration = Duration::from_secs(600);
 
 /// Opens a split as `[data]` describes it, generating the synthetic dataset first if needed.
 /// `Ok(None)` when the split is not configured (an empty `data.val`). `seed` is `job.seed`.
-pub fn open_dataset(data: &DataSection, split: Split, seed: u64) -> Result<Option<Dataset>, WorkerError> {
+pub(crate) fn open_dataset(
+    data: &DataSection,
+    split: Split,
+    seed: u64,
+) -> Result<Option<Dataset>, WorkerError> {
     let path = match (data.format, split) {
         (DataFormat::Synthetic, _) => {
             let cfg = synthetic::SyntheticConfig {

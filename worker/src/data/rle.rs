@@ -198,7 +198,7 @@ impl Segmentation {
 }
 
 /// The semantic mask of one image: 0 background, shapes painted in order (row-major).
-pub fn rasterise(masks: &InstanceMasks) -> Vec<u8> {
+pub(crate) fn rasterise(masks: &InstanceMasks) -> Vec<u8> {
     let mut out = vec![0u8; masks.width as usize * masks.height as usize];
     for (value, shape) in &masks.shapes {
         shape.paint(&mut out, masks.height, masks.width, *value);

@@ -30,10 +30,10 @@ mod ensure;
 pub(crate) use ensure::ensure;
 
 /// The shape classes, in class-index order.
-pub const SHAPES: [&str; 5] = ["circle", "square", "triangle", "cross", "ring"];
+pub(crate) const SHAPES: [&str; 5] = ["circle", "square", "triangle", "cross", "ring"];
 
 /// A shape with fewer visible pixels gets no box and is ignored in the mask.
-pub const MIN_VISIBLE_PX: usize = 12;
+pub(crate) const MIN_VISIBLE_PX: usize = 12;
 
 /// What to generate.
 #[derive(Debug, Clone, PartialEq)]
@@ -51,7 +51,7 @@ pub struct SyntheticConfig {
 }
 
 /// The label spaces of the synthetic dataset.
-pub fn info() -> DatasetInfo {
+pub(crate) fn info() -> DatasetInfo {
     let names: Vec<String> = SHAPES.iter().map(|s| s.to_string()).collect();
     let mut seg_classes = vec!["background".to_string()];
     seg_classes.extend(names.iter().cloned());
@@ -222,7 +222,7 @@ fn render(size: u32, scenes: Scenes, rng: &mut Rng) -> Scene {
 }
 
 /// The largest visible class area is at least this many times the second largest.
-pub const CLASS_MARGIN: f64 = 1.5;
+pub(crate) const CLASS_MARGIN: f64 = 1.5;
 
 fn render_once(size: u32, scenes: Scenes, rng: &mut Rng) -> (Scene, [usize; SHAPES.len()]) {
     let n = size as usize;

@@ -108,7 +108,7 @@ impl Block {
 
 /// A ResNet without its classifier, returning features at strides 8, 16 and 32.
 #[derive(Debug)]
-pub struct Backbone {
+pub(crate) struct Backbone {
     conv1: Conv2d,
     bn1: Norm,
     stages: Vec<Vec<Block>>,
@@ -117,7 +117,7 @@ pub struct Backbone {
 
 impl Backbone {
     /// Builds the backbone's variables under `path` (torchvision names relative to it).
-    pub fn new(path: nn::Path<'_>, kind: BackboneKind, width: i64, norm: NormKind) -> Self {
+    pub(crate) fn new(path: nn::Path<'_>, kind: BackboneKind, width: i64, norm: NormKind) -> Self {
         let (bottleneck, blocks) = layout(kind);
         let expansion = if bottleneck { 4 } else { 1 };
         let conv1 = conv(&path / "conv1", 3, width, 7, 2);
@@ -143,12 +143,12 @@ impl Backbone {
     }
 
     /// Channels of C3, C4, C5.
-    pub fn out_channels(&self) -> [i64; 3] {
+    pub(crate) fn out_channels(&self) -> [i64; 3] {
         self.out_channels
     }
 
     /// C3, C4, C5 for `images` (`[B,3,H,W]`).
-    pub fn forward(&self, images: &Tensor, train: bool) -> Result<[Tensor; 3], WorkerError> {
+    pub(crate) fn forward(&self, images: &Tensor, train: bool) -> Result<[Tensor; 3], WorkerError> {
         let stem = || -> Result<Tensor, WorkerError> {
             let conv_out = self.conv1.forward(images)?;
             let x = self.bn1.forward(&conv_out, train);
@@ -171,7 +171,7 @@ impl Backbone {
     /// The kernel of the last stage's shortcut convolution (`layer4.0.downsample.0.weight`):
     /// the last convolution whose gradient every consumer of C5 reaches from the first step
     /// (see [`super::MultiTaskModel::gradnorm_layer`]).
-    pub fn last_stage_shortcut(&self) -> &Tensor {
+    pub(crate) fn last_stage_shortcut(&self) -> &Tensor {
         let first = &self.stages[3][0];
         first.downsample.as_ref().expect("the last stage starts with a stride-2 block").0.weight()
     }
@@ -179,7 +179,7 @@ impl Backbone {
 
 /// Spatial sizes of C3/C4/C5 (and P3/P4/P5) for an `h`x`w` input: each stride-2 layer maps n to
 /// ceil(n/2) (7x7/2 pad 3, 3x3/2 pad 1, 1x1/2 pad 0 all do).
-pub fn feature_sizes(h: i64, w: i64) -> [(i64, i64); 3] {
+pub(crate) fn feature_sizes(h: i64, w: i64) -> [(i64, i64); 3] {
     let half = |n: i64| (n + 1) / 2;
     let mut size = (h, w);
     let mut out = [(0, 0); 3];
@@ -196,7 +196,7 @@ pub fn feature_sizes(h: i64, w: i64) -> [(i64, i64); 3] {
 /// the variables of `vs` under `prefix.` (e.g. `backbone.`). Keys in the file that the model
 /// lacks (`fc.*`, `num_batches_tracked`, BatchNorm statistics under GroupNorm) are ignored; a
 /// variable missing from the file or with another shape is an error.
-pub fn load_backbone(vs: &nn::VarStore, prefix: &str, path: &Path) -> Result<(), WorkerError> {
+pub(crate) fn load_backbone(vs: &nn::VarStore, prefix: &str, path: &Path) -> Result<(), WorkerError> {
     let err = |name: &str, message: String| WorkerError::Weights {
         path: path.to_owned(),
         name: name.to_string(),

@@ -8,14 +8,14 @@ use crate::{At, WorkerError};
 
 /// Feature pyramid over the backbone's C3/C4/C5.
 #[derive(Debug)]
-pub struct Fpn {
+pub(crate) struct Fpn {
     lateral: Vec<Conv2d>,
     output: Vec<Conv2d>,
 }
 
 impl Fpn {
     /// Creates `lateral.{0,1,2}` and `output.{0,1,2}` under `path`.
-    pub fn new(path: nn::Path<'_>, in_channels: [i64; 3], channels: i64) -> Self {
+    pub(crate) fn new(path: nn::Path<'_>, in_channels: [i64; 3], channels: i64) -> Self {
         let init = nn::ConvConfig { bs_init: nn::Init::Const(0.), ..Default::default() };
         let lateral =
             (0..3).map(|i| Conv2d::new(&path / "lateral" / i, in_channels[i], channels, 1, init)).collect();
@@ -34,7 +34,7 @@ impl Fpn {
     }
 
     /// P3, P4, P5 from C3, C4, C5.
-    pub fn forward(&self, c: &[Tensor; 3]) -> Result<[Tensor; 3], WorkerError> {
+    pub(crate) fn forward(&self, c: &[Tensor; 3]) -> Result<[Tensor; 3], WorkerError> {
         self.forward_unnamed(c).at("neck (FPN)")
     }
 

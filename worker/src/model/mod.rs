@@ -2,8 +2,8 @@
 //! and one head per enabled task (see [`crate::tasks`]). Variables live in one `VarStore` under
 //! `backbone.` (torchvision names), `neck.` and `heads.{classification,detection,segmentation}.`,
 //! so the shared and per-task parameters can be told apart for PCGrad/GradNorm.
-pub mod backbone;
-pub mod fpn;
+pub(crate) mod backbone;
+pub(crate) mod fpn;
 pub(crate) mod layers;
 pub(crate) mod norm;
 mod predict;
@@ -13,7 +13,7 @@ use std::path::Path;
 use mtl_job::{ModelSection, TasksSection};
 use tch::{nn, Device, Tensor};
 
-pub use self::predict::{predict, Prediction};
+pub(crate) use self::predict::{predict, Prediction};
 use crate::data::batch::DatasetInfo;
 use crate::task::Task;
 use crate::tasks::classification::ClassificationHead;
@@ -24,9 +24,9 @@ use backbone::Backbone;
 use fpn::Fpn;
 
 /// VarStore prefix of the backbone (its names below it are torchvision's).
-pub const BACKBONE_PREFIX: &str = "backbone";
+pub(crate) const BACKBONE_PREFIX: &str = "backbone";
 /// VarStore prefix of the FPN.
-pub const NECK_PREFIX: &str = "neck";
+pub(crate) const NECK_PREFIX: &str = "neck";
 
 /// What one forward pass produced; a disabled task's output is `None`.
 #[derive(Debug)]

@@ -9,7 +9,7 @@ use crate::WorkerError;
 
 /// Everything the model predicts for one image; a disabled task gives `None` / nothing.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Prediction {
+pub(crate) struct Prediction {
     /// The image-level class (single-label) or per-class probabilities (multi-label).
     pub class: Option<ClassPrediction>,
     /// Detections after NMS, by descending score.
@@ -20,7 +20,7 @@ pub struct Prediction {
 
 /// Runs the model in evaluation mode without gradients on `images` (`[B,3,H,W]`, on the
 /// model's device) and turns its outputs into per-image predictions.
-pub fn predict(model: &MultiTaskModel, images: &Tensor) -> Result<Vec<Prediction>, WorkerError> {
+pub(crate) fn predict(model: &MultiTaskModel, images: &Tensor) -> Result<Vec<Prediction>, WorkerError> {
     let out = tch::no_grad(|| model.forward(images, false))?;
     let batch = images.size()[0] as usize;
     let t = model.tasks();

@@ -8,7 +8,7 @@ use crate::WorkerError;
 
 /// AdamW hyper-parameters other than the learning rate, which each step receives.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct AdamWConfig {
+pub(crate) struct AdamWConfig {
     /// `(β1, β2)`: decay rates of the first and second moment estimates.
     pub betas: [f64; 2],
     /// Added to the denominator.
@@ -28,7 +28,7 @@ struct Moments {
 
 /// Adam with decoupled weight decay over a fixed list of parameters.
 #[derive(Debug)]
-pub struct AdamW {
+pub(crate) struct AdamW {
     params: Vec<Param>,
     moments: Vec<Moments>,
     cfg: AdamWConfig,
@@ -37,7 +37,7 @@ pub struct AdamW {
 
 impl AdamW {
     /// An optimiser over named parameters; weight decay follows [`super::decays`].
-    pub fn new(named: Vec<(String, Tensor)>, cfg: AdamWConfig) -> Result<Self, WorkerError> {
+    pub(crate) fn new(named: Vec<(String, Tensor)>, cfg: AdamWConfig) -> Result<Self, WorkerError> {
         let params = params(named);
         let moments = params
             .iter()
@@ -53,7 +53,7 @@ impl AdamW {
     }
 
     /// One update with learning rate `lr`; parameters without a gradient are left alone.
-    pub fn step(&mut self, lr: f64) -> Result<(), WorkerError> {
+    pub(crate) fn step(&mut self, lr: f64) -> Result<(), WorkerError> {
         let _guard = tch::no_grad_guard();
         let AdamWConfig { betas: [beta1, beta2], eps, weight_decay } = self.cfg;
         for (p, m) in self.params.iter_mut().zip(&mut self.moments) {
@@ -79,17 +79,17 @@ impl AdamW {
     }
 
     /// Zeroes all gradients.
-    pub fn zero_grad(&mut self) {
+    pub(crate) fn zero_grad(&mut self) {
         zero_grads(&self.params);
     }
 
     /// Steps taken so far.
-    pub fn steps(&self) -> u64 {
+    pub(crate) fn steps(&self) -> u64 {
         self.steps
     }
 
     /// `{param}.exp_avg`, `{param}.exp_avg_sq`, `{param}.step` per parameter, and `step`.
-    pub fn state_dict(&self) -> Vec<(String, Tensor)> {
+    pub(crate) fn state_dict(&self) -> Vec<(String, Tensor)> {
         let mut state = Vec::with_capacity(3 * self.params.len() + 1);
         for (p, m) in self.params.iter().zip(&self.moments) {
             state.push((format!("{}.exp_avg", p.name), m.exp_avg.copy()));
@@ -101,7 +101,7 @@ impl AdamW {
     }
 
     /// Restores [`Self::state_dict`]'s entries; errors name the missing or mismatched entry.
-    pub fn load_state_dict(&mut self, state: &[(String, Tensor)]) -> Result<(), WorkerError> {
+    pub(crate) fn load_state_dict(&mut self, state: &[(String, Tensor)]) -> Result<(), WorkerError> {
         let mut step = step_tensor(0);
         let mut live: Vec<(String, &mut Tensor)> = Vec::with_capacity(3 * self.params.len() + 1);
         for (p, m) in self.params.iter().zip(self.moments.iter_mut()) {

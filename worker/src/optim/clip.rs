@@ -7,7 +7,7 @@ use crate::WorkerError;
 /// and returns the norm before clipping. As in PyTorch the scale is
 /// `max_norm / (norm + 1e-6)`, applied only when it is below 1; parameters without a gradient
 /// are skipped.
-pub fn clip_grad_norm(params: &[Tensor], max_norm: f64) -> Result<f64, WorkerError> {
+pub(crate) fn clip_grad_norm(params: &[Tensor], max_norm: f64) -> Result<f64, WorkerError> {
     let _guard = tch::no_grad_guard();
     let grads: Vec<Tensor> = params.iter().map(Tensor::grad).filter(Tensor::defined).collect();
     if grads.is_empty() {

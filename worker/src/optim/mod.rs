@@ -14,10 +14,10 @@ mod sgd;
 #[cfg(test)]
 mod tests;
 
-pub use adamw::{AdamW, AdamWConfig};
-pub use clip::clip_grad_norm;
-pub use schedule::Schedule;
-pub use sgd::{Sgd, SgdConfig};
+pub(crate) use adamw::{AdamW, AdamWConfig};
+pub(crate) use clip::clip_grad_norm;
+pub(crate) use schedule::Schedule;
+pub(crate) use sgd::{Sgd, SgdConfig};
 
 use mtl_job::{OptimizerKind, TrainSection};
 use tch::Tensor;
@@ -27,7 +27,7 @@ use crate::WorkerError;
 /// Whether weight decay applies to the parameter `name` of this shape: only to tensors with at
 /// least two dimensions whose name does not end in `bias` (so not to biases, BatchNorm/GroupNorm
 /// weights or other 1-D scales).
-pub fn decays(name: &str, tensor: &Tensor) -> bool {
+pub(crate) fn decays(name: &str, tensor: &Tensor) -> bool {
     tensor.dim() >= 2 && !name.ends_with("bias")
 }
 
@@ -51,7 +51,7 @@ pub(crate) fn params(named: Vec<(String, Tensor)>) -> Vec<Param> {
 
 /// The optimiser selected by `train.optimizer`.
 #[derive(Debug)]
-pub enum Optimizer {
+pub(crate) enum Optimizer {
     /// `train.optimizer = "sgd"`.
     Sgd(Sgd),
     /// `train.optimizer = "adamw"`.
@@ -61,7 +61,10 @@ pub enum Optimizer {
 impl Optimizer {
     /// Builds the configured optimiser over named parameters (e.g. `VarStore::variables()`,
     /// plus learnable task weights).
-    pub fn from_config(train: &TrainSection, named: Vec<(String, Tensor)>) -> Result<Self, WorkerError> {
+    pub(crate) fn from_config(
+        train: &TrainSection,
+        named: Vec<(String, Tensor)>,
+    ) -> Result<Self, WorkerError> {
         Ok(match train.optimizer {
             OptimizerKind::Sgd => Self::Sgd(Sgd::new(
                 named,
@@ -79,7 +82,7 @@ impl Optimizer {
     }
 
     /// Applies one update with learning rate `lr` to every parameter that has a gradient.
-    pub fn step(&mut self, lr: f64) -> Result<(), WorkerError> {
+    pub(crate) fn step(&mut self, lr: f64) -> Result<(), WorkerError> {
         match self {
             Self::Sgd(o) => o.step(lr),
             Self::AdamW(o) => o.step(lr),
@@ -87,7 +90,7 @@ impl Optimizer {
     }
 
     /// Zeroes the gradients of all parameters.
-    pub fn zero_grad(&mut self) {
+    pub(crate) fn zero_grad(&mut self) {
         match self {
             Self::Sgd(o) => o.zero_grad(),
             Self::AdamW(o) => o.zero_grad(),
@@ -95,7 +98,7 @@ impl Optimizer {
     }
 
     /// Optimiser steps taken so far.
-    pub fn steps(&self) -> u64 {
+    pub(crate) fn steps(&self) -> u64 {
         match self {
             Self::Sgd(o) => o.steps(),
             Self::AdamW(o) => o.steps(),
@@ -103,7 +106,7 @@ impl Optimizer {
     }
 
     /// All state (buffers and step counters) as named tensors, for a checkpoint.
-    pub fn state_dict(&self) -> Vec<(String, Tensor)> {
+    pub(crate) fn state_dict(&self) -> Vec<(String, Tensor)> {
         match self {
             Self::Sgd(o) => o.state_dict(),
             Self::AdamW(o) => o.state_dict(),
@@ -111,7 +114,7 @@ impl Optimizer {
     }
 
     /// Restores what [`Self::state_dict`] exported; every entry must be present with its shape.
-    pub fn load_state_dict(&mut self, state: &[(String, Tensor)]) -> Result<(), WorkerError> {
+    pub(crate) fn load_state_dict(&mut self, state: &[(String, Tensor)]) -> Result<(), WorkerError> {
         match self {
             Self::Sgd(o) => o.load_state_dict(state),
             Self::AdamW(o) => o.load_state_dict(state),

@@ -10,7 +10,7 @@ use mtl_job::TrainSection;
 /// `min + (lr − min) · (1 + cos(π·p))/2`, `min = min_lr_ratio · lr`. This is PyTorch's
 /// `SequentialLR([LinearLR(1/warmup, 1, warmup−1), CosineAnnealingLR(total−warmup, min)], [warmup])`.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Schedule {
+pub(crate) struct Schedule {
     /// Peak learning rate.
     pub lr: f64,
     /// Steps of linear warmup.
@@ -23,7 +23,7 @@ pub struct Schedule {
 
 impl Schedule {
     /// The schedule `[train]` describes.
-    pub fn from_config(train: &TrainSection) -> Self {
+    pub(crate) fn from_config(train: &TrainSection) -> Self {
         Self {
             lr: train.lr,
             warmup_steps: train.warmup_steps,
@@ -33,7 +33,7 @@ impl Schedule {
     }
 
     /// The learning rate of optimiser step `step` (0-based).
-    pub fn lr(&self, step: u64) -> f64 {
+    pub(crate) fn lr(&self, step: u64) -> f64 {
         if step < self.warmup_steps {
             return self.lr * (step + 1) as f64 / self.warmup_steps as f64;
         }

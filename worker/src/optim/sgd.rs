@@ -9,7 +9,7 @@ use crate::WorkerError;
 
 /// SGD hyper-parameters other than the learning rate, which each step receives.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct SgdConfig {
+pub(crate) struct SgdConfig {
     /// Momentum factor; 0 disables the momentum buffers.
     pub momentum: f64,
     /// Nesterov momentum.
@@ -20,7 +20,7 @@ pub struct SgdConfig {
 
 /// Stochastic gradient descent over a fixed list of parameters.
 #[derive(Debug)]
-pub struct Sgd {
+pub(crate) struct Sgd {
     params: Vec<Param>,
     /// One zero-initialised buffer per parameter; empty when momentum is 0.
     momentum_buffers: Vec<Tensor>,
@@ -30,7 +30,7 @@ pub struct Sgd {
 
 impl Sgd {
     /// An optimiser over named parameters; weight decay follows [`super::decays`].
-    pub fn new(named: Vec<(String, Tensor)>, cfg: SgdConfig) -> Result<Self, WorkerError> {
+    pub(crate) fn new(named: Vec<(String, Tensor)>, cfg: SgdConfig) -> Result<Self, WorkerError> {
         let params = params(named);
         let momentum_buffers = if cfg.momentum == 0.0 {
             Vec::new()
@@ -41,7 +41,7 @@ impl Sgd {
     }
 
     /// One update with learning rate `lr`; parameters without a gradient are left alone.
-    pub fn step(&mut self, lr: f64) -> Result<(), WorkerError> {
+    pub(crate) fn step(&mut self, lr: f64) -> Result<(), WorkerError> {
         let _guard = tch::no_grad_guard();
         let SgdConfig { momentum, nesterov, weight_decay } = self.cfg;
         for (i, p) in self.params.iter_mut().enumerate() {
@@ -63,17 +63,17 @@ impl Sgd {
     }
 
     /// Zeroes all gradients.
-    pub fn zero_grad(&mut self) {
+    pub(crate) fn zero_grad(&mut self) {
         zero_grads(&self.params);
     }
 
     /// Steps taken so far.
-    pub fn steps(&self) -> u64 {
+    pub(crate) fn steps(&self) -> u64 {
         self.steps
     }
 
     /// `{param}.momentum_buffer` per parameter (when momentum is on) and `step`.
-    pub fn state_dict(&self) -> Vec<(String, Tensor)> {
+    pub(crate) fn state_dict(&self) -> Vec<(String, Tensor)> {
         let mut state: Vec<(String, Tensor)> = self
             .params
             .iter()
@@ -85,7 +85,7 @@ impl Sgd {
     }
 
     /// Restores [`Self::state_dict`]'s entries; errors name the missing or mismatched entry.
-    pub fn load_state_dict(&mut self, state: &[(String, Tensor)]) -> Result<(), WorkerError> {
+    pub(crate) fn load_state_dict(&mut self, state: &[(String, Tensor)]) -> Result<(), WorkerError> {
         let mut step = step_tensor(0);
         let mut live: Vec<(String, &mut Tensor)> = self
             .params

@@ -8,18 +8,18 @@ use crate::{At, WorkerError};
 
 /// The classification head.
 #[derive(Debug)]
-pub struct ClassificationHead {
+pub(crate) struct ClassificationHead {
     fc: nn::Linear,
 }
 
 impl ClassificationHead {
     /// Creates `fc.{weight,bias}` under `path`.
-    pub fn new(path: nn::Path<'_>, in_channels: i64, num_classes: i64) -> Self {
+    pub(crate) fn new(path: nn::Path<'_>, in_channels: i64, num_classes: i64) -> Self {
         ClassificationHead { fc: nn::linear(&path / "fc", in_channels, num_classes, Default::default()) }
     }
 
     /// Logits `[B,C]` from C5 `[B,C5,h,w]`.
-    pub fn forward(&self, c5: &Tensor) -> Result<Tensor, WorkerError> {
+    pub(crate) fn forward(&self, c5: &Tensor) -> Result<Tensor, WorkerError> {
         let pooled = || c5.f_adaptive_avg_pool2d([1, 1])?.f_flatten(1, -1);
         pooled().and_then(|x| linear(&self.fc, &x)).at("classification head")
     }
@@ -29,7 +29,7 @@ impl ClassificationHead {
 /// count, possibly summed over ranks; clamped to at least 1). Unlabelled samples contribute
 /// exactly zero, and the result stays connected to `logits` even when none is labelled.
 /// Targets outside the head's classes are an error naming the loss.
-pub fn loss(
+pub(crate) fn loss(
     logits: &Tensor,
     target: &ClassTarget,
     labelled: &Tensor,
@@ -70,7 +70,7 @@ fn loss_unnamed(
 
 /// A prediction for one image.
 #[derive(Debug, Clone, PartialEq)]
-pub enum ClassPrediction {
+pub(crate) enum ClassPrediction {
     /// The most probable class and its softmax probability.
     Single {
         /// Class index.
@@ -83,7 +83,7 @@ pub enum ClassPrediction {
 }
 
 /// Per-image predictions from logits `[B,C]`.
-pub fn predict(logits: &Tensor, multi_label: bool) -> Result<Vec<ClassPrediction>, WorkerError> {
+pub(crate) fn predict(logits: &Tensor, multi_label: bool) -> Result<Vec<ClassPrediction>, WorkerError> {
     predict_unnamed(logits, multi_label).at("classification prediction")
 }
 

@@ -9,7 +9,7 @@ use crate::{At, WorkerError};
 
 /// One detected object in input pixels.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Detection {
+pub(crate) struct Detection {
     /// Left edge.
     pub x1: f32,
     /// Top edge.
@@ -30,7 +30,7 @@ impl Detection {
     }
 
     /// Intersection over union with `other`.
-    pub fn iou(&self, other: &Detection) -> f32 {
+    pub(crate) fn iou(&self, other: &Detection) -> f32 {
         let w = (self.x2.min(other.x2) - self.x1.max(other.x1)).max(0.0);
         let h = (self.y2.min(other.y2) - self.y1.max(other.y1)).max(0.0);
         let inter = w * h;
@@ -45,7 +45,7 @@ impl Detection {
 
 /// Decoding parameters (from `[tasks]`).
 #[derive(Debug, Clone, Copy)]
-pub struct DecodeParams {
+pub(crate) struct DecodeParams {
     /// Minimum score.
     pub score_threshold: f32,
     /// Candidates kept per level before NMS.
@@ -58,7 +58,7 @@ pub struct DecodeParams {
 
 /// Class-wise greedy NMS: highest score first, a box is dropped when it overlaps a kept box of
 /// the same category by more than `iou`. Returns the kept boxes by descending score.
-pub fn nms(mut dets: Vec<Detection>, iou: f32) -> Vec<Detection> {
+pub(crate) fn nms(mut dets: Vec<Detection>, iou: f32) -> Vec<Detection> {
     dets.sort_by(|a, b| b.score.total_cmp(&a.score));
     let mut kept: Vec<Detection> = Vec::new();
     for d in dets {
@@ -74,7 +74,7 @@ fn to_vec(t: &Tensor) -> Result<Vec<f32>, TchError> {
 }
 
 /// Detections per image for an input of `image_hw` pixels.
-pub fn decode(
+pub(crate) fn decode(
     out: &DetOutput,
     image_hw: (i64, i64),
     params: &DecodeParams,

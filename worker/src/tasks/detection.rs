@@ -66,7 +66,7 @@ fn head_conv_config(bias: f64) -> nn::ConvConfig {
 
 /// The FCOS head, shared across levels.
 #[derive(Debug)]
-pub struct DetectionHead {
+pub(crate) struct DetectionHead {
     cls_tower: Tower,
     box_tower: Tower,
     cls_logits: Conv2d,
@@ -77,7 +77,7 @@ pub struct DetectionHead {
 
 impl DetectionHead {
     /// Creates the towers, predictors and the three per-level `scales` under `path`.
-    pub fn new(path: nn::Path<'_>, channels: i64, num_classes: i64) -> Self {
+    pub(crate) fn new(path: nn::Path<'_>, channels: i64, num_classes: i64) -> Self {
         let prior_bias = -((1.0 - PRIOR_PROB) / PRIOR_PROB).ln();
         DetectionHead {
             cls_tower: tower(&path / "cls_tower", channels),
@@ -96,7 +96,7 @@ impl DetectionHead {
     }
 
     /// Outputs for P3, P4, P5.
-    pub fn forward(&self, features: &[Tensor; 3]) -> Result<DetOutput, WorkerError> {
+    pub(crate) fn forward(&self, features: &[Tensor; 3]) -> Result<DetOutput, WorkerError> {
         self.forward_unnamed(features).at("detection head")
     }
 
@@ -160,7 +160,7 @@ pub(crate) fn centerness_target(ltrb: &Tensor) -> Result<Tensor, TchError> {
 /// Focal loss over all locations of labelled images plus GIoU and centerness BCE over positive
 /// locations, summed and divided by `normaliser` (positives, possibly summed over ranks;
 /// clamped to at least 1).
-pub fn loss(out: &DetOutput, targets: &FcosTargets, normaliser: f64) -> Result<Tensor, WorkerError> {
+pub(crate) fn loss(out: &DetOutput, targets: &FcosTargets, normaliser: f64) -> Result<Tensor, WorkerError> {
     loss_unnamed(out, targets, normaliser).at("detection loss")
 }
 

@@ -8,7 +8,7 @@ use tch::{TchError, Tensor};
 use crate::data::batch::GtBox;
 
 /// Strides of P3, P4, P5.
-pub const STRIDES: [i64; 3] = [8, 16, 32];
+pub(crate) const STRIDES: [i64; 3] = [8, 16, 32];
 /// Range (exclusive, inclusive] of max(l,t,r,b) each level is responsible for.
 const SIZE_RANGES: [(f32, f32); 3] = [(-1.0, 64.0), (64.0, 128.0), (128.0, f32::INFINITY)];
 /// Center sampling radius in strides.
@@ -16,7 +16,7 @@ const CENTER_RADIUS: f32 = 1.5;
 
 /// Pixel centre `(x, y)` and stride of every location, level by level, row-major, in the order
 /// the head's outputs are flattened.
-pub fn locations(sizes: &[(i64, i64); 3]) -> Vec<(f32, f32, f32)> {
+pub(crate) fn locations(sizes: &[(i64, i64); 3]) -> Vec<(f32, f32, f32)> {
     let mut out = Vec::new();
     for (&(h, w), &stride) in sizes.iter().zip(&STRIDES) {
         let s = stride as f32;
@@ -31,7 +31,7 @@ pub fn locations(sizes: &[(i64, i64); 3]) -> Vec<(f32, f32, f32)> {
 
 /// Detection targets of a batch over all locations (`N` = locations of P3-P5).
 #[derive(Debug)]
-pub struct FcosTargets {
+pub(crate) struct FcosTargets {
     /// `[B,N]` i64: the category of a positive location, -1 for background.
     pub labels: Tensor,
     /// `[B,N,4]` f32: (l,t,r,b) distances in pixels; zero at background.
@@ -43,7 +43,7 @@ pub struct FcosTargets {
 }
 
 /// Assigns one image's boxes: per location, the category (or -1) and ltrb target.
-pub fn assign(boxes: &[GtBox], locs: &[(f32, f32, f32)]) -> (Vec<i64>, Vec<[f32; 4]>) {
+pub(crate) fn assign(boxes: &[GtBox], locs: &[(f32, f32, f32)]) -> (Vec<i64>, Vec<[f32; 4]>) {
     let mut labels = vec![-1i64; locs.len()];
     let mut ltrb = vec![[0f32; 4]; locs.len()];
     for (k, &(x, y, s)) in locs.iter().enumerate() {
@@ -72,7 +72,11 @@ pub fn assign(boxes: &[GtBox], locs: &[(f32, f32, f32)]) -> (Vec<i64>, Vec<[f32;
 impl FcosTargets {
     /// Targets for every image of a batch whose P3-P5 sizes are `sizes`; unlabelled images get
     /// no positives. `boxes` and `labelled` have one entry per image.
-    pub fn new(boxes: &[Vec<GtBox>], labelled: &[bool], sizes: &[(i64, i64); 3]) -> Result<Self, TchError> {
+    pub(crate) fn new(
+        boxes: &[Vec<GtBox>],
+        labelled: &[bool],
+        sizes: &[(i64, i64); 3],
+    ) -> Result<Self, TchError> {
         if boxes.len() != labelled.len() {
             return Err(TchError::Shape(format!(
                 "{} images with boxes but {} detection label flags",

@@ -9,11 +9,11 @@ use crate::model::norm::group_norm;
 use crate::{At, WorkerError};
 
 /// Mask value excluded from the loss and the metrics.
-pub const IGNORE_INDEX: i64 = 255;
+pub(crate) const IGNORE_INDEX: i64 = 255;
 
 /// The segmentation head.
 #[derive(Debug)]
-pub struct SegmentationHead {
+pub(crate) struct SegmentationHead {
     fuse: Conv2d,
     fuse_norm: nn::GroupNorm,
     classifier: Conv2d,
@@ -21,7 +21,7 @@ pub struct SegmentationHead {
 
 impl SegmentationHead {
     /// Creates `fuse`, `fuse_norm` and `classifier` under `path`.
-    pub fn new(path: nn::Path<'_>, channels: i64, num_classes: i64) -> Self {
+    pub(crate) fn new(path: nn::Path<'_>, channels: i64, num_classes: i64) -> Self {
         let fuse_cfg = nn::ConvConfig { padding: 1, bias: false, ..Default::default() };
         SegmentationHead {
             fuse: Conv2d::new(&path / "fuse", channels, channels, 3, fuse_cfg),
@@ -31,7 +31,7 @@ impl SegmentationHead {
     }
 
     /// Logits `[B,K,H,W]` at the input size `image_hw`.
-    pub fn forward(&self, p: &[Tensor; 3], image_hw: (i64, i64)) -> Result<Tensor, WorkerError> {
+    pub(crate) fn forward(&self, p: &[Tensor; 3], image_hw: (i64, i64)) -> Result<Tensor, WorkerError> {
         self.forward_unnamed(p, image_hw).at("segmentation head")
     }
 
@@ -49,7 +49,7 @@ impl SegmentationHead {
 /// Summed pixel cross-entropy over valid pixels (not 255) of labelled images, divided by
 /// `normaliser` (valid pixels, possibly summed over ranks; clamped to at least 1). A mask
 /// value that is neither a class of the head nor 255 is an error naming the loss.
-pub fn loss(
+pub(crate) fn loss(
     logits: &Tensor,
     target: &Tensor,
     labelled: &Tensor,
@@ -73,7 +73,7 @@ fn loss_unnamed(
 }
 
 /// Valid (labelled, not ignored) pixels of a batch.
-pub fn valid_pixels(target: &Tensor, labelled: &Tensor) -> Result<f64, WorkerError> {
+pub(crate) fn valid_pixels(target: &Tensor, labelled: &Tensor) -> Result<f64, WorkerError> {
     let count = || -> Result<f64, TchError> {
         let valid = target.f_ne(IGNORE_INDEX)?.f_logical_and(&labelled.f_view([-1, 1, 1])?)?;
         Ok(valid.f_sum(Kind::Int64)?.f_int64_value(&[])? as f64)
@@ -82,7 +82,7 @@ pub fn valid_pixels(target: &Tensor, labelled: &Tensor) -> Result<f64, WorkerErr
 }
 
 /// Per-image argmax masks `H*W` (row-major) from logits `[B,K,H,W]`.
-pub fn predict(logits: &Tensor) -> Result<Vec<Vec<u8>>, WorkerError> {
+pub(crate) fn predict(logits: &Tensor) -> Result<Vec<Vec<u8>>, WorkerError> {
     let masks = || -> Result<Vec<Vec<u8>>, TchError> {
         let argmax = logits.f_argmax(1, false)?.f_to_device(tch::Device::Cpu)?.f_to_kind(Kind::Uint8)?;
         let (batch, h, w) = argmax.size3()?;

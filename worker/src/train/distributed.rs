@@ -23,7 +23,7 @@ use crate::session::Session;
 use crate::WorkerError;
 
 /// Builds the collective the job asks for on `device`.
-pub fn connect_collective(
+pub(crate) fn connect_collective(
     session: &Session,
     device: tch::Device,
     listener: TcpListener,
@@ -84,7 +84,7 @@ pub fn connect_collective(
 
 /// Trains the job the session belongs to, evaluating before, every `train.eval_every_steps`
 /// and at the end; rank 0 writes the final checkpoint to `out`.
-pub fn train(
+pub(crate) fn train(
     session: &mut Session,
     handle: &Handle,
     device: tch::Device,

@@ -28,7 +28,7 @@ pub struct Position {
 }
 
 /// The mode-specific half of a training run.
-pub trait Driver {
+pub(crate) trait Driver {
     /// Positions (into the ordered training split) this rank trains on in `epoch`, in order,
     /// skipping the first `consumed` samples of the epoch (non-zero only right after a resume).
     fn train_shard(
@@ -70,7 +70,7 @@ pub trait Driver {
 
 /// What a run of [`train`] did.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Outcome {
+pub(crate) struct Outcome {
     /// Epochs started (entered) by this run.
     pub epochs: u64,
     /// Where the run stopped: the next sample to train.
@@ -83,7 +83,7 @@ pub struct Outcome {
 
 /// Trains from `start` until `train.steps` (then evaluates once more) or, for a planned stop,
 /// until step `stop_at_step`; offers a checkpoint at the end either way if a step was taken.
-pub fn train(
+pub(crate) fn train(
     cfg: &JobConfig,
     trainer: &mut Trainer,
     train: &OrderedSplit,

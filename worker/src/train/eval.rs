@@ -23,7 +23,7 @@ use crate::tasks::classification::ClassPrediction;
 use crate::WorkerError;
 
 /// Empty statistics for the tasks the model has.
-pub fn empty_stats(model: &MultiTaskModel, info: &DatasetInfo) -> Result<EvalStats, WorkerError> {
+pub(crate) fn empty_stats(model: &MultiTaskModel, info: &DatasetInfo) -> Result<EvalStats, WorkerError> {
     let metrics_err = |e: mtl_metrics::MetricsError| WorkerError::Metrics { message: e.to_string() };
     let mut stats = EvalStats::default();
     if model.has_task(Task::Classification) {
@@ -44,7 +44,7 @@ pub fn empty_stats(model: &MultiTaskModel, info: &DatasetInfo) -> Result<EvalSta
 }
 
 /// Runs the model over `loader` and accumulates statistics of every labelled sample.
-pub fn evaluate(
+pub(crate) fn evaluate(
     model: &MultiTaskModel,
     loader: impl Iterator<Item = Result<Batch, WorkerError>>,
     info: &DatasetInfo,
@@ -60,7 +60,7 @@ pub fn evaluate(
 }
 
 /// Adds one batch's predictions to `stats`.
-pub fn accumulate(
+pub(crate) fn accumulate(
     stats: &mut EvalStats,
     batch: &Batch,
     preds: &[Prediction],

@@ -6,7 +6,7 @@ use crate::model::MultiTaskModel;
 use crate::WorkerError;
 
 /// The job's training split, its validation split (if configured) and a fresh model for them.
-pub fn open_job(
+pub(crate) fn open_job(
     cfg: &JobConfig,
     device: tch::Device,
 ) -> Result<(OrderedSplit, Option<OrderedSplit>, MultiTaskModel), WorkerError> {

@@ -18,7 +18,7 @@ use crate::{At, WorkerError};
 
 /// Loss normalisers of a batch; summed across ranks before the losses use them.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct Counts {
+pub(crate) struct Counts {
     /// Samples with a class label.
     pub cls_labelled: f64,
     /// Positive FCOS locations in images with detection labels.
@@ -31,12 +31,12 @@ pub struct Counts {
 
 impl Counts {
     /// The counts as an array, for an all-reduce.
-    pub fn to_array(&self) -> [f64; 4] {
+    pub(crate) fn to_array(self) -> [f64; 4] {
         [self.cls_labelled, self.det_positives, self.det_labelled, self.seg_valid_pixels]
     }
 
     /// Counts from an all-reduced array.
-    pub fn from_array(a: [f64; 4]) -> Self {
+    pub(crate) fn from_array(a: [f64; 4]) -> Self {
         Counts { cls_labelled: a[0], det_positives: a[1], det_labelled: a[2], seg_valid_pixels: a[3] }
     }
 }
@@ -51,13 +51,13 @@ impl std::ops::Add for Counts {
 
 /// Targets computed from a batch before the forward pass (only detection needs any).
 #[derive(Debug)]
-pub struct Targets {
+pub(crate) struct Targets {
     /// FCOS assignment, when the detection head is on.
     pub det: Option<FcosTargets>,
 }
 
 /// Assigns detection targets for `batch` on the model's P3-P5 grid.
-pub fn build_targets(model: &MultiTaskModel, batch: &Batch) -> Result<Targets, WorkerError> {
+pub(crate) fn build_targets(model: &MultiTaskModel, batch: &Batch) -> Result<Targets, WorkerError> {
     let (_, _, h, w) = batch.images.size4().at("batch images")?;
     let det = model
         .has_task(Task::Detection)
@@ -70,7 +70,7 @@ pub fn build_targets(model: &MultiTaskModel, batch: &Batch) -> Result<Targets, W
 }
 
 /// The local (this rank's) normalisers of a batch.
-pub fn local_counts(batch: &Batch, targets: &Targets) -> Result<Counts, WorkerError> {
+pub(crate) fn local_counts(batch: &Batch, targets: &Targets) -> Result<Counts, WorkerError> {
     let labelled = || batch.class_labelled.f_to_kind(Kind::Int64)?.f_sum(Kind::Int64)?.f_int64_value(&[]);
     Ok(Counts {
         cls_labelled: labelled().at("classification label count")? as f64,
@@ -83,7 +83,7 @@ pub fn local_counts(batch: &Batch, targets: &Targets) -> Result<Counts, WorkerEr
 /// Masked per-task losses of `outputs` for `batch`, each divided by its normaliser (see the
 /// module docs). The class target kind must match the head (softmax or multi-label); labels
 /// outside a head's label space are an error naming the task's loss.
-pub fn task_losses(
+pub(crate) fn task_losses(
     outputs: &Outputs,
     batch: &Batch,
     targets: &Targets,

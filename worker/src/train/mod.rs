@@ -8,13 +8,13 @@
 //! Layout: `epochs` (the epoch loop both modes share), `eval` (metric statistics from a loader),
 //! `standalone` (`worker train --standalone`), `distributed` (`worker run`, driven by the
 //! coordinator), `checkpoint` (the run's state on disk: written, checked, resumed from).
-pub mod checkpoint;
-pub mod distributed;
-pub mod epochs;
-pub mod eval;
-pub mod job;
-pub mod losses;
-pub mod standalone;
+pub(crate) mod checkpoint;
+pub(crate) mod distributed;
+pub(crate) mod epochs;
+pub(crate) mod eval;
+pub(crate) mod job;
+pub(crate) mod losses;
+pub(crate) mod standalone;
 
 use mtl_job::JobConfig;
 use tch::{Device, Kind, Tensor};
@@ -82,7 +82,7 @@ impl StepReport {
 
 /// Training images per second between log steps, counted over all ranks.
 #[derive(Debug)]
-pub struct Throughput {
+pub(crate) struct Throughput {
     since: std::time::Instant,
     samples: u64,
 }
@@ -95,19 +95,19 @@ impl Default for Throughput {
 
 impl Throughput {
     /// Counts a step's samples.
-    pub fn add(&mut self, samples: u64) {
+    pub(crate) fn add(&mut self, samples: u64) {
         self.samples += samples;
     }
 
     /// Images per second since the last call (or [`Throughput::restart`]), then restarts.
-    pub fn rate(&mut self) -> f64 {
+    pub(crate) fn rate(&mut self) -> f64 {
         let rate = self.samples as f64 / self.since.elapsed().as_secs_f64().max(1e-9);
         self.restart();
         rate
     }
 
     /// Starts counting afresh (after an evaluation, which is not training time).
-    pub fn restart(&mut self) {
+    pub(crate) fn restart(&mut self) {
         *self = Self::default();
     }
 }
@@ -127,7 +127,7 @@ pub struct TrainerState {
 }
 
 /// Model, optimizer, weighting, schedule and collective of one rank.
-pub struct Trainer {
+pub(crate) struct Trainer {
     /// The network.
     pub model: MultiTaskModel,
     optimizer: Optimizer,
@@ -143,7 +143,7 @@ pub struct Trainer {
 impl Trainer {
     /// Builds optimizer and weighting for `model` and makes every rank start from rank 0's
     /// parameters and buffers.
-    pub fn new(
+    pub(crate) fn new(
         cfg: &JobConfig,
         model: MultiTaskModel,
         collective: Box<dyn Collective>,
@@ -169,24 +169,24 @@ impl Trainer {
     }
 
     /// Optimizer steps taken so far.
-    pub fn steps_done(&self) -> u64 {
+    pub(crate) fn steps_done(&self) -> u64 {
         self.step
     }
 
     /// Ranks training together.
-    pub fn world_size(&self) -> usize {
+    pub(crate) fn world_size(&self) -> usize {
         self.collective.world_size()
     }
 
     /// Ends an epoch: task weighting that adapts per epoch (DWA) turns the losses the steps
     /// recorded into the next epoch's weights. Every rank calls it after the same step.
-    pub fn end_epoch(&mut self) {
+    pub(crate) fn end_epoch(&mut self) {
         self.weighting.end_epoch();
     }
 
     /// The state to checkpoint. Model variables are the live tensors (not copies): write them
     /// out before the next step.
-    pub fn state_dict(&self) -> TrainerState {
+    pub(crate) fn state_dict(&self) -> TrainerState {
         let mut model: Vec<(String, Tensor)> = self.model.var_store().variables().into_iter().collect();
         model.sort_by(|a, b| a.0.cmp(&b.0));
         TrainerState {
@@ -199,7 +199,7 @@ impl Trainer {
 
     /// Restores [`Self::state_dict`]: every entry must be present with its shape, and nothing
     /// else may be given (errors name the entry).
-    pub fn load_state_dict(&mut self, state: &TrainerState) -> Result<(), WorkerError> {
+    pub(crate) fn load_state_dict(&mut self, state: &TrainerState) -> Result<(), WorkerError> {
         let vars = self.model.var_store().variables();
         let mut live: Vec<(String, Tensor)> = vars.into_iter().collect();
         let mut live: Vec<(String, &mut Tensor)> = live.iter_mut().map(|(n, t)| (n.clone(), t)).collect();
@@ -237,7 +237,7 @@ impl Trainer {
 
     /// One optimizer step on this rank's `batch` (the ranks' batches together form the global
     /// batch). The reported losses are averaged over ranks.
-    pub fn step(&mut self, batch: &Batch) -> Result<StepReport, WorkerError> {
+    pub(crate) fn step(&mut self, batch: &Batch) -> Result<StepReport, WorkerError> {
         let world = self.collective.world_size() as f64;
         let batch = to_device(batch, self.device)?;
         self.optimizer.zero_grad();
@@ -319,7 +319,7 @@ impl Trainer {
     }
 
     /// Evaluation statistics of this rank's share of the validation set.
-    pub fn evaluate(
+    pub(crate) fn evaluate(
         &self,
         loader: impl Iterator<Item = Result<Batch, WorkerError>>,
         info: &crate::data::DatasetInfo,
@@ -378,7 +378,7 @@ fn zero_through(params: impl Iterator<Item = Tensor>, device: Device) -> Tensor 
 }
 
 /// The batch's tensors on `device` (boxes stay on the host).
-pub fn to_device(batch: &Batch, device: Device) -> Result<Batch, WorkerError> {
+pub(crate) fn to_device(batch: &Batch, device: Device) -> Result<Batch, WorkerError> {
     Ok(Batch {
         ids: batch.ids.clone(),
         images: batch.images.f_to_device(device)?,

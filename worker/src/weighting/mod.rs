@@ -32,15 +32,17 @@ use crate::task::{Task, TaskLosses, TaskValues};
 use crate::WorkerError;
 
 /// Averages tensors across data-parallel ranks, in place; the identity in one process.
-pub trait Reducer {
+pub(crate) trait Reducer {
     /// Replaces each tensor by its mean over ranks. Every rank passes the same list of shapes.
     fn all_reduce_mean(&mut self, tensors: &mut [Tensor]) -> Result<(), WorkerError>;
 }
 
+#[cfg(test)]
 /// The reducer of a single process: leaves tensors as they are.
 #[derive(Debug, Default, Clone, Copy)]
-pub struct LocalReducer;
+pub(crate) struct LocalReducer;
 
+#[cfg(test)]
 impl Reducer for LocalReducer {
     fn all_reduce_mean(&mut self, _tensors: &mut [Tensor]) -> Result<(), WorkerError> {
         Ok(())
@@ -49,7 +51,7 @@ impl Reducer for LocalReducer {
 
 /// The parameters a weighted backward pass accumulates gradients into.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct Params<'a> {
+pub(crate) struct Params<'a> {
     /// Parameters all tasks use (backbone and neck), in the same order on every rank; PCGrad
     /// projects their gradients.
     pub shared: &'a [Tensor],
@@ -63,7 +65,7 @@ pub struct Params<'a> {
 
 /// What one weighted backward pass used.
 #[derive(Debug, Clone, PartialEq)]
-pub struct WeightReport {
+pub(crate) struct WeightReport {
     /// The weight each present task's loss received (for uncertainty `exp(−s_t)`).
     pub weights: TaskValues,
     /// The value of the combined loss (for PCGrad `Σ w_t·L_t`, whose gradient it replaces).
@@ -85,7 +87,7 @@ enum Strategy {
 
 /// The configured weighting strategy with its state.
 #[derive(Debug)]
-pub struct TaskWeighting {
+pub(crate) struct TaskWeighting {
     strategy: Strategy,
     /// `weighting.weights` in [`Task::ALL`] order.
     fixed: [f64; 3],
@@ -96,7 +98,7 @@ const LOG_VAR: &str = "weighting.log_var";
 impl TaskWeighting {
     /// The strategy `[weighting]` selects. `seed` (the job seed) drives PCGrad's task order;
     /// `device` holds learnable weights.
-    pub fn new(cfg: &WeightingSection, seed: u64, device: Device) -> Self {
+    pub(crate) fn new(cfg: &WeightingSection, seed: u64, device: Device) -> Self {
         let fixed = [cfg.weights.cls, cfg.weights.det, cfg.weights.seg];
         let strategy = match cfg.strategy {
             WeightingStrategy::Fixed => Strategy::Fixed,
@@ -116,7 +118,7 @@ impl TaskWeighting {
     /// the `params` and of [`Self::parameters`]. GradNorm balances gradients at
     /// `params.gradnorm_layer`; PCGrad projects the gradients of all of `params.shared`. Both
     /// reduce their per-task inputs with `reducer` first; the other strategies never call it.
-    pub fn backward(
+    pub(crate) fn backward(
         &mut self,
         losses: &TaskLosses,
         params: Params<'_>,
@@ -159,14 +161,14 @@ impl TaskWeighting {
     /// Whether [`Self::backward`] leaves the gradients of `shared` already reduced across ranks
     /// (PCGrad): the trainer's all-reduce may skip them (averaging identical values again only
     /// costs time and rounding).
-    pub fn reduces_shared_grads(&self) -> bool {
+    pub(crate) fn reduces_shared_grads(&self) -> bool {
         matches!(self.strategy, Strategy::PcGrad(_))
     }
 
     /// Adds one step's per-task losses to DWA's running means of the epoch; the values must
     /// be the same on every rank (reduced, as the trainer reports them). Other strategies
     /// ignore them.
-    pub fn record_losses(&mut self, losses: &TaskValues) {
+    pub(crate) fn record_losses(&mut self, losses: &TaskValues) {
         if let Strategy::Dwa(dwa) = &mut self.strategy {
             dwa.record_losses(losses);
         }
@@ -175,7 +177,7 @@ impl TaskWeighting {
     /// Ends the epoch (or window): DWA turns the means recorded since the last call into the
     /// weights of the next epoch. Every rank calls it at the same step. Other strategies
     /// ignore it.
-    pub fn end_epoch(&mut self) {
+    pub(crate) fn end_epoch(&mut self) {
         if let Strategy::Dwa(dwa) = &mut self.strategy {
             dwa.end_epoch();
         }
@@ -183,7 +185,7 @@ impl TaskWeighting {
 
     /// Learnable weights to optimise (and all-reduce) with the model: uncertainty's
     /// `weighting.log_var`; empty for the other strategies (GradNorm updates its own).
-    pub fn parameters(&self) -> Vec<(String, Tensor)> {
+    pub(crate) fn parameters(&self) -> Vec<(String, Tensor)> {
         match &self.strategy {
             Strategy::Uncertainty(log_var) => vec![(LOG_VAR.into(), log_var.shallow_clone())],
             _ => Vec::new(),
@@ -191,7 +193,7 @@ impl TaskWeighting {
     }
 
     /// All state to checkpoint, learnable weights included.
-    pub fn state_dict(&self) -> Vec<(String, Tensor)> {
+    pub(crate) fn state_dict(&self) -> Vec<(String, Tensor)> {
         match &self.strategy {
             Strategy::Fixed => Vec::new(),
             Strategy::Uncertainty(log_var) => vec![(LOG_VAR.into(), log_var.detach().copy())],
@@ -202,7 +204,7 @@ impl TaskWeighting {
     }
 
     /// Restores [`Self::state_dict`]; errors name the missing or mismatched entry.
-    pub fn load_state_dict(&mut self, state: &[(String, Tensor)]) -> Result<(), WorkerError> {
+    pub(crate) fn load_state_dict(&mut self, state: &[(String, Tensor)]) -> Result<(), WorkerError> {
         match &mut self.strategy {
             Strategy::Fixed => load_entries("weighting", &mut [], state),
             Strategy::Uncertainty(log_var) => {

@@ -31,9 +31,9 @@ pub(super) const CUDA_SUCCESS: Status = 0;
 /// `CUDA_ERROR_NOT_READY`: work is still queued on the stream.
 pub(super) const CUDA_ERROR_NOT_READY: Status = 600;
 /// `NCCL_UNIQUE_ID_BYTES`.
-pub const UNIQUE_ID_BYTES: usize = 128;
+pub(crate) const UNIQUE_ID_BYTES: usize = 128;
 /// The environment variable naming an explicit NCCL library path.
-pub const LIBRARY_ENV: &str = "MTL_NCCL_LIBRARY";
+pub(crate) const LIBRARY_ENV: &str = "MTL_NCCL_LIBRARY";
 
 /// `ncclUniqueId`: passed by value.
 #[repr(C)]
@@ -95,7 +95,7 @@ type CollFn =
     unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, c_int, Comm, *mut c_void) -> Status;
 
 /// The NCCL entry points the backend calls, resolved once.
-pub struct NcclLibrary {
+pub(crate) struct NcclLibrary {
     path: PathBuf,
     version: c_int,
     pub(super) get_unique_id: unsafe extern "C" fn(*mut UniqueId) -> Status,
@@ -128,7 +128,7 @@ unsafe fn symbol<T: Copy>(lib: &libloading::Library, path: &Path, name: &str) ->
 impl NcclLibrary {
     /// Loads the first of `candidates` that loads and has every symbol; the error lists each
     /// path tried with why it failed.
-    pub fn load_first(candidates: &[PathBuf]) -> Result<Self, CollectiveError> {
+    pub(crate) fn load_first(candidates: &[PathBuf]) -> Result<Self, CollectiveError> {
         let mut tried = Vec::new();
         for path in candidates {
             match Self::load(path) {
@@ -173,7 +173,7 @@ impl NcclLibrary {
     }
 
     /// The process-wide library, resolved on first use from [`LIBRARY_ENV`] and [`candidates`].
-    pub fn shared() -> Result<&'static Self, CollectiveError> {
+    pub(crate) fn shared() -> Result<&'static Self, CollectiveError> {
         static LIB: OnceLock<Result<NcclLibrary, String>> = OnceLock::new();
         let explicit = std::env::var_os(LIBRARY_ENV).map(PathBuf::from);
         match LIB
@@ -185,12 +185,12 @@ impl NcclLibrary {
     }
 
     /// The path the library was loaded from.
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.path
     }
 
     /// `ncclGetVersion`, e.g. 22809 for 2.28.9.
-    pub fn version(&self) -> i32 {
+    pub(crate) fn version(&self) -> i32 {
         self.version
     }
 
@@ -217,7 +217,7 @@ impl NcclLibrary {
 /// Where to look for NCCL, in order: `explicit`, the wheel's `libnccl.so.2` next to the
 /// LibTorch mapped into this process, the same next to the build-time LibTorch, then the
 /// bare soname for the loader's search path. Duplicates are dropped.
-pub fn candidates(explicit: Option<&Path>) -> Vec<PathBuf> {
+pub(crate) fn candidates(explicit: Option<&Path>) -> Vec<PathBuf> {
     let beside_torch = |torch_lib: &Path| torch_lib.join("../../nvidia/nccl/lib/libnccl.so.2");
     let mut out: Vec<PathBuf> = explicit.map(Path::to_path_buf).into_iter().collect();
     out.extend(mapped_torch_lib_dir().as_deref().map(beside_torch));

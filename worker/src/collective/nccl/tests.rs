@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
 use super::*;
+use crate::collective::nccl::ffi::candidates;
 
 const CHILD_RANK_ENV: &str = "MTL_NCCL_TEST_CHILD_RANK";
 const CHILD_ID_ENV: &str = "MTL_NCCL_TEST_ID_FILE";

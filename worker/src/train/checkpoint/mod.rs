@@ -34,7 +34,7 @@ use std::path::{Path, PathBuf};
 use mtl_job::{CheckpointSection, JobConfig, RendezvousSection, ServerSection};
 use serde::{Deserialize, Serialize};
 
-pub use disk::FileEntry;
+pub(crate) use disk::FileEntry;
 
 use super::epochs::Position;
 use super::{Trainer, TrainerState};
@@ -84,7 +84,7 @@ impl Meta {
 
 /// What a checkpoint records besides the trainer's tensors.
 #[derive(Clone, Copy)]
-pub struct Record<'a> {
+pub(crate) struct Record<'a> {
     /// The job (its token is not written).
     pub cfg: &'a JobConfig,
     /// The label spaces.
@@ -112,7 +112,7 @@ pub struct Written {
 
 /// The hash of what the job trains, stored in checkpoints: [`JobConfig::hash`] without the
 /// token and without the sections that only say where the job runs and where checkpoints go.
-pub fn config_hash(cfg: &JobConfig) -> String {
+pub(crate) fn config_hash(cfg: &JobConfig) -> String {
     trained_part(cfg).hash()
 }
 
@@ -126,12 +126,12 @@ fn trained_part(cfg: &JobConfig) -> JobConfig {
 }
 
 /// Writes `trainer`'s state as `step-<N>/` in `dir` (N = the steps it has taken).
-pub fn write_step(dir: &Path, trainer: &Trainer, record: &Record<'_>) -> Result<Written, WorkerError> {
+pub(crate) fn write_step(dir: &Path, trainer: &Trainer, record: &Record<'_>) -> Result<Written, WorkerError> {
     write_at(&dir.join(disk::step_name(trainer.steps_done())), trainer, record)
 }
 
 /// Writes `trainer`'s state as the checkpoint directory `path`, replacing one there.
-pub fn write_at(path: &Path, trainer: &Trainer, record: &Record<'_>) -> Result<Written, WorkerError> {
+pub(crate) fn write_at(path: &Path, trainer: &Trainer, record: &Record<'_>) -> Result<Written, WorkerError> {
     let state = trainer.state_dict();
     let meta = Meta {
         step: state.step,
@@ -177,7 +177,7 @@ pub struct Checkpoint {
 
 /// A checkpoint that [`open`] passed over, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Rejected {
+pub(crate) struct Rejected {
     /// Its directory.
     pub path: PathBuf,
     /// What is wrong with it.
@@ -203,7 +203,7 @@ fn is_checkpoint(path: &Path) -> bool {
 }
 
 /// The newest complete checkpoint in `dir`, and the newer ones passed over.
-pub fn newest(dir: &Path) -> Result<(Checkpoint, Vec<Rejected>), WorkerError> {
+pub(crate) fn newest(dir: &Path) -> Result<(Checkpoint, Vec<Rejected>), WorkerError> {
     let mut rejected = Vec::new();
     for (_, path) in disk::list_steps(dir)?.into_iter().rev() {
         match read(&path) {
@@ -327,7 +327,7 @@ fn changed_keys(a: &JobConfig, b: &JobConfig) -> Vec<String> {
 
 /// The `step-<N>/` directories in `dir`, oldest first (complete or not; none if `dir` does not
 /// exist).
-pub fn list(dir: &Path) -> Result<Vec<(u64, PathBuf)>, WorkerError> {
+pub(crate) fn list(dir: &Path) -> Result<Vec<(u64, PathBuf)>, WorkerError> {
     disk::list_steps(dir)
 }
 
@@ -335,7 +335,7 @@ pub fn list(dir: &Path) -> Result<Vec<(u64, PathBuf)>, WorkerError> {
 /// with the highest `keep_best` metric, and what interrupted writes left behind. Returns what
 /// it removed. For a directory with one writer (standalone training); in distributed training
 /// the coordinator decides what is kept.
-pub fn prune(dir: &Path, section: &CheckpointSection) -> Result<Vec<PathBuf>, WorkerError> {
+pub(crate) fn prune(dir: &Path, section: &CheckpointSection) -> Result<Vec<PathBuf>, WorkerError> {
     let complete: Vec<(u64, PathBuf)> =
         disk::list_steps(dir)?.into_iter().filter(|(_, p)| p.join(disk::MANIFEST).exists()).collect();
     let keep_from = complete.len().saturating_sub(section.keep_last as usize);
@@ -364,4 +364,24 @@ fn best_step(complete: &[(u64, PathBuf)], metric: &str) -> Option<u64> {
         }
     }
     best.map(|(_, step)| step)
+}
+
+/// `worker eval --checkpoint`: the checkpoint at `path` (or the newest in it) evaluated on its
+/// job's validation split; the merged metrics by key.
+pub fn evaluate(
+    path: &Path,
+    device: tch::Device,
+) -> Result<std::collections::BTreeMap<String, f64>, WorkerError> {
+    let ckpt = open(path)?;
+    let cfg = &ckpt.cfg;
+    let mut model = crate::model::MultiTaskModel::new(&cfg.model, &cfg.tasks, &ckpt.info, device)?;
+    ckpt.load_model(&mut model)?;
+    let val = crate::data::open_dataset(&cfg.data, crate::data::Split::Val, cfg.job.seed)?
+        .map(crate::data::OrderedSplit::new)
+        .ok_or_else(|| WorkerError::Data {
+            key: "data.val".into(),
+            message: "the checkpoint's job has no validation split".into(),
+        })?;
+    let stats = super::eval::evaluate(&model, val.eval_loader(&val.ids, cfg)?, &ckpt.info)?;
+    Ok(stats.finish().to_map())
 }
