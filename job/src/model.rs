@@ -21,7 +21,8 @@ pub enum BackboneKind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum NormKind {
-    /// BatchNorm: statistics depend on the per-rank batch, so N workers differ from one process.
+    /// BatchNorm: batch statistics are the rank's own batch's, so N workers differ from one
+    /// process; the running statistics are rank 0's (broadcast to every rank after each step).
     Batch,
     /// GroupNorm (32 groups, fewer where channels are few): independent of the batch.
     Group,

@@ -97,7 +97,7 @@ pub fn run(
         let s = i64::from(size);
         let batch =
             Tensor::f_from_slice(&pixels)?.f_view([images.len() as i64, 3, s, s])?.f_to_device(device)?;
-        for ((id, path, img), pred) in images.iter().zip(predict(&model, &batch)) {
+        for ((id, path, img), pred) in images.iter().zip(predict(&model, &batch)?) {
             let name = path.file_stem().map_or_else(|| id.to_string(), |s| s.to_string_lossy().into_owned());
             let (w, h) = img.dimensions();
             let (k, tx, ty) = letterbox(size, w, h);

@@ -7,7 +7,7 @@ use std::path::Path;
 use mtl_job::{BackboneKind, NormKind};
 use tch::{nn, Tensor};
 
-use super::norm::Norm;
+use super::norm::{Norm, NormLayers};
 use crate::WorkerError;
 
 /// Residual block type and blocks per stage of a backbone.
@@ -44,7 +44,14 @@ struct Block {
 }
 
 impl Block {
-    fn new(p: nn::Path<'_>, norm: NormKind, bottleneck: bool, c_in: i64, planes: i64, stride: i64) -> Self {
+    fn new(
+        p: nn::Path<'_>,
+        norm: &NormLayers,
+        bottleneck: bool,
+        c_in: i64,
+        planes: i64,
+        stride: i64,
+    ) -> Self {
         let (c_out, shapes): (i64, Vec<(i64, i64, i64, i64)>) = if bottleneck {
             (planes * 4, vec![(c_in, planes, 1, 1), (planes, planes, 3, stride), (planes, planes * 4, 1, 1)])
         } else {
@@ -70,20 +77,20 @@ impl Block {
         Block { convs, downsample }
     }
 
-    fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor, WorkerError> {
         let last = self.convs.len() - 1;
         let mut y = x.shallow_clone();
         for (i, (c, n)) in self.convs.iter().enumerate() {
-            y = n.forward(&y.apply(c), train);
+            y = n.forward(&y.apply(c), train)?;
             if i < last {
                 y = y.relu();
             }
         }
         let identity = match &self.downsample {
-            Some((c, n)) => n.forward(&x.apply(c), train),
+            Some((c, n)) => n.forward(&x.apply(c), train)?,
             None => x.shallow_clone(),
         };
-        (y + identity).relu()
+        Ok((y + identity).relu())
     }
 }
 
@@ -94,6 +101,7 @@ pub struct Backbone {
     bn1: Norm,
     stages: Vec<Vec<Block>>,
     out_channels: [i64; 3],
+    norms: NormLayers,
 }
 
 impl Backbone {
@@ -101,8 +109,9 @@ impl Backbone {
     pub fn new(path: nn::Path<'_>, kind: BackboneKind, width: i64, norm: NormKind) -> Self {
         let (bottleneck, blocks) = layout(kind);
         let expansion = if bottleneck { 4 } else { 1 };
+        let norms = NormLayers::new(norm);
         let conv1 = conv(&path / "conv1", 3, width, 7, 2);
-        let bn1 = Norm::new(&path / "bn1", norm, width);
+        let bn1 = Norm::new(&path / "bn1", &norms, width);
         let mut c_in = width;
         let mut stages = Vec::new();
         for (i, &n) in blocks.iter().enumerate() {
@@ -111,7 +120,7 @@ impl Backbone {
             let stage = (0..n)
                 .map(|j| {
                     let stride = if i > 0 && j == 0 { 2 } else { 1 };
-                    let block = Block::new(&stage_path / j, norm, bottleneck, c_in, planes, stride);
+                    let block = Block::new(&stage_path / j, &norms, bottleneck, c_in, planes, stride);
                     c_in = planes * expansion;
                     block
                 })
@@ -119,7 +128,12 @@ impl Backbone {
             stages.push(stage);
         }
         let out_channels = [2 * width * expansion, 4 * width * expansion, 8 * width * expansion];
-        Backbone { conv1, bn1, stages, out_channels }
+        Backbone { conv1, bn1, stages, out_channels, norms }
+    }
+
+    /// How the backbone's norm layers were built.
+    pub(crate) fn norms(&self) -> &NormLayers {
+        &self.norms
     }
 
     /// Channels of C3, C4, C5.
@@ -128,20 +142,20 @@ impl Backbone {
     }
 
     /// C3, C4, C5 for `images` (`[B,3,H,W]`).
-    pub fn forward(&self, images: &Tensor, train: bool) -> [Tensor; 3] {
-        let x = self.bn1.forward(&images.apply(&self.conv1), train).relu();
+    pub fn forward(&self, images: &Tensor, train: bool) -> Result<[Tensor; 3], WorkerError> {
+        let x = self.bn1.forward(&images.apply(&self.conv1), train)?.relu();
         let mut x = x.max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false);
         let mut taps = Vec::with_capacity(3);
         for (i, stage) in self.stages.iter().enumerate() {
             for block in stage {
-                x = block.forward(&x, train);
+                x = block.forward(&x, train)?;
             }
             if i > 0 {
                 taps.push(x.shallow_clone());
             }
         }
         let [c3, c4, c5]: [Tensor; 3] = taps.try_into().expect("three stages after the first");
-        [c3, c4, c5]
+        Ok([c3, c4, c5])
     }
 }
 
@@ -243,7 +257,7 @@ mod tests {
         let b = Backbone::new(vs.root(), kind, 64, NormKind::Batch);
         fill_deterministic(&vs);
         let x = (Tensor::arange(3 * 64 * 64, tch::kind::FLOAT_CPU) * 0.01).sin().view([1, 3, 64, 64]);
-        let taps = tch::no_grad(|| b.forward(&x, false));
+        let taps = tch::no_grad(|| b.forward(&x, false)).unwrap();
         taps.iter()
             .map(|t| {
                 let w = (Tensor::arange(t.numel() as i64, tch::kind::FLOAT_CPU) * 0.1).cos();
@@ -294,7 +308,7 @@ mod tests {
         assert_eq!(names["layer4.0.downsample.0.weight"].size(), [256, 128, 1, 1]);
         assert!(!names["bn1.weight"].requires_grad(), "frozen BN affine is a buffer");
         assert!(vs.variables().keys().all(|n| !n.contains("layer4.3")));
-        let taps = b.forward(&Tensor::zeros([1, 3, 50, 70], tch::kind::FLOAT_CPU), false);
+        let taps = b.forward(&Tensor::zeros([1, 3, 50, 70], tch::kind::FLOAT_CPU), false).unwrap();
         let sizes: Vec<_> = taps.iter().map(|t| t.size()).collect();
         let f = feature_sizes(50, 70);
         assert_eq!(sizes[0], [1, 64, f[0].0, f[0].1]);

@@ -111,18 +111,18 @@ impl MultiTaskModel {
     }
 
     /// Runs the network; `train` switches BatchNorm to batch statistics.
-    pub fn forward(&self, images: &Tensor, train: bool) -> Outputs {
+    pub fn forward(&self, images: &Tensor, train: bool) -> Result<Outputs, WorkerError> {
         let size = images.size();
         let image_hw = (size[2], size[3]);
-        let c = self.backbone.forward(images, train);
+        let c = self.backbone.forward(images, train)?;
         let needs_fpn = self.det.is_some() || self.seg.is_some();
         let p = needs_fpn.then(|| self.neck.forward(&c));
-        Outputs {
+        Ok(Outputs {
             cls: self.cls.as_ref().map(|h| h.forward(&c[2])),
             det: self.det.as_ref().zip(p.as_ref()).map(|(h, p)| h.forward(p)),
             seg: self.seg.as_ref().zip(p.as_ref()).map(|(h, p)| h.forward(p, image_hw)),
             image_hw,
-        }
+        })
     }
 
     /// Loads a backbone-only safetensors file with torchvision names (see docs/MODEL.md).
@@ -186,6 +186,18 @@ impl MultiTaskModel {
     /// Trainable parameters of `task`'s head, sorted by name (empty if the task is off).
     pub fn head_parameters(&self, task: Task) -> Vec<(String, Tensor)> {
         self.trainable_under(&[&format!("heads.{}", task.name())])
+    }
+
+    /// The buffers a training forward pass changes (BatchNorm's running statistics), sorted by
+    /// name; empty when there are none (frozen statistics never change). Data-parallel ranks keep
+    /// them identical by broadcasting rank 0's after every step.
+    pub(crate) fn running_buffers(&self) -> Vec<(String, Tensor)> {
+        if !self.backbone.norms().updates_buffers() {
+            return Vec::new();
+        }
+        let mut v: Vec<_> = self.vs.variables().into_iter().filter(|(_, t)| !t.requires_grad()).collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
     }
 
     /// Whether a parameter is exempt from weight decay: norm weights and biases, conv/linear

@@ -5,6 +5,7 @@ use super::MultiTaskModel;
 use crate::tasks::classification::{self, ClassPrediction};
 use crate::tasks::decode::{decode, DecodeParams, Detection};
 use crate::tasks::segmentation;
+use crate::WorkerError;
 
 /// Everything the model predicts for one image; a disabled task gives `None` / nothing.
 #[derive(Debug, Clone, PartialEq)]
@@ -19,8 +20,8 @@ pub struct Prediction {
 
 /// Runs the model in evaluation mode without gradients on `images` (`[B,3,H,W]`, on the
 /// model's device) and turns its outputs into per-image predictions.
-pub fn predict(model: &MultiTaskModel, images: &Tensor) -> Vec<Prediction> {
-    let out = tch::no_grad(|| model.forward(images, false));
+pub fn predict(model: &MultiTaskModel, images: &Tensor) -> Result<Vec<Prediction>, WorkerError> {
+    let out = tch::no_grad(|| model.forward(images, false))?;
     let batch = images.size()[0] as usize;
     let t = model.tasks();
     let params = DecodeParams {
@@ -32,11 +33,11 @@ pub fn predict(model: &MultiTaskModel, images: &Tensor) -> Vec<Prediction> {
     let mut classes = out.cls.as_ref().map(|l| classification::predict(l, t.multi_label).into_iter());
     let mut dets = out.det.as_ref().map(|d| decode(d, out.image_hw, &params).into_iter());
     let mut masks = out.seg.as_ref().map(|l| segmentation::predict(l).into_iter());
-    (0..batch)
+    Ok((0..batch)
         .map(|_| Prediction {
             class: classes.as_mut().and_then(Iterator::next),
             detections: dets.as_mut().and_then(Iterator::next).unwrap_or_default(),
             mask: masks.as_mut().and_then(Iterator::next),
         })
-        .collect()
+        .collect())
 }

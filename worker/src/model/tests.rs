@@ -9,7 +9,7 @@ use crate::train::losses::{build_targets, local_counts, task_losses};
 #[test]
 fn tiny_forward_shapes() {
     let model = test_model(&TasksSection::default());
-    let out = model.forward(&Tensor::randn([2, 3, 64, 48], (Kind::Float, Device::Cpu)), true);
+    let out = model.forward(&Tensor::randn([2, 3, 64, 48], (Kind::Float, Device::Cpu)), true).unwrap();
     assert_eq!(out.cls.unwrap().size(), [2, 4]);
     let det = out.det.unwrap();
     assert_eq!(det.cls_logits[0].size(), [2, 3, 8, 6]);
@@ -26,7 +26,7 @@ fn disabled_tasks_have_no_head_and_no_output() {
     assert!(model.head_parameters(Task::Classification).is_empty());
     assert!(model.head_parameters(Task::Segmentation).is_empty());
     assert!(!model.head_parameters(Task::Detection).is_empty());
-    let out = model.forward(&Tensor::zeros([1, 3, 32, 32], (Kind::Float, Device::Cpu)), false);
+    let out = model.forward(&Tensor::zeros([1, 3, 32, 32], (Kind::Float, Device::Cpu)), false).unwrap();
     assert!(out.cls.is_none() && out.seg.is_none() && out.det.is_some());
 }
 
@@ -59,7 +59,7 @@ fn dataset_mismatch_names_the_key() {
 fn predictions_cover_every_enabled_task() {
     let model =
         test_model(&TasksSection { score_threshold: 0.0, max_detections: 7, ..TasksSection::default() });
-    let preds = predict(&model, &Tensor::randn([3, 3, 32, 40], (Kind::Float, Device::Cpu)));
+    let preds = predict(&model, &Tensor::randn([3, 3, 32, 40], (Kind::Float, Device::Cpu))).unwrap();
     assert_eq!(preds.len(), 3);
     for p in &preds {
         assert!(
@@ -81,7 +81,7 @@ fn tiny_step_timing() {
     let step = || {
         let targets = build_targets(&model, &batch);
         let counts = local_counts(&batch, &targets);
-        let losses = task_losses(&model.forward(&batch.images, true), &batch, &targets, &counts);
+        let losses = task_losses(&model.forward(&batch.images, true).unwrap(), &batch, &targets, &counts);
         let total = losses.iter().map(|(_, l)| l.shallow_clone()).reduce(|a, b| a + b).unwrap();
         total.backward();
     };
@@ -107,12 +107,12 @@ fn a_step_runs_on_the_available_device() {
     let images = batch.images.to_device(device);
     let targets = build_targets(&model, &batch);
     let counts = local_counts(&batch, &targets);
-    let losses = task_losses(&model.forward(&images, true), &batch, &targets, &counts);
+    let losses = task_losses(&model.forward(&images, true).unwrap(), &batch, &targets, &counts);
     let total = losses.iter().map(|(_, l)| l.shallow_clone()).reduce(|a, b| a + b).unwrap();
     total.backward();
     assert!(total.double_value(&[]).is_finite());
     assert!(model.parameters().iter().all(|(_, p)| p.grad().defined()));
-    assert_eq!(predict(&model, &images).len(), 2);
+    assert_eq!(predict(&model, &images).unwrap().len(), 2);
 }
 
 #[test]
@@ -123,8 +123,8 @@ fn frozen_batch_norm_is_neither_trained_nor_updated() {
     assert!(names.iter().all(|n| !n.contains("bn") && !n.contains("downsample.1")), "{names:?}");
     assert!(model.var_store().variables().contains_key("backbone.layer2.0.downsample.1.running_var"));
     let x = Tensor::randn([2, 3, 32, 32], (Kind::Float, Device::Cpu));
-    let first = model.forward(&x, true).cls.unwrap();
-    let second = model.forward(&x, true).cls.unwrap();
+    let first = model.forward(&x, true).unwrap().cls.unwrap();
+    let second = model.forward(&x, true).unwrap().cls.unwrap();
     assert!(first.equal(&second), "train mode must not change frozen statistics");
 
     let batch_norm = ModelSection { norm: mtl_job::NormKind::Batch, ..ModelSection::default() };
@@ -132,6 +132,6 @@ fn frozen_batch_norm_is_neither_trained_nor_updated() {
         MultiTaskModel::new(&batch_norm, &TasksSection::default(), &test_info(), Device::Cpu).unwrap();
     let mean = || model.var_store().variables()["backbone.bn1.running_mean"].copy();
     let before = mean();
-    let _ = model.forward(&x, true);
+    let _ = model.forward(&x, true).unwrap();
     assert!(!mean().equal(&before), "BatchNorm updates its running mean in training");
 }

@@ -6,8 +6,8 @@ use super::decode::{decode, nms, DecodeParams, Detection};
 use super::detection::DetOutput;
 use super::fcos_targets::FcosTargets;
 use crate::data::batch::{ClassTarget, DatasetInfo, GtBox};
-use crate::model::MultiTaskModel;
 use crate::data::Batch;
+use crate::model::MultiTaskModel;
 use crate::task::TaskLosses;
 use crate::train::losses::*;
 
@@ -101,7 +101,7 @@ fn slice(batch: &Batch, start: usize, len: usize) -> Batch {
 fn total_loss(model: &MultiTaskModel, batch: &Batch, normalisers: Option<Counts>) -> (Tensor, TaskLosses) {
     let targets = build_targets(model, batch);
     let counts = normalisers.unwrap_or_else(|| local_counts(batch, &targets));
-    let losses = task_losses(&model.forward(&batch.images, true), batch, &targets, &counts);
+    let losses = task_losses(&model.forward(&batch.images, true).unwrap(), batch, &targets, &counts);
     let total = losses.iter().map(|(_, l)| l.shallow_clone()).reduce(|a, b| a + b).unwrap();
     (total, losses)
 }
@@ -256,7 +256,7 @@ fn multi_label_classification_masks_unlabelled_rows() {
     let mut batch = test_batch(&[(true, false, false), (false, false, false)], 6);
     batch.class_target = ClassTarget::Multi(Tensor::from_slice2(&[[1f32, 0., 1., 0.], [1., 1., 1., 1.]]));
     let (_, losses) = total_loss(&model, &batch, None);
-    let logits = model.forward(&batch.images, true).cls.unwrap().get(0);
+    let logits = model.forward(&batch.images, true).unwrap().cls.unwrap().get(0);
     let target = Tensor::from_slice(&[1f32, 0., 1., 0.]);
     let want = logits.binary_cross_entropy_with_logits::<Tensor>(&target, None, None, tch::Reduction::Sum);
     assert!((losses.cls.unwrap() - want).abs().double_value(&[]) < 1e-6);

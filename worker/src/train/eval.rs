@@ -47,7 +47,7 @@ pub fn evaluate(
     let mut stats = empty_stats(model, info)?;
     for batch in loader {
         let batch = batch?;
-        let preds = predict(model, &batch.images.f_to_device(device)?);
+        let preds = predict(model, &batch.images.f_to_device(device)?)?;
         accumulate(&mut stats, &batch, &preds, info)?;
     }
     Ok(stats)

@@ -2,9 +2,10 @@
 //!
 //! [`Trainer::step`] spells out one data-parallel step: zero grads → per-batch normalisers
 //! summed across ranks → forward → masked task losses → task weighting + backward → bucketed
-//! gradient all-reduce (mean) → clip → optimizer step. Each rank scales its losses by the world
-//! size and divides by the GLOBAL normaliser, so the mean of the ranks' gradients is exactly the
-//! gradient one process computes on the union of their batches.
+//! gradient all-reduce (mean) → clip → optimizer step → BatchNorm buffers broadcast from rank 0.
+//! Each rank scales its losses by the world size and divides by the GLOBAL normaliser, so the mean
+//! of the ranks' gradients is exactly the gradient one process computes on the union of their
+//! batches.
 //! Layout: `epochs` (the epoch loop both modes share), `eval` (metric statistics from a loader),
 //! `standalone` (`worker train --standalone`), `distributed` (`worker run`, driven by the
 //! coordinator), `checkpoint` (weights on disk).
@@ -171,6 +172,17 @@ impl Trainer {
         Ok(())
     }
 
+    /// Overwrites the buffers training changes (BatchNorm's running statistics) with rank 0's,
+    /// as PyTorch DDP's `broadcast_buffers` does, so every rank evaluates and checkpoints the
+    /// same model. One bucketed call; none when the model has no such buffers.
+    fn broadcast_buffers(&mut self) -> Result<(), WorkerError> {
+        let mut buffers: Vec<Tensor> = self.model.running_buffers().into_iter().map(|(_, t)| t).collect();
+        if !buffers.is_empty() {
+            tch::no_grad(|| self.collective.broadcast(&mut buffers, 0))?;
+        }
+        Ok(())
+    }
+
     /// One optimizer step on this rank's `batch` (the ranks' batches together form the global
     /// batch). The reported losses are averaged over ranks.
     pub fn step(&mut self, batch: &Batch) -> Result<StepReport, WorkerError> {
@@ -198,7 +210,7 @@ impl Trainer {
             // Forward and losses under bf16 autocast when asked; backward runs after the guard.
             let _autocast =
                 if self.bf16 { Some(crate::precision::bf16_autocast(self.device)?) } else { None };
-            let outputs = self.model.forward(&batch.images, true);
+            let outputs = self.model.forward(&batch.images, true)?;
             losses::task_losses(&outputs, &batch, &targets, &global)
         };
         let scaled = losses.map(|_, l| l * world);
@@ -242,6 +254,7 @@ impl Trainer {
         };
         let lr = self.schedule.lr(self.step);
         self.optimizer.step(lr)?;
+        self.broadcast_buffers()?;
         self.step += 1;
 
         Ok(StepReport {

@@ -1,11 +1,12 @@
 //! Data-parallel equivalence: N ranks (threads, talking over the real TCP ring) with batch b
 //! end with the same parameters as one rank with batch N*b; distributed evaluation merges to
 //! exactly the single-process metrics.
+use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener};
 use std::path::Path;
 use std::time::Duration;
 
-use mtl_job::{sharding, JobConfig};
+use mtl_job::{sharding, JobConfig, NormKind};
 use tch::{Device, Tensor};
 
 use super::*;
@@ -75,6 +76,24 @@ fn make_partial(dir: &Path) {
 /// Trains `STEPS` steps on `world` ranks with per-rank batch `batch`, every rank starting from
 /// `initial`'s weights; returns rank 0's parameters and checks every rank ended identical.
 fn train_parameters(cfg: &JobConfig, initial: &MultiTaskModel, world: usize, batch: u32) -> Trained {
+    let results = train_ranks(cfg, initial, world, batch);
+    for other in &results[1..] {
+        for ((name, a), (_, b)) in results[0].params.iter().zip(&other.params) {
+            assert!(a.equal(b), "ranks disagree on {name}");
+        }
+        for ((name, a), (_, b)) in
+            results[0].model.running_buffers().iter().zip(other.model.running_buffers())
+        {
+            assert!(a.equal(&b), "ranks disagree on the buffer {name}");
+        }
+        assert_eq!(results[0].losses, other.losses, "every rank reports the same global losses");
+    }
+    results.into_iter().next().unwrap()
+}
+
+/// Trains `STEPS` steps on `world` ranks (threads over the real ring) with per-rank batch
+/// `batch`, every rank starting from `initial`'s weights; returns what every rank ended with.
+fn train_ranks(cfg: &JobConfig, initial: &MultiTaskModel, world: usize, batch: u32) -> Vec<Trained> {
     let train = OrderedSplit::new(open_dataset(&cfg.data, Split::Train, cfg.job.seed).unwrap().unwrap());
     let info = train.dataset.info.clone();
     // Copied, not re-seeded: LibTorch's RNG is shared with every test running concurrently.
@@ -89,7 +108,7 @@ fn train_parameters(cfg: &JobConfig, initial: &MultiTaskModel, world: usize, bat
     let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
     let mut cfg = cfg.clone();
     cfg.train.batch_size = batch;
-    let results: Vec<Trained> = std::thread::scope(|s| {
+    std::thread::scope(|s| {
         let handles: Vec<_> = models
             .into_iter()
             .zip(listeners)
@@ -117,26 +136,21 @@ fn train_parameters(cfg: &JobConfig, initial: &MultiTaskModel, world: usize, bat
                     for b in Loader::new(train.dataset.clone(), &ids, lc).unwrap().take(STEPS as usize) {
                         losses.push(trainer.step(&b.unwrap()).unwrap().losses);
                     }
-                    Trained { params: trainer.model.parameters(), losses }
+                    Trained { params: trainer.model.parameters(), losses, model: trainer.model }
                 })
             })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
-    for other in &results[1..] {
-        for ((name, a), (_, b)) in results[0].params.iter().zip(&other.params) {
-            assert!(a.equal(b), "ranks disagree on {name}");
-        }
-        assert_eq!(results[0].losses, other.losses, "every rank reports the same global losses");
-    }
-    results.into_iter().next().unwrap()
+    })
 }
 
-/// What a (simulated) data-parallel run ends with on rank 0.
+/// What a (simulated) data-parallel run ends with on one rank.
 struct Trained {
     params: Vec<(String, Tensor)>,
     /// The losses each step reported (averaged over ranks).
     losses: Vec<crate::task::TaskValues>,
+    /// The rank's model.
+    model: MultiTaskModel,
 }
 
 /// allclose per tensor: rtol 1e-5 of the tensor's largest value, atol 1e-6 for tensors that
@@ -202,9 +216,57 @@ fn equivalence_holds_with_pcgrad_and_partial_labels() {
 }
 
 #[test]
+fn batch_norm_ranks_keep_rank_0s_statistics_and_evaluate_as_its_model() {
+    for norm in [NormKind::Batch] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = job(dir.path(), "");
+        cfg.model.norm = norm;
+        let info = open_dataset(&cfg.data, Split::Train, cfg.job.seed).unwrap().unwrap().info;
+        let model = MultiTaskModel::new(&cfg.model, &cfg.tasks, &info, Device::Cpu).unwrap();
+        let ranks = train_ranks(&cfg, &model, 2, 2);
+        let buffers = ranks[0].model.running_buffers();
+        let initial = model.running_buffers();
+        assert!(!buffers.is_empty());
+        assert!(buffers.iter().zip(&initial).any(|((_, a), (_, b))| !a.equal(b)), "training updated them");
+        for ((name, a), (_, b)) in buffers.iter().zip(ranks[1].model.running_buffers()) {
+            assert!(a.equal(&b), "{norm:?}: rank 1's {name} is not rank 0's");
+        }
+        // Each rank evaluates its validation shard with its own model; merged, that must be the
+        // evaluation of rank 0's model (the one checkpoints save) on the whole split.
+        let val = OrderedSplit::new(open_dataset(&cfg.data, Split::Val, cfg.job.seed).unwrap().unwrap());
+        let eval = |model: &MultiTaskModel, ids: &[u64]| {
+            let lc = LoaderConfig::from_section(&cfg.data, 4, false, cfg.job.seed, 0);
+            eval::evaluate(model, Loader::new(val.dataset.clone(), ids, lc).unwrap(), &val.dataset.info)
+                .unwrap()
+        };
+        let whole = eval(&ranks[0].model, &val.ids).finish().to_map();
+        let mut merged = mtl_metrics::EvalStats::default();
+        for (rank, trained) in ranks.iter().enumerate() {
+            let shard = val.ids_at(&sharding::val_shard(val.ids.len() as u64, 2, rank as u32));
+            merged.merge(&eval(&trained.model, &shard)).unwrap();
+        }
+        assert_same_metrics(&merged.finish().to_map(), &whole, &format!("{norm:?}, 2 ranks"));
+    }
+}
+
+fn assert_same_metrics(got: &BTreeMap<String, f64>, want: &BTreeMap<String, f64>, what: &str) {
+    assert_eq!(got.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>(), "{what}");
+    for (k, v) in want {
+        assert!(got[k] == *v || (got[k].is_nan() && v.is_nan()), "{what}: {k} = {} vs {v}", got[k]);
+    }
+}
+
+#[test]
 fn distributed_evaluation_equals_one_process_exactly() {
+    for norm in [NormKind::Group, NormKind::Batch] {
+        check_distributed_evaluation(norm);
+    }
+}
+
+fn check_distributed_evaluation(norm: NormKind) {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = job(dir.path(), "");
+    cfg.model.norm = norm;
     cfg.train.steps = 20;
     let summary = standalone::run(&cfg, Device::Cpu, Some(dir.path().join("ckpt")), &mut |_, _| {}).unwrap();
     assert!(summary.steps == 20);
@@ -229,14 +291,7 @@ fn distributed_evaluation_equals_one_process_exactly() {
                 serde_json::from_slice(&serde_json::to_vec(&stats).unwrap()).unwrap();
             merged.merge(&wire).unwrap();
         }
-        let map = merged.finish().to_map();
-        for (k, v) in &whole {
-            assert!(
-                map[k] == *v || (map[k].is_nan() && v.is_nan()),
-                "{world} ranks: {k} = {} vs {v}",
-                map[k]
-            );
-        }
+        assert_same_metrics(&merged.finish().to_map(), &whole, &format!("{norm:?}, {world} ranks"));
     }
 }
 
