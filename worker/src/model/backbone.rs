@@ -131,7 +131,7 @@ impl Backbone {
         Backbone { conv1, bn1, stages, out_channels, norms }
     }
 
-    /// How the backbone's norm layers were built.
+    /// How the backbone's norm layers were built (their kind, SyncBatchNorm's shared context).
     pub(crate) fn norms(&self) -> &NormLayers {
         &self.norms
     }

@@ -6,6 +6,7 @@ pub mod backbone;
 pub mod fpn;
 pub(crate) mod norm;
 mod predict;
+pub(crate) mod sync_batch_norm;
 
 use std::path::Path;
 
@@ -186,6 +187,11 @@ impl MultiTaskModel {
     /// Trainable parameters of `task`'s head, sorted by name (empty if the task is off).
     pub fn head_parameters(&self, task: Task) -> Vec<(String, Tensor)> {
         self.trainable_under(&[&format!("heads.{}", task.name())])
+    }
+
+    /// The context the model's SyncBatchNorm layers reduce through (`norm = "sync_batch"` only).
+    pub(crate) fn sync_context(&self) -> Option<&std::sync::Arc<sync_batch_norm::SyncContext>> {
+        self.backbone.norms().sync_context()
     }
 
     /// The buffers a training forward pass changes (BatchNorm's running statistics), sorted by

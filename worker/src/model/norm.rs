@@ -1,14 +1,18 @@
-//! Normalisation layers selectable from config: BatchNorm, GroupNorm and frozen BatchNorm, all
-//! keeping torchvision's parameter names (`weight`, `bias`, `running_mean`, `running_var`).
+//! Normalisation layers selectable from config: BatchNorm, SyncBatchNorm, GroupNorm and frozen
+//! BatchNorm, all keeping torchvision's parameter names (`weight`, `bias`, `running_mean`,
+//! `running_var`), so a checkpoint trained with `sync_batch` loads into a `batch` model and back.
+use std::sync::Arc;
+
 use mtl_job::NormKind;
 use tch::{nn, Tensor};
 
+use super::sync_batch_norm::{SyncBatchNorm, SyncContext};
 use crate::WorkerError;
 
 /// The epsilon added to the variance by BatchNorm and GroupNorm (PyTorch's default).
-const EPS: f64 = 1e-5;
+pub(crate) const EPS: f64 = 1e-5;
 /// BatchNorm's running-statistics momentum (PyTorch's default).
-const MOMENTUM: f64 = 0.1;
+pub(crate) const MOMENTUM: f64 = 0.1;
 
 /// GroupNorm's group count for `channels`: 32 (Detectron's default) or the largest power of two
 /// below it that divides `channels`.
@@ -31,38 +35,50 @@ fn group_norm_init(path: nn::Path<'_>, channels: i64, gamma: f64) -> nn::GroupNo
     nn::group_norm(path, group_count(channels), channels, cfg)
 }
 
-/// How one model builds its norm layers: the configured kind.
+/// How one model builds its norm layers: the configured kind and, for `sync_batch`, the
+/// context every SyncBatchNorm layer of the model shares (the Trainer attaches the job's
+/// collective to it).
 #[derive(Debug)]
 pub(crate) enum NormLayers {
     Batch,
+    SyncBatch(Arc<SyncContext>),
     Group,
     FrozenBatch,
 }
 
 impl NormLayers {
-    /// Layers of `kind`.
+    /// Layers of `kind`; a new (not yet attached) context for `sync_batch`.
     pub(crate) fn new(kind: NormKind) -> Self {
         match kind {
             NormKind::Batch => Self::Batch,
+            NormKind::SyncBatch => Self::SyncBatch(Arc::new(SyncContext::default())),
             NormKind::Group => Self::Group,
             NormKind::FrozenBatch => Self::FrozenBatch,
+        }
+    }
+
+    /// The context the SyncBatchNorm layers reduce through (`None` for other kinds).
+    pub(crate) fn sync_context(&self) -> Option<&Arc<SyncContext>> {
+        match self {
+            Self::SyncBatch(sync) => Some(sync),
+            _ => None,
         }
     }
 
     /// Whether a training forward pass changes buffers (BatchNorm's running statistics), which
     /// data-parallel ranks must then keep identical.
     pub(crate) fn updates_buffers(&self) -> bool {
-        matches!(self, Self::Batch)
+        matches!(self, Self::Batch | Self::SyncBatch(_))
     }
 }
 
 /// BatchNorm's variables, as `nn::batch_norm2d` names them.
 #[derive(Debug)]
 pub(crate) struct BatchNormVars {
-    weight: Tensor,
-    bias: Tensor,
-    running_mean: Tensor,
-    running_var: Tensor,
+    pub(crate) weight: Tensor,
+    pub(crate) bias: Tensor,
+    pub(crate) running_mean: Tensor,
+    pub(crate) running_var: Tensor,
 }
 
 impl BatchNormVars {
@@ -77,7 +93,7 @@ impl BatchNormVars {
 
     /// BatchNorm of `x`: batch statistics (updating the running ones) when `train`, the running
     /// statistics otherwise.
-    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor, WorkerError> {
+    pub(crate) fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor, WorkerError> {
         Ok(x.f_batch_norm(
             Some(&self.weight),
             Some(&self.bias),
@@ -95,6 +111,8 @@ impl BatchNormVars {
 #[derive(Debug)]
 pub(crate) enum Norm {
     Batch(BatchNormVars),
+    /// BatchNorm with statistics over the batches of all ranks (see [`super::sync_batch_norm`]).
+    SyncBatch(SyncBatchNorm),
     Group(nn::GroupNorm),
     /// `y = x * scale + shift` from buffers that are loaded but never trained nor updated.
     Frozen {
@@ -117,6 +135,10 @@ impl Norm {
     pub(crate) fn with_gamma(path: nn::Path<'_>, layers: &NormLayers, channels: i64, gamma: f64) -> Self {
         match layers {
             NormLayers::Batch => Norm::Batch(BatchNormVars::new(path, channels, gamma)),
+            NormLayers::SyncBatch(sync) => Norm::SyncBatch(SyncBatchNorm::new(
+                BatchNormVars::new(path, channels, gamma),
+                Arc::clone(sync),
+            )),
             NormLayers::Group => Norm::Group(group_norm_init(path, channels, gamma)),
             NormLayers::FrozenBatch => Norm::Frozen {
                 weight: path.ones_no_train("weight", &[channels]),
@@ -127,10 +149,11 @@ impl Norm {
         }
     }
 
-    /// Normalises `x` (`[B,C,H,W]`); `train` only matters for BatchNorm.
+    /// Normalises `x` (`[B,C,H,W]`); `train` only matters for BatchNorm and SyncBatchNorm.
     pub(crate) fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor, WorkerError> {
         match self {
             Norm::Batch(bn) => bn.forward(x, train),
+            Norm::SyncBatch(bn) => bn.forward(x, train),
             Norm::Group(gn) => {
                 Ok(x.f_group_norm(gn.num_groups, gn.ws.as_ref(), gn.bs.as_ref(), EPS, true)?)
             }

@@ -129,6 +129,8 @@ impl Trainer {
         collective: Box<dyn Collective>,
     ) -> Result<Self, WorkerError> {
         let device = model.var_store().device();
+        // SyncBatchNorm layers reduce through the same collective as the step.
+        let collective = crate::model::sync_batch_norm::share_collective(&model, collective);
         let weighting = TaskWeighting::new(&cfg.weighting, cfg.job.seed, device);
         let mut named = model.parameters();
         named.extend(weighting.parameters());
@@ -203,9 +205,14 @@ impl Trainer {
         self.collective.all_reduce(&mut counts, ReduceOp::Sum)?;
         let global = counts_from(&counts[0])?;
 
-        // A batch whose every image was unreadable still takes part in every collective.
+        // A batch whose every image was unreadable still takes part in every collective, also
+        // in those of SyncBatchNorm's forward and backward passes (run on zero images).
         let losses = if batch.ids.is_empty() {
-            self.zero_losses()
+            let zero = self.zero_losses();
+            match crate::model::sync_batch_norm::empty_batch_pass(&self.model, &batch.images)? {
+                Some(through_norms) => zero.map(|_, l| l + &through_norms),
+                None => zero,
+            }
         } else {
             // Forward and losses under bf16 autocast when asked; backward runs after the guard.
             let _autocast =

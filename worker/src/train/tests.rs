@@ -182,8 +182,13 @@ fn assert_close(single: &Trained, multi: &Trained, what: &str) {
 }
 
 fn check_equivalence(extra: &str, partial: bool) {
+    check_equivalence_with(NormKind::Group, extra, partial);
+}
+
+fn check_equivalence_with(norm: NormKind, extra: &str, partial: bool) {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = job(dir.path(), extra);
+    let mut cfg = job(dir.path(), extra);
+    cfg.model.norm = norm;
     open_dataset(&cfg.data, Split::Train, cfg.job.seed).unwrap(); // generate once
     if partial {
         make_partial(dir.path());
@@ -216,8 +221,47 @@ fn equivalence_holds_with_pcgrad_and_partial_labels() {
 }
 
 #[test]
+fn sync_batch_norm_ranks_equal_one_rank_with_the_whole_batch() {
+    check_equivalence_with(NormKind::SyncBatch, "", false);
+}
+
+#[test]
+fn sync_batch_norm_equivalence_holds_with_pcgrad_and_partial_labels() {
+    // PCGrad runs one backward pass per task, each through every SyncBatchNorm layer.
+    check_equivalence_with(NormKind::SyncBatch, "[weighting]\nstrategy = \"pcgrad\"", true);
+}
+
+#[test]
+fn with_sync_batch_norm_a_rank_with_an_empty_batch_keeps_the_others_in_step() {
+    // Every image of rank 1's first batch is unreadable: it still makes every SyncBatchNorm
+    // collective call (forward and backward on zero images), and the step equals one process's
+    // on the readable images.
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = job(dir.path(), "");
+    cfg.model.norm = NormKind::SyncBatch;
+    let train = OrderedSplit::new(open_dataset(&cfg.data, Split::Train, cfg.job.seed).unwrap().unwrap());
+    let b = 2;
+    let shard = sharding::train_shard(sharding::ShardSpec {
+        samples: train.ids.len() as u64,
+        seed: cfg.job.seed,
+        epoch: 0,
+        consumed: 0,
+        world_size: 2,
+        rank: 1,
+        batch_size: b,
+    });
+    let unreadable = train.ids_at(&shard.positions[..b as usize]);
+    for s in train.dataset.samples.iter().filter(|s| unreadable.contains(&s.id)) {
+        std::fs::write(&s.image, b"corrupt").unwrap();
+    }
+    let model = MultiTaskModel::new(&cfg.model, &cfg.tasks, &train.dataset.info, Device::Cpu).unwrap();
+    let single = train_parameters(&cfg, &model, 1, 2 * b);
+    assert_close(&single, &train_parameters(&cfg, &model, 2, b), "2 ranks, rank 1's first batch empty");
+}
+
+#[test]
 fn batch_norm_ranks_keep_rank_0s_statistics_and_evaluate_as_its_model() {
-    for norm in [NormKind::Batch] {
+    for norm in [NormKind::Batch, NormKind::SyncBatch] {
         let dir = tempfile::tempdir().unwrap();
         let mut cfg = job(dir.path(), "");
         cfg.model.norm = norm;
@@ -258,7 +302,7 @@ fn assert_same_metrics(got: &BTreeMap<String, f64>, want: &BTreeMap<String, f64>
 
 #[test]
 fn distributed_evaluation_equals_one_process_exactly() {
-    for norm in [NormKind::Group, NormKind::Batch] {
+    for norm in [NormKind::Group, NormKind::Batch, NormKind::SyncBatch] {
         check_distributed_evaluation(norm);
     }
 }
