@@ -8,16 +8,19 @@ use std::process::Command;
 
 use common::{job, spawn_worker_with, tiny_data, wait, InProcessCoordinator};
 use mtl_coordinator::JobOutcome;
+use mtl_job::NormKind;
 use mtl_proto::v1::MetricsKind;
 
-async fn train_and_compare(world: usize) {
+async fn train_and_compare(world: usize, norm: NormKind) {
     let dir = tempfile::tempdir().unwrap();
     let body = format!(
         "{}[rendezvous]\nmin_workers = {world}\n[train]\nsteps = 12\nbatch_size = 4\nlr = 0.05\nclip_grad_norm = 5.0\n\
          log_every_steps = 4\neval_every_steps = 6\n",
         tiny_data(&dir.path().join("data"), 96)
     );
-    let coord = InProcessCoordinator::start(job(&body)).await;
+    let mut cfg = job(&body);
+    cfg.model.norm = norm;
+    let coord = InProcessCoordinator::start(cfg).await;
     let ckpt = dir.path().join("model");
     let workers: Vec<_> = (0..world)
         .map(|i| {
@@ -59,18 +62,29 @@ async fn train_and_compare(world: usize) {
     assert_eq!(single.keys().collect::<Vec<_>>(), merged.keys().collect::<Vec<_>>());
     for (k, v) in &single {
         let m = merged[k];
-        assert!(m == *v || (m.is_nan() && v.is_nan()), "{world} workers: {k} merged {m} vs one process {v}");
+        assert!(
+            m == *v || (m.is_nan() && v.is_nan()),
+            "{world} workers, {norm:?}: {k} merged {m} vs one process {v}"
+        );
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_workers_train_and_merged_eval_equals_one_process() {
-    train_and_compare(2).await;
+    train_and_compare(2, NormKind::Group).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_workers_train_and_merged_eval_equals_one_process() {
-    train_and_compare(3).await;
+    train_and_compare(3, NormKind::Group).await;
+}
+
+/// With BatchNorm every rank must hold rank 0's running statistics (the saved model's) when it
+/// evaluates its shard; with SyncBatchNorm the layers also reduce over the ring between processes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_with_batch_norm_or_sync_batch_norm_evaluate_as_the_saved_model() {
+    train_and_compare(2, NormKind::Batch).await;
+    train_and_compare(2, NormKind::SyncBatch).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,7 +1,11 @@
 //! Link-time settings every binary that links LibTorch needs, and the C++ shim:
 //! - an rpath to LibTorch's lib dir, so `target/*/worker` runs without LD_LIBRARY_PATH;
 //! - `libtorch_cuda` kept as a dependency: nothing references it directly, so `--as-needed`
-//!   would drop it and CUDA would then be "not available" on GPU machines.
+//!   would drop it and CUDA would then be "not available" on GPU machines;
+//! - the C++ shim in `shim/` (bf16 autocast, SyncBatchNorm).
+
+/// The C++ sources of the shim.
+const SHIM_FILES: [&str; 2] = ["shim/autocast.cpp", "shim/sync_batch_norm.cpp"];
 
 fn main() {
     // Set by torch-sys (links = "tch") for its direct dependents.
@@ -14,18 +18,20 @@ fn main() {
     }
     println!("cargo:rustc-env=MTL_LIBTORCH_LIB={lib}");
 
-    // The C++ shim for what tch does not expose (bf16 autocast), built against the same
-    // LibTorch headers and C++ ABI as torch-sys.
+    // The C++ shim for what tch does not expose (bf16 autocast, SyncBatchNorm's custom autograd
+    // function), built against the same LibTorch headers and C++ ABI as torch-sys.
     let include = std::path::Path::new(&lib).join("../include");
     let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
     cc::Build::new()
         .cpp(true)
-        .file("shim/autocast.cpp")
+        .files(SHIM_FILES)
         .include(&include)
         .flag("-std=c++17")
         .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
         .warnings(false)
         .compile("mtl_shim");
-    println!("cargo:rerun-if-changed=shim/autocast.cpp");
+    for file in SHIM_FILES {
+        println!("cargo:rerun-if-changed={file}");
+    }
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
 }

@@ -21,8 +21,13 @@ pub enum BackboneKind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum NormKind {
-    /// BatchNorm: statistics depend on the per-rank batch, so N workers differ from one process.
+    /// BatchNorm: batch statistics are the rank's own batch's, so N workers differ from one
+    /// process; the running statistics are rank 0's (broadcast to every rank after each step).
     Batch,
+    /// SyncBatchNorm: batch statistics over the batches of all ranks (reduced through the job's
+    /// collective in forward and backward), so N workers with batch b equal one process with
+    /// batch N*b.
+    SyncBatch,
     /// GroupNorm (32 groups, fewer where channels are few): independent of the batch.
     Group,
     /// BatchNorm with running statistics and affine parameters frozen (for pretrained weights).
@@ -37,7 +42,7 @@ pub struct ModelSection {
     pub backbone: BackboneKind,
     /// Base width (channels of the stem and first stage); 0 means 8 for "tiny" and 64 otherwise.
     pub width: u32,
-    /// Backbone normalisation: "batch", "group" or "frozen_batch".
+    /// Backbone normalisation: "batch", "sync_batch", "group" or "frozen_batch".
     pub norm: NormKind,
     /// Channels of the FPN outputs P3-P5 and of the heads; 0 means 32 for "tiny" and 256 otherwise.
     pub fpn_channels: u32,
@@ -188,6 +193,8 @@ mod tests {
         assert_eq!(JobConfig::from_toml(&cfg.to_toml()).unwrap(), cfg);
         let tiny = from_toml("").unwrap();
         assert_eq!((tiny.model.width(), tiny.model.fpn_channels()), (8, 32));
+        let sync = from_toml("[model]\nnorm = \"sync_batch\"\n").unwrap();
+        assert_eq!(sync.model.norm, super::NormKind::SyncBatch);
     }
 
     #[test]

@@ -8,9 +8,11 @@ mod local;
 pub(crate) mod nccl;
 pub(crate) mod ring;
 mod ring_collective;
+mod shared;
 
 pub(crate) use local::LocalCollective;
 pub(crate) use ring_collective::RingCollective;
+pub(crate) use shared::SharedCollective;
 
 use std::time::Duration;
 
@@ -74,7 +76,8 @@ impl CollectiveError {
     }
 }
 
-/// The operations data-parallel training needs. Implementations are used from one thread.
+/// The operations data-parallel training needs. Implementations are used from one thread at a
+/// time (the SyncBatchNorm layers may call one from autograd's thread between the step's calls).
 pub(crate) trait Collective: Send {
     /// Number of ranks.
     fn world_size(&self) -> usize;

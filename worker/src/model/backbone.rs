@@ -8,7 +8,7 @@ use mtl_job::{BackboneKind, NormKind};
 use tch::{nn, Tensor};
 
 use super::layers::Conv2d;
-use super::norm::Norm;
+use super::norm::{Norm, NormLayers};
 use crate::{At, WorkerError};
 
 /// Residual block type and blocks per stage of a backbone.
@@ -50,7 +50,7 @@ impl Block {
     fn new(
         p: nn::Path<'_>,
         name: String,
-        norm: NormKind,
+        norm: &NormLayers,
         bottleneck: bool,
         c_in: i64,
         planes: i64,
@@ -90,7 +90,7 @@ impl Block {
         let mut y = x.shallow_clone();
         for (i, (c, n)) in self.convs.iter().enumerate() {
             let conv_out = c.forward(&y)?;
-            y = n.forward(&conv_out, train);
+            y = n.forward(&conv_out, train)?;
             if i < last {
                 y = y.f_relu()?;
             }
@@ -98,7 +98,7 @@ impl Block {
         let identity = match &self.downsample {
             Some((c, n)) => {
                 let conv_out = c.forward(x)?;
-                n.forward(&conv_out, train)
+                n.forward(&conv_out, train)?
             }
             None => x.shallow_clone(),
         };
@@ -113,6 +113,7 @@ pub(crate) struct Backbone {
     bn1: Norm,
     stages: Vec<Vec<Block>>,
     out_channels: [i64; 3],
+    norms: NormLayers,
 }
 
 impl Backbone {
@@ -120,8 +121,9 @@ impl Backbone {
     pub(crate) fn new(path: nn::Path<'_>, kind: BackboneKind, width: i64, norm: NormKind) -> Self {
         let (bottleneck, blocks) = layout(kind);
         let expansion = if bottleneck { 4 } else { 1 };
+        let norms = NormLayers::new(norm);
         let conv1 = conv(&path / "conv1", 3, width, 7, 2);
-        let bn1 = Norm::new(&path / "bn1", norm, width);
+        let bn1 = Norm::new(&path / "bn1", &norms, width);
         let mut c_in = width;
         let mut stages = Vec::new();
         for (i, &n) in blocks.iter().enumerate() {
@@ -131,7 +133,7 @@ impl Backbone {
                 .map(|j| {
                     let stride = if i > 0 && j == 0 { 2 } else { 1 };
                     let name = format!("backbone layer{}.{j}", i + 1);
-                    let block = Block::new(&stage_path / j, name, norm, bottleneck, c_in, planes, stride);
+                    let block = Block::new(&stage_path / j, name, &norms, bottleneck, c_in, planes, stride);
                     c_in = planes * expansion;
                     block
                 })
@@ -139,7 +141,12 @@ impl Backbone {
             stages.push(stage);
         }
         let out_channels = [2 * width * expansion, 4 * width * expansion, 8 * width * expansion];
-        Backbone { conv1, bn1, stages, out_channels }
+        Backbone { conv1, bn1, stages, out_channels, norms }
+    }
+
+    /// How the backbone's norm layers were built (their kind, SyncBatchNorm's shared context).
+    pub(crate) fn norms(&self) -> &NormLayers {
+        &self.norms
     }
 
     /// Channels of C3, C4, C5.
@@ -151,7 +158,7 @@ impl Backbone {
     pub(crate) fn forward(&self, images: &Tensor, train: bool) -> Result<[Tensor; 3], WorkerError> {
         let stem = || -> Result<Tensor, WorkerError> {
             let conv_out = self.conv1.forward(images)?;
-            let x = self.bn1.forward(&conv_out, train);
+            let x = self.bn1.forward(&conv_out, train)?;
             Ok(x.f_relu()?.f_max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false)?)
         };
         let mut x = stem().at("backbone stem")?;

@@ -7,6 +7,7 @@ pub(crate) mod fpn;
 pub(crate) mod layers;
 pub(crate) mod norm;
 mod predict;
+pub(crate) mod sync_batch_norm;
 
 use std::path::Path;
 
@@ -207,6 +208,23 @@ impl MultiTaskModel {
     /// Trainable parameters of `task`'s head, sorted by name (empty if the task is off).
     pub fn head_parameters(&self, task: Task) -> Vec<(String, Tensor)> {
         self.trainable_under(&[&format!("heads.{}", task.name())])
+    }
+
+    /// The context the model's SyncBatchNorm layers reduce through (`norm = "sync_batch"` only).
+    pub(crate) fn sync_context(&self) -> Option<&std::sync::Arc<sync_batch_norm::SyncContext>> {
+        self.backbone.norms().sync_context()
+    }
+
+    /// The buffers a training forward pass changes (BatchNorm's running statistics), sorted by
+    /// name; empty when there are none (frozen statistics never change). Data-parallel ranks keep
+    /// them identical by broadcasting rank 0's after every step.
+    pub(crate) fn running_buffers(&self) -> Vec<(String, Tensor)> {
+        if !self.backbone.norms().updates_buffers() {
+            return Vec::new();
+        }
+        let mut v: Vec<_> = self.vs.variables().into_iter().filter(|(_, t)| !t.requires_grad()).collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
     }
 
     /// Whether a parameter is exempt from weight decay: norm weights and biases, conv/linear

@@ -2,9 +2,10 @@
 //!
 //! [`Trainer::step`] spells out one data-parallel step: zero grads → per-batch normalisers
 //! summed across ranks → forward → masked task losses → task weighting + backward → bucketed
-//! gradient all-reduce (mean) → clip → optimizer step. Each rank scales its losses by the world
-//! size and divides by the GLOBAL normaliser, so the mean of the ranks' gradients is exactly the
-//! gradient one process computes on the union of their batches.
+//! gradient all-reduce (mean) → clip → optimizer step → BatchNorm buffers broadcast from rank 0.
+//! Each rank scales its losses by the world size and divides by the GLOBAL normaliser, so the mean
+//! of the ranks' gradients is exactly the gradient one process computes on the union of their
+//! batches.
 //! Layout: `epochs` (the epoch loop both modes share), `eval` (metric statistics from a loader),
 //! `standalone` (`worker train --standalone`), `distributed` (`worker run`, driven by the
 //! coordinator), `checkpoint` (the run's state on disk: written, checked, resumed from).
@@ -149,6 +150,8 @@ impl Trainer {
         collective: Box<dyn Collective>,
     ) -> Result<Self, WorkerError> {
         let device = model.var_store().device();
+        // SyncBatchNorm layers reduce through the same collective as the step.
+        let collective = crate::model::sync_batch_norm::share_collective(&model, collective);
         let weighting = TaskWeighting::new(&cfg.weighting, cfg.job.seed, device);
         let mut named = model.parameters();
         named.extend(weighting.parameters());
@@ -235,6 +238,17 @@ impl Trainer {
         Ok(())
     }
 
+    /// Overwrites the buffers training changes (BatchNorm's running statistics) with rank 0's,
+    /// as PyTorch DDP's `broadcast_buffers` does, so every rank evaluates and checkpoints the
+    /// same model. One bucketed call; none when the model has no such buffers.
+    fn broadcast_buffers(&mut self) -> Result<(), WorkerError> {
+        let mut buffers: Vec<Tensor> = self.model.running_buffers().into_iter().map(|(_, t)| t).collect();
+        if !buffers.is_empty() {
+            tch::no_grad(|| self.collective.broadcast(&mut buffers, 0))?;
+        }
+        Ok(())
+    }
+
     /// One optimizer step on this rank's `batch` (the ranks' batches together form the global
     /// batch). The reported losses are averaged over ranks.
     pub(crate) fn step(&mut self, batch: &Batch) -> Result<StepReport, WorkerError> {
@@ -255,9 +269,14 @@ impl Trainer {
         self.collective.all_reduce(&mut counts, ReduceOp::Sum)?;
         let global = counts_from(&counts[0])?;
 
-        // A batch whose every image was unreadable still takes part in every collective.
+        // A batch whose every image was unreadable still takes part in every collective, also
+        // in those of SyncBatchNorm's forward and backward passes (run on zero images).
         let losses = if batch.ids.is_empty() {
-            self.zero_losses()
+            let zero = self.zero_losses();
+            match crate::model::sync_batch_norm::empty_batch_pass(&self.model, &batch.images)? {
+                Some(through_norms) => zero.map(|_, l| l + &through_norms),
+                None => zero,
+            }
         } else {
             // Forward and losses under bf16 autocast when asked; backward runs after the guard.
             let _autocast =
@@ -305,6 +324,7 @@ impl Trainer {
         };
         let lr = self.schedule.lr(self.step);
         self.optimizer.step(lr)?;
+        self.broadcast_buffers()?;
         self.step += 1;
 
         Ok(StepReport {

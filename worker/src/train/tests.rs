@@ -1,11 +1,12 @@
 //! Data-parallel equivalence: N ranks (threads, talking over the real TCP ring) with batch b
 //! end with the same parameters as one rank with batch N*b; distributed evaluation merges to
 //! exactly the single-process metrics.
+use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener};
 use std::path::Path;
 use std::time::Duration;
 
-use mtl_job::{sharding, JobConfig};
+use mtl_job::{sharding, JobConfig, NormKind};
 use tch::{Device, Tensor};
 
 use super::epochs::Position;
@@ -76,6 +77,24 @@ fn make_partial(dir: &Path) {
 /// Trains `STEPS` steps on `world` ranks with per-rank batch `batch`, every rank starting from
 /// `initial`'s weights; returns rank 0's parameters and checks every rank ended identical.
 fn train_parameters(cfg: &JobConfig, initial: &MultiTaskModel, world: usize, batch: u32) -> Trained {
+    let results = train_ranks(cfg, initial, world, batch);
+    for other in &results[1..] {
+        for ((name, a), (_, b)) in results[0].params.iter().zip(&other.params) {
+            assert!(a.equal(b), "ranks disagree on {name}");
+        }
+        for ((name, a), (_, b)) in
+            results[0].model.running_buffers().iter().zip(other.model.running_buffers())
+        {
+            assert!(a.equal(&b), "ranks disagree on the buffer {name}");
+        }
+        assert_eq!(results[0].losses, other.losses, "every rank reports the same global losses");
+    }
+    results.into_iter().next().unwrap()
+}
+
+/// Trains `STEPS` steps on `world` ranks (threads over the real ring) with per-rank batch
+/// `batch`, every rank starting from `initial`'s weights; returns what every rank ended with.
+fn train_ranks(cfg: &JobConfig, initial: &MultiTaskModel, world: usize, batch: u32) -> Vec<Trained> {
     let train = OrderedSplit::new(open_dataset(&cfg.data, Split::Train, cfg.job.seed).unwrap().unwrap());
     let info = train.dataset.info.clone();
     // Copied, not re-seeded: LibTorch's RNG is shared with every test running concurrently.
@@ -90,7 +109,7 @@ fn train_parameters(cfg: &JobConfig, initial: &MultiTaskModel, world: usize, bat
     let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
     let mut cfg = cfg.clone();
     cfg.train.batch_size = batch;
-    let results: Vec<Trained> = std::thread::scope(|s| {
+    std::thread::scope(|s| {
         let handles: Vec<_> = models
             .into_iter()
             .zip(listeners)
@@ -118,26 +137,21 @@ fn train_parameters(cfg: &JobConfig, initial: &MultiTaskModel, world: usize, bat
                     for b in Loader::new(train.dataset.clone(), &ids, lc).unwrap().take(STEPS as usize) {
                         losses.push(trainer.step(&b.unwrap()).unwrap().losses);
                     }
-                    Trained { params: trainer.model.parameters(), losses }
+                    Trained { params: trainer.model.parameters(), losses, model: trainer.model }
                 })
             })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
-    for other in &results[1..] {
-        for ((name, a), (_, b)) in results[0].params.iter().zip(&other.params) {
-            assert!(a.equal(b), "ranks disagree on {name}");
-        }
-        assert_eq!(results[0].losses, other.losses, "every rank reports the same global losses");
-    }
-    results.into_iter().next().unwrap()
+    })
 }
 
-/// What a (simulated) data-parallel run ends with on rank 0.
+/// What a (simulated) data-parallel run ends with on one rank.
 struct Trained {
     params: Vec<(String, Tensor)>,
     /// The losses each step reported (averaged over ranks).
     losses: Vec<crate::task::TaskValues>,
+    /// The rank's model.
+    model: MultiTaskModel,
 }
 
 /// allclose per tensor: rtol 1e-5 of the tensor's largest value, atol 1e-6 for tensors that
@@ -169,8 +183,13 @@ fn assert_close(single: &Trained, multi: &Trained, what: &str) {
 }
 
 fn check_equivalence(extra: &str, partial: bool) {
+    check_equivalence_with(NormKind::Group, extra, partial);
+}
+
+fn check_equivalence_with(norm: NormKind, extra: &str, partial: bool) {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = job(dir.path(), extra);
+    let mut cfg = job(dir.path(), extra);
+    cfg.model.norm = norm;
     open_dataset(&cfg.data, Split::Train, cfg.job.seed).unwrap(); // generate once
     if partial {
         make_partial(dir.path());
@@ -203,9 +222,96 @@ fn equivalence_holds_with_pcgrad_and_partial_labels() {
 }
 
 #[test]
-fn distributed_evaluation_equals_one_process_exactly() {
+fn sync_batch_norm_ranks_equal_one_rank_with_the_whole_batch() {
+    check_equivalence_with(NormKind::SyncBatch, "", false);
+}
+
+#[test]
+fn sync_batch_norm_equivalence_holds_with_pcgrad_and_partial_labels() {
+    // PCGrad runs one backward pass per task, each through every SyncBatchNorm layer.
+    check_equivalence_with(NormKind::SyncBatch, "[weighting]\nstrategy = \"pcgrad\"", true);
+}
+
+#[test]
+fn with_sync_batch_norm_a_rank_with_an_empty_batch_keeps_the_others_in_step() {
+    // Every image of rank 1's first batch is unreadable: it still makes every SyncBatchNorm
+    // collective call (forward and backward on zero images), and the step equals one process's
+    // on the readable images.
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = job(dir.path(), "");
+    cfg.model.norm = NormKind::SyncBatch;
+    let train = OrderedSplit::new(open_dataset(&cfg.data, Split::Train, cfg.job.seed).unwrap().unwrap());
+    let b = 2;
+    let shard = sharding::train_shard(sharding::ShardSpec {
+        samples: train.ids.len() as u64,
+        seed: cfg.job.seed,
+        epoch: 0,
+        consumed: 0,
+        world_size: 2,
+        rank: 1,
+        batch_size: b,
+    });
+    let unreadable = train.ids_at(&shard.positions[..b as usize]);
+    for s in train.dataset.samples.iter().filter(|s| unreadable.contains(&s.id)) {
+        std::fs::write(&s.image, b"corrupt").unwrap();
+    }
+    let model = MultiTaskModel::new(&cfg.model, &cfg.tasks, &train.dataset.info, Device::Cpu).unwrap();
+    let single = train_parameters(&cfg, &model, 1, 2 * b);
+    assert_close(&single, &train_parameters(&cfg, &model, 2, b), "2 ranks, rank 1's first batch empty");
+}
+
+#[test]
+fn batch_norm_ranks_keep_rank_0s_statistics_and_evaluate_as_its_model() {
+    for norm in [NormKind::Batch, NormKind::SyncBatch] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = job(dir.path(), "");
+        cfg.model.norm = norm;
+        let info = open_dataset(&cfg.data, Split::Train, cfg.job.seed).unwrap().unwrap().info;
+        let model = MultiTaskModel::new(&cfg.model, &cfg.tasks, &info, Device::Cpu).unwrap();
+        let ranks = train_ranks(&cfg, &model, 2, 2);
+        let buffers = ranks[0].model.running_buffers();
+        let initial = model.running_buffers();
+        assert!(!buffers.is_empty());
+        assert!(buffers.iter().zip(&initial).any(|((_, a), (_, b))| !a.equal(b)), "training updated them");
+        for ((name, a), (_, b)) in buffers.iter().zip(ranks[1].model.running_buffers()) {
+            assert!(a.equal(&b), "{norm:?}: rank 1's {name} is not rank 0's");
+        }
+        // Each rank evaluates its validation shard with its own model; merged, that must be the
+        // evaluation of rank 0's model (the one checkpoints save) on the whole split.
+        let val = OrderedSplit::new(open_dataset(&cfg.data, Split::Val, cfg.job.seed).unwrap().unwrap());
+        let eval = |model: &MultiTaskModel, ids: &[u64]| {
+            let lc = LoaderConfig::from_section(&cfg.data, 4, false, cfg.job.seed, 0);
+            eval::evaluate(model, Loader::new(val.dataset.clone(), ids, lc).unwrap(), &val.dataset.info)
+                .unwrap()
+        };
+        let whole = eval(&ranks[0].model, &val.ids).finish().to_map();
+        let mut merged = mtl_metrics::EvalStats::default();
+        for (rank, trained) in ranks.iter().enumerate() {
+            let shard = val.ids_at(&sharding::val_shard(val.ids.len() as u64, 2, rank as u32));
+            merged.merge(&eval(&trained.model, &shard)).unwrap();
+        }
+        assert_same_metrics(&merged.finish().to_map(), &whole, &format!("{norm:?}, 2 ranks"));
+    }
+}
+
+fn assert_same_metrics(got: &BTreeMap<String, f64>, want: &BTreeMap<String, f64>, what: &str) {
+    assert_eq!(got.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>(), "{what}");
+    for (k, v) in want {
+        assert!(got[k] == *v || (got[k].is_nan() && v.is_nan()), "{what}: {k} = {} vs {v}", got[k]);
+    }
+}
+
+#[test]
+fn distributed_evaluation_equals_one_process_exactly() {
+    for norm in [NormKind::Group, NormKind::Batch, NormKind::SyncBatch] {
+        check_distributed_evaluation(norm);
+    }
+}
+
+fn check_distributed_evaluation(norm: NormKind) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = job(dir.path(), "");
+    cfg.model.norm = norm;
     cfg.train.steps = 20;
     cfg.checkpoint.dir = dir.path().join("checkpoints").display().to_string();
     let opts = standalone::Options { out: Some(dir.path().join("ckpt")), ..Default::default() };
@@ -232,14 +338,7 @@ fn distributed_evaluation_equals_one_process_exactly() {
                 serde_json::from_slice(&serde_json::to_vec(&stats).unwrap()).unwrap();
             merged.merge(&wire).unwrap();
         }
-        let map = merged.finish().to_map();
-        for (k, v) in &whole {
-            assert!(
-                map[k] == *v || (map[k].is_nan() && v.is_nan()),
-                "{world} ranks: {k} = {} vs {v}",
-                map[k]
-            );
-        }
+        assert_same_metrics(&merged.finish().to_map(), &whole, &format!("{norm:?}, {world} ranks"));
     }
 }
 
