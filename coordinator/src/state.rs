@@ -580,7 +580,6 @@ impl JobState {
         }
         Ok(())
     }
-
 }
 
 mod reports;
