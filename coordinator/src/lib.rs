@@ -115,7 +115,9 @@ pub async fn run(
                 .max_encoding_message_size(mtl_proto::MAX_MESSAGE_BYTES),
         )
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            // Without TCP_NODELAY a response written in several frames waits for the client's
+            // delayed ACK: 40 ms on every GetShard (bench/coordinator_load.sh).
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             outcome_or_shutdown,
         );
     server.await?;

@@ -122,3 +122,101 @@ pub fn render(status: &JobStatus) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mtl_proto::v1::{CheckpointInfo, EpochSegment, JobEvent, ResumeFrom, WorkerStatus};
+
+    #[test]
+    fn status_shows_workers_generation_changes_checkpoints_and_accounting() {
+        let status = JobStatus {
+            job_name: "j".into(),
+            state: "running".into(),
+            generation: 2,
+            world_size: 2,
+            config_hash: "abcd".into(),
+            epoch: 1,
+            epoch_position: 48,
+            resume: Some(ResumeFrom {
+                path: "step-40".into(),
+                step: 40,
+                epoch: 1,
+                epoch_position: 16,
+                generation: 1,
+            }),
+            workers: vec![
+                WorkerStatus {
+                    worker_id: "a".into(),
+                    rank: 0,
+                    state: "active".into(),
+                    phase: "all-reduce".into(),
+                    last_step: 44,
+                    heartbeat_age_ms: 1500,
+                    collective_seq: 91,
+                    ..Default::default()
+                },
+                WorkerStatus {
+                    worker_id: "b".into(),
+                    rank: 1,
+                    state: "detached".into(),
+                    ..Default::default()
+                },
+            ],
+            events: vec![JobEvent {
+                at_unix_ms: (3600 + 120 + 5) * 1000,
+                generation: 2,
+                kind: "formed".into(),
+                detail: "2 worker(s); after generation 1 ended: worker c lost".into(),
+            }],
+            checkpoints: vec![
+                CheckpointInfo { step: 20, path: "step-20".into(), pruned: true, ..Default::default() },
+                CheckpointInfo {
+                    step: 40,
+                    epoch: 1,
+                    epoch_position: 16,
+                    generation: 1,
+                    path: "step-40".into(),
+                    ..Default::default()
+                },
+            ],
+            epoch_segments: vec![
+                EpochSegment {
+                    epoch: 1,
+                    generation: 1,
+                    world_size: 3,
+                    batch_size: 8,
+                    start: 0,
+                    end: 48,
+                    kept_end: 16,
+                    samples: 100,
+                },
+                EpochSegment {
+                    epoch: 1,
+                    generation: 2,
+                    world_size: 2,
+                    batch_size: 8,
+                    start: 16,
+                    end: 48,
+                    kept_end: 48,
+                    samples: 100,
+                },
+            ],
+            ..Default::default()
+        };
+        let text = render(&status);
+        let line = |needle: &str| {
+            text.lines().find(|l| l.contains(needle)).unwrap_or_else(|| panic!("{needle}:\n{text}"))
+        };
+        let a: Vec<&str> = line(" a ").split_whitespace().collect();
+        assert_eq!(a, ["0", "a", "active", "all-reduce", "44", "1.5", "s", "91"]);
+        let b: Vec<&str> = line(" b ").split_whitespace().collect();
+        assert_eq!(b, ["1", "b", "detached", "-", "0", "0.0", "s", "0"], "an older worker's phase is '-'");
+        assert!(line("01:02:05")
+            .contains("generation 2 formed: 2 worker(s); after generation 1 ended: worker c lost"));
+        assert!(line("resumed from").contains("checkpoint step 40 (step-40, epoch 1 at sample 16)"));
+        assert!(text.contains("checkpoints (2 committed, 1 kept)") && !text.contains("step-20\n"), "{text}");
+        assert!(line("epoch 1 samples")
+            .ends_with("[0, 16) by generation 1 (3x8) +32 rolled back, [16, 48) by generation 2 (2x8)"));
+    }
+}
