@@ -56,7 +56,6 @@ impl Coordinator for CoordinatorService {
                 device: req.device,
                 peer_addr: req.peer_addr,
                 nccl_unique_id: req.nccl_unique_id,
-                elastic: req.elastic,
             };
             match state.register(info, req.generation, req.step, Instant::now())? {
                 Registered::Reattached => {

@@ -63,8 +63,6 @@ pub(crate) struct WorkerInfo {
     pub(crate) device: String,
     pub(crate) peer_addr: String,
     pub(crate) nccl_unique_id: Vec<u8>,
-    /// It survives the loss of a peer (handles `DIRECTIVE_REJOIN`).
-    pub(crate) elastic: bool,
 }
 
 /// What a heartbeat reports.
@@ -137,8 +135,6 @@ pub(crate) struct JobState {
     last_call: Option<Instant>,
     /// Until when the members of a restored generation may re-attach.
     reattach_deadline: Option<Instant>,
-    /// After an elastic generation lost a member: the next generation must form by then.
-    rejoin_deadline: Option<Instant>,
     /// Evaluation statistics waiting for the other ranks: (generation, step) -> rank -> stats.
     pending_eval: BTreeMap<(u64, u64), BTreeMap<u32, mtl_metrics::EvalStats>>,
     /// The last train permutation computed, by (samples, epoch): every rank's shard of an
@@ -175,7 +171,6 @@ impl JobState {
             datasets: BTreeMap::new(),
             last_call: None,
             reattach_deadline: None,
-            rejoin_deadline: None,
             pending_eval: BTreeMap::new(),
             permutation: None,
         };
@@ -395,7 +390,6 @@ impl JobState {
         self.generation = Some(Generation { id, members, resume });
         self.phase = Phase::Running;
         self.last_call = None;
-        self.rejoin_deadline = None;
         Ok(())
     }
 
@@ -477,12 +471,10 @@ impl JobState {
         Ok((rank, &mut g.members[rank]))
     }
 
-    /// The reason the generation `generation` ended, when `worker_id` was in it, and whether
-    /// that worker is elastic.
-    fn ended_for(&self, worker_id: &str, generation: u64) -> Option<(String, bool)> {
-        let (g, reason) = self.ended.as_ref().filter(|(g, _)| g.id == generation)?;
-        let member = &g.members[g.rank_of(worker_id)?];
-        Some((reason.clone(), member.info.elastic))
+    /// The reason the generation `generation` ended, when `worker_id` was in it.
+    fn ended_for(&self, worker_id: &str, generation: u64) -> Option<&str> {
+        let (g, reason) = self.ended.as_ref()?;
+        (g.id == generation && g.rank_of(worker_id).is_some()).then_some(reason.as_str())
     }
 
     pub(crate) fn heartbeat(
@@ -492,13 +484,13 @@ impl JobState {
         progress: Progress,
         now: Instant,
     ) -> Result<(Directive, String), CoordinatorError> {
-        if let Some((reason, elastic)) = self.ended_for(worker_id, generation) {
-            return Ok(match &self.phase {
-                Phase::Failed(failure) => (Directive::Stop, failure.clone()),
-                Phase::Finished => (Directive::Stop, "job finished".into()),
-                _ if elastic => (Directive::Rejoin, format!("generation {generation} ended: {reason}")),
-                _ => (Directive::Stop, format!("generation {generation} ended: {reason}")),
-            });
+        if let Some(reason) = self.ended_for(worker_id, generation) {
+            let reason = match &self.phase {
+                Phase::Failed(failure) => failure.clone(),
+                Phase::Finished => "job finished".into(),
+                _ => format!("generation {generation} ended: {reason}"),
+            };
+            return Ok((Directive::Stop, reason));
         }
         self.touch(worker_id, generation, now, |p| {
             *p = Progress { step: p.step.max(progress.step), ..progress };
@@ -512,22 +504,8 @@ impl JobState {
 
     /// Marks members silent for longer than the heartbeat timeout as lost, and members of a
     /// restored generation that did not re-attach within the grace period; either ends the
-    /// generation. When every survivor is elastic the job goes on (they rejoin the next
-    /// generation, which must form within `rendezvous.timeout_ms`), otherwise it fails.
-    /// Returns the ids of newly lost workers.
+    /// generation and fails the job. Returns the ids of newly lost workers.
     pub(crate) fn check_liveness(&mut self, now: Instant) -> Result<Vec<String>, CoordinatorError> {
-        if self.rejoin_deadline.is_some_and(|d| now >= d) && self.generation.is_none() {
-            let reason = format!(
-                "no generation formed within rendezvous.timeout_ms = {} after {}",
-                self.cfg.rendezvous.timeout_ms,
-                self.ended
-                    .as_ref()
-                    .map_or_else(String::new, |(g, r)| format!("generation {} ended: {r}", g.id))
-            );
-            self.rejoin_deadline = None;
-            self.fail(reason)?;
-            return Ok(Vec::new());
-        }
         let timeout = Duration::from_millis(self.cfg.rendezvous.heartbeat_timeout_ms);
         let grace_over = self.reattach_deadline.is_some_and(|d| now >= d);
         let Some(generation) = self.generation.as_mut() else { return Ok(Vec::new()) };
@@ -545,9 +523,6 @@ impl JobState {
         if silent.is_empty() && detached.is_empty() {
             return Ok(Vec::new());
         }
-        let survivors: Vec<&Member> =
-            generation.members.iter().filter(|m| m.state == MemberState::Active).collect();
-        let elastic = !survivors.is_empty() && survivors.iter().all(|m| m.info.elastic);
         if matches!(self.phase, Phase::Running) {
             let reason = if silent.is_empty() {
                 format!(
@@ -563,13 +538,7 @@ impl JobState {
                     timeout.as_millis()
                 )
             };
-            if elastic && !silent.is_empty() {
-                self.end_generation(format!("{reason}; the survivors rejoin"))?;
-                self.phase = Phase::Rendezvous;
-                self.rejoin_deadline = Some(now + Duration::from_millis(self.cfg.rendezvous.timeout_ms));
-            } else {
-                self.fail(reason)?;
-            }
+            self.fail(reason)?;
         }
         silent.extend(detached);
         Ok(silent)

@@ -29,7 +29,7 @@ CREATE TABLE IF NOT EXISTS generations (
 CREATE TABLE IF NOT EXISTS members (
     generation INTEGER NOT NULL, rank INTEGER NOT NULL, worker_id TEXT NOT NULL, host TEXT NOT NULL,
     device TEXT NOT NULL, peer_addr TEXT NOT NULL, nccl_unique_id BLOB NOT NULL,
-    elastic INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (generation, rank));
+    PRIMARY KEY (generation, rank));
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT, at_ms INTEGER NOT NULL, generation INTEGER NOT NULL,
     kind TEXT NOT NULL, detail TEXT NOT NULL);
@@ -212,7 +212,7 @@ impl Store {
         let mut members = self
             .conn
             .prepare(
-                "SELECT worker_id, host, device, peer_addr, nccl_unique_id, elastic FROM members \
+                "SELECT worker_id, host, device, peer_addr, nccl_unique_id FROM members \
                  WHERE generation = ?1 ORDER BY rank",
             )
             .map_err(e("read members"))?;
@@ -225,7 +225,6 @@ impl Store {
                         device: r.get(2)?,
                         peer_addr: r.get(3)?,
                         nccl_unique_id: r.get(4)?,
-                        elastic: r.get::<_, i64>(5)? != 0,
                     })
                 })
                 .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
@@ -371,18 +370,9 @@ impl Store {
             )?;
             for (rank, m) in members.iter().enumerate() {
                 tx.execute(
-                    "INSERT INTO members (generation, rank, worker_id, host, device, peer_addr, nccl_unique_id, \
-                     elastic) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                    params![
-                        id as i64,
-                        rank as i64,
-                        m.worker_id,
-                        m.host,
-                        m.device,
-                        m.peer_addr,
-                        m.nccl_unique_id,
-                        m.elastic
-                    ],
+                    "INSERT INTO members (generation, rank, worker_id, host, device, peer_addr, nccl_unique_id) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    params![id as i64, rank as i64, m.worker_id, m.host, m.device, m.peer_addr, m.nccl_unique_id],
                 )?;
             }
             insert_event(&tx, event)?;
@@ -553,7 +543,6 @@ mod tests {
             device: "cpu".into(),
             peer_addr: format!("{id}:1"),
             nccl_unique_id: vec![1, 2, 3],
-            elastic: false,
         }
     }
 

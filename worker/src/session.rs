@@ -62,7 +62,6 @@ impl Session {
                 nccl_unique_id: identity.nccl_unique_id.clone(),
                 generation: 0,
                 step: 0,
-                elastic: false,
             })
             .await
             .map_err(WorkerError::rpc("Register"))?

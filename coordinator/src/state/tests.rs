@@ -43,7 +43,6 @@ fn info(id: &str) -> WorkerInfo {
         device: "cpu".into(),
         peer_addr: format!("{id}:1"),
         nccl_unique_id: id.as_bytes().to_vec(),
-        elastic: false,
     }
 }
 
@@ -504,62 +503,4 @@ fn heartbeats_carry_phase_and_collective_sequence_into_status() {
     // An older worker sends no phase: shown empty, not as a wrong one.
     s.heartbeat("a", 1, progress(8), t0).unwrap();
     assert_eq!(s.status(t0).workers[0].phase, "");
-}
-
-#[test]
-fn elastic_survivors_rejoin_a_new_generation_instead_of_failing_the_job() {
-    let t0 = Instant::now();
-    let mut c = cfg(3, 3);
-    c.rendezvous.timeout_ms = 10_000;
-    let (mut s, _dir) = new_state(c);
-    let elastic = |id: &str| WorkerInfo { elastic: true, ..info(id) };
-    for id in ["a", "b", "c"] {
-        s.register_new(elastic(id), t0).unwrap();
-    }
-    let t1 = t0 + Duration::from_millis(900);
-    s.heartbeat("a", 1, progress(5), t1).unwrap();
-    s.heartbeat("b", 1, progress(5), t1).unwrap();
-    assert_eq!(s.check_liveness(t0 + Duration::from_millis(1_500)).unwrap(), ["c"]);
-    assert_eq!(s.phase(), &Phase::Rendezvous, "the job goes on");
-    let (directive, reason) = s.heartbeat("a", 1, progress(5), t1).unwrap();
-    assert_eq!(directive, Directive::Rejoin);
-    assert!(reason.contains("c sent no heartbeat"), "{reason}");
-    // The survivors register again; with min_workers = 3 they wait for a replacement.
-    assert_eq!(s.register_new(elastic("a"), t1).unwrap(), Registered::Waiting);
-    assert_eq!(s.register_new(elastic("b"), t1).unwrap(), Registered::Waiting);
-    assert_eq!(s.register_new(elastic("d"), t1).unwrap(), Registered::Formed);
-    let placement = s.placement("d").unwrap();
-    assert_eq!((placement.generation, placement.rank, placement.world_size), (2, 2, 3));
-    let kinds: Vec<String> = s.status(t1).events.iter().map(|e| e.kind.clone()).collect();
-    assert_eq!(kinds, ["formed", "ended", "formed"]);
-    assert!(s.status(t1).events[2]
-        .detail
-        .contains("after generation 1 ended: worker(s) c sent no heartbeat"));
-
-    // Survivors that never find enough workers fail the job after rendezvous.timeout_ms.
-    let t2 = t1 + Duration::from_millis(100);
-    for id in ["a", "b", "d"] {
-        s.heartbeat(id, 2, progress(6), t2).unwrap();
-    }
-    s.heartbeat("a", 2, progress(7), t2 + Duration::from_millis(1_000)).unwrap();
-    s.heartbeat("b", 2, progress(7), t2 + Duration::from_millis(1_000)).unwrap();
-    s.check_liveness(t2 + Duration::from_millis(1_200)).unwrap();
-    assert_eq!(s.phase(), &Phase::Rendezvous);
-    assert!(s.check_liveness(t2 + Duration::from_millis(11_199)).unwrap().is_empty());
-    assert_eq!(s.phase(), &Phase::Rendezvous, "d was lost at +1200 ms: 10 s to form");
-    s.check_liveness(t2 + Duration::from_millis(11_200)).unwrap();
-    let Phase::Failed(reason) = s.phase().clone() else { panic!("{:?}", s.phase()) };
-    assert!(reason.contains("no generation formed within rendezvous.timeout_ms = 10000"), "{reason}");
-}
-
-#[test]
-fn a_lost_worker_fails_the_job_when_a_survivor_is_not_elastic() {
-    let t0 = Instant::now();
-    let (mut s, _dir) = new_state(cfg(2, 2));
-    s.register_new(WorkerInfo { elastic: true, ..info("a") }, t0).unwrap();
-    s.register_new(info("b"), t0).unwrap();
-    s.heartbeat("b", 1, progress(1), t0 + Duration::from_millis(900)).unwrap();
-    assert_eq!(s.check_liveness(t0 + Duration::from_millis(1_500)).unwrap(), ["a"]);
-    assert!(matches!(s.phase(), Phase::Failed(_)));
-    assert_eq!(s.heartbeat("b", 1, progress(2), t0).unwrap().0, Directive::Stop);
 }
