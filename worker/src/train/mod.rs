@@ -7,13 +7,14 @@
 //! gradient one process computes on the union of their batches.
 //! Layout: `epochs` (the epoch loop both modes share), `eval` (metric statistics from a loader),
 //! `standalone` (`worker train --standalone`), `distributed` (`worker run`, driven by the
-//! coordinator), `checkpoint` (the run's state on disk: written, checked, resumed from).
+//! coordinator), `regroup` (continuing in a new generation after a peer is lost), `checkpoint` (the run's state on disk: written, checked, resumed from).
 pub mod checkpoint;
 pub mod distributed;
 pub mod epochs;
 pub mod eval;
 pub mod job;
 pub mod losses;
+mod regroup;
 pub mod standalone;
 
 use mtl_job::JobConfig;
