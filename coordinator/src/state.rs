@@ -229,6 +229,7 @@ impl JobState {
     /// (`generation` > 0). The generation forms at once when `max_workers` are in; with at
     /// least `min_workers` it forms when the last call (`rendezvous.last_call_ms`) ends, see
     /// [`JobState::close_rendezvous`].
+    #[cfg(test)]
     pub(crate) fn register(
         &mut self,
         info: WorkerInfo,
