@@ -124,7 +124,10 @@ async fn restarted_workers_form_a_new_generation_from_the_newest_checkpoint() {
     let (pa, pb) = (pa.unwrap(), pb.unwrap());
     assert_eq!((pa.generation, pb.generation), (2, 2));
     let resume = pa.resume.expect("the newest committed checkpoint");
-    assert_eq!((resume.step, resume.epoch, resume.epoch_position, resume.path.as_str()), (5, 0, 40, "step-5"));
+    assert_eq!(
+        (resume.step, resume.epoch, resume.epoch_position, resume.path.as_str()),
+        (5, 0, 40, "step-5")
+    );
     assert_eq!(pb.resume.unwrap().step, 5);
 
     // The epoch continues at the checkpoint: 160 samples left for 2 x 4, no sample twice.
@@ -144,6 +147,10 @@ async fn restarted_workers_form_a_new_generation_from_the_newest_checkpoint() {
     assert_eq!(kinds(&status), ["formed", "coordinator_restarted", "ended", "formed"]);
     let ended = &status.events[2].detail;
     assert!(ended.contains("registered afresh"), "{ended}");
-    assert!(status.events[3].detail.contains("resumes from checkpoint step 5"), "{}", status.events[3].detail);
+    assert!(
+        status.events[3].detail.contains("resumes from checkpoint step 5"),
+        "{}",
+        status.events[3].detail
+    );
     coord.stop().await;
 }

@@ -632,7 +632,6 @@ impl JobState {
         }
         Ok(())
     }
-
 }
 
 mod regroup;

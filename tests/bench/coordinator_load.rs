@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use mtl_proto::v1::coordinator_client::CoordinatorClient;
 use mtl_proto::v1::{
-    CheckpointCommit, HeartbeatRequest, LeaveRequest, MetricsKind, MetricsReport, RegisterRequest, ShardRequest,
-    Split, WorkerPhase,
+    CheckpointCommit, HeartbeatRequest, LeaveRequest, MetricsKind, MetricsReport, RegisterRequest,
+    ShardRequest, Split, WorkerPhase,
 };
 use tonic::transport::Channel;
 
@@ -102,7 +102,12 @@ struct Sim {
 }
 
 impl Sim {
-    fn record<T>(&mut self, rpc: &'static str, started: Instant, result: Result<T, tonic::Status>) -> Option<T> {
+    fn record<T>(
+        &mut self,
+        rpc: &'static str,
+        started: Instant,
+        result: Result<T, tonic::Status>,
+    ) -> Option<T> {
         match result {
             Ok(v) => {
                 self.latencies.entry(rpc).or_default().push(started.elapsed().as_micros() as u64);
@@ -398,10 +403,7 @@ async fn main() -> Result<(), String> {
         percentile(&every, 0.99),
         percentile(&every, 1.0)
     );
-    println!(
-        "errors: {}",
-        if errors.is_empty() { "none".to_string() } else { format!("{errors:?}") }
-    );
+    println!("errors: {}", if errors.is_empty() { "none".to_string() } else { format!("{errors:?}") });
     println!(
         "coordinator: {:.1}% of one core over {wall:.0} s ({:.2} CPU s), RSS {:.1} MiB (peak {:.1} MiB)",
         100.0 * (after.cpu_s - before.cpu_s) / wall,

@@ -41,7 +41,8 @@ impl JobState {
         let rank = g.rank_of(worker_id).unwrap_or_default();
         let (step, why) = held.map_or((0, ""), |h| (h.step, h.left_reason.as_str()));
         let why = if why.is_empty() { "its collective failed" } else { why };
-        let reason = format!("worker `{worker_id}` (rank {rank}) left generation {} at step {step}: {why}", g.id);
+        let reason =
+            format!("worker `{worker_id}` (rank {rank}) left generation {} at step {step}: {why}", g.id);
         self.end_for_regroup(reason, now)
     }
 
@@ -65,7 +66,10 @@ impl JobState {
             return Ok(());
         }
         self.regroup_deadline = None;
-        let ended = self.ended.as_ref().map_or_else(String::new, |(g, r)| format!("generation {} ended ({r}); ", g.id));
+        let ended = self
+            .ended
+            .as_ref()
+            .map_or_else(String::new, |(g, r)| format!("generation {} ended ({r}); ", g.id));
         let reason = format!(
             "{ended}no new generation formed within rendezvous.timeout_ms = {}: {} worker(s) registered, \
              rendezvous.min_workers = {}",

@@ -55,15 +55,18 @@ impl JobState {
             Some((k, perm)) if *k == key => perm,
             slot => &mut slot.insert((key, sharding::permutation(n, seed, req.epoch))).1,
         };
-        let shard = sharding::train_shard_of(perm, sharding::ShardSpec {
-            samples: n,
-            seed,
-            epoch: req.epoch,
-            consumed,
-            world_size,
-            rank,
-            batch_size,
-        });
+        let shard = sharding::train_shard_of(
+            perm,
+            sharding::ShardSpec {
+                samples: n,
+                seed,
+                epoch: req.epoch,
+                consumed,
+                world_size,
+                rank,
+                batch_size,
+            },
+        );
         Ok(ShardResponse {
             epoch: req.epoch,
             positions: shard.positions,

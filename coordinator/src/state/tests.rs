@@ -135,7 +135,8 @@ fn silent_worker_is_lost_after_the_heartbeat_timeout() {
     s.check_liveness(t0 + Duration::from_millis(1_500) + timeout).unwrap();
     let Phase::Failed(reason) = s.phase() else { panic!("{:?}", s.phase()) };
     assert!(
-        reason.contains("b sent no heartbeat") && reason.contains("1 worker(s) registered, rendezvous.min_workers = 2"),
+        reason.contains("b sent no heartbeat")
+            && reason.contains("1 worker(s) registered, rendezvous.min_workers = 2"),
         "{reason}"
     );
 }
@@ -166,7 +167,10 @@ fn a_failed_collective_ends_the_generation_and_the_most_advanced_survivor_is_the
     assert_eq!(s.phase(), &Phase::Rendezvous);
     let (directive, told) = s.heartbeat("c", 1, progress(6), t0).unwrap();
     assert_eq!(directive, Directive::Regroup);
-    assert!(told.contains("worker `b` (rank 1) left generation 1 at step 5") && told.contains(reason), "{told}");
+    assert!(
+        told.contains("worker `b` (rank 1) left generation 1 at step 5") && told.contains(reason),
+        "{told}"
+    );
     // c had completed step 6: it becomes the state root of generation 2.
     let last_call = s.register_with(info("c"), 0, 6, Some(held(6, 1, &told)), t0).unwrap();
     let Registered::LastCall(deadline) = last_call else { panic!("{last_call:?}") };
@@ -175,13 +179,19 @@ fn a_failed_collective_ends_the_generation_and_the_most_advanced_survivor_is_the
     assert_eq!((p.generation, p.rank, p.world_size), (2, 0, 2));
     assert!(p.resume.is_none(), "continues from memory, not from a checkpoint");
     let root = p.state_root.unwrap();
-    assert_eq!((root.rank, root.worker_id.as_str(), root.step, root.epoch_position, root.generation), (1, "c", 6, 90, 1));
+    assert_eq!(
+        (root.rank, root.worker_id.as_str(), root.step, root.epoch_position, root.generation),
+        (1, "c", 6, 90, 1)
+    );
     // Generation 1's part of epoch 0 reaches the root's position though its rank 0 only said 4.
     let status = s.status(t0);
     let seg = status.epoch_segments.iter().find(|g| g.generation == 1).unwrap();
     assert_eq!((seg.start, seg.end, seg.kept_end), (0, 90, 90));
     let formed = &status.events.last().unwrap().detail;
-    assert!(formed.contains("continues from the memory of `c` (step 6, epoch 0 at sample 90, generation 1)"), "{formed}");
+    assert!(
+        formed.contains("continues from the memory of `c` (step 6, epoch 0 at sample 90, generation 1)"),
+        "{formed}"
+    );
     // Generation 2 continues the epoch at the root's position with 2 ranks.
     let mut req = shard_req("b", Split::Train, 100, "f");
     (req.generation, req.steps_done, req.epoch_position) = (2, 6, Some(90));

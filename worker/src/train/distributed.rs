@@ -93,8 +93,9 @@ pub fn train(
     let cfg = session.config.clone();
     let (train, val, model) = super::job::open_job(&cfg, device)?;
     let info = train.dataset.info.clone();
-    let peer_listener =
-        |l: &TcpListener| l.try_clone().map_err(|source| WorkerError::Io { path: "peer listener".into(), source });
+    let peer_listener = |l: &TcpListener| {
+        l.try_clone().map_err(|source| WorkerError::Io { path: "peer listener".into(), source })
+    };
     let collective = connect_collective(session, device, peer_listener(&listener)?)?;
     let mut trainer = Trainer::new(&cfg, model, collective)?;
     let mut start = Position::default();

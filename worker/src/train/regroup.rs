@@ -66,9 +66,8 @@ pub(crate) fn regroup(
         root_step = root.step,
         "regrouped; taking the state from the root"
     );
-    let listener = listener
-        .try_clone()
-        .map_err(|source| WorkerError::Io { path: "peer listener".into(), source })?;
+    let listener =
+        listener.try_clone().map_err(|source| WorkerError::Io { path: "peer listener".into(), source })?;
     let collective = super::distributed::connect_collective(session, device, listener)?;
     let next = trainer.take_state_from(collective, root_rank, at)?;
     session.set_step(trainer.steps_done());
@@ -108,7 +107,8 @@ impl Trainer {
         }
         tch::no_grad(|| self.collective.broadcast(&mut travel, root))?;
         let mut received = travel.into_iter();
-        let position: Vec<f64> = Vec::<f64>::try_from(&received.next().expect("position").to_device(tch::Device::Cpu))?;
+        let position: Vec<f64> =
+            Vec::<f64>::try_from(&received.next().expect("position").to_device(tch::Device::Cpu))?;
         let mut back = |group: &[(String, Tensor)]| -> Result<Vec<(String, Tensor)>, WorkerError> {
             group
                 .iter()
