@@ -119,12 +119,14 @@ async fn a_worker_killed_mid_epoch_leaves_two_that_finish_the_job_from_memory() 
     let clean_epochs = tiled(&clean.status.epoch_segments);
     assert_eq!(clean_epochs.len(), 2, "14 steps of 8 per epoch");
 
-    // The same place as a fault-free run: the summed loss of the last 3 steps within 25% (the
-    // survivors train with a global batch of 8 instead of 12 after the kill).
+    // The same place as a fault-free run: the summed loss of the last 3 steps (the survivors
+    // train with a global batch of 8 instead of 12 after the kill, so the runs are not identical).
     let (c, f) = (final_loss(&clean, 3), final_loss(&faulty, 3));
     let first = clean.status.history.iter().find(|p| p.step == 1).unwrap();
     let start: f64 = first.values.iter().filter(|(k, _)| k.starts_with("loss/")).map(|(_, v)| v).sum();
     eprintln!("summed loss: step 1 {start}, last 3 steps fault-free {c}, with a kill {f}");
     assert!(c < start && f < start, "both runs learn: {start} -> {c} / {f}");
-    assert!((f - c).abs() <= 0.25 * c, "with a kill {f} vs fault-free {c}");
+    // Measured here: step 1 7.21, fault-free 5.80, with a kill 5.78; allowed: a quarter of
+    // what the fault-free run learned.
+    assert!((f - c).abs() <= 0.25 * (start - c), "with a kill {f} vs fault-free {c} (step 1: {start})");
 }
