@@ -352,7 +352,12 @@ impl Recorder {
 }
 
 impl epochs::Driver for Recorder {
-    fn train_shard(&mut self, epoch: u64, train: &OrderedSplit) -> Result<sharding::TrainShard, WorkerError> {
+    fn train_shard(
+        &mut self,
+        epoch: u64,
+        _consumed: u64,
+        train: &OrderedSplit,
+    ) -> Result<sharding::TrainShard, WorkerError> {
         Ok(sharding::train_shard(sharding::ShardSpec { samples: train.ids.len() as u64, epoch, ..self.spec }))
     }
 
@@ -423,7 +428,8 @@ fn dwa_weights_follow_the_epoch_means_through_the_epoch_loop() {
     assert_eq!(train.ids.len(), 24);
     let mut trainer = Trainer::new(&cfg, model, Box::new(LocalCollective)).unwrap();
     let mut recorder = Recorder::new(&cfg, 1, 0);
-    let outcome = epochs::train(&cfg, &mut trainer, &train, &mut recorder).unwrap();
+    let outcome =
+        epochs::train(&cfg, &mut trainer, &train, epochs::Position::default(), None, &mut recorder).unwrap();
     assert_eq!(outcome.epochs, 4);
     let moved = check_dwa_weights(&recorder.reports, cfg.weighting.dwa_temperature);
     assert!(moved > 1e-3, "DWA's weights must move after two epochs (moved {moved})");
@@ -452,7 +458,8 @@ fn dwa_weights_agree_on_two_ranks_over_the_ring() {
                     let mut trainer =
                         Trainer::new(cfg, model, Box::new(RingCollective::new(ring, 1 << 20))).unwrap();
                     let mut recorder = Recorder::new(cfg, 2, rank as u32);
-                    epochs::train(cfg, &mut trainer, train, &mut recorder).unwrap();
+                    epochs::train(cfg, &mut trainer, train, epochs::Position::default(), None, &mut recorder)
+                        .unwrap();
                     recorder.reports
                 })
             })
@@ -481,7 +488,7 @@ fn labels_outside_the_models_label_space_are_an_error_not_a_panic() {
     std::fs::write(&info_path, info.to_string()).unwrap();
     cfg.data.format = mtl_job::DataFormat::Jsonl;
     cfg.data.train = dir.path().join("train.jsonl");
-    let err = standalone::run(&cfg, Device::Cpu, None, &mut |_, _| {}).unwrap_err();
+    let err = standalone::run(&cfg, Device::Cpu, &standalone::Options::default(), &mut |_| {}).unwrap_err();
     let message = err.to_string();
     assert!(matches!(err, WorkerError::TorchAt { .. }), "{message}");
     assert!(message.starts_with("segmentation loss: ") && message.contains("out of bounds"), "{message}");
