@@ -1,5 +1,7 @@
-//! A worker killed mid-training: the coordinator ends the job within the heartbeat timeout
-//! naming the lost worker, and the surviving worker exits with an error instead of hanging.
+//! A worker killed mid-training when the job needs two: the survivor regroups, no replacement
+//! comes within `rendezvous.timeout_ms`, and the coordinator fails the job naming the cause; the
+//! surviving worker exits with an error instead of hanging. (With enough survivors the job goes
+//! on: tests/recovery.rs.)
 mod common;
 
 use std::time::{Duration, Instant};
@@ -15,7 +17,7 @@ async fn killing_a_worker_fails_the_job_within_the_timeout() {
     let _serial = SERIAL.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let body = format!(
-        "{}[rendezvous]\nmin_workers = 2\nheartbeat_interval_ms = 100\nheartbeat_timeout_ms = 5000\n\
+        "{}[rendezvous]\nmin_workers = 2\nheartbeat_interval_ms = 100\nheartbeat_timeout_ms = 5000\ntimeout_ms = 3000\n\
          [comm]\ntimeout_ms = 3000\n[train]\nsteps = 100000\nbatch_size = 2\nlog_every_steps = 1\n",
         tiny_data(&dir.path().join("data"), 32)
     );

@@ -11,7 +11,7 @@ use mtl_proto::v1::{
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
-use crate::state::{JobState, Progress, Registered, WorkerInfo};
+use crate::state::{Held, JobState, Progress, Registered, WorkerInfo};
 use crate::CoordinatorError;
 
 /// Shared handle on the job: the state plus a signal that fires on every phase change.
@@ -57,7 +57,14 @@ impl Coordinator for CoordinatorService {
                 peer_addr: req.peer_addr,
                 nccl_unique_id: req.nccl_unique_id,
             };
-            match state.register(info, req.generation, req.step, Instant::now())? {
+            let held = req.holds_state.then(|| Held {
+                step: req.step,
+                epoch: req.epoch,
+                epoch_position: req.epoch_position,
+                generation: req.left_generation,
+                left_reason: req.left_reason.clone(),
+            });
+            match state.register_with(info, req.generation, req.step, held, Instant::now())? {
                 Registered::Reattached => {
                     let mut placement = state.placement(&req.worker_id).ok_or_else(|| {
                         Status::internal(format!(

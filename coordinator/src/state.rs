@@ -4,13 +4,14 @@
 //! liveness is testable without sleeping. Every durable change goes to the [`Store`] as it
 //! happens, and [`JobState::new`] reloads it. Submodules: `restore` (after a restart),
 //! `shards` (sharding and epoch accounting), `reports` (metrics and checkpoint commits),
-//! `view` (status).
+//! `view` (status), `regroup` (a generation that ends on a lost worker or a failed collective
+//! and continues from a survivor's memory).
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use mtl_job::JobConfig;
-use mtl_proto::v1::{Directive, JobEvent, Peer, RegisterResponse, WorkerPhase};
+use mtl_proto::v1::{Directive, JobEvent, Peer, RegisterResponse, StateRoot, WorkerPhase};
 
 use crate::accounting::Accounting;
 use crate::checkpoints::Checkpoint;
@@ -99,6 +100,8 @@ struct Generation {
     members: Vec<Member>,
     /// The committed checkpoint it started from.
     resume: Option<Checkpoint>,
+    /// The survivor whose memory it continues from (then `resume` is `None`).
+    root: Option<StateRoot>,
 }
 
 impl Generation {
@@ -122,6 +125,12 @@ pub(crate) struct JobState {
     generation: Option<Generation>,
     /// The generation that ended last and why, so its members hear it in their heartbeats.
     ended: Option<(Generation, String)>,
+    /// Whether the job goes on after `ended`: its members are told to regroup, not to stop.
+    ended_regroup: bool,
+    /// Survivors waiting in the rendezvous with their training state in memory.
+    held: BTreeMap<String, regroup::Held>,
+    /// After a generation ended on a fault: until when the next one may form before the job fails.
+    regroup_deadline: Option<Instant>,
     next_generation: u64,
     store: Store,
     history: History,
@@ -162,6 +171,9 @@ impl JobState {
             pending: BTreeMap::new(),
             generation: None,
             ended: None,
+            ended_regroup: false,
+            held: BTreeMap::new(),
+            regroup_deadline: None,
             next_generation: restored.generations.last().map_or(1, |g| g.id + 1),
             store,
             history,
@@ -217,11 +229,26 @@ impl JobState {
     /// (`generation` > 0). The generation forms at once when `max_workers` are in; with at
     /// least `min_workers` it forms when the last call (`rendezvous.last_call_ms`) ends, see
     /// [`JobState::close_rendezvous`].
+    #[cfg(test)]
     pub(crate) fn register(
         &mut self,
         info: WorkerInfo,
         generation: u64,
         step: u64,
+        now: Instant,
+    ) -> Result<Registered, CoordinatorError> {
+        self.register_with(info, generation, step, None, now)
+    }
+
+    /// [`JobState::register`] for a worker that may hold training state in memory (`held`): a
+    /// survivor of an ended generation, or a member of the running one whose collective failed
+    /// (which ends that generation).
+    pub(crate) fn register_with(
+        &mut self,
+        info: WorkerInfo,
+        generation: u64,
+        step: u64,
+        held: Option<regroup::Held>,
         now: Instant,
     ) -> Result<Registered, CoordinatorError> {
         self.ensure_open()?;
@@ -247,6 +274,11 @@ impl JobState {
                     self.end_generation(reason)?;
                     self.phase = Phase::Rendezvous;
                 }
+                // Its collective failed: the generation cannot go on, the survivors regroup.
+                Some(_) if held.is_some() => {
+                    let worker_id = info.worker_id.clone();
+                    self.member_left(&worker_id, held.as_ref(), now)?
+                }
                 Some(_) => return Ok(Registered::Waiting), // a retried registration: the placement stands
                 None => {
                     return Err(CoordinatorError::Full {
@@ -260,6 +292,10 @@ impl JobState {
             }
         }
         tracing::info!(worker_id = %info.worker_id, host = %info.host, device = %info.device, "worker registered");
+        match held {
+            Some(h) => self.held.insert(info.worker_id.clone(), h),
+            None => self.held.remove(&info.worker_id),
+        };
         self.pending.insert(info.worker_id.clone(), info);
         let r = &self.cfg.rendezvous;
         let (min, max) = (r.min_workers as usize, r.max_workers() as usize);
@@ -372,12 +408,19 @@ impl JobState {
             .collect();
         let id = self.next_generation;
         self.next_generation += 1;
-        let resume = self.newest_checkpoint().cloned();
+        let root = self.state_root(&members)?;
+        let resume = if root.is_some() { None } else { self.newest_checkpoint().cloned() };
         let ids: Vec<&str> = members.iter().map(|m| m.info.worker_id.as_str()).collect();
         let mut detail = format!("{} worker(s) in rank order: {}", ids.len(), ids.join(", "));
-        match &resume {
-            Some(c) => detail += &format!("; resumes from checkpoint step {} ({})", c.step, c.path),
-            None => detail += "; starts afresh",
+        match (&root, &resume) {
+            (Some(r), _) => {
+                detail += &format!(
+                    "; continues from the memory of `{}` (step {}, epoch {} at sample {}, generation {})",
+                    r.worker_id, r.step, r.epoch, r.epoch_position, r.generation
+                )
+            }
+            (None, Some(c)) => detail += &format!("; resumes from checkpoint step {} ({})", c.step, c.path),
+            (None, None) => detail += "; starts afresh",
         }
         if let Some((g, reason)) = &self.ended {
             detail += &format!("; after generation {} ended: {reason}", g.id);
@@ -387,9 +430,11 @@ impl JobState {
         self.store.insert_generation(id, &infos, &event, resume.as_ref().map(|c| c.step))?;
         tracing::info!(generation = id, world_size = members.len(), detail = %event.detail, "generation formed");
         self.events.push(event);
-        self.generation = Some(Generation { id, members, resume });
+        self.generation = Some(Generation { id, members, resume, root });
         self.phase = Phase::Running;
         self.last_call = None;
+        self.regroup_deadline = None;
+        self.held.clear();
         Ok(())
     }
 
@@ -407,6 +452,7 @@ impl JobState {
         self.events.push(event);
         self.reattach_deadline = None;
         self.ended = Some((g, reason));
+        self.ended_regroup = false;
         Ok(())
     }
 
@@ -447,6 +493,7 @@ impl JobState {
             resume: generation.resume.as_ref().map(Checkpoint::resume),
             config_hash: self.config_hash.clone(),
             reattached: false,
+            state_root: generation.root.clone(),
         })
     }
 
@@ -485,12 +532,14 @@ impl JobState {
         now: Instant,
     ) -> Result<(Directive, String), CoordinatorError> {
         if let Some(reason) = self.ended_for(worker_id, generation) {
-            let reason = match &self.phase {
-                Phase::Failed(failure) => failure.clone(),
-                Phase::Finished => "job finished".into(),
-                _ => format!("generation {generation} ended: {reason}"),
-            };
-            return Ok((Directive::Stop, reason));
+            return Ok(match &self.phase {
+                Phase::Failed(failure) => (Directive::Stop, failure.clone()),
+                Phase::Finished => (Directive::Stop, "job finished".into()),
+                _ if self.ended_regroup => {
+                    (Directive::Regroup, format!("generation {generation} ended: {reason}"))
+                }
+                _ => (Directive::Stop, format!("generation {generation} ended: {reason}")),
+            });
         }
         self.touch(worker_id, generation, now, |p| {
             *p = Progress { step: p.step.max(progress.step), ..progress };
@@ -504,8 +553,11 @@ impl JobState {
 
     /// Marks members silent for longer than the heartbeat timeout as lost, and members of a
     /// restored generation that did not re-attach within the grace period; either ends the
-    /// generation and fails the job. Returns the ids of newly lost workers.
+    /// generation, and its survivors regroup into the next one (see `regroup`). Fails the job
+    /// when no generation formed within `rendezvous.timeout_ms` of such an end. Returns the
+    /// ids of newly lost workers.
     pub(crate) fn check_liveness(&mut self, now: Instant) -> Result<Vec<String>, CoordinatorError> {
+        self.check_regroup_deadline(now)?;
         let timeout = Duration::from_millis(self.cfg.rendezvous.heartbeat_timeout_ms);
         let grace_over = self.reattach_deadline.is_some_and(|d| now >= d);
         let Some(generation) = self.generation.as_mut() else { return Ok(Vec::new()) };
@@ -538,7 +590,7 @@ impl JobState {
                     timeout.as_millis()
                 )
             };
-            self.fail(reason)?;
+            self.end_for_regroup(reason, now)?;
         }
         silent.extend(detached);
         Ok(silent)
@@ -582,6 +634,8 @@ impl JobState {
     }
 }
 
+mod regroup;
+pub(crate) use regroup::Held;
 mod reports;
 mod restore;
 mod shards;

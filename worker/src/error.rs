@@ -134,6 +134,15 @@ pub enum WorkerError {
         /// The coordinator's reason.
         reason: String,
     },
+    /// The coordinator ended this worker's generation (a peer was lost or its collective
+    /// failed) while the job goes on: the worker regroups into the next one.
+    #[error("generation {generation} ended: {reason}")]
+    GenerationEnded {
+        /// The generation that ended.
+        generation: u64,
+        /// The coordinator's reason.
+        reason: String,
+    },
     /// An annotation file (COCO JSON, JSONL manifest, dataset info) is malformed.
     #[error("{path}: {location}: {message}")]
     Annotation {

@@ -30,6 +30,28 @@ pub struct Identity {
     pub nccl_unique_id: Vec<u8>,
 }
 
+/// What the coordinator's heartbeat answer asked for: stop, or regroup into the next generation.
+#[derive(Debug, Clone)]
+struct Halt {
+    reason: String,
+    regroup: bool,
+}
+
+/// What a survivor of an ended generation holds in memory when it registers again.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Held {
+    /// Optimizer steps completed.
+    pub step: u64,
+    /// The next sample to train: `epoch_position` of `epoch`.
+    pub epoch: u64,
+    /// Samples of `epoch` already trained.
+    pub epoch_position: u64,
+    /// The generation it trained in.
+    pub generation: u64,
+    /// Why it left (its collective's error, or the coordinator's reason).
+    pub reason: String,
+}
+
 /// A registered worker: its place in the generation and the job config it was handed.
 pub(crate) struct Session {
     client: CoordinatorClient<Channel>,
@@ -40,18 +62,37 @@ pub(crate) struct Session {
     /// The job, as owned by the coordinator.
     pub config: JobConfig,
     step: Arc<AtomicU64>,
-    stop_rx: watch::Receiver<Option<String>>,
+    stop_rx: watch::Receiver<Option<Halt>>,
     heartbeat: tokio::task::JoinHandle<()>,
 }
 
 impl Session {
     /// Connects, registers and waits for the generation to form.
     pub(crate) async fn join(addr: &str, token: &str, identity: Identity) -> Result<Self, WorkerError> {
-        let mut client = CoordinatorClient::connect(addr.to_string())
+        let client = CoordinatorClient::connect(addr.to_string())
             .await
             .map_err(|source| WorkerError::Connect { addr: addr.to_string(), source })?
             .max_encoding_message_size(mtl_proto::MAX_MESSAGE_BYTES)
             .max_decoding_message_size(mtl_proto::MAX_MESSAGE_BYTES);
+        Self::enter(client, token, identity, None).await
+    }
+
+    /// Leaves the ended generation and registers for the next one with the state this worker
+    /// holds; waits for the generation to form. On an error the session stays as it was.
+    pub(crate) async fn rejoin(&mut self, held: &Held) -> Result<(), WorkerError> {
+        self.heartbeat.abort();
+        *self = Self::enter(self.client.clone(), &self.token, self.identity.clone(), Some(held)).await?;
+        Ok(())
+    }
+
+    /// Registers (as a survivor when `held` is given) and starts heartbeating.
+    async fn enter(
+        mut client: CoordinatorClient<Channel>,
+        token: &str,
+        identity: Identity,
+        held: Option<&Held>,
+    ) -> Result<Self, WorkerError> {
+        let h = held.cloned().unwrap_or_default();
         let placement = client
             .register(RegisterRequest {
                 job_token: token.to_string(),
@@ -61,7 +102,12 @@ impl Session {
                 peer_addr: identity.peer_addr.clone(),
                 nccl_unique_id: identity.nccl_unique_id.clone(),
                 generation: 0,
-                step: 0,
+                step: h.step,
+                holds_state: held.is_some(),
+                epoch: h.epoch,
+                epoch_position: h.epoch_position,
+                left_generation: h.generation,
+                left_reason: h.reason,
             })
             .await
             .map_err(WorkerError::rpc("Register"))?
@@ -84,7 +130,7 @@ impl Session {
             job = %config.job.name,
             "joined"
         );
-        let step = Arc::new(AtomicU64::new(0));
+        let step = Arc::new(AtomicU64::new(held.map_or(0, |h| h.step)));
         let (stop_tx, stop_rx) = watch::channel(None);
         let heartbeat = tokio::spawn(heartbeat_loop(
             client.clone(),
@@ -92,7 +138,7 @@ impl Session {
                 job_token: token.to_string(),
                 worker_id: identity.worker_id.clone(),
                 generation: placement.generation,
-                step: 0,
+                step: held.map_or(0, |h| h.step),
                 ..Default::default()
             },
             Duration::from_millis(u64::from(placement.heartbeat_interval_ms.max(1))),
@@ -111,7 +157,11 @@ impl Session {
     /// Errors if the coordinator has told this worker to stop.
     pub(crate) fn check_stop(&self) -> Result<(), WorkerError> {
         match self.stop_rx.borrow().as_ref() {
-            Some(reason) => Err(WorkerError::Stopped { reason: reason.clone() }),
+            Some(Halt { reason, regroup: true }) => Err(WorkerError::GenerationEnded {
+                generation: self.placement.generation,
+                reason: reason.clone(),
+            }),
+            Some(Halt { reason, .. }) => Err(WorkerError::Stopped { reason: reason.clone() }),
             None => Ok(()),
         }
     }
@@ -150,6 +200,19 @@ impl Session {
         dataset_samples: u64,
         dataset_fingerprint: String,
     ) -> Result<ShardResponse, WorkerError> {
+        self.shard_at(split, epoch, dataset_samples, dataset_fingerprint, None).await
+    }
+
+    /// [`Session::shard`] continuing `epoch` from `epoch_position` (samples this worker's state
+    /// has trained), as a generation that did not start the epoch does.
+    pub(crate) async fn shard_at(
+        &mut self,
+        split: Split,
+        epoch: u64,
+        dataset_samples: u64,
+        dataset_fingerprint: String,
+        epoch_position: Option<u64>,
+    ) -> Result<ShardResponse, WorkerError> {
         Ok(self
             .client
             .get_shard(ShardRequest {
@@ -161,7 +224,7 @@ impl Session {
                 dataset_samples,
                 dataset_fingerprint,
                 steps_done: self.step.load(Ordering::Relaxed),
-                epoch_position: None,
+                epoch_position,
             })
             .await
             .map_err(WorkerError::rpc("GetShard"))?
@@ -196,7 +259,7 @@ async fn heartbeat_loop(
     interval: Duration,
     timeout: Duration,
     step: Arc<AtomicU64>,
-    stop_tx: watch::Sender<Option<String>>,
+    stop_tx: watch::Sender<Option<Halt>>,
 ) {
     let mut tick = tokio::time::interval(interval);
     let mut last_ok = tokio::time::Instant::now();
@@ -212,9 +275,10 @@ async fn heartbeat_loop(
             Ok(Ok(reply)) => {
                 last_ok = tokio::time::Instant::now();
                 let reply = reply.into_inner();
-                if reply.directive == Directive::Stop as i32 {
-                    tracing::warn!(reason = %reply.reason, "coordinator says stop");
-                    stop_tx.send_replace(Some(reply.reason));
+                let regroup = reply.directive == Directive::Regroup as i32;
+                if regroup || reply.directive == Directive::Stop as i32 {
+                    tracing::warn!(reason = %reply.reason, regroup, "coordinator says stop");
+                    stop_tx.send_replace(Some(Halt { reason: reply.reason, regroup }));
                     return;
                 }
             }
@@ -224,7 +288,7 @@ async fn heartbeat_loop(
         if last_ok.elapsed() > timeout {
             let reason = format!("the coordinator did not answer heartbeats for {} ms", timeout.as_millis());
             tracing::error!(%reason, "giving up");
-            stop_tx.send_replace(Some(reason));
+            stop_tx.send_replace(Some(Halt { reason, regroup: false }));
             return;
         }
     }

@@ -41,7 +41,7 @@ impl JobState {
                     g.id,
                     grace.as_millis()
                 );
-                self.generation = Some(Generation { id: g.id, members, resume });
+                self.generation = Some(Generation { id: g.id, members, resume, root: None });
                 self.reattach_deadline = Some(now + grace);
                 self.phase = Phase::Running;
                 detail

@@ -122,10 +122,93 @@ fn silent_worker_is_lost_after_the_heartbeat_timeout() {
     );
     let lost = s.check_liveness(t0 + Duration::from_millis(1_500)).unwrap();
     assert_eq!(lost, ["b"]);
-    assert!(matches!(s.phase(), Phase::Failed(m) if m.contains('b')));
+    // The generation ends, not the job: the survivor is told to regroup.
+    assert_eq!(s.phase(), &Phase::Rendezvous);
     let (directive, reason) = s.heartbeat("a", 1, progress(6), t0 + Duration::from_millis(1_600)).unwrap();
-    assert_eq!(directive, Directive::Stop);
-    assert!(reason.contains("no heartbeat"));
+    assert_eq!(directive, Directive::Regroup);
+    assert!(reason.contains("b sent no heartbeat"), "{reason}");
+    // No replacement within rendezvous.timeout_ms: the job fails, saying why.
+    s.register_with(info("a"), 0, 6, Some(held(6, 1, "told to regroup")), t0).unwrap();
+    let timeout = Duration::from_millis(s.cfg.rendezvous.timeout_ms);
+    s.check_liveness(t0 + Duration::from_millis(1_499) + timeout).unwrap();
+    assert_eq!(s.phase(), &Phase::Rendezvous, "still waiting for a replacement");
+    s.check_liveness(t0 + Duration::from_millis(1_500) + timeout).unwrap();
+    let Phase::Failed(reason) = s.phase() else { panic!("{:?}", s.phase()) };
+    assert!(
+        reason.contains("b sent no heartbeat")
+            && reason.contains("1 worker(s) registered, rendezvous.min_workers = 2"),
+        "{reason}"
+    );
+}
+
+fn held(step: u64, generation: u64, reason: &str) -> Held {
+    Held { step, epoch: 0, epoch_position: step * 15, generation, left_reason: reason.into() }
+}
+
+#[test]
+fn a_failed_collective_ends_the_generation_and_the_most_advanced_survivor_is_the_state_root() {
+    let t0 = Instant::now();
+    let mut c = cfg(2, 3);
+    c.train.batch_size = 5;
+    let (mut s, _dir) = new_state(c);
+    for id in ["a", "b", "c"] {
+        s.register_new(info(id), t0).unwrap();
+    }
+    assert_eq!(s.placement("a").unwrap().world_size, 3);
+    for id in ["a", "b", "c"] {
+        s.shard(&shard_req(id, Split::Train, 100, "f")).unwrap();
+    }
+    // Rank 0 reported 4 steps (of 3 x 5 samples), then died; b noticed first, at step 5.
+    s.heartbeat("a", 1, progress(4), t0).unwrap();
+    let placement_before = s.placement("b").unwrap();
+    assert!(placement_before.state_root.is_none(), "a fresh generation has no state root");
+    let reason = "all_reduce: peer rank 0 failed: connection reset";
+    assert_eq!(s.register_with(info("b"), 0, 5, Some(held(5, 1, reason)), t0).unwrap(), Registered::Waiting);
+    assert_eq!(s.phase(), &Phase::Rendezvous);
+    let (directive, told) = s.heartbeat("c", 1, progress(6), t0).unwrap();
+    assert_eq!(directive, Directive::Regroup);
+    assert!(
+        told.contains("worker `b` (rank 1) left generation 1 at step 5") && told.contains(reason),
+        "{told}"
+    );
+    // c had completed step 6: it becomes the state root of generation 2.
+    let last_call = s.register_with(info("c"), 0, 6, Some(held(6, 1, &told)), t0).unwrap();
+    let Registered::LastCall(deadline) = last_call else { panic!("{last_call:?}") };
+    assert!(s.close_rendezvous(deadline).unwrap());
+    let p = s.placement("b").unwrap();
+    assert_eq!((p.generation, p.rank, p.world_size), (2, 0, 2));
+    assert!(p.resume.is_none(), "continues from memory, not from a checkpoint");
+    let root = p.state_root.unwrap();
+    assert_eq!(
+        (root.rank, root.worker_id.as_str(), root.step, root.epoch_position, root.generation),
+        (1, "c", 6, 90, 1)
+    );
+    // Generation 1's part of epoch 0 reaches the root's position though its rank 0 only said 4.
+    let status = s.status(t0);
+    let seg = status.epoch_segments.iter().find(|g| g.generation == 1).unwrap();
+    assert_eq!((seg.start, seg.end, seg.kept_end), (0, 90, 90));
+    let formed = &status.events.last().unwrap().detail;
+    assert!(
+        formed.contains("continues from the memory of `c` (step 6, epoch 0 at sample 90, generation 1)"),
+        "{formed}"
+    );
+    // Generation 2 continues the epoch at the root's position with 2 ranks.
+    let mut req = shard_req("b", Split::Train, 100, "f");
+    (req.generation, req.steps_done, req.epoch_position) = (2, 6, Some(90));
+    let shard = s.shard(&req).unwrap();
+    assert_eq!((shard.epoch_position, shard.steps), (90, 1));
+}
+
+#[test]
+fn without_a_survivor_holding_state_the_next_generation_resumes_from_the_checkpoint() {
+    let t0 = Instant::now();
+    let (mut s, _dir) = new_state(cfg(1, 1));
+    s.register_new(info("a"), t0).unwrap();
+    s.check_liveness(t0 + Duration::from_secs(5)).unwrap();
+    assert_eq!(s.phase(), &Phase::Rendezvous);
+    s.register_new(info("z"), t0 + Duration::from_secs(5)).unwrap();
+    let p = s.placement("z").unwrap();
+    assert_eq!((p.generation, p.state_root.is_none()), (2, true));
 }
 
 #[test]
@@ -405,12 +488,13 @@ fn workers_that_do_not_re_attach_within_the_grace_period_are_lost() {
     s.heartbeat("a", 1, progress(1), t0 + Duration::from_millis(2_500)).unwrap();
     assert!(s.check_liveness(t0 + Duration::from_millis(2_999)).unwrap().is_empty());
     assert_eq!(s.check_liveness(t0 + Duration::from_millis(3_000)).unwrap(), ["b"]);
-    let Phase::Failed(reason) = s.phase().clone() else { panic!("{:?}", s.phase()) };
-    assert!(reason.contains("b did not re-attach") && reason.contains("3000"), "{reason}");
+    assert_eq!(s.phase(), &Phase::Rendezvous, "the generation ends, the job goes on");
     let (directive, told) = s.heartbeat("a", 1, progress(2), t0 + Duration::from_millis(3_100)).unwrap();
-    assert_eq!((directive, told), (Directive::Stop, reason.clone()));
+    assert_eq!(directive, Directive::Regroup);
+    let reason = told.strip_prefix("generation 1 ended: ").unwrap().to_string();
+    assert!(reason.contains("b did not re-attach") && reason.contains("3000"), "{reason}");
 
-    // Restarted again: the failed job goes on from scratch (no checkpoint) in generation 2.
+    // Restarted again: the job goes on from scratch (no checkpoint) in generation 2.
     let mut s = JobState::new(c, t0).unwrap();
     assert_eq!(s.phase(), &Phase::Rendezvous);
     s.register_new(info("a"), t0).unwrap();

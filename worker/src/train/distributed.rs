@@ -14,7 +14,7 @@ use tokio::runtime::Handle;
 
 use super::checkpoint::{self, Record};
 use super::epochs::{self, Driver, Position};
-use super::{StepReport, Trainer};
+use super::{regroup, StepReport, Trainer};
 use crate::collective::nccl::NcclCollective;
 use crate::collective::ring::Ring;
 use crate::collective::{Collective, RingCollective, Timeouts};
@@ -94,20 +94,38 @@ pub(crate) fn train(
     let cfg = session.config.clone();
     let (train, val, model) = super::job::open_job(&cfg, device)?;
     let info = train.dataset.info.clone();
-    let collective = connect_collective(session, device, listener)?;
+    let peer_listener = |l: &TcpListener| {
+        l.try_clone().map_err(|source| WorkerError::Io { path: "peer listener".into(), source })
+    };
+    let collective = connect_collective(session, device, peer_listener(&listener)?)?;
     let mut trainer = Trainer::new(&cfg, model, collective)?;
-    let mut driver = Coordinated { cfg: &cfg, session, handle, val };
     // The untrained model's metrics, merged like every evaluation: the baseline for the rest.
-    driver.evaluate(&trainer, 0)?;
-    let outcome = epochs::train(&cfg, &mut trainer, &train, Position::default(), None, &mut driver)?;
+    Coordinated { cfg: &cfg, session, handle, val: val.as_ref(), continues: None, at: None }
+        .evaluate(&trainer, 0)?;
+    let mut start = Position::default();
+    let mut continues = None;
+    // A broken generation (a peer lost, a collective failed) is left for the next one, with the
+    // trainer's state in memory: see `regroup`.
+    let outcome = loop {
+        let mut driver = Coordinated { cfg: &cfg, session, handle, val: val.as_ref(), continues, at: None };
+        match epochs::train(&cfg, &mut trainer, &train, start, None, &mut driver) {
+            Ok(outcome) => break outcome,
+            Err(err) if regroup::recoverable(&err) => {
+                let at = driver.position().unwrap_or(start);
+                start = regroup::regroup(session, handle, &mut trainer, device, &listener, at, &err)?;
+                continues = Some(start);
+            }
+            Err(err) => return Err(err),
+        }
+    };
     tracing::info!(
         steps = trainer.steps_done(),
         epochs = outcome.epochs,
         train_seconds = format!("{:.1}", outcome.train_seconds),
         "training finished"
     );
-    if let (0, Some(dir)) = (driver.session.placement.rank, out) {
-        let generation = driver.session.placement.generation;
+    if let (0, Some(dir)) = (session.placement.rank, out) {
+        let generation = session.placement.generation;
         let record = Record {
             cfg: &cfg,
             info: &info,
@@ -128,7 +146,25 @@ struct Coordinated<'a> {
     cfg: &'a JobConfig,
     session: &'a mut Session,
     handle: &'a Handle,
-    val: Option<OrderedSplit>,
+    val: Option<&'a OrderedSplit>,
+    /// Set after a regroup: the position the state root held, which the first train shard
+    /// request names so the coordinator re-shards the rest of that epoch.
+    continues: Option<Position>,
+    /// The current train shard: (epoch, its first position, its steps, steps done).
+    at: Option<(u64, u64, u64, u64)>,
+}
+
+impl Coordinated<'_> {
+    /// Where this rank's state stands in the data (the next sample to train), once a shard began.
+    fn position(&self) -> Option<Position> {
+        let (epoch, start, steps, done) = self.at?;
+        let global = u64::from(self.session.placement.world_size) * u64::from(self.cfg.train.batch_size);
+        Some(if done == steps {
+            Position { epoch: epoch + 1, consumed: 0 }
+        } else {
+            Position { epoch, consumed: start + done * global }
+        })
+    }
 }
 
 impl Driver for Coordinated<'_> {
@@ -139,12 +175,15 @@ impl Driver for Coordinated<'_> {
         _consumed: u64,
         train: &OrderedSplit,
     ) -> Result<TrainShard, WorkerError> {
-        let shard = self.handle.block_on(self.session.shard(
+        let position = self.continues.take().filter(|p| p.epoch == epoch).map(|p| p.consumed);
+        let shard = self.handle.block_on(self.session.shard_at(
             WireSplit::Train,
             epoch,
             train.ids.len() as u64,
             train.fingerprint(),
+            position,
         ))?;
+        self.at = Some((epoch, shard.epoch_position, shard.steps, 0));
         Ok(TrainShard { positions: shard.positions, steps: shard.steps })
     }
 
@@ -159,6 +198,9 @@ impl Driver for Coordinated<'_> {
         images_per_s: Option<f64>,
     ) -> Result<(), WorkerError> {
         self.session.set_step(report.step);
+        if let Some((_, _, _, done)) = &mut self.at {
+            *done += 1;
+        }
         match images_per_s {
             Some(rate) if self.session.placement.rank == 0 => {
                 let mut scalars: HashMap<String, f64> = report.scalars().into_iter().collect();
@@ -176,7 +218,7 @@ impl Driver for Coordinated<'_> {
     }
 
     fn evaluate(&mut self, trainer: &Trainer, epoch: u64) -> Result<(), WorkerError> {
-        let Some(val) = &self.val else { return Ok(()) };
+        let Some(val) = self.val else { return Ok(()) };
         let shard = self.handle.block_on(self.session.shard(
             WireSplit::Val,
             0,

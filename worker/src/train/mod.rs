@@ -8,13 +8,14 @@
 //! batches.
 //! Layout: `epochs` (the epoch loop both modes share), `eval` (metric statistics from a loader),
 //! `standalone` (`worker train --standalone`), `distributed` (`worker run`, driven by the
-//! coordinator), `checkpoint` (the run's state on disk: written, checked, resumed from).
+//! coordinator), `regroup` (continuing in a new generation after a peer is lost), `checkpoint` (the run's state on disk: written, checked, resumed from).
 pub(crate) mod checkpoint;
 pub(crate) mod distributed;
 pub(crate) mod epochs;
 pub(crate) mod eval;
 pub(crate) mod job;
 pub(crate) mod losses;
+mod regroup;
 pub(crate) mod standalone;
 
 use mtl_job::JobConfig;
