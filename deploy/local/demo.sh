@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Local demo: builds the release binaries, starts a coordinator and two CPU workers on
-# loopback, waits for the job to finish and prints the coordinator's final summary.
+# loopback, waits for the job to finish and prints the coordinator's final summary, which ends
+# with the untrained and the trained model's validation metrics side by side.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 cargo build --release --workspace --bins --locked
 run_dir=$(mktemp -d "${TMPDIR:-/tmp}/mtl-demo.XXXXXX")
 pids=()
-cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; }
+cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; rm -rf "$run_dir"; }
 trap cleanup EXIT
 
 # A fresh state database per run: on the same one, a finished job stays finished.
@@ -18,7 +19,7 @@ pids+=("$coordinator")
 for _ in $(seq 100); do [[ -s "$run_dir/addr" ]] && break; sleep 0.1; done
 [[ -s "$run_dir/addr" ]] || { echo "demo: coordinator did not start" >&2; exit 1; }
 url="http://$(cat "$run_dir/addr")"
-echo "demo: coordinator at $url; logs in $run_dir"
+echo "demo: coordinator at $url; 2 workers train deploy/local/demo.toml (a few minutes on 2 cores)"
 
 for i in 0 1; do
     ./target/release/worker run --coordinator "$url" --token demo --worker-id "demo-worker-$i" --device cpu \

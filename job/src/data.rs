@@ -47,7 +47,8 @@ pub struct DataSection {
     /// `synthetic`, `jsonl` or `coco`.
     pub format: DataFormat,
     /// Training split: the JSONL manifest or COCO JSON; for `synthetic`, the directory that
-    /// `worker gen-data shapes` fills (generated on first use when it holds no `train.jsonl`).
+    /// `worker gen-data shapes` fills (generated on first use unless it holds a complete
+    /// dataset, i.e. a `dataset.json`).
     pub train: PathBuf,
     /// Validation split, like `train`; empty means none. Must be empty for `synthetic` (the
     /// generator writes `val.jsonl` next to `train.jsonl`).
