@@ -88,9 +88,11 @@ fn checkpoint_evaluation_equals_pycocotools_on_predict_output() {
         format!(
             "[job]\nname = \"coco-eval\"\nseed = 1\n[data]\nformat = \"coco\"\ntrain = \"{}\"\nval = \"{}\"\n\
              image_size = 64\n[model]\nbackbone = \"tiny\"\n\
-             [train]\nsteps = 120\nbatch_size = 16\nlr = 0.1\nwarmup_steps = 5\nlog_every_steps = 50\n",
+             [train]\nsteps = 120\nbatch_size = 16\nlr = 0.1\nwarmup_steps = 5\nlog_every_steps = 50\n\
+             [checkpoint]\ndir = \"{}\"\n",
             coco.join("train.json").display(),
-            coco.join("val.json").display()
+            coco.join("val.json").display(),
+            dir.path().join("checkpoints").display()
         ),
     )
     .unwrap();
