@@ -19,8 +19,11 @@ pids+=("$coordinator")
 for _ in $(seq 100); do [[ -s "$run_dir/addr" ]] && break; sleep 0.1; done
 [[ -s "$run_dir/addr" ]] || { echo "demo: coordinator did not start" >&2; exit 1; }
 url="http://$(cat "$run_dir/addr")"
-echo "demo: coordinator at $url; 2 workers train deploy/local/demo.toml (a few minutes on 2 cores)"
+echo "demo: coordinator at $url; 2 workers train deploy/local/demo.toml (about 2 minutes on 2 idle cores)"
 
+# Two workers share this machine's cores: one LibTorch thread each (unless set otherwise)
+# instead of each spinning up a thread per core.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 for i in 0 1; do
     ./target/release/worker run --coordinator "$url" --token demo --worker-id "demo-worker-$i" --device cpu \
         2> >(sed "s/^/[worker $i] /" >&2) &

@@ -26,6 +26,8 @@ fn sibling(dir: &Path, suffix: &str) -> PathBuf {
 /// Generates the dataset into `dir` unless it is already complete there. Waits at most `wait`
 /// for another process generating it; never takes a half-written directory as complete.
 pub(crate) fn ensure(dir: &Path, cfg: &SyntheticConfig, wait: Duration) -> Result<(), WorkerError> {
+    // `data/shapes/` and `data/shapes` are one directory; its siblings must be outside it.
+    let dir = dir.components().as_path();
     if is_complete(dir) {
         return Ok(());
     }

@@ -179,11 +179,12 @@ fn a_crashed_writers_leftovers_are_never_taken_as_complete() {
     std::fs::write(torn.join("train.jsonl"), "").unwrap();
     let err = ensure(&torn, &cfg, Duration::from_secs(5)).unwrap_err().to_string();
     assert!(err.contains("torn") && err.contains("no complete synthetic dataset"), "{err}");
-    // An empty directory (made by hand) is filled.
+    // An empty directory (made by hand) is filled, also when named with a trailing slash.
     let empty = root.path().join("empty");
     std::fs::create_dir_all(&empty).unwrap();
-    ensure(&empty, &cfg, Duration::from_secs(5)).unwrap();
+    ensure(&root.path().join("empty/"), &cfg, Duration::from_secs(5)).unwrap();
     assert_eq!(files(&empty), expected);
+    assert_eq!(siblings(&empty), ["empty", "shapes", "torn"]);
 }
 
 #[test]
