@@ -93,13 +93,19 @@ impl JobConfig {
     /// port, with another world size or another `keep_last` still resumes.
     pub fn hash(&self) -> String {
         use sha2::Digest;
+        let digest = sha2::Sha256::digest(self.trained_part().to_toml().as_bytes());
+        digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// The part of the job that [`JobConfig::hash`] covers: this config with the token cleared
+    /// and `[server]`, `[rendezvous]` and `[checkpoint]` at their defaults.
+    pub fn trained_part(&self) -> JobConfig {
         let mut trained = self.clone();
         trained.job.token.clear();
         trained.server = ServerSection::default();
         trained.rendezvous = RendezvousSection::default();
         trained.checkpoint = CheckpointSection::default();
-        let digest = sha2::Sha256::digest(trained.to_toml().as_bytes());
-        digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
+        trained
     }
 }
 

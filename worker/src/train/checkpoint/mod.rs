@@ -31,7 +31,7 @@ mod tests;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use mtl_job::{CheckpointSection, JobConfig, RendezvousSection, ServerSection};
+use mtl_job::{CheckpointSection, JobConfig};
 use serde::{Deserialize, Serialize};
 
 pub(crate) use disk::FileEntry;
@@ -110,21 +110,6 @@ pub struct Written {
     pub files: BTreeMap<String, FileEntry>,
 }
 
-/// The hash of what the job trains, stored in checkpoints: [`JobConfig::hash`] without the
-/// token and without the sections that only say where the job runs and where checkpoints go.
-pub(crate) fn config_hash(cfg: &JobConfig) -> String {
-    trained_part(cfg).hash()
-}
-
-fn trained_part(cfg: &JobConfig) -> JobConfig {
-    let mut trained = cfg.clone();
-    trained.job.token.clear();
-    trained.server = ServerSection::default();
-    trained.rendezvous = RendezvousSection::default();
-    trained.checkpoint = CheckpointSection::default();
-    trained
-}
-
 /// Writes `trainer`'s state as `step-<N>/` in `dir` (N = the steps it has taken).
 pub(crate) fn write_step(dir: &Path, trainer: &Trainer, record: &Record<'_>) -> Result<Written, WorkerError> {
     write_at(&dir.join(disk::step_name(trainer.steps_done())), trainer, record)
@@ -139,7 +124,7 @@ pub(crate) fn write_at(path: &Path, trainer: &Trainer, record: &Record<'_>) -> R
         epoch_samples_consumed: record.next.consumed,
         generation: record.generation,
         world_size: trainer.world_size() as u32,
-        config_hash: config_hash(record.cfg),
+        config_hash: record.cfg.hash(),
         train_samples: record.train.ids.len() as u64,
         train_fingerprint: record.train.fingerprint(),
         metrics: record
@@ -263,12 +248,12 @@ impl Checkpoint {
     /// (up to where it runs and where checkpoints go) and the same training split.
     pub fn check_resumable(&self, cfg: &JobConfig, train: &OrderedSplit) -> Result<(), WorkerError> {
         let fail = |message: String| WorkerError::Checkpoint { path: self.path.clone(), message };
-        if self.meta.config_hash != config_hash(cfg) {
+        if self.meta.config_hash != cfg.hash() {
             let changed = changed_keys(&self.cfg, cfg);
             return Err(fail(format!(
                 "written by another job configuration (hash {}, this one {}); changed: {}",
                 self.meta.config_hash,
-                config_hash(cfg),
+                cfg.hash(),
                 if changed.is_empty() { "unknown keys".into() } else { changed.join(", ") }
             )));
         }
@@ -309,7 +294,7 @@ fn changed_keys(a: &JobConfig, b: &JobConfig) -> Vec<String> {
     }
     let [a, b] = [a, b].map(|c| {
         let mut out = BTreeMap::new();
-        flatten("", &serde_json::to_value(trained_part(c)).expect("a JobConfig serialises"), &mut out);
+        flatten("", &serde_json::to_value(c.trained_part()).expect("a JobConfig serialises"), &mut out);
         out
     });
     let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
