@@ -24,6 +24,19 @@ use crate::WorkerError;
 use backbone::Backbone;
 use fpn::Fpn;
 
+/// LibTorch has one random generator per process. Seeding it and drawing from it (initial
+/// weights, test data) must not interleave with another thread doing the same, or "the initial
+/// weights follow `job.seed`" stops being true; tests build models on parallel threads.
+static SEEDED: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Runs `f` with LibTorch's generator seeded with `seed`, while no other caller of this
+/// function draws from it.
+pub(crate) fn with_seed<T>(seed: i64, f: impl FnOnce() -> T) -> T {
+    let _guard = SEEDED.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    tch::manual_seed(seed);
+    f()
+}
+
 /// VarStore prefix of the backbone (its names below it are torchvision's).
 pub(crate) const BACKBONE_PREFIX: &str = "backbone";
 /// VarStore prefix of the FPN.

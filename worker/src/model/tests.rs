@@ -101,9 +101,10 @@ fn tiny_step_timing() {
 #[test]
 fn a_step_runs_on_the_available_device() {
     let device = Device::cuda_if_available();
-    tch::manual_seed(0);
-    let model = MultiTaskModel::new(&ModelSection::default(), &TasksSection::default(), &test_info(), device)
-        .unwrap();
+    let model = super::with_seed(0, || {
+        MultiTaskModel::new(&ModelSection::default(), &TasksSection::default(), &test_info(), device)
+    })
+    .unwrap();
     let batch = test_batch(&[(true, true, true), (false, true, false)], 0);
     let images = batch.images.to_device(device);
     let targets = build_targets(&model, &batch).unwrap();

@@ -23,9 +23,8 @@ pub(crate) fn test_info() -> DatasetInfo {
 
 /// A tiny model with GroupNorm (independent of the batch split).
 pub(crate) fn test_model(tasks: &TasksSection) -> MultiTaskModel {
-    tch::manual_seed(0);
     let cfg = ModelSection { norm: NormKind::Group, ..ModelSection::default() };
-    MultiTaskModel::new(&cfg, tasks, &test_info(), Device::Cpu).unwrap()
+    crate::model::with_seed(0, || MultiTaskModel::new(&cfg, tasks, &test_info(), Device::Cpu)).unwrap()
 }
 
 fn gt(x1: f32, y1: f32, x2: f32, y2: f32, category: u32) -> GtBox {
@@ -35,7 +34,6 @@ fn gt(x1: f32, y1: f32, x2: f32, y2: f32, category: u32) -> GtBox {
 /// A batch of `labelled.len()` 64x64 images; sample i is labelled for a task when its flag
 /// is set. Boxes are drawn into the mask as category + 1.
 pub(crate) fn test_batch(labelled: &[(bool, bool, bool)], seed: i64) -> Batch {
-    tch::manual_seed(seed);
     let b = labelled.len() as i64;
     let boxes: Vec<Vec<GtBox>> = (0..b)
         .map(|i| {
@@ -68,7 +66,7 @@ pub(crate) fn test_batch(labelled: &[(bool, bool, bool)], seed: i64) -> Batch {
         labelled.iter().enumerate().map(|(i, l)| if l.0 { i as i64 % 4 } else { -1 }).collect();
     Batch {
         ids: (0..b as u64).collect(),
-        images: Tensor::randn([b, 3, 64, 64], (Kind::Float, Device::Cpu)),
+        images: crate::model::with_seed(seed, || Tensor::randn([b, 3, 64, 64], (Kind::Float, Device::Cpu))),
         class_target: ClassTarget::Single(Tensor::from_slice(&classes)),
         class_labelled: Tensor::from_slice(&labelled.iter().map(|l| l.0).collect::<Vec<_>>()),
         boxes,

@@ -16,7 +16,8 @@ pub(crate) fn open_job(
     })?);
     let val = open_dataset(&cfg.data, Split::Val, seed)?.map(OrderedSplit::new);
     // The initial weights follow `job.seed` (ranks then take rank 0's anyway).
-    tch::manual_seed(seed as i64);
-    let model = MultiTaskModel::new(&cfg.model, &cfg.tasks, &train.dataset.info, device)?;
+    let model = crate::model::with_seed(seed as i64, || {
+        MultiTaskModel::new(&cfg.model, &cfg.tasks, &train.dataset.info, device)
+    })?;
     Ok((train, val, model))
 }
