@@ -53,10 +53,10 @@ async fn workers_stop_when_the_coordinator_is_gone() {
     let _serial = SERIAL.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let body = format!(
-        "{}[rendezvous]\nheartbeat_interval_ms = 100\nheartbeat_timeout_ms = 5000\n\
+        "{}[rendezvous]\nheartbeat_interval_ms = 100\nheartbeat_timeout_ms = 5000\ncoordinator_grace_ms = 5000\n\
          [train]\nsteps = 100000\nbatch_size = 2\nlog_every_steps = 100000\n",
         // 1600 training images: an epoch is 800 steps, so the worker makes no RPC but heartbeats
-        // for seconds after the coordinator stops; the heartbeat timeout is what stops it.
+        // for seconds after the coordinator stops; the grace period is what stops it.
         tiny_data(&dir.path().join("data"), 2000)
     );
     let coord = InProcessCoordinator::start(job(&body)).await;

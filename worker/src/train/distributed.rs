@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use mtl_job::sharding::TrainShard;
 use mtl_job::{Backend, JobConfig};
-use mtl_proto::v1::{MetricsKind, Split as WireSplit};
+use mtl_proto::v1::{MetricsKind, Split as WireSplit, WorkerPhase};
 use tokio::runtime::Handle;
 
 use super::checkpoint::{self, Record};
@@ -17,7 +17,7 @@ use super::epochs::{self, Driver, Position};
 use super::{regroup, StepReport, Trainer};
 use crate::collective::nccl::NcclCollective;
 use crate::collective::ring::Ring;
-use crate::collective::{Collective, RingCollective, Timeouts};
+use crate::collective::{Collective, LocalCollective, RingCollective, Timeouts};
 use crate::data::OrderedSplit;
 use crate::session::Session;
 use crate::WorkerError;
@@ -82,8 +82,12 @@ pub(crate) fn connect_collective(
     }
 }
 
-/// Trains the job the session belongs to, evaluating before, every `train.eval_every_steps`
-/// and at the end; rank 0 writes the final checkpoint to `out`.
+/// Trains the job the session belongs to: from the committed checkpoint its generation
+/// resumes from, from the state root's memory (a worker admitted into a running job), or
+/// afresh (evaluating the untrained model first); evaluates every `train.eval_every_steps` and
+/// at the end; rank 0 writes and commits a checkpoint every `checkpoint.every_steps` and at
+/// the end, the final one also to `out`. A broken generation is left for the next one with
+/// the trainer's state in memory (see `regroup`).
 pub(crate) fn train(
     session: &mut Session,
     handle: &Handle,
@@ -94,26 +98,21 @@ pub(crate) fn train(
     let cfg = session.config.clone();
     let (train, val, model) = super::job::open_job(&cfg, device)?;
     let info = train.dataset.info.clone();
-    let peer_listener = |l: &TcpListener| {
-        l.try_clone().map_err(|source| WorkerError::Io { path: "peer listener".into(), source })
-    };
-    let collective = connect_collective(session, device, peer_listener(&listener)?)?;
-    let mut trainer = Trainer::new(&cfg, model, collective)?;
-    // The untrained model's metrics, merged like every evaluation: the baseline for the rest.
-    Coordinated { cfg: &cfg, session, handle, val: val.as_ref(), continues: None, at: None }
-        .evaluate(&trainer, 0)?;
-    let mut start = Position::default();
-    let mut continues = None;
-    // A broken generation (a peer lost, a collective failed) is left for the next one, with the
-    // trainer's state in memory: see `regroup`.
+    // One rank alone until the generation's collective is connected.
+    let mut trainer = Trainer::new(&cfg, model, Box::new(LocalCollective))?;
+    let fresh = session.placement.state_root.is_none() && session.placement.resume.is_none();
+    let mut start = regroup::start_generation(session, &mut trainer, &listener, &train, None)?;
+    if fresh {
+        // The untrained model's metrics, merged like every evaluation: the baseline for the rest.
+        Coordinated::new(&cfg, session, handle, val.as_ref(), &trainer, start).evaluate(&trainer, 0)?;
+    }
     let outcome = loop {
-        let mut driver = Coordinated { cfg: &cfg, session, handle, val: val.as_ref(), continues, at: None };
+        let mut driver = Coordinated::new(&cfg, session, handle, val.as_ref(), &trainer, start);
         match epochs::train(&cfg, &mut trainer, &train, start, None, &mut driver) {
             Ok(outcome) => break outcome,
             Err(err) if regroup::recoverable(&err) => {
                 let at = driver.position().unwrap_or(start);
-                start = regroup::regroup(session, handle, &mut trainer, device, &listener, at, &err)?;
-                continues = Some(start);
+                start = regroup::regroup(session, handle, &mut trainer, &listener, &train, at, &err)?;
             }
             Err(err) => return Err(err),
         }
@@ -141,20 +140,38 @@ pub(crate) fn train(
 }
 
 /// Shards from the coordinator, losses reported to it by rank 0, evaluation statistics of
-/// every rank's validation shard sent to it for merging.
+/// every rank's validation shard sent to it for merging, checkpoints written by rank 0 into
+/// `checkpoint.dir` and committed to it.
 struct Coordinated<'a> {
     cfg: &'a JobConfig,
     session: &'a mut Session,
     handle: &'a Handle,
     val: Option<&'a OrderedSplit>,
-    /// Set after a regroup: the position the state root held, which the first train shard
-    /// request names so the coordinator re-shards the rest of that epoch.
+    /// Where this generation's state started in the data, which its first train shard request
+    /// names so the coordinator shards the rest of that epoch (taken by that request).
     continues: Option<Position>,
     /// The current train shard: (epoch, its first position, its steps, steps done).
     at: Option<(u64, u64, u64, u64)>,
+    /// Steps done when this generation started (its collectives count from there).
+    first_step: u64,
+    /// `checkpoint.dir`.
+    dir: PathBuf,
 }
 
-impl Coordinated<'_> {
+impl<'a> Coordinated<'a> {
+    fn new(
+        cfg: &'a JobConfig,
+        session: &'a mut Session,
+        handle: &'a Handle,
+        val: Option<&'a OrderedSplit>,
+        trainer: &Trainer,
+        start: Position,
+    ) -> Self {
+        let dir = cfg.checkpoint.dir_path(&cfg.job.name);
+        let first_step = trainer.steps_done();
+        Self { cfg, session, handle, val, continues: Some(start), at: None, first_step, dir }
+    }
+
     /// Where this rank's state stands in the data (the next sample to train), once a shard began.
     fn position(&self) -> Option<Position> {
         let (epoch, start, steps, done) = self.at?;
@@ -168,26 +185,32 @@ impl Coordinated<'_> {
 }
 
 impl Driver for Coordinated<'_> {
-    /// The coordinator keeps the epoch's position itself, so `consumed` is not sent.
+    /// The coordinator keeps the epoch's position itself; `consumed` is sent only at the start
+    /// of a generation (every rank holds the same).
     fn train_shard(
         &mut self,
         epoch: u64,
         _consumed: u64,
         train: &OrderedSplit,
     ) -> Result<TrainShard, WorkerError> {
+        self.session.set_phase(WorkerPhase::Waiting);
         let position = self.continues.take().filter(|p| p.epoch == epoch).map(|p| p.consumed);
-        let shard = self.handle.block_on(self.session.shard_at(
+        let shard = self.handle.block_on(self.session.shard(
             WireSplit::Train,
             epoch,
+            position,
             train.ids.len() as u64,
             train.fingerprint(),
-            position,
         ))?;
         self.at = Some((epoch, shard.epoch_position, shard.steps, 0));
         Ok(TrainShard { positions: shard.positions, steps: shard.steps })
     }
 
-    fn before_step(&mut self) -> Result<(), WorkerError> {
+    /// The step's gradient all-reduce is the generation's collective number
+    /// `step - first_step`.
+    fn before_step(&mut self, step: u64) -> Result<(), WorkerError> {
+        self.session.set_phase(WorkerPhase::Step);
+        self.session.set_collective_seq(step - self.first_step);
         self.session.check_stop()
     }
 
@@ -219,9 +242,11 @@ impl Driver for Coordinated<'_> {
 
     fn evaluate(&mut self, trainer: &Trainer, epoch: u64) -> Result<(), WorkerError> {
         let Some(val) = self.val else { return Ok(()) };
+        self.session.set_phase(WorkerPhase::Eval);
         let shard = self.handle.block_on(self.session.shard(
             WireSplit::Val,
             0,
+            None,
             val.ids.len() as u64,
             val.fingerprint(),
         ))?;
@@ -231,5 +256,32 @@ impl Driver for Coordinated<'_> {
         let json = serde_json::to_vec(&stats).expect("stats serialise");
         let step = trainer.steps_done();
         self.handle.block_on(self.session.report(MetricsKind::Eval, step, epoch, HashMap::new(), json))
+    }
+
+    /// Rank 0 writes `step-<N>/` and commits it; the other ranks hold the same state and write
+    /// nothing.
+    fn checkpoint(
+        &mut self,
+        trainer: &Trainer,
+        train: &OrderedSplit,
+        next: Position,
+    ) -> Result<(), WorkerError> {
+        if self.session.placement.rank != 0 {
+            return Ok(());
+        }
+        self.session.set_phase(WorkerPhase::Checkpoint);
+        let record = Record {
+            cfg: self.cfg,
+            info: &train.dataset.info,
+            train,
+            next,
+            generation: self.session.placement.generation,
+            metrics: None,
+        };
+        let written = checkpoint::write_step(&self.dir, trainer, &record)?;
+        let name = written.path.strip_prefix(&self.dir).unwrap_or(&written.path).display().to_string();
+        let step = trainer.steps_done();
+        tracing::info!(path = %written.path.display(), step, "checkpoint written");
+        self.handle.block_on(self.session.commit(name, step, next.epoch, next.consumed))
     }
 }

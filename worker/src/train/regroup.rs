@@ -11,9 +11,11 @@ use std::net::TcpListener;
 use tch::{Kind, Tensor};
 use tokio::runtime::Handle;
 
+use super::checkpoint;
 use super::epochs::Position;
 use super::{Trainer, TrainerState};
 use crate::collective::{Collective, LocalCollective};
+use crate::data::OrderedSplit;
 use crate::session::{Held, Session};
 use crate::WorkerError;
 
@@ -28,8 +30,8 @@ pub(crate) fn regroup(
     session: &mut Session,
     handle: &Handle,
     trainer: &mut Trainer,
-    device: tch::Device,
     listener: &TcpListener,
+    train: &OrderedSplit,
     at: Position,
     err: &WorkerError,
 ) -> Result<Position, WorkerError> {
@@ -50,34 +52,72 @@ pub(crate) fn regroup(
         "the generation broke; regrouping with the state held in memory"
     );
     handle.block_on(session.rejoin(&held))?;
-    let p = &session.placement;
-    let root = p.state_root.as_ref().ok_or_else(|| WorkerError::Stopped {
-        reason: format!(
-            "generation {} was formed without a state root although this worker holds state at step {}",
-            p.generation, held.step
-        ),
-    })?;
-    let root_rank = root.rank as usize;
-    tracing::info!(
-        generation = p.generation,
-        rank = p.rank,
-        world_size = p.world_size,
-        root = root_rank,
-        root_step = root.step,
-        "regrouped; taking the state from the root"
-    );
+    start_generation(session, trainer, listener, train, Some(at))
+}
+
+/// Connects the collective of the generation `session` is placed in and brings this rank to
+/// the state the generation starts from: the state root's (a survivor's memory, by broadcast;
+/// `held` is where this worker's own state stands, if it holds any), else the committed
+/// checkpoint it resumes from (its newest complete predecessor when that one is corrupt), else
+/// (a fresh job) rank 0's initial weights. Returns where training continues.
+pub(crate) fn start_generation(
+    session: &Session,
+    trainer: &mut Trainer,
+    listener: &TcpListener,
+    train: &OrderedSplit,
+    held: Option<Position>,
+) -> Result<Position, WorkerError> {
     let listener =
         listener.try_clone().map_err(|source| WorkerError::Io { path: "peer listener".into(), source })?;
-    let collective = super::distributed::connect_collective(session, device, listener)?;
-    let next = trainer.take_state_from(collective, root_rank, at)?;
+    let collective = super::distributed::connect_collective(session, trainer.device, listener)?;
+    let p = &session.placement;
+    let cfg = &session.config;
+    let at = match (&p.state_root, &p.resume, held) {
+        (Some(root), _, _) => {
+            tracing::info!(
+                generation = p.generation,
+                rank = p.rank,
+                world_size = p.world_size,
+                root = root.rank,
+                root_step = root.step,
+                "taking the state from the generation's state root"
+            );
+            trainer.take_state_from(collective, root.rank as usize, held.unwrap_or_default())?
+        }
+        (None, _, Some(_)) => {
+            return Err(WorkerError::Stopped {
+                reason: format!(
+                "generation {} was formed without a state root although this worker holds state at step {}",
+                p.generation,
+                trainer.steps_done()
+            ),
+            })
+        }
+        (None, Some(from), None) => {
+            trainer.use_collective(collective);
+            let dir = cfg.checkpoint.dir_path(&cfg.job.name);
+            checkpoint::open_committed(&dir, &dir.join(&from.path), from.step)?
+                .restore(trainer, cfg, train)?
+        }
+        (None, None, None) => {
+            trainer.use_collective(collective);
+            trainer.broadcast_state()?;
+            Position::default()
+        }
+    };
     session.set_step(trainer.steps_done());
-    Ok(next)
+    Ok(at)
 }
 
 impl Trainer {
     /// Drops the collective (closing its connections); the trainer keeps its state.
     pub(crate) fn abort_collective(&mut self) {
-        self.collective = Box::new(LocalCollective);
+        self.use_collective(Box::new(LocalCollective));
+    }
+
+    /// Trains with `collective` from now on (SyncBatchNorm layers too).
+    pub(crate) fn use_collective(&mut self, collective: Box<dyn Collective>) {
+        self.collective = crate::model::sync_batch_norm::share_collective(&self.model, collective);
     }
 
     /// Trains with `collective` from now on, every rank starting from rank `root`'s whole state:
@@ -90,7 +130,7 @@ impl Trainer {
         root: usize,
         at: Position,
     ) -> Result<Position, WorkerError> {
-        self.collective = collective;
+        self.use_collective(collective);
         if self.collective.world_size() == 1 {
             return Ok(at);
         }

@@ -87,7 +87,7 @@ pub fn run(
     let dir = cfg.checkpoint.dir_path(&cfg.job.name);
     let mut trainer = Trainer::new(cfg, model, Box::new(LocalCollective))?;
     let start = match &opts.resume {
-        Some(from) => resume(&mut trainer, cfg, &train, from)?,
+        Some(from) => checkpoint::open(from)?.restore(&mut trainer, cfg, &train)?,
         None => {
             if let Some((step, _)) = checkpoint::list(&dir)?.last() {
                 return Err(WorkerError::Checkpoint {
@@ -124,28 +124,6 @@ pub fn run(
         train_seconds: outcome.train_seconds,
         checkpoint: driver.written,
     })
-}
-
-/// Loads the checkpoint `from` names into `trainer`; returns where training continues.
-fn resume(
-    trainer: &mut Trainer,
-    cfg: &JobConfig,
-    train: &OrderedSplit,
-    from: &Path,
-) -> Result<Position, WorkerError> {
-    let ckpt = checkpoint::open(from)?;
-    ckpt.check_resumable(cfg, train)?;
-    trainer.load_state_dict(&ckpt.trainer_state()?)?;
-    let at = ckpt.meta.position();
-    tracing::info!(
-        checkpoint = %ckpt.path.display(),
-        step = ckpt.meta.step,
-        epoch = at.epoch,
-        epoch_samples_consumed = at.consumed,
-        world_size = ckpt.meta.world_size,
-        "resumed"
-    );
-    Ok(at)
 }
 
 /// Shards computed in-process, progress logged, evaluations on the whole validation split,

@@ -180,6 +180,25 @@ pub fn open(path: &Path) -> Result<Checkpoint, WorkerError> {
     Ok(newest(path)?.0)
 }
 
+/// Opens the committed checkpoint `named`; when it is corrupt or incomplete, logs why and
+/// takes the newest complete one in `dir` older than `step` (each one passed over logged too).
+pub(crate) fn open_committed(dir: &Path, named: &Path, step: u64) -> Result<Checkpoint, WorkerError> {
+    let err = match read(named) {
+        Ok(checkpoint) => return Ok(checkpoint),
+        Err(reason) => WorkerError::Checkpoint { path: named.to_owned(), message: reason },
+    };
+    tracing::warn!(checkpoint = %named.display(), %err, "the committed checkpoint is unusable; using the previous complete one");
+    for (_, path) in disk::list_steps(dir)?.into_iter().rev().filter(|(s, _)| *s < step) {
+        match read(&path) {
+            Ok(checkpoint) => return Ok(checkpoint),
+            Err(reason) => {
+                tracing::warn!(checkpoint = %path.display(), %reason, "skipping a corrupt or incomplete checkpoint")
+            }
+        }
+    }
+    Err(err)
+}
+
 /// Whether `path` is meant as one checkpoint rather than a directory of them.
 fn is_checkpoint(path: &Path) -> bool {
     path.join(disk::MANIFEST).exists()
@@ -266,6 +285,28 @@ impl Checkpoint {
             )));
         }
         Ok(())
+    }
+
+    /// Continues `trainer` from this checkpoint, after [`Self::check_resumable`]; returns where
+    /// training continues in the data.
+    pub(crate) fn restore(
+        &self,
+        trainer: &mut Trainer,
+        cfg: &JobConfig,
+        train: &OrderedSplit,
+    ) -> Result<Position, WorkerError> {
+        self.check_resumable(cfg, train)?;
+        trainer.load_state_dict(&self.trainer_state()?)?;
+        let at = self.meta.position();
+        tracing::info!(
+            checkpoint = %self.path.display(),
+            step = self.meta.step,
+            epoch = at.epoch,
+            epoch_samples_consumed = at.consumed,
+            world_size = self.meta.world_size,
+            "resumed"
+        );
+        Ok(at)
     }
 
     /// Writes the model's weights alone (the checked `model.safetensors`) to the file `out`;
