@@ -7,7 +7,7 @@ pub enum CoordinatorError {
     #[error("job token does not match this job")]
     BadToken,
     /// A registration arrived while a generation is running and no place is free.
-    #[error("job `{job}` is running generation {generation} with {world_size} workers (max_workers = {max}); worker `{worker_id}` cannot join")]
+    #[error("job `{job}` is running generation {generation} with {world_size} workers and {waiting} waiting to join (max_workers = {max}); worker `{worker_id}` cannot join")]
     Full {
         /// The job's name.
         job: String,
@@ -15,6 +15,8 @@ pub enum CoordinatorError {
         generation: u64,
         /// Its size.
         world_size: u32,
+        /// Workers already waiting for admission.
+        waiting: u32,
         /// `rendezvous.max_workers`.
         max: u32,
         /// Who asked.
@@ -37,6 +39,17 @@ pub enum CoordinatorError {
         worker_id: String,
         /// The generation the request named.
         generation: u64,
+    },
+    /// A request of a member of a generation that ended while the job goes on (a lost worker,
+    /// a failed collective, an admission): not an error of the worker, it should regroup.
+    #[error("generation {generation} ended ({reason}); worker `{worker_id}` should regroup: abort the collective and register holding its state")]
+    GenerationEnded {
+        /// Who asked.
+        worker_id: String,
+        /// The generation the request named.
+        generation: u64,
+        /// Why it ended.
+        reason: String,
     },
     /// A worker asked to re-attach to a generation that is not running (any more).
     #[error("worker `{worker_id}` asked to re-attach to generation {generation}, but the coordinator runs {current}: register with generation 0 to join the next one")]
@@ -129,6 +142,7 @@ impl From<CoordinatorError> for Status {
             CoordinatorError::Full { .. } => Status::resource_exhausted(message),
             CoordinatorError::RendezvousTimeout { .. } => Status::deadline_exceeded(message),
             CoordinatorError::UnknownWorker { .. } => Status::failed_precondition(message),
+            CoordinatorError::GenerationEnded { .. } => Status::aborted(message),
             CoordinatorError::InvalidRequest { .. } => Status::invalid_argument(message),
             CoordinatorError::JobOver { .. } => Status::failed_precondition(message),
             CoordinatorError::DatasetMismatch { .. } => Status::failed_precondition(message),

@@ -92,11 +92,15 @@ pub async fn run(
                     }
                     changed = changed_rx.changed() => if changed.is_err() { return JobOutcome::Interrupted },
                 }
-                match shared.lock().phase() {
-                    Phase::Finished => return JobOutcome::Finished,
-                    Phase::Failed(reason) => return JobOutcome::Failed(reason.clone()),
-                    _ => {}
-                }
+                let outcome = match shared.lock().phase() {
+                    Phase::Finished => JobOutcome::Finished,
+                    Phase::Failed(reason) => JobOutcome::Failed(reason.clone()),
+                    _ => continue,
+                };
+                // Wakes the registrations still waiting (a newcomer waits without a timeout),
+                // so that they answer the job's end and the server can shut down.
+                shared.changed_tx.send_replace(());
+                return outcome;
             }
         }
     };

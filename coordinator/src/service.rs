@@ -47,6 +47,7 @@ impl Coordinator for CoordinatorService {
         let req = request.into_inner();
         let shared = &self.shared;
         let mut changed_rx = shared.changed_tx.subscribe();
+        let mut admission = false;
         {
             let mut state = shared.lock();
             state.check_token(&req.job_token)?;
@@ -91,6 +92,7 @@ impl Coordinator for CoordinatorService {
                     });
                 }
                 Registered::Waiting => {}
+                Registered::AwaitingAdmission => admission = true,
             }
         }
         let wait = async {
@@ -107,6 +109,11 @@ impl Coordinator for CoordinatorService {
                 }
             }
         };
+        if admission {
+            // A newcomer waits for the running generation's next admission point, which may be
+            // an epoch away: only the job's end stops the wait.
+            return Ok(Response::new(wait.await?));
+        }
         match tokio::time::timeout(shared.rendezvous_timeout, wait).await {
             Ok(placement) => Ok(Response::new(placement?)),
             Err(_) => {
@@ -141,7 +148,7 @@ impl Coordinator for CoordinatorService {
         let req = request.into_inner();
         let mut state = self.shared.lock();
         state.check_token(&req.job_token)?;
-        Ok(Response::new(state.shard(&req)?))
+        Ok(Response::new(state.shard(&req, Instant::now())?))
     }
 
     #[tracing::instrument(skip_all, fields(worker_id = %request.get_ref().worker_id, step = request.get_ref().step))]

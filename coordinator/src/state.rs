@@ -5,7 +5,8 @@
 //! happens, and [`JobState::new`] reloads it. Submodules: `restore` (after a restart),
 //! `shards` (sharding and epoch accounting), `reports` (metrics and checkpoint commits),
 //! `view` (status), `regroup` (a generation that ends on a lost worker or a failed collective
-//! and continues from a survivor's memory).
+//! and continues from a survivor's memory), `admission` (newcomers up to `max_workers`, admitted
+//! through a regroup).
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -54,6 +55,9 @@ pub(crate) enum Registered {
     Formed,
     /// A worker of the running generation re-attached: its placement stands.
     Reattached,
+    /// A newcomer waits for the running generation's next admission point (see `admission`):
+    /// it waits without the rendezvous timeout, for as long as that takes.
+    AwaitingAdmission,
 }
 
 /// What a worker said about itself when registering.
@@ -280,15 +284,7 @@ impl JobState {
                     self.member_left(&worker_id, held.as_ref(), now)?
                 }
                 Some(_) => return Ok(Registered::Waiting), // a retried registration: the placement stands
-                None => {
-                    return Err(CoordinatorError::Full {
-                        job: self.cfg.job.name.clone(),
-                        generation: g.id,
-                        world_size: g.members.len() as u32,
-                        max: self.cfg.rendezvous.max_workers(),
-                        worker_id: info.worker_id,
-                    })
-                }
+                None => return self.request_admission(g.id, g.members.len(), info),
             }
         }
         tracing::info!(worker_id = %info.worker_id, host = %info.host, device = %info.device, "worker registered");
@@ -451,6 +447,8 @@ impl JobState {
         self.store.end_generation(&event)?;
         self.events.push(event);
         self.reattach_deadline = None;
+        // Its evaluations can no longer complete: their shares are dropped.
+        self.pending_eval.retain(|(generation, _), _| *generation != g.id);
         self.ended = Some((g, reason));
         self.ended_regroup = false;
         Ok(())
@@ -512,10 +510,32 @@ impl JobState {
         worker_id: &str,
         generation: u64,
     ) -> Result<(usize, &mut Member), CoordinatorError> {
-        let unknown = || CoordinatorError::UnknownWorker { worker_id: worker_id.to_string(), generation };
-        let g = self.generation.as_mut().filter(|g| g.id == generation).ok_or_else(unknown)?;
-        let rank = g.rank_of(worker_id).ok_or_else(unknown)?;
+        let rank = self.rank_in(worker_id, generation)?;
+        let g = self.generation.as_mut().expect("rank_in found the generation");
         Ok((rank, &mut g.members[rank]))
+    }
+
+    /// The rank of `worker_id` in the current generation `generation`. A request of a member
+    /// of a generation that ended while the job goes on is answered
+    /// [`CoordinatorError::GenerationEnded`] (gRPC `ABORTED`), which tells the worker to
+    /// regroup, not to give up, whichever of its requests comes before its heartbeat does.
+    fn rank_in(&self, worker_id: &str, generation: u64) -> Result<usize, CoordinatorError> {
+        let rank = self.generation.as_ref().filter(|g| g.id == generation).and_then(|g| g.rank_of(worker_id));
+        if let Some(rank) = rank {
+            return Ok(rank);
+        }
+        match self.ended_for(worker_id, generation) {
+            Some(reason)
+                if self.ended_regroup && matches!(self.phase, Phase::Rendezvous | Phase::Running) =>
+            {
+                Err(CoordinatorError::GenerationEnded {
+                    worker_id: worker_id.to_string(),
+                    generation,
+                    reason: reason.to_string(),
+                })
+            }
+            _ => Err(CoordinatorError::UnknownWorker { worker_id: worker_id.to_string(), generation }),
+        }
     }
 
     /// The reason the generation `generation` ended, when `worker_id` was in it.
@@ -634,6 +654,7 @@ impl JobState {
     }
 }
 
+mod admission;
 mod regroup;
 pub(crate) use regroup::Held;
 mod reports;

@@ -51,10 +51,12 @@ pub fn render(status: &JobStatus) -> String {
     for w in &status.workers {
         let phase = if w.phase.is_empty() { "-" } else { &w.phase };
         let age = format!("{:.1} s", w.heartbeat_age_ms as f64 / 1000.0);
+        // A worker waiting in the rendezvous (or for admission) has no rank yet.
+        let rank = if w.state == "waiting" { "-".to_string() } else { w.rank.to_string() };
         let _ = writeln!(
             out,
             "  {:<5} {:<24} {:<10} {:<9} {:<11} {:>8} {:>10} {:>10}",
-            w.rank, w.worker_id, w.device, w.state, phase, w.last_step, age, w.collective_seq
+            rank, w.worker_id, w.device, w.state, phase, w.last_step, age, w.collective_seq
         );
     }
     if !status.events.is_empty() {

@@ -8,6 +8,13 @@ use crate::checkpoints::{self, Checkpoint};
 use crate::CoordinatorError;
 
 impl JobState {
+    /// Records a member's training scalars, or keeps its share of an evaluation.
+    ///
+    /// Training scalars of a member of a generation that just ended for regroup are still
+    /// recorded (they arrive between the end and the member's next heartbeat): they describe
+    /// steps the next generation continues from, so the history would have a gap without them.
+    /// Its evaluation shares are answered [`CoordinatorError::GenerationEnded`] instead: an
+    /// evaluation needs every rank of its generation, which will not all report any more.
     pub(crate) fn report_metrics(
         &mut self,
         report: MetricsReport,
@@ -20,9 +27,11 @@ impl JobState {
                 message: format!("unknown metrics kind {}", report.kind),
             });
         }
-        self.touch(&report.worker_id, report.generation, now, |p| p.step = p.step.max(report.step))?;
-        if kind == MetricsKind::Eval {
-            return self.collect_eval(report);
+        match self.touch(&report.worker_id, report.generation, now, |p| p.step = p.step.max(report.step)) {
+            Ok(()) if kind == MetricsKind::Eval => return self.collect_eval(report),
+            Ok(()) => {}
+            Err(CoordinatorError::GenerationEnded { .. }) if kind == MetricsKind::Train => {}
+            Err(err) => return Err(err),
         }
         let mut keys: Vec<(&String, &f64)> = report.scalars.iter().collect();
         keys.sort_by(|a, b| a.0.cmp(b.0));
@@ -99,7 +108,9 @@ impl JobState {
     }
 
     /// Records a checkpoint that a member wrote, then prunes beyond `checkpoint.keep_last`.
-    /// A commit of a step already recorded replaces that record (the newest write wins).
+    /// A commit of a step already recorded replaces that record (the newest write wins). A
+    /// commit is an admission point: once it is recorded, workers waiting to join end the
+    /// generation (see `admission`).
     pub(crate) fn commit_checkpoint(
         &mut self,
         req: &CheckpointCommit,
@@ -131,6 +142,7 @@ impl JobState {
         let at = self.checkpoints.partition_point(|c| c.step < req.step);
         self.checkpoints.insert(at, checkpoint);
         let pruned = self.prune()?;
+        self.admit_waiting(&format!("after checkpoint step {}", req.step), now)?;
         Ok(CheckpointAck { committed: true, pruned })
     }
 

@@ -1,4 +1,6 @@
 //! Train and validation shards, and the epoch accounting they begin.
+use std::time::Instant;
+
 use mtl_job::sharding;
 use mtl_proto::v1::{ShardRequest, ShardResponse, Split};
 
@@ -8,8 +10,14 @@ use crate::CoordinatorError;
 
 impl JobState {
     /// This rank's samples for one epoch of one split; checks every rank sees the same data
-    /// and, for training, records which part of the epoch this generation trains.
-    pub(crate) fn shard(&mut self, req: &ShardRequest) -> Result<ShardResponse, CoordinatorError> {
+    /// and, for training, records which part of the epoch this generation trains. The first
+    /// train request of an epoch in a generation is an admission point: once it is answered,
+    /// workers waiting to join end the generation (see `admission`).
+    pub(crate) fn shard(
+        &mut self,
+        req: &ShardRequest,
+        now: Instant,
+    ) -> Result<ShardResponse, CoordinatorError> {
         let split = Split::try_from(req.split).unwrap_or(Split::Unspecified);
         if split == Split::Unspecified {
             return Err(CoordinatorError::InvalidRequest {
@@ -17,13 +25,8 @@ impl JobState {
                 message: format!("unknown split {}", req.split),
             });
         }
-        let generation = self.generation.as_ref().filter(|g| g.id == req.generation);
-        let (rank, world_size) = generation
-            .and_then(|g| Some((g.rank_of(&req.worker_id)? as u32, g.members.len() as u32)))
-            .ok_or_else(|| CoordinatorError::UnknownWorker {
-                worker_id: req.worker_id.clone(),
-                generation: req.generation,
-            })?;
+        let rank = self.rank_in(&req.worker_id, req.generation)? as u32;
+        let world_size = self.generation.as_ref().map_or(0, |g| g.members.len() as u32);
         let seen = (req.dataset_samples, req.dataset_fingerprint.clone(), req.worker_id.clone());
         let first = self.datasets.entry(req.split).or_insert(seen);
         if (first.0, &first.1) != (req.dataset_samples, &req.dataset_fingerprint) {
@@ -48,6 +51,7 @@ impl JobState {
                 epoch_position: 0,
             });
         }
+        let begins = self.accounting.find(req.generation, req.epoch).is_none();
         let consumed = self.segment_start(req, rank, world_size)?;
         let seed = self.cfg.job.seed;
         let key = (n, req.epoch);
@@ -67,6 +71,17 @@ impl JobState {
                 batch_size,
             },
         );
+        if begins {
+            let when = if consumed == 0 {
+                format!("at the start of epoch {} (step {})", req.epoch, req.steps_done)
+            } else {
+                format!(
+                    "as generation {} began epoch {} at sample {consumed} (step {})",
+                    req.generation, req.epoch, req.steps_done
+                )
+            };
+            self.admit_waiting(&when, now)?;
+        }
         Ok(ShardResponse {
             epoch: req.epoch,
             positions: shard.positions,

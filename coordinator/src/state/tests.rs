@@ -156,7 +156,7 @@ fn a_failed_collective_ends_the_generation_and_the_most_advanced_survivor_is_the
     }
     assert_eq!(s.placement("a").unwrap().world_size, 3);
     for id in ["a", "b", "c"] {
-        s.shard(&shard_req(id, Split::Train, 100, "f")).unwrap();
+        s.shard(&shard_req(id, Split::Train, 100, "f"), t0).unwrap();
     }
     // Rank 0 reported 4 steps (of 3 x 5 samples), then died; b noticed first, at step 5.
     s.heartbeat("a", 1, progress(4), t0).unwrap();
@@ -195,7 +195,7 @@ fn a_failed_collective_ends_the_generation_and_the_most_advanced_survivor_is_the
     // Generation 2 continues the epoch at the root's position with 2 ranks.
     let mut req = shard_req("b", Split::Train, 100, "f");
     (req.generation, req.steps_done, req.epoch_position) = (2, 6, Some(90));
-    let shard = s.shard(&req).unwrap();
+    let shard = s.shard(&req, t0).unwrap();
     assert_eq!((shard.epoch_position, shard.steps), (90, 1));
 }
 
@@ -243,16 +243,16 @@ fn shards_cover_the_split_and_mismatched_data_is_rejected() {
     let (mut s, _dir) = new_state(cfg(2, 2));
     s.register_new(info("a"), now).unwrap();
     s.register_new(info("b"), now).unwrap();
-    let a = s.shard(&shard_req("a", Split::Train, 100, "f1")).unwrap();
-    let b = s.shard(&shard_req("b", Split::Train, 100, "f1")).unwrap();
+    let a = s.shard(&shard_req("a", Split::Train, 100, "f1"), now).unwrap();
+    let b = s.shard(&shard_req("b", Split::Train, 100, "f1"), now).unwrap();
     assert_eq!(a.steps, b.steps);
     assert_eq!(a.steps, 100 / 16, "batch 8 per rank, 2 ranks");
     assert!(a.positions.iter().all(|p| !b.positions.contains(p)));
-    let err = s.shard(&shard_req("b", Split::Train, 99, "f2")).unwrap_err();
+    let err = s.shard(&shard_req("b", Split::Train, 99, "f2"), now).unwrap_err();
     assert!(matches!(err, CoordinatorError::DatasetMismatch { .. }), "{err}");
     assert!(err.to_string().contains("99 samples (index f2) vs 100 samples (index f1)"), "{err}");
-    let va = s.shard(&shard_req("a", Split::Val, 5, "v")).unwrap();
-    let vb = s.shard(&shard_req("b", Split::Val, 5, "v")).unwrap();
+    let va = s.shard(&shard_req("a", Split::Val, 5, "v"), now).unwrap();
+    let vb = s.shard(&shard_req("b", Split::Val, 5, "v"), now).unwrap();
     assert_eq!(va.positions.len() + vb.positions.len(), 5);
 }
 
@@ -264,7 +264,7 @@ fn metrics_are_appended_to_the_metrics_file_and_epoch_position_is_tracked() {
     s.register_new(info("b"), now).unwrap();
     let mut req = shard_req("a", Split::Train, 100, "f");
     req.steps_done = 0;
-    s.shard(&req).unwrap();
+    s.shard(&req, now).unwrap();
     s.heartbeat("a", 1, progress(3), now).unwrap();
     let status = s.status(now);
     assert_eq!((status.epoch, status.epoch_position), (0, 3 * 2 * 8), "3 steps x 2 ranks x batch 8");
@@ -424,8 +424,8 @@ fn a_restarted_coordinator_reloads_the_job_and_workers_re_attach() {
     let mut s = JobState::new(c.clone(), t0).unwrap();
     s.register_new(info("a"), t0).unwrap();
     s.register_new(info("b"), t0).unwrap();
-    s.shard(&shard_req("a", Split::Train, 100, "f")).unwrap();
-    s.shard(&shard_req("b", Split::Train, 100, "f")).unwrap();
+    s.shard(&shard_req("a", Split::Train, 100, "f"), t0).unwrap();
+    s.shard(&shard_req("b", Split::Train, 100, "f"), t0).unwrap();
     s.heartbeat("a", 1, progress(2), t0).unwrap();
     let name = write_checkpoint(dir.path(), 2);
     s.commit_checkpoint(&commit(&s, "a", 1, 2, &name), t0).unwrap();
@@ -470,7 +470,7 @@ fn a_restarted_coordinator_reloads_the_job_and_workers_re_attach() {
     s.heartbeat("b", 1, progress(5), t1 + grace).unwrap();
     assert!(s.check_liveness(t1 + grace + Duration::from_millis(1)).unwrap().is_empty());
     assert!(matches!(s.register(info("a"), 7, 0, t1), Err(CoordinatorError::StaleGeneration { .. })));
-    let again = s.shard(&shard_req("b", Split::Train, 100, "f")).unwrap();
+    let again = s.shard(&shard_req("b", Split::Train, 100, "f"), t0).unwrap();
     assert_eq!(again.epoch_position, 0, "the epoch still starts where generation 1 started it");
 }
 
@@ -519,7 +519,7 @@ fn a_member_that_registers_afresh_ends_the_restored_generation_and_the_next_resu
     let mut s = JobState::new(c.clone(), t0).unwrap();
     s.register_new(info("a"), t0).unwrap();
     s.register_new(info("b"), t0).unwrap();
-    s.shard(&shard_req("a", Split::Train, 100, "f")).unwrap();
+    s.shard(&shard_req("a", Split::Train, 100, "f"), t0).unwrap();
     let name = write_checkpoint(dir.path(), 2);
     let mut req = commit(&s, "a", 1, 2, &name);
     req.epoch_position = 32;
@@ -544,11 +544,11 @@ fn a_member_that_registers_afresh_ends_the_restored_generation_and_the_next_resu
     let mut req = shard_req("a", Split::Train, 100, "f");
     req.generation = 2;
     req.steps_done = 2;
-    assert_eq!(s.shard(&req).unwrap().epoch_position, 32);
+    assert_eq!(s.shard(&req, t0).unwrap().epoch_position, 32);
     let mut disagree = shard_req("b", Split::Train, 100, "f");
     disagree.generation = 2;
     disagree.epoch_position = Some(48);
-    let err = s.shard(&disagree).unwrap_err();
+    let err = s.shard(&disagree, t0).unwrap_err();
     assert!(err.to_string().contains("rank 1 continues epoch 0 at sample 48"), "{err}");
     let segments = s.status(t0).epoch_segments;
     assert_eq!(
@@ -587,4 +587,156 @@ fn heartbeats_carry_phase_and_collective_sequence_into_status() {
     // An older worker sends no phase: shown empty, not as a wrong one.
     s.heartbeat("a", 1, progress(8), t0).unwrap();
     assert_eq!(s.status(t0).workers[0].phase, "");
+}
+
+fn train_report(worker: &str, generation: u64, step: u64) -> MetricsReport {
+    MetricsReport {
+        worker_id: worker.into(),
+        generation,
+        kind: MetricsKind::Train as i32,
+        step,
+        scalars: [("loss/cls".to_string(), 0.25)].into_iter().collect(),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn a_newcomer_waits_for_the_next_epoch_and_joins_the_regrouped_generation() {
+    let t0 = Instant::now();
+    let mut c = cfg(2, 3);
+    (c.train.batch_size, c.rendezvous.last_call_ms) = (5, 1_000);
+    let (mut s, dir) = new_state(c);
+    s.register_new(info("a"), t0).unwrap();
+    s.register_new(info("b"), t0).unwrap();
+    assert!(s.close_rendezvous(t0 + Duration::from_millis(1_000)).unwrap());
+    for id in ["a", "b"] {
+        s.shard(&shard_req(id, Split::Train, 60, "f"), t0).unwrap();
+    }
+
+    // c registers while generation 1 (2 of max 3) trains epoch 0: it waits, past the
+    // rendezvous timeout; a retry keeps its place, and a fourth worker finds no room.
+    assert_eq!(s.register_new(info("c"), t0).unwrap(), Registered::AwaitingAdmission);
+    assert_eq!(s.register_new(info("c"), t0).unwrap(), Registered::AwaitingAdmission);
+    let err = s.register_new(info("d"), t0).unwrap_err();
+    assert!(matches!(err, CoordinatorError::Full { waiting: 1, max: 3, .. }), "{err}");
+    let later = t0 + Duration::from_millis(s.cfg.rendezvous.timeout_ms) + Duration::from_secs(1);
+    for id in ["a", "b"] {
+        s.heartbeat(id, 1, progress(5), later).unwrap();
+    }
+    s.check_liveness(later).unwrap();
+    assert_eq!(s.phase(), &Phase::Running, "epoch 0 goes on");
+    assert!(s.placement("c").is_none());
+    let status = s.status(later);
+    let requested: Vec<_> = status.events.iter().filter(|e| e.kind == "admission_requested").collect();
+    assert_eq!(requested.len(), 1, "{:?}", status.events);
+    assert!(
+        requested[0].detail.contains("worker `c` asked to join generation 1")
+            && requested[0].detail.contains("next epoch start or checkpoint commit"),
+        "{}",
+        requested[0].detail
+    );
+    assert!(status.workers.iter().any(|w| w.worker_id == "c" && w.state == "waiting"));
+
+    // Epoch 1 begins: a's request is answered, then generation 1 ends for c.
+    let mut req = shard_req("a", Split::Train, 60, "f");
+    (req.epoch, req.steps_done) = (1, 6);
+    let shard = s.shard(&req, later).unwrap();
+    assert_eq!((shard.epoch, shard.epoch_position, shard.steps), (1, 0, 6));
+    assert_eq!(s.phase(), &Phase::Rendezvous);
+    let cause = "admitting worker(s) `c` at the start of epoch 1 (step 6)";
+    let ended = s.status(later).events.iter().rev().find(|e| e.kind == "ended").cloned().unwrap();
+    assert_eq!((ended.generation, ended.detail.as_str()), (1, cause));
+
+    // b has not heard yet: its requests for generation 1 say so with ABORTED, except its
+    // training scalars, which are still recorded.
+    (req.worker_id, req.steps_done) = ("b".into(), 6);
+    let err = s.shard(&req, later).unwrap_err();
+    assert!(matches!(err, CoordinatorError::GenerationEnded { generation: 1, .. }), "{err}");
+    assert!(err.to_string().contains(cause), "{err}");
+    assert_eq!(tonic::Status::from(err).code(), tonic::Code::Aborted);
+    let name = write_checkpoint(dir.path(), 6);
+    let err = s.commit_checkpoint(&commit(&s, "b", 1, 6, &name), later).unwrap_err();
+    assert!(matches!(err, CoordinatorError::GenerationEnded { .. }), "{err}");
+    s.report_metrics(train_report("b", 1, 6), later).unwrap();
+    assert!(s.status(later).history.iter().any(|p| p.step == 6 && p.generation == 1));
+    let eval = MetricsReport { kind: MetricsKind::Eval as i32, ..train_report("b", 1, 6) };
+    let err = s.report_metrics(eval, later).unwrap_err();
+    assert!(matches!(err, CoordinatorError::GenerationEnded { .. }), "{err}");
+    // Not a member, or another generation: as before.
+    let err = s.report_metrics(train_report("x", 1, 6), later).unwrap_err();
+    assert!(matches!(err, CoordinatorError::UnknownWorker { .. }), "{err}");
+
+    // The members are told to regroup and come back holding their state.
+    for id in ["a", "b"] {
+        let (directive, told) = s.heartbeat(id, 1, progress(6), later).unwrap();
+        assert_eq!(directive, Directive::Regroup);
+        assert!(told.contains(cause), "{told}");
+    }
+    let held = |reason: &str| Held {
+        step: 6,
+        epoch: 1,
+        epoch_position: 0,
+        generation: 1,
+        left_reason: reason.into(),
+    };
+    assert!(matches!(
+        s.register_with(info("b"), 0, 6, Some(held("told to regroup")), later).unwrap(),
+        Registered::LastCall(_)
+    ));
+    let formed = s.register_with(info("a"), 0, 6, Some(held("told to regroup")), later).unwrap();
+    assert_eq!(formed, Registered::Formed, "a, b and c: max_workers");
+    let p = s.placement("c").unwrap();
+    assert_eq!((p.generation, p.rank, p.world_size), (2, 2, 3));
+    let root = p.state_root.unwrap();
+    assert_eq!((root.worker_id.as_str(), root.rank, root.step, root.generation), ("a", 0, 6, 1));
+    assert!(p.resume.is_none(), "the state comes from a survivor's memory");
+    let formed = s.status(later).events.last().cloned().unwrap();
+    assert_eq!((formed.kind.as_str(), formed.generation), ("formed", 2));
+    assert!(
+        formed.detail.contains("3 worker(s) in rank order: a, b, c")
+            && formed.detail.contains("continues from the memory of `a`")
+            && formed.detail.contains(cause),
+        "{}",
+        formed.detail
+    );
+
+    // Generation 2 trains the rest of epoch 1 with 3 ranks; nobody waits, nothing ends.
+    let mut req = shard_req("c", Split::Train, 60, "f");
+    (req.generation, req.epoch, req.steps_done, req.epoch_position) = (2, 1, 6, Some(0));
+    assert_eq!(s.shard(&req, later).unwrap().steps, 4);
+    assert_eq!(s.phase(), &Phase::Running);
+}
+
+#[test]
+fn a_newcomer_is_admitted_after_the_next_checkpoint_commit() {
+    let t0 = Instant::now();
+    let mut c = cfg(1, 2);
+    c.rendezvous.last_call_ms = 0;
+    let (mut s, dir) = new_state(c);
+    assert_eq!(s.register_new(info("b"), t0).unwrap(), Registered::Formed);
+    s.shard(&shard_req("b", Split::Train, 100, "f"), t0).unwrap();
+    assert_eq!(s.register_new(info("a"), t0).unwrap(), Registered::AwaitingAdmission);
+    assert!(matches!(s.register_new(info("z"), t0), Err(CoordinatorError::Full { .. })));
+    s.report_metrics(train_report("b", 1, 4), t0).unwrap();
+    assert_eq!(s.phase(), &Phase::Running, "a report is no admission point");
+
+    let name = write_checkpoint(dir.path(), 4);
+    let ack = s.commit_checkpoint(&commit(&s, "b", 1, 4, &name), t0).unwrap();
+    assert!(ack.committed, "the commit is recorded before the generation ends");
+    assert_eq!(s.status(t0).checkpoints.len(), 1);
+    assert_eq!(s.phase(), &Phase::Rendezvous);
+    let (directive, told) = s.heartbeat("b", 1, progress(4), t0).unwrap();
+    assert_eq!(directive, Directive::Regroup);
+    assert!(told.contains("admitting worker(s) `a` after checkpoint step 4"), "{told}");
+
+    let formed = s.register_with(info("b"), 0, 4, Some(held(4, 1, "told to regroup")), t0).unwrap();
+    assert_eq!(formed, Registered::Formed);
+    let p = s.placement("a").unwrap();
+    assert_eq!((p.generation, p.rank, p.world_size), (2, 0, 2), "ranks follow worker ids");
+    let root = p.state_root.unwrap();
+    assert_eq!(
+        (root.worker_id.as_str(), root.rank, root.step),
+        ("b", 1, 4),
+        "the survivor, not the newcomer"
+    );
 }
