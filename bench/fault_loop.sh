@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# Runs the fault tests (tests/faults.rs, tests/recovery.rs, tests/coordinator_restart.rs,
-# tests/checkpoints.rs) N times in a row (default 20) and prints how many rounds passed.
+# Runs the fault tests (tests/faults.rs, tests/collective_faults.rs, tests/recovery.rs,
+# tests/durability.rs, tests/coordinator_restart.rs, tests/checkpoints.rs) N times in a row (default 20) and prints how many rounds passed.
 # A flaky fault test shows here, not in one `make test`. Usage: bench/fault_loop.sh [N]
 set -u
 cd "$(dirname "$0")/.."
 n="${1:-20}"
 : "${LIBTORCH:=$PWD/.libtorch}"
 export LIBTORCH
-tests=(faults recovery coordinator_restart checkpoints)
+tests=(faults collective_faults recovery durability coordinator_restart checkpoints)
 args=()
 for t in "${tests[@]}"; do args+=(--test "$t"); done
 cargo build --workspace --bins --quiet || exit 1

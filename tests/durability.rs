@@ -81,12 +81,12 @@ async fn run_to_end(cfg: &JobConfig, world: usize) -> (JobStatus, Vec<String>) {
     (report.status, logs)
 }
 
-/// Starts the job with `world` workers and SIGKILLs the coordinator and every worker once a
-/// checkpoint is committed; returns the status then.
-async fn run_and_kill_after_a_commit(cfg: &JobConfig, world: usize) -> JobStatus {
+/// Starts the job with `world` workers and SIGKILLs the coordinator and every worker once
+/// `commits` checkpoints are committed; returns the status then.
+async fn run_and_kill_after(cfg: &JobConfig, world: usize, commits: usize) -> JobStatus {
     let coord = InProcessCoordinator::start(cfg.clone()).await;
     let workers = spawn_workers(&coord.url, &coord.token, world);
-    let status = poll_until(&coord.url, &coord.token, |s| !s.checkpoints.is_empty()).await;
+    let status = poll_until(&coord.url, &coord.token, |s| s.checkpoints.len() >= commits).await;
     kill_all(workers);
     coord.kill().await;
     status
@@ -112,7 +112,7 @@ async fn two_workers_killed_after_a_checkpoint_resume_bit_identical() {
     assert!(checkpoint_dir(&whole).join("step-8").join("manifest.json").is_file());
 
     let cfg = config(&data, 64, 2, 8, 2);
-    let before = run_and_kill_after_a_commit(&cfg, 2).await;
+    let before = run_and_kill_after(&cfg, 2, 1).await;
     let (status, logs) = run_to_end(&cfg, 2).await;
     let resume = status.resume.expect("the second generation resumed from a checkpoint");
     assert!(resume.step >= before.checkpoints[0].step && resume.step < 8, "{resume:?}");
@@ -122,13 +122,61 @@ async fn two_workers_killed_after_a_checkpoint_resume_bit_identical() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_newest_checkpoint_is_named_and_the_previous_one_resumes_bit_identical() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let whole = config(&data, 64, 2, 8, 2);
+    run_to_end(&whole, 2).await;
+
+    let cfg = config(&data, 64, 2, 8, 2);
+    let before = run_and_kill_after(&cfg, 2, 2).await;
+    // Every checkpoint after the first committed one gets one byte flipped (whichever of them
+    // the coordinator recorded last before the kill, it is corrupt now).
+    let first = before.checkpoints[0].step;
+    let ckpts = checkpoint_dir(&cfg);
+    let mut flipped = Vec::new();
+    for entry in std::fs::read_dir(&ckpts).unwrap() {
+        let path = entry.unwrap().path();
+        let step =
+            path.file_name().unwrap().to_str().unwrap().strip_prefix("step-").and_then(|n| n.parse().ok());
+        if step.is_some_and(|s: u64| s > first) && path.join("manifest.json").is_file() {
+            let file = path.join("model.safetensors");
+            let mut bytes = std::fs::read(&file).unwrap();
+            let at = bytes.len() - 1;
+            bytes[at] ^= 0x01;
+            std::fs::write(&file, bytes).unwrap();
+            flipped.push(path);
+        }
+    }
+    let (status, logs) = run_to_end(&cfg, 2).await;
+    let resume = status.resume.expect("resumed from a committed checkpoint");
+    if resume.step > first {
+        for log in &logs {
+            assert!(log.contains("the committed checkpoint is unusable"), "{log}");
+            assert!(
+                log.contains(&format!("step-{}", resume.step)) && log.contains("model.safetensors"),
+                "{log}"
+            );
+        }
+    }
+    assert!(
+        logs.iter()
+            .all(|l| l
+                .contains(&format!("resumed checkpoint={}", ckpts.join(format!("step-{first}")).display()))),
+        "every rank resumes from step {first}, the newest intact one (flipped: {flipped:?}): {logs:?}"
+    );
+    same_tensors(&checkpoint_dir(&whole).join("step-8"), &ckpts.join("step-8"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_workers_stopped_two_resume_and_every_sample_of_the_epoch_is_trained_once() {
     let _serial = SERIAL.lock().await;
     let dir = tempfile::tempdir().unwrap();
     // 120 images, 96 for training: 8 steps an epoch for 3 x 4; a checkpoint every 2 steps.
     // Resumed at step S < 8 by 2 x 4, the epoch ends by step S + (96 - 12 S) / 8 <= 11.
     let mut cfg = config(&dir.path().join("data"), 120, 3, 11, 2);
-    let before = run_and_kill_after_a_commit(&cfg, 3).await;
+    let before = run_and_kill_after(&cfg, 3, 1).await;
     let resumed_at = before.checkpoints[0].epoch_position;
     // The rendezvous section is not part of the job's hash: the job continues with 2.
     cfg.rendezvous.min_workers = 2;

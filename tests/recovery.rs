@@ -130,3 +130,54 @@ async fn a_worker_killed_mid_epoch_leaves_two_that_finish_the_job_from_memory() 
     // what the fault-free run learned.
     assert!((f - c).abs() <= 0.25 * (start - c), "with a kill {f} vs fault-free {c} (step 1: {start})");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_registers_while_the_job_runs_is_admitted_and_takes_the_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let coord = InProcessCoordinator::start(job(&body(&dir.path().join("data")))).await;
+    let first: Vec<_> = (0..2).map(|i| spawn_worker(&coord.url, &coord.token, &format!("w{i}"))).collect();
+    loop {
+        let status = coord.status().await;
+        if status.workers.iter().any(|w| w.last_step >= 1) {
+            assert_eq!(status.world_size, 2, "the first generation has the two workers");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await; // polling the live status, not syncing
+    }
+    let late = spawn_worker(&coord.url, &coord.token, "w2");
+    let report = coord.report().await;
+    for (i, w) in first.into_iter().enumerate() {
+        let (code, stderr) = wait(w).await;
+        assert_eq!(code, Some(0), "worker w{i}:\n{stderr}");
+    }
+    let (code, stderr) = wait(late).await;
+    assert_eq!(code, Some(0), "worker w2:\n{stderr}");
+    assert!(stderr.contains("taking the state from the generation's state root"), "{stderr}");
+    assert_eq!(report.outcome, JobOutcome::Finished, "{}", report.status.message);
+
+    // Admitted at the start of epoch 1 (12 steps of 2 x 4), from the survivors' memory.
+    let events: Vec<(u64, &str, &str)> =
+        report.status.events.iter().map(|e| (e.generation, e.kind.as_str(), e.detail.as_str())).collect();
+    assert!(events.iter().any(|e| e.1 == "admission_requested" && e.2.contains("w2")), "{events:?}");
+    let ended = events.iter().find(|e| e.0 == 1 && e.1 == "ended").expect("generation 1 ended");
+    assert!(ended.2.contains("admitting") && ended.2.contains("w2"), "{events:?}");
+    let formed = events.iter().find(|e| e.0 == 2 && e.1 == "formed").expect("generation 2 formed");
+    assert!(formed.2.contains("3 worker(s) in rank order: w0, w1, w2"), "{events:?}");
+    assert!(formed.2.contains("continues from the memory of"), "no checkpoint is read: {events:?}");
+    assert_eq!((report.status.generation, report.status.world_size), (2, 3));
+
+    // Every sample of every epoch exactly once across the two generations.
+    let epochs = tiled(&report.status.epoch_segments);
+    for (epoch, (trained, samples, global)) in &epochs {
+        let last = *epoch == *epochs.keys().last().unwrap();
+        assert!(last || samples - trained < *global, "epoch {epoch} trained {trained} of {samples}");
+    }
+    let steps: Vec<u64> = report
+        .status
+        .history
+        .iter()
+        .filter(|p| p.kind == MetricsKind::Train as i32)
+        .map(|p| p.step)
+        .collect();
+    assert_eq!(steps, (1..=STEPS).collect::<Vec<_>>(), "every step once, across the admission");
+}

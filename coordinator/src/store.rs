@@ -450,8 +450,11 @@ impl Store {
     pub(crate) fn insert_checkpoint(&mut self, c: &Checkpoint) -> Result<(), CoordinatorError> {
         let tx = self.conn.transaction().map_err(|e| store_error(&self.path, "begin", e))?;
         let write = || -> rusqlite::Result<()> {
+            // A step committed again (a later generation that resumed from an older checkpoint
+            // wrote it anew) replaces the earlier record, metrics included.
+            tx.execute("DELETE FROM checkpoint_metrics WHERE step = ?1", params![c.step as i64])?;
             tx.execute(
-                "INSERT INTO checkpoints (step, epoch, epoch_position, generation, path, resolved, committed_at_ms, pruned) \
+                "INSERT OR REPLACE INTO checkpoints (step, epoch, epoch_position, generation, path, resolved, committed_at_ms, pruned) \
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 0)",
                 params![
                     c.step as i64,
@@ -589,6 +592,10 @@ mod tests {
         };
         store.insert_checkpoint(&checkpoint).unwrap();
         store.mark_pruned(3).unwrap();
+        // Step 3 written again by a later generation (resumed from an older checkpoint).
+        let again =
+            Checkpoint { generation: 2, metrics: BTreeMap::new(), pruned: false, ..checkpoint.clone() };
+        store.insert_checkpoint(&again).unwrap();
         drop(store);
 
         let (_, restored) = Store::open(&path, "job", "abc").unwrap();
@@ -600,9 +607,13 @@ mod tests {
         assert_eq!(r.events.len(), 1);
         assert_eq!(r.events[0].detail, "2 workers");
         assert_eq!(r.segments, [segment]);
-        assert_eq!(r.checkpoints.len(), 1);
-        assert!(r.checkpoints[0].pruned);
-        assert_eq!(r.checkpoints[0].metrics["detection.AP50"], 0.25);
+        assert_eq!(r.checkpoints.len(), 1, "a step is recorded once");
+        assert_eq!(
+            (r.checkpoints[0].generation, r.checkpoints[0].pruned),
+            (2, false),
+            "the newest commit wins"
+        );
+        assert!(r.checkpoints[0].metrics.is_empty(), "with its own metrics");
         assert_eq!(r.history.len(), 1);
         assert!(r.history[0].values["loss"].is_nan(), "NaN survives");
         assert_eq!(r.history[0].values["lr"], 0.5);
