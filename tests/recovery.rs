@@ -102,6 +102,10 @@ async fn a_worker_killed_mid_epoch_leaves_two_that_finish_the_job_from_memory() 
         faulty.status.events.iter().map(|e| (e.generation, e.kind.as_str(), e.detail.as_str())).collect();
     let ended = events.iter().find(|e| e.0 == 1 && e.1 == "ended").expect("generation 1 ended");
     assert!(ended.2.contains("left generation 1") || ended.2.contains("w0"), "{events:?}");
+    assert!(
+        ended.2.contains("(collective sequence: rank 0 at "),
+        "every rank's place is in the cause: {events:?}"
+    );
     let formed = events.iter().find(|e| e.0 == 2 && e.1 == "formed").expect("generation 2 formed");
     assert!(formed.2.contains("2 worker(s) in rank order: w1, w2"), "{events:?}");
     assert!(formed.2.contains("continues from the memory of"), "no checkpoint is read: {events:?}");

@@ -605,9 +605,10 @@ impl JobState {
                 )
             } else {
                 format!(
-                    "worker(s) {} sent no heartbeat for {} ms; generation {id} ended",
+                    "worker(s) {} sent no heartbeat for {} ms; generation {id} ended{}",
                     silent.join(", "),
-                    timeout.as_millis()
+                    timeout.as_millis(),
+                    regroup::collective_positions(generation)
                 )
             };
             self.end_for_regroup(reason, now)?;

@@ -68,8 +68,29 @@ struct Progress {
     step: AtomicU64,
     /// A [`WorkerPhase`] as its wire value.
     phase: AtomicI32,
-    /// The collective the worker is in or last finished, counted from 1 in this generation.
+    /// The collective the worker is in or last finished, counted from 1 in this generation
+    /// (every all-reduce and broadcast, SyncBatchNorm's included).
     collective_seq: AtomicU64,
+}
+
+/// Counts a generation's collectives into the heartbeat's progress.
+#[derive(Debug, Clone)]
+pub(crate) struct Tracer {
+    progress: Arc<Progress>,
+}
+
+impl Tracer {
+    /// Entering a collective: phase `all-reduce`, the next sequence number. Returns the phase
+    /// to go back to.
+    pub(crate) fn enter(&self) -> i32 {
+        self.progress.collective_seq.fetch_add(1, Ordering::Relaxed);
+        self.progress.phase.swap(WorkerPhase::AllReduce as i32, Ordering::Relaxed)
+    }
+
+    /// Left the collective: back to `phase`.
+    pub(crate) fn leave(&self, phase: i32) {
+        self.progress.phase.store(phase, Ordering::Relaxed);
+    }
 }
 
 /// What a worker tells the coordinator without waiting for an answer it needs to train on.
@@ -211,9 +232,9 @@ impl Session {
         self.progress.phase.store(phase as i32, Ordering::Relaxed);
     }
 
-    /// Records the collective the worker is entering (sent with the next heartbeat).
-    pub(crate) fn set_collective_seq(&self, seq: u64) {
-        self.progress.collective_seq.store(seq, Ordering::Relaxed);
+    /// Records the collectives of this generation (for [`crate::collective::Traced`]).
+    pub(crate) fn tracer(&self) -> Tracer {
+        Tracer { progress: self.progress.clone() }
     }
 
     /// Errors if the coordinator has told this worker to stop.

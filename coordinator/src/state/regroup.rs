@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use mtl_proto::v1::StateRoot;
 
-use super::{JobState, Member, Phase};
+use super::{Generation, JobState, Member, MemberState, Phase};
 use crate::CoordinatorError;
 
 /// The training state a registering survivor holds in memory.
@@ -41,8 +41,11 @@ impl JobState {
         let rank = g.rank_of(worker_id).unwrap_or_default();
         let (step, why) = held.map_or((0, ""), |h| (h.step, h.left_reason.as_str()));
         let why = if why.is_empty() { "its collective failed" } else { why };
-        let reason =
-            format!("worker `{worker_id}` (rank {rank}) left generation {} at step {step}: {why}", g.id);
+        let reason = format!(
+            "worker `{worker_id}` (rank {rank}) left generation {} at step {step}: {why}{}",
+            g.id,
+            collective_positions(g)
+        );
         self.end_for_regroup(reason, now)
     }
 
@@ -105,4 +108,32 @@ impl JobState {
             generation: held.generation,
         }))
     }
+}
+
+/// Where each member of `g` last said it was in the generation's collectives, naming the
+/// rank(s) behind the others: in a collective that timed out, the rank that noticed is rarely
+/// the one that stalled. Empty when no member reported a sequence number.
+pub(super) fn collective_positions(g: &Generation) -> String {
+    let seqs: Vec<(usize, &Member)> =
+        g.members.iter().enumerate().filter(|(_, m)| m.progress.collective_seq > 0).collect();
+    let (Some(min), Some(max)) = (
+        seqs.iter().map(|(_, m)| m.progress.collective_seq).min(),
+        seqs.iter().map(|(_, m)| m.progress.collective_seq).max(),
+    ) else {
+        return String::new();
+    };
+    let each: Vec<String> = seqs
+        .iter()
+        .map(|(rank, m)| {
+            let lost = if m.state == MemberState::Lost { ", lost" } else { "" };
+            format!("rank {rank} at {}{lost}", m.progress.collective_seq)
+        })
+        .collect();
+    let behind: Vec<String> = seqs
+        .iter()
+        .filter(|(_, m)| min < max && m.progress.collective_seq == min)
+        .map(|(rank, m)| format!("rank {rank} (`{}`)", m.info.worker_id))
+        .collect();
+    let verdict = if behind.is_empty() { String::new() } else { format!("; behind: {}", behind.join(", ")) };
+    format!(" (collective sequence: {}{verdict})", each.join(", "))
 }

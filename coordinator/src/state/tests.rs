@@ -159,7 +159,10 @@ fn a_failed_collective_ends_the_generation_and_the_most_advanced_survivor_is_the
         s.shard(&shard_req(id, Split::Train, 100, "f"), t0).unwrap();
     }
     // Rank 0 reported 4 steps (of 3 x 5 samples), then died; b noticed first, at step 5.
-    s.heartbeat("a", 1, progress(4), t0).unwrap();
+    let in_collective = |step, seq| Progress { step, phase: WorkerPhase::AllReduce, collective_seq: seq };
+    s.heartbeat("a", 1, in_collective(4, 5), t0).unwrap();
+    s.heartbeat("b", 1, in_collective(5, 6), t0).unwrap();
+    s.heartbeat("c", 1, in_collective(5, 6), t0).unwrap();
     let placement_before = s.placement("b").unwrap();
     assert!(placement_before.state_root.is_none(), "a fresh generation has no state root");
     let reason = "all_reduce: peer rank 0 failed: connection reset";
@@ -170,6 +173,10 @@ fn a_failed_collective_ends_the_generation_and_the_most_advanced_survivor_is_the
     assert!(
         told.contains("worker `b` (rank 1) left generation 1 at step 5") && told.contains(reason),
         "{told}"
+    );
+    assert!(
+        told.contains("collective sequence: rank 0 at 5, rank 1 at 6, rank 2 at 6; behind: rank 0 (`a`)"),
+        "the rank that stalled is named, not only the one that noticed: {told}"
     );
     // c had completed step 6: it becomes the state root of generation 2.
     let last_call = s.register_with(info("c"), 0, 6, Some(held(6, 1, &told)), t0).unwrap();

@@ -9,10 +9,12 @@ pub(crate) mod nccl;
 pub(crate) mod ring;
 mod ring_collective;
 mod shared;
+mod traced;
 
 pub(crate) use local::LocalCollective;
 pub(crate) use ring_collective::RingCollective;
 pub(crate) use shared::SharedCollective;
+pub(crate) use traced::Traced;
 
 use std::time::Duration;
 

@@ -17,12 +17,12 @@ use super::epochs::{self, Driver, Position};
 use super::{regroup, StepReport, Trainer};
 use crate::collective::nccl::NcclCollective;
 use crate::collective::ring::Ring;
-use crate::collective::{Collective, LocalCollective, RingCollective, Timeouts};
+use crate::collective::{Collective, LocalCollective, RingCollective, Timeouts, Traced};
 use crate::data::OrderedSplit;
 use crate::session::Session;
 use crate::WorkerError;
 
-/// Builds the collective the job asks for on `device`.
+/// Builds the collective the job asks for on `device`, its calls counted into the heartbeats.
 pub(crate) fn connect_collective(
     session: &Session,
     device: tch::Device,
@@ -40,7 +40,7 @@ pub(crate) fn connect_collective(
         (b, _) => b,
     };
     let bucket_bytes = cfg.comm.bucket_bytes as usize;
-    match backend {
+    let inner: Box<dyn Collective> = match backend {
         Backend::Nccl => {
             let tch::Device::Cuda(index) = device else {
                 return Err(WorkerError::Device {
@@ -48,14 +48,14 @@ pub(crate) fn connect_collective(
                     message: "comm.backend = \"nccl\" needs a CUDA device".into(),
                 });
             };
-            Ok(Box::new(NcclCollective::new(
+            Box::new(NcclCollective::new(
                 p.rank as usize,
                 p.world_size as usize,
                 &p.nccl_unique_id,
                 index,
                 timeouts,
                 bucket_bytes,
-            )?))
+            )?)
         }
         _ => {
             let peers = p
@@ -77,9 +77,10 @@ pub(crate) fn connect_collective(
                 timeouts.setup,
                 timeouts.step,
             )?;
-            Ok(Box::new(RingCollective::new(ring, bucket_bytes)))
+            Box::new(RingCollective::new(ring, bucket_bytes))
         }
-    }
+    };
+    Ok(Box::new(Traced { inner, tracer: session.tracer() }))
 }
 
 /// Trains the job the session belongs to: from the committed checkpoint its generation
@@ -104,10 +105,10 @@ pub(crate) fn train(
     let mut start = regroup::start_generation(session, &mut trainer, &listener, &train, None)?;
     if fresh {
         // The untrained model's metrics, merged like every evaluation: the baseline for the rest.
-        Coordinated::new(&cfg, session, handle, val.as_ref(), &trainer, start).evaluate(&trainer, 0)?;
+        Coordinated::new(&cfg, session, handle, val.as_ref(), start).evaluate(&trainer, 0)?;
     }
     let outcome = loop {
-        let mut driver = Coordinated::new(&cfg, session, handle, val.as_ref(), &trainer, start);
+        let mut driver = Coordinated::new(&cfg, session, handle, val.as_ref(), start);
         match epochs::train(&cfg, &mut trainer, &train, start, None, &mut driver) {
             Ok(outcome) => break outcome,
             Err(err) if regroup::recoverable(&err) => {
@@ -152,8 +153,6 @@ struct Coordinated<'a> {
     continues: Option<Position>,
     /// The current train shard: (epoch, its first position, its steps, steps done).
     at: Option<(u64, u64, u64, u64)>,
-    /// Steps done when this generation started (its collectives count from there).
-    first_step: u64,
     /// `checkpoint.dir`.
     dir: PathBuf,
 }
@@ -164,12 +163,10 @@ impl<'a> Coordinated<'a> {
         session: &'a mut Session,
         handle: &'a Handle,
         val: Option<&'a OrderedSplit>,
-        trainer: &Trainer,
         start: Position,
     ) -> Self {
         let dir = cfg.checkpoint.dir_path(&cfg.job.name);
-        let first_step = trainer.steps_done();
-        Self { cfg, session, handle, val, continues: Some(start), at: None, first_step, dir }
+        Self { cfg, session, handle, val, continues: Some(start), at: None, dir }
     }
 
     /// Where this rank's state stands in the data (the next sample to train), once a shard began.
@@ -206,11 +203,8 @@ impl Driver for Coordinated<'_> {
         Ok(TrainShard { positions: shard.positions, steps: shard.steps })
     }
 
-    /// The step's gradient all-reduce is the generation's collective number
-    /// `step - first_step`.
-    fn before_step(&mut self, step: u64) -> Result<(), WorkerError> {
+    fn before_step(&mut self) -> Result<(), WorkerError> {
         self.session.set_phase(WorkerPhase::Step);
-        self.session.set_collective_seq(step - self.first_step);
         self.session.check_stop()
     }
 

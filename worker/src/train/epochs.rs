@@ -38,9 +38,8 @@ pub(crate) trait Driver {
         train: &OrderedSplit,
     ) -> Result<TrainShard, WorkerError>;
 
-    /// Called before every step (`step` is the one about to run, counted from 1); an error
-    /// ends the run (a stop requested from outside).
-    fn before_step(&mut self, _step: u64) -> Result<(), WorkerError> {
+    /// Called before every step; an error ends the run (a stop requested from outside).
+    fn before_step(&mut self) -> Result<(), WorkerError> {
         Ok(())
     }
 
@@ -129,8 +128,8 @@ pub(crate) fn train(
             if trainer.steps_done() >= until {
                 break;
             }
+            driver.before_step()?;
             let step = trainer.steps_done() + 1;
-            driver.before_step(step)?;
             let report = trainer.step(&batch?)?;
             // An epoch whose last whole global batch is trained is done: the next sample is
             // the start of the next epoch (its short tail is never trained, see sharding).
