@@ -196,10 +196,6 @@ impl WorkerError {
             other => other,
         }
     }
-
-    pub(crate) fn rpc(rpc: &'static str) -> impl FnOnce(tonic::Status) -> Self {
-        move |status| Self::Rpc { rpc, status }
-    }
 }
 
 /// [`WorkerError::at`] on results: `layer.forward(x).at("neck")?`.

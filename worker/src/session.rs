@@ -73,6 +73,9 @@ struct Progress {
     collective_seq: AtomicU64,
 }
 
+/// The longest wait between two tries of an RPC while the coordinator is unreachable.
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
 /// Counts a generation's collectives into the heartbeat's progress.
 #[derive(Debug, Clone)]
 pub(crate) struct Tracer {
@@ -129,26 +132,31 @@ impl Session {
             .map_err(|source| WorkerError::Connect { addr: addr.to_string(), source })?
             .max_encoding_message_size(mtl_proto::MAX_MESSAGE_BYTES)
             .max_decoding_message_size(mtl_proto::MAX_MESSAGE_BYTES);
-        Self::enter(client, token, identity, None).await
+        Self::enter(client, token, identity, None, Duration::ZERO).await
     }
 
     /// Leaves the ended generation and registers for the next one with the state this worker
     /// holds; waits for the generation to form. On an error the session stays as it was.
     pub(crate) async fn rejoin(&mut self, held: &Held) -> Result<(), WorkerError> {
         self.heartbeat.abort();
-        let pending = std::mem::take(&mut self.pending);
-        *self = Self::enter(self.client.clone(), &self.token, self.identity.clone(), Some(held)).await?;
+        let next =
+            Self::enter(self.client.clone(), &self.token, self.identity.clone(), Some(held), self.grace)
+                .await?;
         // Reports and commits of the ended generation still go to the coordinator, in order.
+        let pending = std::mem::take(&mut self.pending);
+        *self = next;
         self.pending = pending;
         self.flush(false).await
     }
 
-    /// Registers (as a survivor when `held` is given) and starts heartbeating.
+    /// Registers (as a survivor when `held` is given), retrying an unreachable coordinator for
+    /// up to `retry_for`, and starts heartbeating.
     async fn enter(
         mut client: CoordinatorClient<Channel>,
         token: &str,
         identity: Identity,
         held: Option<&Held>,
+        retry_for: Duration,
     ) -> Result<Self, WorkerError> {
         let h = held.cloned().unwrap_or_default();
         let register = RegisterRequest {
@@ -166,8 +174,19 @@ impl Session {
             left_generation: h.generation,
             left_reason: h.reason,
         };
-        let placement =
-            client.register(register.clone()).await.map_err(WorkerError::rpc("Register"))?.into_inner();
+        let deadline = Instant::now() + retry_for;
+        let mut backoff = Duration::from_millis(50);
+        let placement = loop {
+            match client.register(register.clone()).await {
+                Ok(reply) => break reply.into_inner(),
+                Err(status) if transient(&status) && Instant::now() + backoff < deadline => {
+                    tracing::warn!(%status, retry_in_ms = backoff.as_millis() as u64, "coordinator unreachable");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+                Err(status) => return Err(WorkerError::Rpc { rpc: "Register", status }),
+            }
+        };
         let config = match JobConfig::from_toml(&placement.job_config_toml) {
             Ok(config) => config,
             Err(err) => {
@@ -414,7 +433,7 @@ impl Session {
                 Err(status) if transient(&status) && Instant::now() + backoff < deadline => {
                     tracing::warn!(rpc, %status, retry_in_ms = backoff.as_millis() as u64, "coordinator unreachable");
                     tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
                 Err(status) => return Err(self.error(rpc, self.placement.generation, status)),
             }
