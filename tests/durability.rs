@@ -22,7 +22,7 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 fn config(data: &Path, samples: u32, world: u32, steps: u64, every: u64) -> JobConfig {
     job(&format!(
         "{}[rendezvous]\nmin_workers = {world}\nheartbeat_interval_ms = 100\nheartbeat_timeout_ms = 20000\n\
-         coordinator_grace_ms = 20000\n[train]\nsteps = {steps}\nbatch_size = 4\nlr = 0.05\nclip_grad_norm = 5.0\n\
+         coordinator_grace_ms = 60000\n[train]\nsteps = {steps}\nbatch_size = 4\nlr = 0.05\nclip_grad_norm = 5.0\n\
          log_every_steps = 1\n[checkpoint]\nevery_steps = {every}\nkeep_last = 100\n",
         tiny_data(data, samples)
     ))

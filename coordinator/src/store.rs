@@ -122,7 +122,9 @@ impl Store {
         store
             .conn
             .execute_batch(
-                "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 5000;",
+                // The busy timeout first: switching to WAL takes a lock that a coordinator
+                // still shutting down (or a reader) may hold for a moment.
+                "PRAGMA busy_timeout = 5000; PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;",
             )
             .map_err(|e| store.error("set up", e))?;
         store.conn.execute_batch(SCHEMA).map_err(|e| store.error("create tables", e))?;
