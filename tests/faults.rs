@@ -18,7 +18,8 @@ async fn killing_a_worker_fails_the_job_within_the_timeout() {
     let dir = tempfile::tempdir().unwrap();
     let body = format!(
         "{}[rendezvous]\nmin_workers = 2\nheartbeat_interval_ms = 100\nheartbeat_timeout_ms = 5000\ntimeout_ms = 3000\n\
-         [comm]\ntimeout_ms = 3000\n[train]\nsteps = 100000\nbatch_size = 2\nlog_every_steps = 1\n",
+         coordinator_grace_ms = 5000\n[comm]\ntimeout_ms = 3000\n[train]\nsteps = 100000\nbatch_size = 2\n\
+         log_every_steps = 1\n",
         tiny_data(&dir.path().join("data"), 32)
     );
     let coord = InProcessCoordinator::start(job(&body)).await;

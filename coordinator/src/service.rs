@@ -105,6 +105,9 @@ impl Coordinator for CoordinatorService {
                     state.ensure_open()?;
                 }
                 if changed_rx.changed().await.is_err() {
+                    // The job ended meanwhile (say so: the worker stops at once rather than
+                    // retrying a coordinator that is going away), or the server is stopping.
+                    shared.lock().ensure_open()?;
                     return Err(Status::unavailable("coordinator is shutting down"));
                 }
             }
