@@ -61,6 +61,22 @@ fn kill_all(workers: Vec<Child>) {
     }
 }
 
+/// SIGKILLs the processes `pids` (workers whose output is still wanted).
+fn kill_pids(pids: Vec<u32>) {
+    for pid in pids {
+        let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+    }
+}
+
+/// Every worker's stderr once it exited.
+async fn all_logs(workers: Vec<Child>) -> Vec<String> {
+    let mut logs = Vec::new();
+    for w in workers {
+        logs.push(wait(w).await.1);
+    }
+    logs
+}
+
 async fn all_succeed(workers: Vec<Child>) -> Vec<String> {
     let mut logs = Vec::new();
     for (i, w) in workers.into_iter().enumerate() {
@@ -256,7 +272,11 @@ async fn a_coordinator_killed_mid_epoch_and_restarted_loses_nothing() {
     let written_while_down = checkpoint_dir(&cfg).join(format!("step-{}", (newest + 6).min(12)));
     let deadline = Instant::now() + Duration::from_secs(120);
     while !written_while_down.join("manifest.json").is_file() {
-        assert!(Instant::now() < deadline, "{} was never written", written_while_down.display());
+        if Instant::now() > deadline {
+            kill_pids(workers.iter().map(|w| w.id()).collect());
+            let logs = all_logs(workers).await;
+            panic!("{} was never written:\n{}", written_while_down.display(), logs.join("\n---\n"));
+        }
         tokio::time::sleep(Duration::from_millis(20)).await; // polling the disk, not syncing
     }
 

@@ -515,8 +515,9 @@ async fn heartbeat_loop(
                     stop_tx.send_replace(Some(Halt { reason, regroup: true }));
                     return;
                 }
-                Ok(Err(status)) => tracing::warn!(%status, "re-attach failed"),
-                Err(_) => tracing::warn!("re-attach timed out"),
+                // Said once per outage; the heartbeat's own warning opened it.
+                Ok(Err(status)) => tracing::debug!(%status, "re-attach failed"),
+                Err(_) => tracing::debug!("re-attach timed out"),
             }
         }
         if !lost {
