@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{job, spawn_worker, tiny_data, wait, InProcessCoordinator};
+use common::{bound_address, job, spawn_worker, tiny_data, wait, InProcessCoordinator};
 use mtl_coordinator::{JobConfig, JobOutcome};
 use mtl_proto::v1::coordinator_client::CoordinatorClient;
 use mtl_proto::v1::{JobStatus, MetricsKind, StatusRequest};
@@ -225,31 +225,18 @@ async fn three_workers_stopped_two_resume_and_every_sample_of_the_epoch_is_train
 /// `coordinator serve` on `cfg`, listening on `listen`.
 fn spawn_coordinator(cfg: &JobConfig, dir: &Path, listen: &str) -> (Child, PathBuf) {
     let file = dir.join("job.toml");
-    std::fs::write(&file, cfg.to_toml()).unwrap();
+    std::fs::write(&file, cfg.to_toml()).unwrap(); // without the token: that comes from the environment
     let addr_file = dir.join(format!("addr-{}", listen.replace(':', "_")));
     let child = Command::new(common::bin("coordinator"))
         .args(["serve", "--config", file.to_str().unwrap(), "--listen", listen])
         .args(["--addr-file", addr_file.to_str().unwrap()])
+        .env("MTL_JOB_TOKEN", cfg.job.token.expose())
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     (child, addr_file)
-}
-
-/// Waits for the coordinator to write its address file; returns the address.
-fn bound_address(addr_file: &Path) -> String {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok(addr) = std::fs::read_to_string(addr_file) {
-            if !addr.trim().is_empty() {
-                return addr.trim().to_string();
-            }
-        }
-        assert!(Instant::now() < deadline, "the coordinator did not start listening");
-        std::thread::sleep(Duration::from_millis(20)); // polling for the file, not syncing
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -261,9 +248,9 @@ async fn a_coordinator_killed_mid_epoch_and_restarted_loses_nothing() {
     let (mut coordinator, addr_file) = spawn_coordinator(&cfg, dir.path(), "127.0.0.1:0");
     let addr = bound_address(&addr_file);
     let url = format!("http://{addr}");
-    let workers = spawn_workers(&url, &cfg.job.token, 2);
+    let workers = spawn_workers(&url, cfg.job.token.expose(), 2);
     let before =
-        poll_until(&url, &cfg.job.token, |s| !s.checkpoints.is_empty() && s.epoch_position > 0).await;
+        poll_until(&url, cfg.job.token.expose(), |s| !s.checkpoints.is_empty() && s.epoch_position > 0).await;
     coordinator.kill().unwrap();
     coordinator.wait().unwrap();
     // The workers train on without it: rank 0 writes the checkpoint after the next one it

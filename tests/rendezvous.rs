@@ -57,7 +57,7 @@ async fn worker_without_coordinator_fails_naming_the_address() {
     // A port nothing listens on: bind one, then free it.
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let url = format!("http://127.0.0.1:{port}");
-    let (code, stderr) = wait(spawn_worker(&url, "", "w")).await;
+    let (code, stderr) = wait(spawn_worker(&url, "t0k", "w")).await;
     assert_eq!(code, Some(1));
     assert!(stderr.contains(&url), "{stderr}");
 }

@@ -121,6 +121,14 @@ pub enum CoordinatorError {
         /// Why.
         source: std::io::Error,
     },
+    /// The job's token file could not be written or read back.
+    #[error("job token file {path}: {message}")]
+    TokenFile {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        message: String,
+    },
     /// `coordinator status` could not reach the coordinator or its answer was an error.
     #[error("coordinator at {addr}: {message}")]
     Unreachable {
@@ -151,6 +159,7 @@ impl From<CoordinatorError> for Status {
             CoordinatorError::Transport(_)
             | CoordinatorError::Unreachable { .. }
             | CoordinatorError::Io { .. }
+            | CoordinatorError::TokenFile { .. }
             | CoordinatorError::Store { .. }
             | CoordinatorError::StoreMismatch { .. } => Status::internal(message),
         }

@@ -6,7 +6,7 @@
 //! restart through the job's state database. It never touches tensors and does not link
 //! LibTorch. Layout: [`state`] is the job's state machine (pure, clock passed in) over
 //! `accounting` (epoch samples), `checkpoints` (path check, pruning), `history` (metrics) and
-//! `store` (SQLite); `service` is its gRPC face, [`run`] wires them to a listener, and
+//! `store` (SQLite); `token` gives every job a token; `service` is its gRPC face, [`run`] wires them to a listener, and
 //! [`status`] renders a job's status for `coordinator status`.
 #![warn(missing_docs)]
 
@@ -18,6 +18,7 @@ mod service;
 pub mod state;
 pub mod status;
 mod store;
+mod token;
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -27,6 +28,7 @@ pub use error::CoordinatorError;
 pub use mtl_job::JobConfig;
 use mtl_proto::v1::coordinator_server::CoordinatorServer;
 pub use state::Phase;
+pub use token::ensure as ensure_token;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -53,12 +55,15 @@ pub struct JobReport {
     pub status: mtl_proto::v1::JobStatus,
 }
 
-/// Serves the job on `listener` until it finishes, fails, or `shutdown` resolves.
+/// Serves the job on `listener` until it finishes, fails, or `shutdown` resolves. A job given
+/// no token gets one (see [`mtl_job::ServerSection::token_path`]).
 pub async fn run(
     cfg: JobConfig,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<JobReport, CoordinatorError> {
+    let mut cfg = cfg;
+    token::ensure(&mut cfg)?;
     let addr = listener.local_addr().ok();
     let heartbeat_check = Duration::from_millis(u64::from(cfg.rendezvous.heartbeat_interval_ms));
     let (changed_tx, mut changed_rx) = watch::channel(());

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use mtl_coordinator::{JobConfig, JobOutcome};
+use mtl_job::{JobToken, TOKEN_ENV};
 use mtl_proto::v1::{JobStatus, MetricsKind};
 
 #[derive(Parser)]
@@ -33,15 +34,23 @@ enum Command {
         /// Write the bound address to this file once listening (for scripts using port 0).
         #[arg(long)]
         addr_file: Option<PathBuf>,
+        /// Read the job token from this file. Without it, MTL_JOB_TOKEN, then `job.token`;
+        /// with none, the coordinator generates one into `token` next to the state database.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
     },
     /// Print a running job's state, workers and latest metrics.
     Status {
         /// The coordinator's address, e.g. http://127.0.0.1:50051.
         #[arg(long, default_value = "http://127.0.0.1:50051")]
         addr: String,
-        /// The job token, if the job has one.
-        #[arg(long, env = "MTL_JOB_TOKEN", default_value = "")]
-        token: String,
+        /// Read the job token from this file (else MTL_JOB_TOKEN).
+        #[arg(long, conflicts_with = "token")]
+        token_file: Option<PathBuf>,
+        /// The job token; other users of this machine see it (`ps`): prefer --token-file or
+        /// MTL_JOB_TOKEN.
+        #[arg(long)]
+        token: Option<String>,
     },
 }
 
@@ -56,11 +65,19 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     match cli.command {
-        Command::Serve { config, listen, mut overrides, addr_file } => {
+        Command::Serve { config, listen, mut overrides, addr_file, token_file } => {
             if let Some(listen) = listen {
                 overrides.push(format!("server.listen={listen}"));
             }
-            let cfg = match JobConfig::load(Some(&config), &overrides, std::env::vars()) {
+            let loaded = JobConfig::load(Some(&config), &overrides, std::env::vars()).and_then(|mut cfg| {
+                if let Some(token) =
+                    JobToken::given(token_file.as_deref(), None, std::env::var(TOKEN_ENV).ok())?
+                {
+                    cfg.job.token = token;
+                }
+                Ok(cfg)
+            });
+            let cfg = match loaded {
                 Ok(cfg) => cfg,
                 Err(err) => {
                     eprintln!("error: {err}");
@@ -80,8 +97,22 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Status { addr, token } => {
-            match runtime.block_on(mtl_coordinator::status::fetch(&addr, &token)) {
+        Command::Status { addr, token_file, token } => {
+            if token.is_some() {
+                tracing::warn!("--token is visible to other users of this machine (ps); prefer --token-file or MTL_JOB_TOKEN");
+            }
+            let token = match JobToken::given(token_file.as_deref(), token, std::env::var(TOKEN_ENV).ok()) {
+                Ok(Some(token)) => token,
+                Ok(None) => {
+                    eprintln!("error: no job token: set MTL_JOB_TOKEN or pass --token-file");
+                    return ExitCode::from(2);
+                }
+                Err(err) => {
+                    eprintln!("error: {err}");
+                    return ExitCode::from(2);
+                }
+            };
+            match runtime.block_on(mtl_coordinator::status::fetch(&addr, token.expose())) {
                 Ok(status) => {
                     print!("{}", mtl_coordinator::status::render(&status));
                     ExitCode::SUCCESS
@@ -95,10 +126,12 @@ fn main() -> ExitCode {
     }
 }
 
-async fn serve(cfg: JobConfig, addr_file: Option<PathBuf>) -> anyhow::Result<JobOutcome> {
+async fn serve(mut cfg: JobConfig, addr_file: Option<PathBuf>) -> anyhow::Result<JobOutcome> {
     let listener = tokio::net::TcpListener::bind(&cfg.server.listen)
         .await
         .with_context(|| format!("cannot listen on server.listen = {}", cfg.server.listen))?;
+    // Before the address file: a script that waits for it finds the token file too.
+    mtl_coordinator::ensure_token(&mut cfg)?;
     let addr = listener.local_addr()?;
     if let Some(path) = addr_file {
         std::fs::write(&path, addr.to_string()).with_context(|| format!("writing {}", path.display()))?;

@@ -212,8 +212,10 @@ impl JobState {
         &self.phase
     }
 
+    /// Accepts exactly the job's token (compared in constant time); a job without one, which
+    /// [`crate::run`] never serves, accepts nothing.
     pub(crate) fn check_token(&self, token: &str) -> Result<(), CoordinatorError> {
-        if self.cfg.job.token.is_empty() || self.cfg.job.token == token {
+        if self.cfg.job.token.matches(token) {
             Ok(())
         } else {
             Err(CoordinatorError::BadToken)

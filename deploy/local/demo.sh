@@ -11,7 +11,8 @@ pids=()
 cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; rm -rf "$run_dir"; }
 trap cleanup EXIT
 
-# A fresh state database per run: on the same one, a finished job stays finished.
+# A fresh state database per run: on the same one, a finished job stays finished. The job
+# token the coordinator generates lands next to it, in $run_dir/token, before the address file.
 ./target/release/coordinator serve --config deploy/local/demo.toml --addr-file "$run_dir/addr" \
     --set server.state_db="$run_dir/state.db" &
 coordinator=$!
@@ -25,7 +26,7 @@ echo "demo: coordinator at $url; 2 workers train deploy/local/demo.toml (about 2
 # instead of each spinning up a thread per core.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 for i in 0 1; do
-    ./target/release/worker run --coordinator "$url" --token demo --worker-id "demo-worker-$i" --device cpu \
+    ./target/release/worker run --coordinator "$url" --token-file "$run_dir/token" --worker-id "demo-worker-$i" --device cpu \
         2> >(sed "s/^/[worker $i] /" >&2) &
     pids+=("$!")
 done

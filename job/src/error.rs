@@ -43,6 +43,14 @@ pub enum JobConfigError {
         /// What is wrong and what was expected.
         message: String,
     },
+    /// A token file could not be read or is empty.
+    #[error("job token file {path}: {message}")]
+    TokenFile {
+        /// The file as given.
+        path: PathBuf,
+        /// Why it cannot be used.
+        message: String,
+    },
 }
 
 impl JobConfigError {

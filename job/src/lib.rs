@@ -16,6 +16,7 @@ mod optim;
 mod schema;
 pub mod sharding;
 pub mod splitmix;
+mod token;
 
 pub use checkpoint::*;
 pub use comm::*;
@@ -24,6 +25,7 @@ pub use error::JobConfigError;
 pub use model::*;
 pub use optim::*;
 pub use schema::*;
+pub use token::{JobToken, TOKEN_ENV};
 
 use std::path::Path;
 
@@ -81,7 +83,8 @@ impl JobConfig {
         Ok(cfg)
     }
 
-    /// The configuration as TOML, as sent to workers.
+    /// The configuration as TOML, as sent to workers and written into checkpoints; the token
+    /// is written as `""` (see [`JobToken`]).
     pub fn to_toml(&self) -> String {
         toml::to_string(self).expect("a JobConfig always serialises")
     }
@@ -101,7 +104,7 @@ impl JobConfig {
     /// and `[server]`, `[rendezvous]` and `[checkpoint]` at their defaults.
     pub fn trained_part(&self) -> JobConfig {
         let mut trained = self.clone();
-        trained.job.token.clear();
+        trained.job.token = JobToken::default();
         trained.server = ServerSection::default();
         trained.rendezvous = RendezvousSection::default();
         trained.checkpoint = CheckpointSection::default();

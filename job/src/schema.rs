@@ -46,9 +46,11 @@ pub struct JobConfig {
 pub struct JobSection {
     /// Name of the job, shown in logs and status (required).
     pub name: String,
-    /// Shared secret every RPC must carry; empty means no token is checked.
+    /// Shared secret every RPC must carry. Never written: a serialised config has `""`. Empty
+    /// here means the coordinator takes it from `MTL_JOB_TOKEN` or `--token-file`, or
+    /// generates one (docs/SECURITY.md).
     #[serde(default)]
-    pub token: String,
+    pub token: crate::JobToken,
     /// Seed for parameter init, data order and augmentation.
     #[serde(default)]
     pub seed: u64,
@@ -92,6 +94,13 @@ impl ServerSection {
         } else {
             self.state_db.clone().into()
         }
+    }
+
+    /// Where the coordinator keeps the token it generated for a job given none: `token` next
+    /// to the state database (`runs/<job.name>/token` by default), so that a coordinator
+    /// restarted on the same state reuses it.
+    pub fn token_path(&self, job_name: &str) -> std::path::PathBuf {
+        self.state_db_path(job_name).with_file_name("token")
     }
 }
 

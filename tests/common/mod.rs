@@ -2,8 +2,9 @@
 //! loopback port, start workers as real processes.
 #![allow(dead_code, unreachable_pub)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 use mtl_coordinator::{JobConfig, JobReport};
 use mtl_proto::v1::coordinator_client::CoordinatorClient;
@@ -61,7 +62,7 @@ impl InProcessCoordinator {
     pub async fn start(cfg: JobConfig) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
-        let token = cfg.job.token.clone();
+        let token = cfg.job.token.expose().to_string();
         let (stop_tx, stop_rx) = oneshot::channel();
         let handle = tokio::spawn(mtl_coordinator::run(cfg, listener, async {
             let _ = stop_rx.await;
@@ -96,7 +97,8 @@ impl InProcessCoordinator {
     }
 }
 
-/// Starts `worker run` against a coordinator, with its output captured.
+/// Starts `worker run` against a coordinator, with its output captured; the token goes in
+/// `MTL_JOB_TOKEN`.
 pub fn spawn_worker(url: &str, token: &str, worker_id: &str) -> Child {
     spawn_worker_with(url, token, worker_id, &[])
 }
@@ -104,13 +106,28 @@ pub fn spawn_worker(url: &str, token: &str, worker_id: &str) -> Child {
 /// Like [`spawn_worker`] with extra arguments.
 pub fn spawn_worker_with(url: &str, token: &str, worker_id: &str, extra: &[&str]) -> Child {
     Command::new(bin("worker"))
-        .args(["run", "--coordinator", url, "--token", token, "--worker-id", worker_id, "--device", "cpu"])
+        .args(["run", "--coordinator", url, "--worker-id", worker_id, "--device", "cpu"])
         .args(extra)
+        .env("MTL_JOB_TOKEN", token)
         .env("RUST_LOG", "info")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn worker")
+}
+
+/// Waits for the coordinator to write its address file; returns the address.
+pub fn bound_address(addr_file: &Path) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(addr) = std::fs::read_to_string(addr_file) {
+            if !addr.trim().is_empty() {
+                return addr.trim().to_string();
+            }
+        }
+        assert!(Instant::now() < deadline, "the coordinator did not start listening");
+        std::thread::sleep(Duration::from_millis(20)); // polling for the file, not syncing
+    }
 }
 
 /// Waits for a child off the async runtime and returns (exit code, stderr).

@@ -45,7 +45,7 @@ pub struct RunConfig {
     /// The coordinator's URL, e.g. `http://127.0.0.1:50051`.
     pub coordinator: String,
     /// The job token.
-    pub token: String,
+    pub token: mtl_job::JobToken,
     /// This worker's identity (its `peer_addr` is filled in from the bound listener).
     pub identity: Identity,
     /// Address to bind for ring traffic (`host:0` picks a free port); its host is advertised.
@@ -72,7 +72,7 @@ pub async fn run(mut cfg: RunConfig) -> Result<(), WorkerError> {
             Err(err) => tracing::warn!(%err, "no NCCL unique id; the nccl backend will not be available"),
         }
     }
-    let session = Session::join(&cfg.coordinator, &cfg.token, cfg.identity).await?;
+    let session = Session::join(&cfg.coordinator, cfg.token.expose(), cfg.identity).await?;
     let handle = tokio::runtime::Handle::current();
     let out = cfg.out;
     let (session, result) = tokio::task::spawn_blocking(move || {

@@ -2,6 +2,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use mtl_job::{JobToken, TOKEN_ENV};
 use mtl_worker::{BenchConfig, Identity, RunConfig, StandaloneOptions, SyntheticConfig, SyntheticPreset};
 
 mod commands;
@@ -21,14 +22,20 @@ enum Command {
     /// Join the job served by a coordinator, train on one device, report, exit.
     ///
     /// The job configuration comes from the coordinator; this worker needs no job file.
-    /// Exit status: 0 when training finished, 1 on any failure (reported to the coordinator first).
+    /// Exit status: 0 when training finished, 1 on any failure (reported to the coordinator
+    /// first), 2 without a usable job token.
     Run {
         /// The coordinator's URL.
         #[arg(long, env = "MTL_COORDINATOR", default_value = "http://127.0.0.1:50051")]
         coordinator: String,
-        /// The job token (must match `job.token` of the coordinator's job).
-        #[arg(long, env = "MTL_JOB_TOKEN", default_value = "")]
-        token: String,
+        /// Read the job token from this file (e.g. the `token` file a coordinator generated);
+        /// without it, MTL_JOB_TOKEN.
+        #[arg(long, conflicts_with = "token")]
+        token_file: Option<std::path::PathBuf>,
+        /// The job token; other users of this machine see it (`ps`): prefer --token-file or
+        /// MTL_JOB_TOKEN.
+        #[arg(long)]
+        token: Option<String>,
         /// Stable worker id; ranks are assigned in the order of ids. Default: <host>-<device>.
         #[arg(long, env = "MTL_WORKER_ID")]
         worker_id: Option<String>,
@@ -222,7 +229,21 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run { coordinator, token, worker_id, device, peer_addr, out } => {
+        Command::Run { coordinator, token_file, token, worker_id, device, peer_addr, out } => {
+            if token.is_some() {
+                tracing::warn!("--token is visible to other users of this machine (ps); prefer --token-file or MTL_JOB_TOKEN");
+            }
+            let token = match JobToken::given(token_file.as_deref(), token, std::env::var(TOKEN_ENV).ok()) {
+                Ok(Some(token)) => token,
+                Ok(None) => {
+                    eprintln!("error: no job token: set MTL_JOB_TOKEN or pass --token-file");
+                    return ExitCode::from(2);
+                }
+                Err(err) => {
+                    eprintln!("error: {err}");
+                    return ExitCode::from(2);
+                }
+            };
             let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
             let host = hostname();
             let worker_id = worker_id.unwrap_or_else(|| format!("{host}-{device}"));

@@ -58,6 +58,7 @@ fn generation_forms_at_min_workers_with_ranks_by_worker_id() {
     assert_eq!((a.rank, b.rank, a.world_size, a.generation), (0, 1, 2, 1));
     assert_eq!(a.peers.iter().map(|p| p.peer_addr.as_str()).collect::<Vec<_>>(), ["a:1", "b:1"]);
     assert!(a.job_config_toml.contains("name = \"t\""));
+    assert!(!a.job_config_toml.contains("secret"), "the token is not sent: {}", a.job_config_toml);
     assert_eq!(
         (a.nccl_unique_id.as_slice(), b.nccl_unique_id.as_slice()),
         (&b"a"[..], &b"a"[..]),

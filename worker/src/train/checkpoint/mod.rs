@@ -132,14 +132,12 @@ pub(crate) fn write_at(path: &Path, trainer: &Trainer, record: &Record<'_>) -> R
             .map(|m| m.iter().map(|(k, v)| (k.clone(), v.is_finite().then_some(*v))).collect())
             .unwrap_or_default(),
     };
-    let mut job = record.cfg.clone();
-    job.job.token.clear();
     let files = [
         (MODEL, encode::tensors_to_bytes(&state.model, MODEL)?),
         (OPTIMIZER, encode::tensors_to_bytes(&state.optimizer, OPTIMIZER)?),
         (WEIGHTING, encode::tensors_to_bytes(&state.weighting, WEIGHTING)?),
         (STATE, serde_json::to_vec_pretty(&meta).expect("state serialises")),
-        (JOB, job.to_toml().into_bytes()),
+        (JOB, record.cfg.to_toml().into_bytes()), // without the token (`JobToken` writes none)
         (DATASET, encode::info_json(record.info).into_bytes()),
     ];
     let files = disk::write_dir(path, &files)?;

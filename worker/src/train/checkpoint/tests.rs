@@ -265,7 +265,7 @@ fn another_job_or_another_split_cannot_resume_and_the_error_names_what_changed()
     let mut moved = cfg.clone();
     moved.checkpoint.every_steps = 7;
     moved.checkpoint.dir = "elsewhere".into();
-    moved.job.token = "secret".into();
+    moved.job.token = mtl_job::JobToken::new("secret");
     ckpt.check_resumable(&moved, &train).unwrap();
     assert!(!String::from_utf8_lossy(&ckpt.files[JOB]).contains("secret"));
 
