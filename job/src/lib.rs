@@ -128,4 +128,6 @@ fn parse_scalar(value: &str) -> config::Value {
 }
 
 #[cfg(test)]
+mod proptests;
+#[cfg(test)]
 mod tests;

@@ -11,6 +11,8 @@ pub(crate) mod coco;
 pub(crate) mod jsonl;
 pub(crate) mod loader;
 mod ordered;
+#[cfg(test)]
+pub(crate) mod proptests;
 pub(crate) mod rle;
 mod rng;
 pub(crate) mod sample;
