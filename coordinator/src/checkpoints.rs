@@ -173,4 +173,42 @@ mod tests {
         assert!(err("step-6").contains("step-6"), "a missing one is named");
         assert!(err("").contains("empty"));
     }
+
+    #[cfg(unix)]
+    #[test]
+    fn symlinks_anywhere_in_the_path_and_look_alike_prefixes_cannot_escape() {
+        use std::os::unix::fs::symlink;
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("ckpt");
+        std::fs::create_dir_all(dir.join("step-5")).unwrap();
+        std::fs::create_dir_all(root.path().join("elsewhere/step-9")).unwrap();
+        std::fs::create_dir_all(root.path().join("ckpt-evil/step-1")).unwrap();
+        symlink(root.path().join("elsewhere"), dir.join("out")).unwrap();
+        symlink(dir.join("step-5"), dir.join("latest")).unwrap();
+        symlink(root.path(), dir.join("up")).unwrap();
+        let err = |reported: &str| resolve(&dir, reported).unwrap_err();
+
+        // A link in the middle of the path, an absolute path through one, a link to an ancestor.
+        assert!(err("out/step-9").contains("not inside"), "{}", err("out/step-9"));
+        let through = dir.join("out/step-9").display().to_string();
+        assert!(err(&through).contains("not inside"), "{}", err(&through));
+        assert!(err("up/elsewhere").contains("not inside"));
+        // A sibling whose name starts with the directory's is not inside it.
+        let sibling = root.path().join("ckpt-evil/step-1").display().to_string();
+        assert!(err(&sibling).contains("not inside"), "{}", err(&sibling));
+        // Absolute paths that are not below the directory, and odd bytes.
+        assert!(err("/").contains("not inside"));
+        assert!(err("/etc").contains("not inside"));
+        assert!(resolve(&dir, "step-5\0x").is_err(), "a NUL byte");
+        assert!(err("step-5/..").contains("contains `..`"));
+
+        // A link that stays inside resolves to its target; a checkpoint directory that is itself
+        // reached through a link works.
+        let inside = dir.canonicalize().unwrap().join("step-5");
+        assert_eq!(resolve(&dir, "latest").unwrap(), inside);
+        assert_eq!(resolve(&dir, "up/ckpt/step-5").unwrap(), inside, "out and back in is inside");
+        symlink(&dir, root.path().join("alias")).unwrap();
+        assert_eq!(resolve(&root.path().join("alias"), "step-5").unwrap(), inside);
+        assert!(resolve(&root.path().join("alias"), "out/step-9").unwrap_err().contains("not inside"));
+    }
 }

@@ -137,6 +137,16 @@ pub enum CoordinatorError {
         /// Why.
         message: String,
     },
+    /// A request is larger than its RPC's bound (`limits`); the call is refused, the job goes on.
+    #[error("{rpc} request of {bytes} bytes exceeds its limit of {limit} bytes")]
+    TooLarge {
+        /// The RPC.
+        rpc: &'static str,
+        /// The request's encoded size.
+        bytes: usize,
+        /// The RPC's bound.
+        limit: usize,
+    },
     /// The gRPC server failed (bind, transport).
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -147,7 +157,9 @@ impl From<CoordinatorError> for Status {
         let message = err.to_string();
         match err {
             CoordinatorError::BadToken => Status::unauthenticated(message),
-            CoordinatorError::Full { .. } => Status::resource_exhausted(message),
+            CoordinatorError::Full { .. } | CoordinatorError::TooLarge { .. } => {
+                Status::resource_exhausted(message)
+            }
             CoordinatorError::RendezvousTimeout { .. } => Status::deadline_exceeded(message),
             CoordinatorError::UnknownWorker { .. } => Status::failed_precondition(message),
             CoordinatorError::GenerationEnded { .. } => Status::aborted(message),

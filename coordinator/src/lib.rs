@@ -6,7 +6,8 @@
 //! restart through the job's state database. It never touches tensors and does not link
 //! LibTorch. Layout: [`state`] is the job's state machine (pure, clock passed in) over
 //! `accounting` (epoch samples), `checkpoints` (path check, pruning), `history` (metrics) and
-//! `store` (SQLite); `token` gives every job a token; `service` is its gRPC face, [`run`] wires them to a listener, and
+//! `store` (SQLite); `token` gives every job a token; `service` is its gRPC face (each request
+//! bounded by `limits`), [`run`] wires them to a listener, and
 //! [`status`] renders a job's status for `coordinator status`.
 #![warn(missing_docs)]
 
@@ -14,6 +15,7 @@ mod accounting;
 mod checkpoints;
 mod error;
 mod history;
+mod limits;
 mod service;
 pub mod state;
 pub mod status;

@@ -1,4 +1,5 @@
-//! The gRPC face of the coordinator: checks the token, then delegates to [`JobState`].
+//! The gRPC face of the coordinator: bounds each request's size (`limits`), checks the token,
+//! then delegates to [`JobState`].
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -11,6 +12,7 @@ use mtl_proto::v1::{
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
+use crate::limits;
 use crate::state::{Held, JobState, Progress, Registered, WorkerInfo};
 use crate::CoordinatorError;
 
@@ -44,6 +46,7 @@ impl Coordinator for CoordinatorService {
         &self,
         request: Request<RegisterRequest>,
     ) -> Result<Response<RegisterResponse>, Status> {
+        limits::check("Register", request.get_ref(), limits::REGISTER_BYTES)?;
         let req = request.into_inner();
         let shared = &self.shared;
         let mut changed_rx = shared.changed_tx.subscribe();
@@ -137,6 +140,7 @@ impl Coordinator for CoordinatorService {
         &self,
         request: Request<HeartbeatRequest>,
     ) -> Result<Response<HeartbeatResponse>, Status> {
+        limits::check("Heartbeat", request.get_ref(), limits::HEARTBEAT_BYTES)?;
         let req = request.into_inner();
         let mut state = self.shared.lock();
         state.check_token(&req.job_token)?;
@@ -148,6 +152,7 @@ impl Coordinator for CoordinatorService {
 
     #[tracing::instrument(skip_all, fields(worker_id = %request.get_ref().worker_id, epoch = request.get_ref().epoch))]
     async fn get_shard(&self, request: Request<ShardRequest>) -> Result<Response<ShardResponse>, Status> {
+        limits::check("GetShard", request.get_ref(), limits::GET_SHARD_BYTES)?;
         let req = request.into_inner();
         let mut state = self.shared.lock();
         state.check_token(&req.job_token)?;
@@ -156,6 +161,7 @@ impl Coordinator for CoordinatorService {
 
     #[tracing::instrument(skip_all, fields(worker_id = %request.get_ref().worker_id, step = request.get_ref().step))]
     async fn report_metrics(&self, request: Request<MetricsReport>) -> Result<Response<MetricsAck>, Status> {
+        limits::check("ReportMetrics", request.get_ref(), limits::metrics_bytes(request.get_ref()))?;
         let req = request.into_inner();
         let mut state = self.shared.lock();
         state.check_token(&req.job_token)?;
@@ -168,6 +174,7 @@ impl Coordinator for CoordinatorService {
         &self,
         request: Request<CheckpointCommit>,
     ) -> Result<Response<CheckpointAck>, Status> {
+        limits::check("CommitCheckpoint", request.get_ref(), limits::COMMIT_CHECKPOINT_BYTES)?;
         let req = request.into_inner();
         let mut state = self.shared.lock();
         state.check_token(&req.job_token)?;
@@ -176,6 +183,7 @@ impl Coordinator for CoordinatorService {
 
     #[tracing::instrument(skip_all, fields(worker_id = %request.get_ref().worker_id, failed = request.get_ref().failed))]
     async fn leave(&self, request: Request<LeaveRequest>) -> Result<Response<LeaveResponse>, Status> {
+        limits::check("Leave", request.get_ref(), limits::LEAVE_BYTES)?;
         let req = request.into_inner();
         {
             let mut state = self.shared.lock();
@@ -187,6 +195,7 @@ impl Coordinator for CoordinatorService {
     }
 
     async fn get_status(&self, request: Request<StatusRequest>) -> Result<Response<JobStatus>, Status> {
+        limits::check("GetStatus", request.get_ref(), limits::GET_STATUS_BYTES)?;
         let state = self.shared.lock();
         state.check_token(&request.get_ref().job_token)?;
         Ok(Response::new(state.status(Instant::now())))

@@ -73,6 +73,10 @@ pub struct DataSection {
     pub loader_threads: u32,
     /// Batches prepared ahead of the training step (bounded queue depth).
     pub prefetch_batches: u32,
+    /// The largest fraction of an epoch's training images (counted over all ranks) that may be
+    /// unreadable (missing or corrupt, skipped by the loader) before the run fails, in [0, 1].
+    /// A few bad files are skipped; a run that reads almost nothing stops with an error.
+    pub max_unreadable_fraction: f64,
     /// Training-time augmentation (evaluation only resizes).
     pub augment: AugmentSection,
 }
@@ -92,6 +96,7 @@ impl Default for DataSection {
             image_size: 64,
             loader_threads: 2,
             prefetch_batches: 4,
+            max_unreadable_fraction: 0.01,
             augment: AugmentSection::default(),
         }
     }
@@ -175,6 +180,12 @@ impl DataSection {
         if self.prefetch_batches == 0 {
             return Err(invalid("data.prefetch_batches", "must be at least 1, got 0".into()));
         }
+        if !(0.0..=1.0).contains(&self.max_unreadable_fraction) {
+            return Err(invalid(
+                "data.max_unreadable_fraction",
+                format!("must be in [0, 1], got {}", self.max_unreadable_fraction),
+            ));
+        }
         let a = &self.augment;
         if !(0.0..=1.0).contains(&a.hflip_prob) {
             return Err(invalid(
@@ -251,5 +262,15 @@ mod tests {
         assert_eq!(invalid_key("[data]\nloader_threads = 0\n"), "data.loader_threads");
         assert_eq!(invalid_key("[data]\nformat = \"jsonl\"\ntrain = \"\"\n"), "data.train");
         assert_eq!(invalid_key("[data]\nsynthetic_val_fraction = 1.0\n"), "data.synthetic_val_fraction");
+        assert_eq!(invalid_key("[data]\nmax_unreadable_fraction = 1.5\n"), "data.max_unreadable_fraction");
+        assert_eq!(invalid_key("[data]\nmax_unreadable_fraction = -0.1\n"), "data.max_unreadable_fraction");
+        assert_eq!(invalid_key("[data]\nmax_unreadable_fraction = nan\n"), "data.max_unreadable_fraction");
+        let message = load("[data]\nmax_unreadable_fraction = 2.0\n").unwrap_err().to_string();
+        assert!(message.contains("data.max_unreadable_fraction") && message.contains("[0, 1]"), "{message}");
+        assert_eq!(
+            load("[data]\nmax_unreadable_fraction = 1.0\n").unwrap().data.max_unreadable_fraction,
+            1.0
+        );
+        assert_eq!(load("").unwrap().data.max_unreadable_fraction, 0.01);
     }
 }

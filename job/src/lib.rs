@@ -92,8 +92,9 @@ impl JobConfig {
     /// A short hash of what determines the trained model, stored in checkpoints and in the
     /// coordinator's store to detect a changed job. It leaves out the secret (`job.token`) and
     /// the sections that say where and how the job runs rather than what it trains
-    /// (`[server]`, `[rendezvous]`, `[checkpoint]`), so a coordinator restarted on another
-    /// port, with another world size or another `keep_last` still resumes.
+    /// (`[server]`, `[rendezvous]`, `[checkpoint]`, `data.max_unreadable_fraction`), so a
+    /// coordinator restarted on another port, with another world size, another `keep_last` or
+    /// a higher tolerance for unreadable images still resumes.
     pub fn hash(&self) -> String {
         use sha2::Digest;
         let digest = sha2::Sha256::digest(self.trained_part().to_toml().as_bytes());
@@ -101,13 +102,15 @@ impl JobConfig {
     }
 
     /// The part of the job that [`JobConfig::hash`] covers: this config with the token cleared
-    /// and `[server]`, `[rendezvous]` and `[checkpoint]` at their defaults.
+    /// and `[server]`, `[rendezvous]`, `[checkpoint]` and `data.max_unreadable_fraction` at
+    /// their defaults.
     pub fn trained_part(&self) -> JobConfig {
         let mut trained = self.clone();
         trained.job.token = JobToken::default();
         trained.server = ServerSection::default();
         trained.rendezvous = RendezvousSection::default();
         trained.checkpoint = CheckpointSection::default();
+        trained.data.max_unreadable_fraction = crate::DataSection::default().max_unreadable_fraction;
         trained
     }
 }
@@ -127,5 +130,7 @@ fn parse_scalar(value: &str) -> config::Value {
     }
 }
 
+#[cfg(test)]
+mod proptests;
 #[cfg(test)]
 mod tests;

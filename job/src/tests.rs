@@ -119,6 +119,7 @@ fn hash_ignores_the_token_and_where_the_job_runs_but_not_what_it_trains() {
     other.server.listen = "0.0.0.0:1".into();
     other.rendezvous.min_workers = 3;
     other.checkpoint.keep_last = 9;
+    other.data.max_unreadable_fraction = 0.5;
     assert_eq!(cfg.hash(), other.hash());
     other.train.lr = 0.5;
     assert_ne!(cfg.hash(), other.hash());

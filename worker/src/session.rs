@@ -463,6 +463,10 @@ fn transient(status: &Status) -> bool {
     matches!(status.code(), Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded)
 }
 
+/// The longest failure message a `Leave` carries, well under the coordinator's 64 KiB bound
+/// on that RPC, so that a long error still reaches it (cut) instead of being refused.
+const LEAVE_MESSAGE_BYTES: usize = 16 << 10;
+
 /// A `Leave` for this worker: done (`failure` None) or failed with that message.
 fn leave_request(token: &str, identity: &Identity, generation: u64, failure: Option<&str>) -> LeaveRequest {
     LeaveRequest {
@@ -470,8 +474,21 @@ fn leave_request(token: &str, identity: &Identity, generation: u64, failure: Opt
         worker_id: identity.worker_id.clone(),
         generation,
         failed: failure.is_some(),
-        message: failure.unwrap_or_default().to_string(),
+        message: cut(failure.unwrap_or_default(), LEAVE_MESSAGE_BYTES),
     }
+}
+
+/// `message` cut to at most `max` bytes at a character boundary, saying so.
+fn cut(message: &str, max: usize) -> String {
+    const MARK: &str = " ... (cut)";
+    if message.len() <= max {
+        return message.to_string();
+    }
+    let mut end = max.saturating_sub(MARK.len());
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}{MARK}", &message[..end])
 }
 
 /// Sends heartbeats with the worker's progress; stops the worker when the coordinator says
@@ -557,5 +574,16 @@ async fn heartbeat_loop(
             stop_tx.send_replace(Some(Halt { reason, regroup: false }));
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn long_failure_messages_are_cut_at_a_character_boundary() {
+        assert_eq!(super::cut("short", 16), "short");
+        let cut = super::cut(&"é".repeat(100), 31);
+        assert!(cut.len() <= 31 && cut.ends_with(" ... (cut)"), "{cut}");
+        assert!(cut.starts_with("éééé"));
     }
 }

@@ -245,6 +245,25 @@ fn hello_bytes(generation: u64, rank: usize) -> [u8; 20] {
     out
 }
 
+/// How long an accepted connection may take to send its hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Reads a hello from `stream` and checks it is `prev_rank`'s in `generation`; the error says
+/// what was read instead.
+fn read_hello(stream: &mut impl Read, generation: u64, prev_rank: usize) -> Result<(), String> {
+    let mut hello = [0u8; 20];
+    stream.read_exact(&mut hello).map_err(|e| format!("no 20-byte hello: {e}"))?;
+    if &hello[..4] != HELLO {
+        return Err(format!("magic {:?}, expected {:?}", &hello[..4], HELLO));
+    }
+    let field = |range: std::ops::Range<usize>| u64::from_le_bytes(hello[range].try_into().expect("8 bytes"));
+    let (theirs, rank) = (field(4..12), field(12..20));
+    if theirs != generation || rank != prev_rank as u64 {
+        return Err(format!("generation {theirs}, rank {rank}; expected {generation}, {prev_rank}"));
+    }
+    Ok(())
+}
+
 fn connect_with_retry(
     addr: SocketAddr,
     peer: usize,
@@ -275,20 +294,19 @@ fn accept_from(
         match listener.accept() {
             Ok((mut stream, _)) => {
                 stream.set_nonblocking(false).ok();
-                stream
-                    .set_read_timeout(Some(
-                        deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1)),
-                    ))
-                    .ok();
-                let mut hello = [0u8; 20];
-                if stream.read_exact(&mut hello).is_ok() && hello == hello_bytes(generation, prev_rank) {
-                    return Ok(stream);
+                // A connection that says nothing must not hold the accept loop for the whole
+                // set-up: the real peer writes its hello right after connecting.
+                let left = deadline.saturating_duration_since(Instant::now());
+                stream.set_read_timeout(Some(left.min(HELLO_TIMEOUT).max(Duration::from_millis(1)))).ok();
+                match read_hello(&mut stream, generation, prev_rank) {
+                    Ok(()) => return Ok(stream),
+                    Err(reason) => tracing::warn!(
+                        expected_rank = prev_rank,
+                        generation,
+                        %reason,
+                        "ignored a ring connection with a wrong handshake"
+                    ),
                 }
-                tracing::warn!(
-                    expected_rank = prev_rank,
-                    generation,
-                    "ignored a ring connection with a wrong handshake"
-                );
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 if Instant::now() >= deadline {

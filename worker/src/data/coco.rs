@@ -21,7 +21,7 @@ use mtl_metrics::MetricsError;
 use serde_json::Value;
 
 use super::batch::IGNORE_INDEX;
-use super::rle::{Rle, Segmentation};
+use super::rle::{check_polygon, Rle, Segmentation};
 use super::sample::{BoxLabel, ClassLabel, Dataset, DatasetInfo, InstanceMasks, MaskSource, SampleRecord};
 use crate::WorkerError;
 
@@ -185,13 +185,7 @@ fn parse_segmentation(
                     format!("expected a polygon [x0, y0, x1, y1, ...], got {}", short(p)),
                 )
             })?;
-            let limit = 4.0 * f64::from(height.max(width));
-            if let Some(v) = xy.iter().find(|v| v.abs() > limit) {
-                return Err(cx.bad(
-                    format!("{at}[{j}]"),
-                    format!("coordinate {v} is far outside the {width}x{height} image"),
-                ));
-            }
+            check_polygon(&xy, height, width).map_err(|m| cx.bad(format!("{at}[{j}]"), m))?;
             if !xy.is_empty() {
                 out.push(xy);
             }

@@ -234,7 +234,7 @@ pub(crate) fn prepare(record: &SampleRecord, cfg: &LoaderConfig) -> Result<Prepa
                     inst.width, inst.height
                 ));
             }
-            Some(rasterise(inst))
+            Some(rasterise(inst).map_err(|e| format!("cannot rasterise the annotations: {e}"))?)
         }
     };
     let boxes = record.boxes.as_deref().unwrap_or(&[]);

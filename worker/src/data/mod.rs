@@ -11,6 +11,8 @@ pub(crate) mod coco;
 pub(crate) mod jsonl;
 pub(crate) mod loader;
 mod ordered;
+#[cfg(test)]
+pub(crate) mod proptests;
 pub(crate) mod rle;
 mod rng;
 pub(crate) mod sample;
@@ -44,6 +46,8 @@ const SYNTHETIC_GENERATION_WAIT: Duration = Duration::from_secs(600);
 
 /// Opens a split as `[data]` describes it, generating the synthetic dataset first if needed.
 /// `Ok(None)` when the split is not configured (an empty `data.val`). `seed` is `job.seed`.
+/// A split without samples (but a synthetic validation split, which is then `None`) and a
+/// COCO `image_root` that is not a directory are errors.
 pub(crate) fn open_dataset(
     data: &DataSection,
     split: Split,
@@ -74,9 +78,27 @@ pub(crate) fn open_dataset(
             } else {
                 data.image_root.clone()
             };
+            // Every image would be skipped: say so now, not after an epoch of empty batches.
+            if !data.image_root.as_os_str().is_empty() && !root.is_dir() {
+                return Err(WorkerError::Data {
+                    key: "data.image_root".into(),
+                    message: format!("{} is not a directory", root.display()),
+                });
+            }
             coco::read_coco(&path, &root, data.class_rule)?
         }
     };
+    if dataset.samples.is_empty() && data.format == DataFormat::Synthetic && split == Split::Val {
+        // `synthetic_val_fraction` chose no validation images: there is no validation split.
+        return Ok(None);
+    }
+    if dataset.samples.is_empty() {
+        let key = if split == Split::Train { "data.train" } else { "data.val" };
+        return Err(WorkerError::Data {
+            key: key.into(),
+            message: format!("{} has no samples", path.display()),
+        });
+    }
     tracing::info!(path = %path.display(), samples = dataset.samples.len(), "dataset opened");
     Ok(Some(dataset))
 }

@@ -82,13 +82,17 @@ impl Rle {
 
     /// Rasterises one polygon exactly as pycocotools' `rleFrPoly` does (upsampled ×5
     /// boundary, pixel centres inside the polygon are set). Work grows with the distance
-    /// between vertices: callers bound the coordinates (see `coco::read_coco`).
-    pub fn from_polygon(xy: &[f64], height: u32, width: u32) -> Self {
+    /// between vertices, so coordinates must pass [`check_polygon`]; an image whose pixels an
+    /// RLE cannot count (more than `u32::MAX`) is an error too.
+    pub fn from_polygon(xy: &[f64], height: u32, width: u32) -> Result<Self, String> {
+        check_polygon(xy, height, width)?;
+        let pixels = u32::try_from(u64::from(height) * u64::from(width))
+            .map_err(|_| format!("a {width}x{height} image has more pixels than an RLE counts"))?;
         let (h, w) = (i64::from(height), i64::from(width));
         let scale = 5.0;
         let k = xy.len() / 2;
         if k == 0 {
-            return Self { height, width, counts: vec![height * width] };
+            return Ok(Self { height, width, counts: vec![pixels] });
         }
         let mut x: Vec<i64> = (0..k).map(|j| (scale * xy[2 * j] + 0.5) as i64).collect();
         let mut y: Vec<i64> = (0..k).map(|j| (scale * xy[2 * j + 1] + 0.5) as i64).collect();
@@ -157,7 +161,7 @@ impl Rle {
                 }
             }
         }
-        Self { height, width, counts }
+        Ok(Self { height, width, counts })
     }
 
     /// Number of set pixels.
@@ -183,27 +187,64 @@ impl Rle {
     }
 }
 
+/// Most boundary points (on the ×5 grid) one polygon may have: 16 Mi points, 256 MiB of work
+/// space; a polygon around a 20000-pixel square needs 400 Ki.
+const MAX_BOUNDARY_POINTS: f64 = (1u64 << 24) as f64;
+
+/// Checks a polygon before it is rasterised: coordinates finite and within four image sizes of
+/// the image (further out is no annotation), and a boundary short enough that rasterising it
+/// takes bounded time and memory whatever the image size.
+pub(crate) fn check_polygon(xy: &[f64], height: u32, width: u32) -> Result<(), String> {
+    let limit = 4.0 * f64::from(height.max(width));
+    if let Some(v) = xy.iter().find(|v| !v.is_finite() || v.abs() > limit) {
+        return Err(format!("coordinate {v} is far outside the {width}x{height} image"));
+    }
+    let k = xy.len() / 2;
+    let points: f64 = (0..k)
+        .map(|j| {
+            let next = (j + 1) % k;
+            let dx = (xy[2 * next] - xy[2 * j]).abs();
+            let dy = (xy[2 * next + 1] - xy[2 * j + 1]).abs();
+            5.0 * dx.max(dy) + 2.0
+        })
+        .sum();
+    if points > MAX_BOUNDARY_POINTS {
+        return Err(format!(
+            "a polygon of {k} vertices with a boundary of {points:.0} points (x5 grid), more than the {MAX_BOUNDARY_POINTS} allowed"
+        ));
+    }
+    Ok(())
+}
+
 impl Segmentation {
-    /// Writes `value` into a row-major `height × width` buffer over the shape's pixels.
-    pub fn paint(&self, out: &mut [u8], height: u32, width: u32, value: u8) {
+    /// Writes `value` into a row-major `height × width` buffer over the shape's pixels. An RLE
+    /// must be of this size; `out` must hold `height × width` pixels.
+    pub fn paint(&self, out: &mut [u8], height: u32, width: u32, value: u8) -> Result<(), String> {
         match self {
             Segmentation::Polygons(polys) => {
                 for poly in polys {
-                    Rle::from_polygon(poly, height, width).paint(out, value);
+                    Rle::from_polygon(poly, height, width)?.paint(out, value);
                 }
             }
-            Segmentation::Rle(rle) => rle.paint(out, value),
+            Segmentation::Rle(rle) if (rle.height, rle.width) == (height, width) => rle.paint(out, value),
+            Segmentation::Rle(rle) => {
+                return Err(format!(
+                    "RLE of {}x{} painted on a {width}x{height} image",
+                    rle.width, rle.height
+                ))
+            }
         }
+        Ok(())
     }
 }
 
 /// The semantic mask of one image: 0 background, shapes painted in order (row-major).
-pub(crate) fn rasterise(masks: &InstanceMasks) -> Vec<u8> {
+pub(crate) fn rasterise(masks: &InstanceMasks) -> Result<Vec<u8>, String> {
     let mut out = vec![0u8; masks.width as usize * masks.height as usize];
     for (value, shape) in &masks.shapes {
-        shape.paint(&mut out, masks.height, masks.width, *value);
+        shape.paint(&mut out, masks.height, masks.width, *value)?;
     }
-    out
+    Ok(out)
 }
 
 #[cfg(test)]

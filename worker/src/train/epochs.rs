@@ -1,7 +1,8 @@
 //! The epoch loop both training modes share: take this rank's shard of an epoch, step through
 //! it, log every `train.log_every_steps`, evaluate every `train.eval_every_steps` and once at
 //! the end, offer a checkpoint every `checkpoint.every_steps`, at a planned stop and at the end;
-//! after an epoch's last step the trainer ends the epoch (DWA's weights move there).
+//! after an epoch's last step the trainer ends the epoch (DWA's weights move there). A run
+//! fails when an epoch's unreadable images pass `data.max_unreadable_fraction` (`unreadable`).
 //! Where shards come from and where progress and checkpoints go is the [`Driver`]'s business:
 //! the process itself for `worker train --standalone`, the coordinator for `worker run`.
 //!
@@ -11,6 +12,7 @@
 use mtl_job::sharding::TrainShard;
 use mtl_job::JobConfig;
 
+use super::unreadable::Unreadable;
 use super::{StepReport, Throughput, Trainer};
 use crate::data::OrderedSplit;
 use crate::data::{Loader, LoaderConfig};
@@ -124,13 +126,18 @@ pub(crate) fn train(
             &ids,
             LoaderConfig::from_section(&cfg.data, batch_size, true, cfg.job.seed, epoch),
         )?;
-        for (i, batch) in loader.by_ref().take(shard.steps as usize).enumerate() {
+        let planned = shard.steps.min(until.saturating_sub(trainer.steps_done())) * global_batch;
+        let mut unreadable = Unreadable::new(cfg.data.max_unreadable_fraction, epoch, planned);
+        for i in 0..shard.steps as usize {
             if trainer.steps_done() >= until {
                 break;
             }
+            let Some(batch) = loader.next() else { break };
             driver.before_step()?;
             let step = trainer.steps_done() + 1;
             let report = trainer.step(&batch?)?;
+            // Every rank counts the same global numbers, so all stop here together.
+            unreadable.count(global_batch, report.samples, &loader.summary().skipped)?;
             // An epoch whose last whole global batch is trained is done: the next sample is
             // the start of the next epoch (its short tail is never trained, see sharding).
             // Every rank runs the same number of steps of a shard, so all end the epoch together
@@ -160,6 +167,14 @@ pub(crate) fn train(
             }
         }
         skipped += loader.summary().skipped.len();
+        if unreadable.skipped() > 0 {
+            tracing::warn!(
+                epoch,
+                skipped = unreadable.skipped(),
+                images = planned,
+                "training images of the epoch (all ranks) could not be read and were skipped"
+            );
+        }
     }
     train_time += since.elapsed();
     if skipped > 0 {

@@ -27,17 +27,26 @@ pub(crate) struct Counts {
     pub det_labelled: f64,
     /// Pixels with a segmentation label other than 255 in images with masks.
     pub seg_valid_pixels: f64,
+    /// Images in the batch (summed over ranks: the images the step trains on; the global batch
+    /// less the images the loaders could not read).
+    pub samples: f64,
 }
 
 impl Counts {
     /// The counts as an array, for an all-reduce.
-    pub(crate) fn to_array(self) -> [f64; 4] {
-        [self.cls_labelled, self.det_positives, self.det_labelled, self.seg_valid_pixels]
+    pub(crate) fn to_array(self) -> [f64; 5] {
+        [self.cls_labelled, self.det_positives, self.det_labelled, self.seg_valid_pixels, self.samples]
     }
 
     /// Counts from an all-reduced array.
-    pub(crate) fn from_array(a: [f64; 4]) -> Self {
-        Counts { cls_labelled: a[0], det_positives: a[1], det_labelled: a[2], seg_valid_pixels: a[3] }
+    pub(crate) fn from_array(a: [f64; 5]) -> Self {
+        Counts {
+            cls_labelled: a[0],
+            det_positives: a[1],
+            det_labelled: a[2],
+            seg_valid_pixels: a[3],
+            samples: a[4],
+        }
     }
 }
 
@@ -45,7 +54,7 @@ impl std::ops::Add for Counts {
     type Output = Counts;
     fn add(self, o: Counts) -> Counts {
         let (a, b) = (self.to_array(), o.to_array());
-        Counts::from_array([a[0] + b[0], a[1] + b[1], a[2] + b[2], a[3] + b[3]])
+        Counts::from_array(std::array::from_fn(|i| a[i] + b[i]))
     }
 }
 
@@ -77,6 +86,7 @@ pub(crate) fn local_counts(batch: &Batch, targets: &Targets) -> Result<Counts, W
         det_positives: targets.det.as_ref().map_or(0.0, |t| t.num_positives as f64),
         det_labelled: batch.boxes_labelled.iter().filter(|&&l| l).count() as f64,
         seg_valid_pixels: segmentation::valid_pixels(&batch.mask_target, &batch.mask_labelled)?,
+        samples: batch.ids.len() as f64,
     })
 }
 

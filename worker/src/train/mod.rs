@@ -8,7 +8,8 @@
 //! batches.
 //! Layout: `epochs` (the epoch loop both modes share), `eval` (metric statistics from a loader),
 //! `standalone` (`worker train --standalone`), `distributed` (`worker run`, driven by the
-//! coordinator), `regroup` (continuing in a new generation after a peer is lost), `checkpoint` (the run's state on disk: written, checked, resumed from).
+//! coordinator), `regroup` (continuing in a new generation after a peer is lost), `checkpoint` (the run's state on disk: written, checked, resumed from),
+//! `unreadable` (the limit on training images the loader cannot read).
 pub(crate) mod checkpoint;
 pub(crate) mod distributed;
 pub(crate) mod epochs;
@@ -17,6 +18,7 @@ pub(crate) mod job;
 pub(crate) mod losses;
 mod regroup;
 pub(crate) mod standalone;
+mod unreadable;
 
 use mtl_job::JobConfig;
 use tch::{Device, Kind, Tensor};
@@ -55,7 +57,8 @@ pub struct StepReport {
     pub task_grad_norms: TaskValues,
     /// Global gradient norm before clipping (when clipping is on).
     pub grad_norm: Option<f64>,
-    /// Samples this step trained on, over all ranks.
+    /// Samples this step trained on, over all ranks (images the loaders could not read are
+    /// not counted).
     pub samples: u64,
 }
 
@@ -335,7 +338,7 @@ impl Trainer {
             weights: report.weights,
             task_grad_norms: report.grad_norms,
             grad_norm,
-            samples: (batch.ids.len() as f64 * world) as u64,
+            samples: global.samples.round() as u64,
         })
     }
 
@@ -377,7 +380,7 @@ fn task_values(losses: &TaskLosses) -> Result<TaskValues, WorkerError> {
 
 fn counts_from(t: &Tensor) -> Result<Counts, WorkerError> {
     let v: Vec<f64> = Vec::<f64>::try_from(&t.to_device(Device::Cpu))?;
-    Ok(Counts::from_array([v[0], v[1], v[2], v[3]]))
+    Ok(Counts::from_array([v[0], v[1], v[2], v[3], v[4]]))
 }
 
 /// The gradients of `params`, creating zero gradients where backward left none, so every rank

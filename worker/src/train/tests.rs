@@ -595,3 +595,5 @@ fn labels_outside_the_models_label_space_are_an_error_not_a_panic() {
     assert!(message.starts_with("segmentation loss: ") && message.contains("out of bounds"), "{message}");
     assert!(!message.contains("Exception raised from"), "no C++ stack trace: {message}");
 }
+
+mod unreadable;

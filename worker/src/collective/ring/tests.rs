@@ -151,3 +151,82 @@ fn chunk_bounds_cover_the_buffer_exactly() {
         }
     }
 }
+
+mod handshake {
+    use std::io::Cursor;
+
+    use proptest::collection::vec;
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::data::proptests::config;
+
+    #[test]
+    fn the_hello_names_magic_generation_and_rank() {
+        read_hello(&mut Cursor::new(hello_bytes(7, 3)), 7, 3).unwrap();
+        let err = |bytes: &[u8]| read_hello(&mut Cursor::new(bytes.to_vec()), 7, 3).unwrap_err();
+        assert!(err(&hello_bytes(6, 3)).contains("generation 6, rank 3; expected 7, 3"));
+        assert!(err(&hello_bytes(7, 2)).contains("generation 7, rank 2"));
+        assert!(err(b"GET / HTTP/1.1\r\nHost: x\r\n").contains("magic"));
+        assert!(err(b"MTL1").contains("no 20-byte hello"));
+    }
+
+    #[test]
+    fn a_silent_connection_does_not_hold_the_ring_set_up() {
+        // Someone connects to the ring port and says nothing; the real peer connects after it.
+        // The accept loop gives up on the silent one after HELLO_TIMEOUT, well before the
+        // set-up deadline, and takes the peer.
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _silent = TcpStream::connect(addr).unwrap();
+        let mut peer = TcpStream::connect(addr).unwrap();
+        peer.write_all(&hello_bytes(1, 0)).unwrap();
+        let start = Instant::now();
+        accept_from(&listener, 0, 1, start + Duration::from_secs(30)).unwrap();
+        assert!(start.elapsed() < Duration::from_secs(15), "took {:?}", start.elapsed());
+    }
+
+    proptest! {
+        #![proptest_config(config(128))]
+
+        #[test]
+        fn arbitrary_bytes_are_refused_unless_they_are_the_hello(
+            bytes in prop_oneof![
+                vec(any::<u8>(), 0..40),
+                (any::<u64>(), 0u64..4, vec(any::<u8>(), 0..4)).prop_map(|(g, r, tail)| {
+                    let mut b = b"MTL1".to_vec();
+                    b.extend(g.to_le_bytes());
+                    b.extend(r.to_le_bytes());
+                    b.extend(tail);
+                    b
+                }),
+            ],
+            generation in 0u64..3,
+            rank in 0usize..4,
+        ) {
+            let ok = read_hello(&mut Cursor::new(&bytes), generation, rank).is_ok();
+            prop_assert_eq!(ok, bytes.len() >= 20 && bytes[..20] == hello_bytes(generation, rank));
+        }
+
+        #[test]
+        fn a_stranger_on_the_ring_port_is_ignored_and_the_peer_accepted(
+            bytes in vec(any::<u8>(), 0..48),
+        ) {
+            // Over loopback: a stranger writes arbitrary bytes and hangs up, then the real
+            // peer connects; the accept loop must skip the stranger and return the peer.
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = listener.local_addr().unwrap();
+            {
+                let mut stranger = TcpStream::connect(addr).unwrap();
+                stranger.write_all(&bytes).unwrap();
+            }
+            let mut peer = TcpStream::connect(addr).unwrap();
+            peer.write_all(&hello_bytes(2, 1)).unwrap();
+            peer.write_all(b"!").unwrap();
+            let mut accepted = accept_from(&listener, 1, 2, Instant::now() + T).unwrap();
+            let mut marker = [0u8; 1];
+            accepted.read_exact(&mut marker).unwrap();
+            prop_assert_eq!(&marker, b"!");
+        }
+    }
+}

@@ -51,7 +51,7 @@ fn reads_boxes_masks_and_classes() {
     );
     assert_eq!((boxes[0].area, boxes[2].area), (16.0, 2.0));
     let Some(MaskSource::Instances(inst)) = &a.mask else { panic!("instances") };
-    let m = rasterise(inst);
+    let m = rasterise(inst).unwrap();
     let at = |x: usize, y: usize| m[y * 8 + x];
     assert_eq!((at(1, 1), at(3, 3), at(4, 4)), (2, 2, 0), "dog square");
     assert_eq!((at(2, 2), at(2, 4), at(2, 5)), (1, 1, 0), "cat column painted over the dog");
@@ -61,7 +61,7 @@ fn reads_boxes_masks_and_classes() {
     // No annotations: no class, 0 boxes, all-background mask.
     assert_eq!((c.class.is_none(), c.boxes.as_deref()), (true, Some(&[][..])));
     let Some(MaskSource::Instances(inst)) = &c.mask else { panic!("instances") };
-    assert!(rasterise(inst).iter().all(|&v| v == 0));
+    assert!(rasterise(inst).unwrap().iter().all(|&v| v == 0));
 }
 
 #[test]

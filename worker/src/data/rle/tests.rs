@@ -30,8 +30,8 @@ fn hand_made_compressed_strings() {
 #[test]
 fn hand_made_axis_aligned_square_polygon() {
     // pycocotools: frPyObjects([[1,1,4,1,4,4,1,4]], 6, 6) covers pixels 1..=3 in x and y.
-    assert_eq!(Rle::from_polygon(&[], 2, 3).counts, vec![6], "an empty polygon covers nothing");
-    let rle = Rle::from_polygon(&[1.0, 1.0, 4.0, 1.0, 4.0, 4.0, 1.0, 4.0], 6, 6);
+    assert_eq!(Rle::from_polygon(&[], 2, 3).unwrap().counts, vec![6], "an empty polygon covers nothing");
+    let rle = Rle::from_polygon(&[1.0, 1.0, 4.0, 1.0, 4.0, 4.0, 1.0, 4.0], 6, 6).unwrap();
     let m = mask_of(&rle);
     for y in 0..6 {
         for x in 0..6 {
@@ -56,7 +56,7 @@ fn matches_pycocotools_reference() {
             "polygons" => {
                 let polys: Vec<Vec<f64>> = serde_json::from_value(case["polygons"].clone()).unwrap();
                 for (poly, want) in polys.iter().zip(case["per_polygon_fortran"].as_array().unwrap()) {
-                    let rle = Rle::from_polygon(poly, h, w);
+                    let rle = Rle::from_polygon(poly, h, w).unwrap();
                     let want: Vec<u8> = serde_json::from_value(want.clone()).unwrap();
                     let mut fortran = vec![0u8; (h * w) as usize];
                     let mut pos = 0;
@@ -67,7 +67,7 @@ fn matches_pycocotools_reference() {
                     assert_eq!(fortran, want, "{name}: one polygon's runs");
                 }
                 let mut out = vec![0u8; (h * w) as usize];
-                Segmentation::Polygons(polys).paint(&mut out, h, w, 1);
+                Segmentation::Polygons(polys).paint(&mut out, h, w, 1).unwrap();
                 out
             }
             _ => {
@@ -96,6 +96,28 @@ fn later_shapes_paint_over_earlier_ones() {
         (v, Segmentation::Polygons(vec![vec![x0, 0.0, x0 + 3.0, 0.0, x0 + 3.0, 3.0, x0, 3.0]]))
     };
     let masks = InstanceMasks { width: 6, height: 3, shapes: vec![square(0.0, 1), square(2.0, 255)] };
-    let m = rasterise(&masks);
+    let m = rasterise(&masks).unwrap();
     assert_eq!(&m[6..12], &[1, 1, 255, 255, 255, 0]);
+}
+
+#[test]
+fn polygons_that_would_take_unbounded_work_are_errors() {
+    // Found by the property tests: a long, thin image allows coordinates far from the origin,
+    // and the boundary points between them would take gigabytes.
+    let err = Rle::from_polygon(&[0.0, 0.0, 1e9, 0.0, 0.0, 0.0], 1, 400_000_000).unwrap_err();
+    assert!(err.contains("boundary of") && err.contains("allowed"), "{err}");
+    let err = Rle::from_polygon(&[0.0, f64::NAN, 1.0, 1.0], 8, 8).unwrap_err();
+    assert!(err.contains("far outside"), "{err}");
+    // More pixels than a u32 count can hold.
+    let err = Rle::from_polygon(&[], 70_000, 70_000).unwrap_err();
+    assert!(err.contains("more pixels"), "{err}");
+    // A polygon around a large image is fine.
+    let side = 20_000.0;
+    let rle = Rle::from_polygon(
+        &[1.0, 1.0, side - 1.0, 1.0, side - 1.0, side - 1.0, 1.0, side - 1.0],
+        20_000,
+        20_000,
+    )
+    .unwrap();
+    assert_eq!(rle.area(), 19_998 * 19_998);
 }
