@@ -49,6 +49,7 @@ async fn train_and_compare(world: usize, norm: NormKind) {
     // The same model evaluated by one process over the whole validation split.
     let out = Command::new(common::bin("worker"))
         .args(["eval", "--checkpoint", ckpt.to_str().unwrap(), "--json"])
+        .env("OMP_NUM_THREADS", "1") // as the workers run
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

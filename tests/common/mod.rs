@@ -110,6 +110,9 @@ pub fn spawn_worker_with(url: &str, token: &str, worker_id: &str, extra: &[&str]
         .args(extra)
         .env("MTL_JOB_TOKEN", token)
         .env("RUST_LOG", "info")
+        // One LibTorch thread per worker, as the demo runs them: several workers that each start a
+        // thread per core oversubscribe a small machine and their spinning threads stall steps.
+        .env("OMP_NUM_THREADS", "1")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
