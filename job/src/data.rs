@@ -76,6 +76,9 @@ pub struct DataSection {
     /// The largest fraction of an epoch's training images (counted over all ranks) that may be
     /// unreadable (missing or corrupt, skipped by the loader) before the run fails, in [0, 1].
     /// A few bad files are skipped; a run that reads almost nothing stops with an error.
+    /// Left out of the written config at its default, so job hashes from before the key
+    /// existed still match (it is not part of the hash, see `JobConfig::trained_part`).
+    #[serde(skip_serializing_if = "is_default_unreadable_fraction")]
     pub max_unreadable_fraction: f64,
     /// Training-time augmentation (evaluation only resizes).
     pub augment: AugmentSection,
@@ -213,6 +216,11 @@ impl DataSection {
         }
         Ok(())
     }
+}
+
+/// Whether `f` is `data.max_unreadable_fraction`'s default.
+fn is_default_unreadable_fraction(f: &f64) -> bool {
+    *f == DataSection::default().max_unreadable_fraction
 }
 
 #[cfg(test)]
