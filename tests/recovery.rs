@@ -26,10 +26,12 @@ fn body(data: &std::path::Path) -> String {
     )
 }
 
-/// Runs the job with workers w0, w1, w2; with `kill_after`, w0 (rank 0) is killed once a worker
-/// has completed that many steps.
-async fn run(data: &std::path::Path, kill_after: Option<u64>) -> JobReport {
-    let coord = InProcessCoordinator::start(job(&body(data))).await;
+/// Runs the job (with `job.seed` = `seed`) with workers w0, w1, w2; with `kill_after`, w0
+/// (rank 0) is killed once a worker has completed that many steps.
+async fn run(data: &std::path::Path, seed: u64, kill_after: Option<u64>) -> JobReport {
+    let mut cfg = job(&body(data));
+    cfg.job.seed = seed;
+    let coord = InProcessCoordinator::start(cfg).await;
     let mut workers: Vec<_> =
         (0..3).map(|i| Some(spawn_worker(&coord.url, &coord.token, &format!("w{i}")))).collect();
     if let Some(after) = kill_after {
@@ -94,8 +96,8 @@ fn final_loss(report: &JobReport, n: usize) -> f64 {
 async fn a_worker_killed_mid_epoch_leaves_two_that_finish_the_job_from_memory() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let clean = run(&data, None).await;
-    let faulty = run(&data, Some(2)).await;
+    let clean = run(&data, 0, None).await;
+    let faulty = run(&data, 0, Some(2)).await;
 
     // The generation changes and their causes.
     let events: Vec<(u64, &str, &str)> =
@@ -123,16 +125,25 @@ async fn a_worker_killed_mid_epoch_leaves_two_that_finish_the_job_from_memory() 
     let clean_epochs = tiled(&clean.status.epoch_segments);
     assert_eq!(clean_epochs.len(), 2, "14 steps of 8 per epoch");
 
-    // The same place as a fault-free run: the summed loss of the last 3 steps (the survivors
-    // train with a global batch of 8 instead of 12 after the kill, so the runs are not identical).
-    let (c, f) = (final_loss(&clean, 3), final_loss(&faulty, 3));
+    // The same place as fault-free runs: the summed loss of the last 3 steps, within the spread
+    // of fault-free runs that differ only in their seed (initial weights, data order,
+    // augmentation), widened by that spread. The survivors train with a global batch of 8
+    // instead of 12 after the kill, so the faulty run is not identical to any of them.
     let first = clean.status.history.iter().find(|p| p.step == 1).unwrap();
     let start: f64 = first.values.iter().filter(|(k, _)| k.starts_with("loss/")).map(|(_, v)| v).sum();
-    eprintln!("summed loss: step 1 {start}, last 3 steps fault-free {c}, with a kill {f}");
-    assert!(c < start && f < start, "both runs learn: {start} -> {c} / {f}");
-    // Measured here: step 1 7.21, fault-free 5.80, with a kill 5.78; allowed: a quarter of
-    // what the fault-free run learned.
-    assert!((f - c).abs() <= 0.25 * (start - c), "with a kill {f} vs fault-free {c} (step 1: {start})");
+    let mut fault_free = vec![final_loss(&clean, 3)];
+    for seed in [1, 2] {
+        fault_free.push(final_loss(&run(&data, seed, None).await, 3));
+    }
+    let f = final_loss(&faulty, 3);
+    let (lo, hi) = fault_free.iter().fold((f64::MAX, f64::MIN), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+    let spread = hi - lo;
+    eprintln!("summed loss: step 1 {start}, last 3 steps fault-free {fault_free:?}, with a kill {f}");
+    assert!(hi < start && f < start, "the runs learn: {start} -> {fault_free:?} / {f}");
+    assert!(
+        f >= lo - spread && f <= hi + spread,
+        "with a kill {f}, fault-free {fault_free:?} (spread {spread}; step 1: {start})"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
