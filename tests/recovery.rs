@@ -149,7 +149,13 @@ async fn a_worker_killed_mid_epoch_leaves_two_that_finish_the_job_from_memory() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_that_registers_while_the_job_runs_is_admitted_and_takes_the_state() {
     let dir = tempfile::tempdir().unwrap();
-    let coord = InProcessCoordinator::start(job(&body(&dir.path().join("data")))).await;
+    // Long enough, with a checkpoint commit (an admission point) every 5 steps, for the late
+    // worker to start and register before the last one.
+    const LONG: u64 = 60;
+    let body = body(&dir.path().join("data"))
+        .replace(&format!("steps = {STEPS}\n"), &format!("steps = {LONG}\n"))
+        + "[checkpoint]\nevery_steps = 5\n";
+    let coord = InProcessCoordinator::start(job(&body)).await;
     let first: Vec<_> = (0..2).map(|i| spawn_worker(&coord.url, &coord.token, &format!("w{i}"))).collect();
     loop {
         let status = coord.status().await;
@@ -170,7 +176,7 @@ async fn a_worker_that_registers_while_the_job_runs_is_admitted_and_takes_the_st
     assert!(stderr.contains("taking the state from the generation's state root"), "{stderr}");
     assert_eq!(report.outcome, JobOutcome::Finished, "{}", report.status.message);
 
-    // Admitted at the start of epoch 1 (12 steps of 2 x 4), from the survivors' memory.
+    // Admitted at the next epoch start or checkpoint commit, from the survivors' memory.
     let events: Vec<(u64, &str, &str)> =
         report.status.events.iter().map(|e| (e.generation, e.kind.as_str(), e.detail.as_str())).collect();
     assert!(events.iter().any(|e| e.1 == "admission_requested" && e.2.contains("w2")), "{events:?}");
@@ -194,5 +200,5 @@ async fn a_worker_that_registers_while_the_job_runs_is_admitted_and_takes_the_st
         .filter(|p| p.kind == MetricsKind::Train as i32)
         .map(|p| p.step)
         .collect();
-    assert_eq!(steps, (1..=STEPS).collect::<Vec<_>>(), "every step once, across the admission");
+    assert_eq!(steps, (1..=LONG).collect::<Vec<_>>(), "every step once, across the admission");
 }

@@ -98,17 +98,10 @@ fn main() -> ExitCode {
             }
         }
         Command::Status { addr, token_file, token } => {
-            if token.is_some() {
-                tracing::warn!("--token is visible to other users of this machine (ps); prefer --token-file or MTL_JOB_TOKEN");
-            }
-            let token = match JobToken::given(token_file.as_deref(), token, std::env::var(TOKEN_ENV).ok()) {
-                Ok(Some(token)) => token,
-                Ok(None) => {
-                    eprintln!("error: no job token: set MTL_JOB_TOKEN or pass --token-file");
-                    return ExitCode::from(2);
-                }
-                Err(err) => {
-                    eprintln!("error: {err}");
+            let token = match JobToken::for_client(token_file.as_deref(), token, |m| tracing::warn!("{m}")) {
+                Ok(token) => token,
+                Err(message) => {
+                    eprintln!("error: {message}");
                     return ExitCode::from(2);
                 }
             };

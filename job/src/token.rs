@@ -52,6 +52,24 @@ impl JobToken {
         Ok(flag.or(env).filter(|t| !t.is_empty()).map(Self))
     }
 
+    /// The token of a client (`worker run`, `coordinator status`): [`JobToken::given`] with
+    /// [`TOKEN_ENV`] from the environment. `--token` works, but `warn` is told that other users
+    /// see it; no token at all is an error saying how to give one.
+    pub fn for_client(
+        file: Option<&Path>,
+        flag: Option<String>,
+        warn: impl FnOnce(&str),
+    ) -> Result<Self, String> {
+        if flag.is_some() {
+            warn("--token is visible to other users of this machine (ps); prefer --token-file or MTL_JOB_TOKEN");
+        }
+        match Self::given(file, flag, std::env::var(TOKEN_ENV).ok()) {
+            Ok(Some(token)) => Ok(token),
+            Ok(None) => Err(format!("no job token: set {TOKEN_ENV} or pass --token-file")),
+            Err(err) => Err(err.to_string()),
+        }
+    }
+
     /// Whether no token was given.
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()

@@ -2,7 +2,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use mtl_job::{JobToken, TOKEN_ENV};
+use mtl_job::JobToken;
 use mtl_worker::{BenchConfig, Identity, RunConfig, StandaloneOptions, SyntheticConfig, SyntheticPreset};
 
 mod commands;
@@ -230,17 +230,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run { coordinator, token_file, token, worker_id, device, peer_addr, out } => {
-            if token.is_some() {
-                tracing::warn!("--token is visible to other users of this machine (ps); prefer --token-file or MTL_JOB_TOKEN");
-            }
-            let token = match JobToken::given(token_file.as_deref(), token, std::env::var(TOKEN_ENV).ok()) {
-                Ok(Some(token)) => token,
-                Ok(None) => {
-                    eprintln!("error: no job token: set MTL_JOB_TOKEN or pass --token-file");
-                    return ExitCode::from(2);
-                }
-                Err(err) => {
-                    eprintln!("error: {err}");
+            let token = match JobToken::for_client(token_file.as_deref(), token, |m| tracing::warn!("{m}")) {
+                Ok(token) => token,
+                Err(message) => {
+                    eprintln!("error: {message}");
                     return ExitCode::from(2);
                 }
             };

@@ -142,7 +142,10 @@ impl JobState {
         let at = self.checkpoints.partition_point(|c| c.step < req.step);
         self.checkpoints.insert(at, checkpoint);
         let pruned = self.prune()?;
-        self.admit_waiting(&format!("after checkpoint step {}", req.step), now)?;
+        // The checkpoint of the last step is no admission point: the members leave after it.
+        if req.step < self.cfg.train.steps {
+            self.admit_waiting(&format!("after checkpoint step {}", req.step), now)?;
+        }
         Ok(CheckpointAck { committed: true, pruned })
     }
 

@@ -720,13 +720,27 @@ fn a_newcomer_is_admitted_after_the_next_checkpoint_commit() {
     let t0 = Instant::now();
     let mut c = cfg(1, 2);
     c.rendezvous.last_call_ms = 0;
-    let (mut s, dir) = new_state(c);
+    c.train.steps = 10;
+    let (mut s, dir) = new_state(c.clone());
     assert_eq!(s.register_new(info("b"), t0).unwrap(), Registered::Formed);
     s.shard(&shard_req("b", Split::Train, 100, "f"), t0).unwrap();
     assert_eq!(s.register_new(info("a"), t0).unwrap(), Registered::AwaitingAdmission);
     assert!(matches!(s.register_new(info("z"), t0), Err(CoordinatorError::Full { .. })));
     s.report_metrics(train_report("b", 1, 4), t0).unwrap();
     assert_eq!(s.phase(), &Phase::Running, "a report is no admission point");
+
+    // The checkpoint of the last step is none either: the members leave after it.
+    {
+        let (mut last, dir) = new_state(c);
+        last.register_new(info("b"), t0).unwrap();
+        last.shard(&shard_req("b", Split::Train, 100, "f"), t0).unwrap();
+        last.register_new(info("a"), t0).unwrap();
+        let name = write_checkpoint(dir.path(), 10);
+        last.commit_checkpoint(&commit(&last, "b", 1, 10, &name), t0).unwrap();
+        assert_eq!(last.phase(), &Phase::Running, "the final checkpoint admits nobody");
+        last.leave("b", 1, false, "").unwrap();
+        assert_eq!(last.phase(), &Phase::Finished, "the job finishes with its members");
+    }
 
     let name = write_checkpoint(dir.path(), 4);
     let ack = s.commit_checkpoint(&commit(&s, "b", 1, 4, &name), t0).unwrap();
