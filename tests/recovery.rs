@@ -59,7 +59,7 @@ async fn run(data: &std::path::Path, seed: u64, kill_after: Option<u64>) -> JobR
 }
 
 /// Checks that the kept parts of each epoch's segments tile `[0, end)` of its permutation, and
-/// returns per epoch (samples trained, samples in the split, smallest global batch).
+/// returns per epoch (samples trained, samples in the split, the global batch that ended it).
 fn tiled(segments: &[EpochSegment]) -> BTreeMap<u64, (u64, u64, u64)> {
     let mut by_epoch: BTreeMap<u64, Vec<&EpochSegment>> = BTreeMap::new();
     for s in segments {
@@ -74,8 +74,10 @@ fn tiled(segments: &[EpochSegment]) -> BTreeMap<u64, (u64, u64, u64)> {
                 assert_eq!(s.start, next, "epoch {epoch}: a gap or an overlap at {next}: {segs:?}");
                 next = s.kept_end;
             }
-            let global = segs.iter().map(|s| u64::from(s.world_size * s.batch_size)).min().unwrap();
-            (epoch, (next, segs[0].samples, global))
+            // The epoch's untrained tail is shorter than the global batch of the generation
+            // that ended it (the last one to train in it).
+            let last = segs.iter().filter(|s| s.kept_end > s.start).max_by_key(|s| s.kept_end).unwrap();
+            (epoch, (next, segs[0].samples, u64::from(last.world_size * last.batch_size)))
         })
         .collect()
 }

@@ -44,6 +44,8 @@ pub fn job(body: &str) -> JobConfig {
     static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let dir = std::env::temp_dir().join(format!("mtl-test-{}-{n}", std::process::id()));
+    // Left by an earlier test process that had the same process id: start clean.
+    let _ = std::fs::remove_dir_all(&dir);
     cfg.server.metrics_file = dir.join("metrics.jsonl").display().to_string();
     cfg.server.state_db = dir.join("state.db").display().to_string();
     cfg.checkpoint.dir = dir.join("checkpoints").display().to_string();
