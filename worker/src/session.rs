@@ -125,6 +125,11 @@ pub(crate) struct Session {
 }
 
 impl Session {
+    /// The key ring peers prove their membership in this job with.
+    pub(crate) fn ring_key(&self) -> crate::collective::ring::RingKey {
+        crate::collective::ring::RingKey::from_token(&self.token)
+    }
+
     /// Connects, registers and waits for the generation to form.
     pub(crate) async fn join(addr: &str, token: &str, identity: Identity) -> Result<Self, WorkerError> {
         let client = CoordinatorClient::connect(addr.to_string())

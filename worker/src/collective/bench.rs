@@ -4,7 +4,7 @@
 use std::net::{SocketAddr, TcpListener};
 use std::time::{Duration, Instant};
 
-use super::ring::Ring;
+use super::ring::{Ring, RingKey};
 use super::{CollectiveError, ReduceOp};
 
 /// What one bench rank does.
@@ -41,7 +41,10 @@ pub struct BenchResult {
 pub fn run(cfg: &BenchConfig, mut on_result: impl FnMut(&BenchResult)) -> Result<(), CollectiveError> {
     let listener =
         TcpListener::bind(cfg.peers[cfg.rank]).map_err(|e| CollectiveError::io("bind", cfg.rank, e))?;
-    let mut ring = Ring::connect(cfg.rank, &cfg.peers, listener, 0, Duration::from_secs(60), cfg.timeout)?;
+    // Bench ranks are no job: they share a fixed key.
+    let key = RingKey::from_token("collective-bench");
+    let mut ring =
+        Ring::connect(cfg.rank, &cfg.peers, listener, 0, &key, Duration::from_secs(60), cfg.timeout)?;
     let n = cfg.peers.len();
     for &size in &cfg.sizes_bytes {
         let mut data = vec![1f32; size / 4];

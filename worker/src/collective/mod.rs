@@ -51,6 +51,16 @@ pub enum CollectiveError {
         /// Its address, as known.
         addr: String,
     },
+    /// The peer this rank connected to failed the membership handshake.
+    #[error("ring set-up: rank {peer} ({addr}) failed the handshake: {reason}")]
+    Handshake {
+        /// The peer's rank.
+        peer: usize,
+        /// Its address.
+        addr: String,
+        /// What went wrong.
+        reason: String,
+    },
     /// A tensor cannot take part (wrong device or dtype for this backend).
     #[error("{op}: unsupported tensor: {message}")]
     Unsupported {

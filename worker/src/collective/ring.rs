@@ -4,15 +4,20 @@
 //! its own thread while the receiver adds incoming segments as they arrive, so transfer
 //! and arithmetic overlap. Every socket has a timeout: a dead or silent peer is an error
 //! naming the peer, never a hang.
+use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use super::{CollectiveError, ReduceOp};
 
+mod handshake;
+pub(crate) use handshake::RingKey;
+
 /// Bytes per send/receive segment: small enough to pipeline, large enough to amortise syscalls.
 const SEGMENT_BYTES: usize = 1 << 20;
-const HELLO: &[u8; 4] = b"MTL1";
 
 /// Element types the ring can reduce.
 pub(crate) trait Element: bytemuck::Pod + Send + Sync + std::ops::AddAssign {
@@ -47,12 +52,14 @@ pub(crate) struct Ring {
 impl Ring {
     /// Connects the ring. `listener` is this rank's own (bound before registering, so the
     /// address given to peers is already accepting); `peers[r]` is rank r's address.
+    /// Both connections are authenticated with `key` (the job's) over `generation`.
     /// `connect_timeout` bounds the whole set-up; `timeout` bounds every later transfer.
     pub(crate) fn connect(
         rank: usize,
         peers: &[SocketAddr],
         listener: TcpListener,
         generation: u64,
+        key: &RingKey,
         connect_timeout: Duration,
         timeout: Duration,
     ) -> Result<Self, CollectiveError> {
@@ -68,11 +75,15 @@ impl Ring {
         let next = std::thread::scope(|s| {
             let out = s.spawn(|| {
                 let mut next = connect_with_retry(peers[next_rank], next_rank, deadline)?;
-                next.write_all(&hello_bytes(generation, rank))
-                    .map_err(|e| CollectiveError::io("handshake", next_rank, e))?;
+                // The peer answers once its set-up reaches the accept loop: wait until the deadline.
+                let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+                next.set_read_timeout(Some(left)).and_then(|_| next.set_write_timeout(Some(left))).ok();
+                handshake::connect(&mut next, key, generation, rank, next_rank).map_err(|reason| {
+                    CollectiveError::Handshake { peer: next_rank, addr: peers[next_rank].to_string(), reason }
+                })?;
                 Ok(next)
             });
-            let prev = accept_from(&listener, prev_rank, generation, deadline);
+            let prev = accept_from(&listener, key, generation, prev_rank, rank, deadline);
             let next = out.join().expect("connect thread panicked");
             prev.and_then(|prev| next.map(|next| (next, prev)))
         })?;
@@ -237,32 +248,12 @@ fn split_disjoint<T>(data: &mut [T], a: (usize, usize), b: (usize, usize)) -> (&
     }
 }
 
-fn hello_bytes(generation: u64, rank: usize) -> [u8; 20] {
-    let mut out = [0u8; 20];
-    out[..4].copy_from_slice(HELLO);
-    out[4..12].copy_from_slice(&generation.to_le_bytes());
-    out[12..20].copy_from_slice(&(rank as u64).to_le_bytes());
-    out
-}
-
-/// How long an accepted connection may take to send its hello.
+/// How long an accepted connection may take to send its hello and proof.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// Reads a hello from `stream` and checks it is `prev_rank`'s in `generation`; the error says
-/// what was read instead.
-fn read_hello(stream: &mut impl Read, generation: u64, prev_rank: usize) -> Result<(), String> {
-    let mut hello = [0u8; 20];
-    stream.read_exact(&mut hello).map_err(|e| format!("no 20-byte hello: {e}"))?;
-    if &hello[..4] != HELLO {
-        return Err(format!("magic {:?}, expected {:?}", &hello[..4], HELLO));
-    }
-    let field = |range: std::ops::Range<usize>| u64::from_le_bytes(hello[range].try_into().expect("8 bytes"));
-    let (theirs, rank) = (field(4..12), field(12..20));
-    if theirs != generation || rank != prev_rank as u64 {
-        return Err(format!("generation {theirs}, rank {rank}; expected {generation}, {prev_rank}"));
-    }
-    Ok(())
-}
+/// Connections whose handshake may be under way at once. A new connection beyond it closes the
+/// oldest pending one: a real peer finishes its handshake within a round trip, so strangers
+/// that pile up silent connections only push out each other.
+const MAX_PENDING_HANDSHAKES: usize = 64;
 
 fn connect_with_retry(
     addr: SocketAddr,
@@ -283,36 +274,74 @@ fn connect_with_retry(
     }
 }
 
+/// Accepts connections until one proves to be `prev_rank` of this job and generation. Each
+/// connection's handshake runs on its own thread, so a stranger that connects first, and says
+/// nothing or the wrong thing, delays nobody; one that fails is closed and logged.
 fn accept_from(
     listener: &TcpListener,
-    prev_rank: usize,
+    key: &RingKey,
     generation: u64,
+    prev_rank: usize,
+    rank: usize,
     deadline: Instant,
 ) -> Result<TcpStream, CollectiveError> {
     listener.set_nonblocking(true).map_err(|e| CollectiveError::io("accept", prev_rank, e))?;
+    let (proven_tx, proven) = mpsc::channel();
+    // Pending handshakes, oldest first: a handle to close each, and whether it has ended.
+    let mut pending: VecDeque<(TcpStream, Arc<AtomicBool>)> = VecDeque::new();
     loop {
+        if let Ok(stream) = proven.try_recv() {
+            return Ok(stream);
+        }
         match listener.accept() {
-            Ok((mut stream, _)) => {
-                stream.set_nonblocking(false).ok();
-                // A connection that says nothing must not hold the accept loop for the whole
-                // set-up: the real peer writes its hello right after connecting.
-                let left = deadline.saturating_duration_since(Instant::now());
-                stream.set_read_timeout(Some(left.min(HELLO_TIMEOUT).max(Duration::from_millis(1)))).ok();
-                match read_hello(&mut stream, generation, prev_rank) {
-                    Ok(()) => return Ok(stream),
-                    Err(reason) => tracing::warn!(
-                        expected_rank = prev_rank,
-                        generation,
-                        %reason,
-                        "ignored a ring connection with a wrong handshake"
-                    ),
+            Ok((stream, from)) => {
+                pending.retain(|(_, ended)| !ended.load(Ordering::SeqCst));
+                if pending.len() >= MAX_PENDING_HANDSHAKES {
+                    let (oldest, _) = pending.pop_front().expect("pending is full");
+                    tracing::warn!(%from, generation, "too many ring handshakes under way: closed the oldest");
+                    oldest.shutdown(std::net::Shutdown::Both).ok();
                 }
+                let ended = Arc::new(AtomicBool::new(false));
+                if let Ok(handle) = stream.try_clone() {
+                    pending.push_back((handle, ended.clone()));
+                }
+                let (key, proven_tx) = (key.clone(), proven_tx.clone());
+                let left = deadline.saturating_duration_since(Instant::now());
+                let limit = left.min(HELLO_TIMEOUT).max(Duration::from_millis(1));
+                let handshake = move || {
+                    let mut stream = stream;
+                    stream.set_nonblocking(false).ok();
+                    stream
+                        .set_read_timeout(Some(limit))
+                        .and_then(|_| stream.set_write_timeout(Some(limit)))
+                        .ok();
+                    match handshake::accept(&mut stream, &key, generation, prev_rank, rank) {
+                        // After set-up ended (a duplicate), the stream is dropped: closed.
+                        Ok(()) => drop(proven_tx.send(stream)),
+                        Err(reason) => tracing::warn!(
+                            %from,
+                            expected_rank = prev_rank,
+                            generation,
+                            %reason,
+                            "refused a ring connection that failed the handshake"
+                        ),
+                    }
+                    ended.store(true, Ordering::SeqCst);
+                };
+                std::thread::Builder::new()
+                    .name("ring-handshake".into())
+                    .stack_size(256 << 10)
+                    .spawn(handshake)
+                    .map_err(|e| CollectiveError::io("accept", prev_rank, e))?;
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 if Instant::now() >= deadline {
                     return Err(CollectiveError::SetupTimeout { peer: prev_rank, addr: "(incoming)".into() });
                 }
-                std::thread::sleep(Duration::from_millis(5)); // non-blocking accept poll
+                // Non-blocking accept poll; a proven stream arrives on the channel meanwhile.
+                if let Ok(stream) = proven.recv_timeout(Duration::from_millis(5)) {
+                    return Ok(stream);
+                }
             }
             Err(e) => return Err(CollectiveError::io("accept", prev_rank, e)),
         }

@@ -74,6 +74,7 @@ pub(crate) fn connect_collective(
                 &peers,
                 listener,
                 p.generation,
+                &session.ring_key(),
                 timeouts.setup,
                 timeouts.step,
             )?;

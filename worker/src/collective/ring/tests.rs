@@ -20,7 +20,9 @@ fn on_ring<R: Send>(n: usize, timeout: Duration, f: impl Fn(Ring) -> R + Sync) -
             .map(|(rank, l)| {
                 let addrs = &addrs;
                 let f = &f;
-                s.spawn(move || f(Ring::connect(rank, addrs, l, 1, T, timeout).unwrap()))
+                s.spawn(move || {
+                    f(Ring::connect(rank, addrs, l, 1, &RingKey::from_token("test"), T, timeout).unwrap())
+                })
             })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
@@ -152,7 +154,7 @@ fn chunk_bounds_cover_the_buffer_exactly() {
     }
 }
 
-mod handshake {
+mod membership {
     use std::io::Cursor;
 
     use proptest::collection::vec;
@@ -161,40 +163,129 @@ mod handshake {
     use super::*;
     use crate::data::proptests::config;
 
-    #[test]
-    fn the_hello_names_magic_generation_and_rank() {
-        read_hello(&mut Cursor::new(hello_bytes(7, 3)), 7, 3).unwrap();
-        let err = |bytes: &[u8]| read_hello(&mut Cursor::new(bytes.to_vec()), 7, 3).unwrap_err();
-        assert!(err(&hello_bytes(6, 3)).contains("generation 6, rank 3; expected 7, 3"));
-        assert!(err(&hello_bytes(7, 2)).contains("generation 7, rank 2"));
-        assert!(err(b"GET / HTTP/1.1\r\nHost: x\r\n").contains("magic"));
-        assert!(err(b"MTL1").contains("no 20-byte hello"));
+    fn key() -> RingKey {
+        RingKey::from_token("test")
+    }
+
+    /// Connects to `addr` as `rank` of `generation` with `key` and runs the connecting side's
+    /// handshake on a thread; the thread returns the stream (or the handshake's error).
+    fn connect_as(
+        addr: SocketAddr,
+        key: RingKey,
+        generation: u64,
+        rank: usize,
+        next_rank: usize,
+    ) -> std::thread::JoinHandle<Result<TcpStream, String>> {
+        std::thread::spawn(move || {
+            let mut stream = TcpStream::connect(addr).unwrap();
+            stream.set_read_timeout(Some(T)).unwrap();
+            handshake::connect(&mut stream, &key, generation, rank, next_rank).map(|()| stream)
+        })
     }
 
     #[test]
-    fn a_silent_connection_does_not_hold_the_ring_set_up() {
-        // Someone connects to the ring port and says nothing; the real peer connects after it.
-        // The accept loop gives up on the silent one after HELLO_TIMEOUT, well before the
-        // set-up deadline, and takes the peer.
+    fn members_with_the_same_key_prove_themselves_to_each_other() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let peer = connect_as(listener.local_addr().unwrap(), key(), 7, 2, 3);
+        let mut accepted = accept_from(&listener, &key(), 7, 2, 3, Instant::now() + T).unwrap();
+        let mut peer = peer.join().unwrap().unwrap();
+        peer.write_all(b"!").unwrap();
+        let mut marker = [0u8; 1];
+        accepted.read_exact(&mut marker).unwrap();
+        assert_eq!(&marker, b"!");
+    }
+
+    #[test]
+    fn another_jobs_key_is_refused_on_both_sides() {
+        // A worker of another job (another token) connects: the accepting rank refuses it and
+        // keeps waiting, and the connecting side is told the peer failed its proof.
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
-        let _silent = TcpStream::connect(addr).unwrap();
-        let mut peer = TcpStream::connect(addr).unwrap();
-        peer.write_all(&hello_bytes(1, 0)).unwrap();
-        let start = Instant::now();
-        accept_from(&listener, 0, 1, start + Duration::from_secs(30)).unwrap();
-        assert!(start.elapsed() < Duration::from_secs(15), "took {:?}", start.elapsed());
+        let stranger = connect_as(addr, RingKey::from_token("other job"), 1, 0, 1);
+        let err =
+            accept_from(&listener, &key(), 1, 0, 1, Instant::now() + Duration::from_millis(500)).unwrap_err();
+        assert!(matches!(err, CollectiveError::SetupTimeout { peer: 0, .. }), "{err}");
+        let err = stranger.join().unwrap().unwrap_err();
+        assert!(err.contains("could not prove it belongs to this job"), "{err}");
+
+        // The other way round: an acceptor with another key answers; the connecting rank refuses.
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let rank0 = connect_as(listener.local_addr().unwrap(), key(), 1, 0, 1);
+        let other = RingKey::from_token("other job");
+        assert!(accept_from(&listener, &other, 1, 0, 1, Instant::now() + Duration::from_millis(500)).is_err());
+        assert!(rank0.join().unwrap().unwrap_err().contains("could not prove"));
+    }
+
+    #[test]
+    fn a_replayed_exchange_is_refused() {
+        // Someone records a real member's bytes and replays them on a later connection: the
+        // accepting rank's fresh nonce makes the recorded proof worthless.
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (recorder, recorded) = mpsc::channel();
+        let relay = std::thread::spawn(move || {
+            // Plays the acceptor towards the member, to record what it sends.
+            let (mut member, _) = listener.accept().unwrap();
+            let mut hello = [0u8; handshake::HELLO_LEN];
+            member.read_exact(&mut hello).unwrap();
+            recorder.send(hello).unwrap();
+            listener
+        });
+        let member = connect_as(addr, key(), 1, 0, 1);
+        let hello = recorded.recv().unwrap();
+        let listener = relay.join().unwrap();
+        drop(member); // it waits for an answer that never comes; its thread ends on timeout
+        let mut replay = TcpStream::connect(addr).unwrap();
+        replay.write_all(&hello).unwrap();
+        let mut answer = [0u8; 48];
+        let replayed = std::thread::spawn(move || {
+            replay.read_exact(&mut answer).unwrap();
+            // The right proof would need the key: send anything.
+            replay.write_all(&[0u8; 32]).unwrap();
+        });
+        assert!(accept_from(&listener, &key(), 1, 0, 1, Instant::now() + Duration::from_millis(500)).is_err());
+        replayed.join().unwrap();
+    }
+
+    #[test]
+    fn silent_strangers_do_not_delay_the_ring_set_up() {
+        // Strangers connect to the ring port first, more than may be pending at once, and say
+        // nothing, holding their connections open. The real peer, connecting after them, is
+        // accepted within a set-up deadline shorter than one stranger's hello timeout: the
+        // strangers wait on their own threads, and the oldest are closed to make room.
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _strangers: Vec<TcpStream> =
+            (0..MAX_PENDING_HANDSHAKES + 8).map(|_| TcpStream::connect(addr).unwrap()).collect();
+        let peer = connect_as(addr, key(), 1, 0, 1);
+        accept_from(&listener, &key(), 1, 0, 1, Instant::now() + HELLO_TIMEOUT).unwrap();
+        peer.join().unwrap().unwrap();
+    }
+
+    #[test]
+    fn the_hello_names_magic_generation_and_rank() {
+        let nonce = [9u8; 16];
+        let err = |bytes: &[u8]| {
+            let mut stream = Cursor::new(bytes.to_vec());
+            handshake::accept(&mut stream, &key(), 7, 3, 4).unwrap_err()
+        };
+        assert!(err(&handshake::hello(6, 3, &nonce)).contains("generation 6, rank 3; expected 7, 3"));
+        assert!(err(&handshake::hello(7, 2, &nonce)).contains("generation 7, rank 2"));
+        assert!(err(b"GET / HTTP/1.1\r\nHost: xxxxxxxxxxxxxxxx\r\n").contains("magic"));
+        assert!(err(b"MTL2").contains("no 36-byte hello"));
+        // The right hello but no proof after the answer.
+        assert!(err(&handshake::hello(7, 3, &nonce)).contains("no proof"));
     }
 
     proptest! {
         #![proptest_config(config(128))]
 
         #[test]
-        fn arbitrary_bytes_are_refused_unless_they_are_the_hello(
+        fn arbitrary_bytes_never_pass_the_handshake(
             bytes in prop_oneof![
-                vec(any::<u8>(), 0..40),
-                (any::<u64>(), 0u64..4, vec(any::<u8>(), 0..4)).prop_map(|(g, r, tail)| {
-                    let mut b = b"MTL1".to_vec();
+                vec(any::<u8>(), 0..100),
+                (any::<u64>(), 0u64..4, vec(any::<u8>(), 0..60)).prop_map(|(g, r, tail)| {
+                    let mut b = b"MTL2".to_vec();
                     b.extend(g.to_le_bytes());
                     b.extend(r.to_le_bytes());
                     b.extend(tail);
@@ -204,26 +295,26 @@ mod handshake {
             generation in 0u64..3,
             rank in 0usize..4,
         ) {
-            let ok = read_hello(&mut Cursor::new(&bytes), generation, rank).is_ok();
-            prop_assert_eq!(ok, bytes.len() >= 20 && bytes[..20] == hello_bytes(generation, rank));
+            let mut stream = Cursor::new(bytes);
+            prop_assert!(handshake::accept(&mut stream, &key(), generation, rank, rank + 1).is_err());
         }
 
         #[test]
         fn a_stranger_on_the_ring_port_is_ignored_and_the_peer_accepted(
-            bytes in vec(any::<u8>(), 0..48),
+            bytes in vec(any::<u8>(), 0..100),
         ) {
             // Over loopback: a stranger writes arbitrary bytes and hangs up, then the real
-            // peer connects; the accept loop must skip the stranger and return the peer.
+            // peer connects; the accept loop must refuse the stranger and return the peer.
             let listener = TcpListener::bind("127.0.0.1:0").unwrap();
             let addr = listener.local_addr().unwrap();
             {
                 let mut stranger = TcpStream::connect(addr).unwrap();
                 stranger.write_all(&bytes).unwrap();
             }
-            let mut peer = TcpStream::connect(addr).unwrap();
-            peer.write_all(&hello_bytes(2, 1)).unwrap();
+            let peer = connect_as(addr, key(), 2, 1, 2);
+            let mut accepted = accept_from(&listener, &key(), 2, 1, 2, Instant::now() + T).unwrap();
+            let mut peer = peer.join().unwrap().unwrap();
             peer.write_all(b"!").unwrap();
-            let mut accepted = accept_from(&listener, 1, 2, Instant::now() + T).unwrap();
             let mut marker = [0u8; 1];
             accepted.read_exact(&mut marker).unwrap();
             prop_assert_eq!(&marker, b"!");
