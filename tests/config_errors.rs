@@ -57,3 +57,37 @@ fn a_valid_file_gets_past_config_to_the_bind() {
     assert_eq!(code, Some(1), "{stderr}");
     assert!(stderr.contains("cannot listen"), "{stderr}");
 }
+
+#[test]
+fn tls_needs_a_certificate_and_its_key() {
+    let (code, stderr) = serve("[job]\nname = \"x\"\n[server]\ntls_cert = \"cert.pem\"\n");
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("server.tls_key") && stderr.contains("must be set with server.tls_cert"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn an_unreadable_tls_file_is_named_before_the_bind() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing.pem");
+    let (code, stderr) = serve(&format!(
+        "[job]\nname = \"x\"\n[server]\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
+        missing.display(),
+        missing.display()
+    ));
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains(&format!("server.tls_cert = {}", missing.display())), "{stderr}");
+
+    // A file that exists but holds no certificate.
+    let not_pem = dir.path().join("cert.pem");
+    std::fs::write(&not_pem, "hello").unwrap();
+    let (code, stderr) = serve(&format!(
+        "[job]\nname = \"x\"\n[server]\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
+        not_pem.display(),
+        missing.display()
+    ));
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("server.tls_cert") && stderr.contains("no PEM block"), "{stderr}");
+}

@@ -129,6 +129,16 @@ pub enum CoordinatorError {
         /// Why.
         message: String,
     },
+    /// A TLS file of `[server]` cannot be used.
+    #[error("{key} = {path}: {message}")]
+    Tls {
+        /// The config key.
+        key: &'static str,
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        message: String,
+    },
     /// `coordinator status` could not reach the coordinator or its answer was an error.
     #[error("coordinator at {addr}: {message}")]
     Unreachable {
@@ -172,6 +182,7 @@ impl From<CoordinatorError> for Status {
             | CoordinatorError::Unreachable { .. }
             | CoordinatorError::Io { .. }
             | CoordinatorError::TokenFile { .. }
+            | CoordinatorError::Tls { .. }
             | CoordinatorError::Store { .. }
             | CoordinatorError::StoreMismatch { .. } => Status::internal(message),
         }

@@ -20,6 +20,7 @@ mod service;
 pub mod state;
 pub mod status;
 mod store;
+mod tls;
 mod token;
 
 use std::future::Future;
@@ -31,6 +32,11 @@ pub use mtl_job::JobConfig;
 use mtl_proto::v1::coordinator_server::CoordinatorServer;
 pub use state::Phase;
 pub use token::ensure as ensure_token;
+
+/// Reads and checks the TLS files `[server]` names; the error names the key and the file.
+pub fn check_tls(server: &mtl_job::ServerSection) -> Result<(), CoordinatorError> {
+    tls::server_config(server).map(|_| ())
+}
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -66,6 +72,8 @@ pub async fn run(
 ) -> Result<JobReport, CoordinatorError> {
     let mut cfg = cfg;
     token::ensure(&mut cfg)?;
+    let tls = tls::server_config(&cfg.server)?;
+    let mutual = !cfg.server.tls_client_ca.is_empty();
     let addr = listener.local_addr().ok();
     let heartbeat_check = Duration::from_millis(u64::from(cfg.rendezvous.heartbeat_interval_ms));
     let (changed_tx, mut changed_rx) = watch::channel(());
@@ -82,7 +90,11 @@ pub async fn run(
         state: Arc::new(Mutex::new(state)),
         changed_tx: Arc::new(changed_tx),
     };
-    tracing::info!(?addr, "coordinator serving");
+    match (&tls, mutual) {
+        (None, _) => tracing::info!(?addr, "coordinator serving (plain HTTP/2: no [server] tls_cert)"),
+        (Some(_), false) => tracing::info!(?addr, "coordinator serving over TLS"),
+        (Some(_), true) => tracing::info!(?addr, "coordinator serving over mutual TLS"),
+    }
 
     let outcome = {
         let shared = shared.clone();
@@ -119,7 +131,11 @@ pub async fn run(
         };
         let _ = stop_tx.send(outcome);
     };
-    let server = tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        server = server.tls_config(tls)?;
+    }
+    let server = server
         .add_service(
             CoordinatorServer::new(CoordinatorService { shared: shared.clone() })
                 .max_decoding_message_size(mtl_proto::MAX_MESSAGE_BYTES)

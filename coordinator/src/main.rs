@@ -41,7 +41,7 @@ enum Command {
     },
     /// Print a running job's state, workers and latest metrics.
     Status {
-        /// The coordinator's address, e.g. http://127.0.0.1:50051.
+        /// The coordinator's address, e.g. http://127.0.0.1:50051 (https:// with TLS).
         #[arg(long, default_value = "http://127.0.0.1:50051")]
         addr: String,
         /// Read the job token from this file (else MTL_JOB_TOKEN).
@@ -51,7 +51,29 @@ enum Command {
         /// MTL_JOB_TOKEN.
         #[arg(long)]
         token: Option<String>,
+        #[command(flatten)]
+        tls: TlsFlags,
     },
+}
+
+/// How to reach an `https://` coordinator.
+#[derive(clap::Args)]
+struct TlsFlags {
+    /// The CA certificate (PEM) that signed the coordinator's; default: the system's roots.
+    #[arg(long, env = "MTL_CA")]
+    ca: Option<PathBuf>,
+    /// This client's certificate (PEM), for a coordinator with `server.tls_client_ca`.
+    #[arg(long, env = "MTL_CLIENT_CERT", requires = "client_key")]
+    client_cert: Option<PathBuf>,
+    /// The private key (PEM) of --client-cert.
+    #[arg(long, env = "MTL_CLIENT_KEY", requires = "client_cert")]
+    client_key: Option<PathBuf>,
+}
+
+impl From<TlsFlags> for mtl_proto::client::ClientTls {
+    fn from(f: TlsFlags) -> Self {
+        Self { ca: f.ca, cert: f.client_cert, key: f.client_key }
+    }
 }
 
 fn main() -> ExitCode {
@@ -84,6 +106,11 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
+            // The TLS files are read before the bind: a bad one is a config error too.
+            if let Err(err) = mtl_coordinator::check_tls(&cfg.server) {
+                eprintln!("error: {err}");
+                return ExitCode::from(2);
+            }
             match runtime.block_on(serve(cfg, addr_file)) {
                 Ok(JobOutcome::Finished) => ExitCode::SUCCESS,
                 Ok(JobOutcome::Failed(reason)) => {
@@ -97,7 +124,7 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Status { addr, token_file, token } => {
+        Command::Status { addr, token_file, token, tls } => {
             let token = match JobToken::for_client(token_file.as_deref(), token, |m| tracing::warn!("{m}")) {
                 Ok(token) => token,
                 Err(message) => {
@@ -105,7 +132,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            match runtime.block_on(mtl_coordinator::status::fetch(&addr, token.expose())) {
+            match runtime.block_on(mtl_coordinator::status::fetch(&addr, token.expose(), &tls.into())) {
                 Ok(status) => {
                     print!("{}", mtl_coordinator::status::render(&status));
                     ExitCode::SUCCESS

@@ -2,22 +2,21 @@
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
-use mtl_proto::v1::coordinator_client::CoordinatorClient;
+use mtl_proto::client::ClientTls;
 use mtl_proto::v1::{JobStatus, MetricsKind, StatusRequest};
 
 use crate::CoordinatorError;
 
-/// Fetches the status of the job served at `addr`.
-pub async fn fetch(addr: &str, token: &str) -> Result<JobStatus, CoordinatorError> {
+/// Fetches the status of the job served at `addr` (over TLS with `tls` when it is `https://`).
+pub async fn fetch(addr: &str, token: &str, tls: &ClientTls) -> Result<JobStatus, CoordinatorError> {
     let unreachable = |message: String| CoordinatorError::Unreachable { addr: addr.to_string(), message };
-    let mut client = CoordinatorClient::connect(addr.to_string())
+    let mut client = mtl_proto::client::connect(addr, tls)
         .await
-        .map_err(|e| unreachable(format!("cannot connect: {e}")))?
-        .max_decoding_message_size(mtl_proto::MAX_MESSAGE_BYTES);
+        .map_err(|e| unreachable(format!("cannot connect: {e}")))?;
     let status = client
         .get_status(StatusRequest { job_token: token.to_string() })
         .await
-        .map_err(|s| unreachable(s.message().to_string()))?;
+        .map_err(|s| unreachable(mtl_proto::client::describe_status(&s)))?;
     Ok(status.into_inner())
 }
 

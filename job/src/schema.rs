@@ -69,11 +69,28 @@ pub struct ServerSection {
     /// metrics history. A coordinator started on an existing one resumes the job. Empty means
     /// `runs/<job.name>/state.db`.
     pub state_db: String,
+    /// TLS for the gRPC server: its certificate chain (PEM). With `tls_key`; empty means plain
+    /// HTTP/2 (docs/SECURITY.md). Left out of the written config when empty.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub tls_cert: String,
+    /// The private key (PEM) of `tls_cert`.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub tls_key: String,
+    /// Mutual TLS: only clients with a certificate signed by this CA (PEM) are served.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub tls_client_ca: String,
 }
 
 impl Default for ServerSection {
     fn default() -> Self {
-        Self { listen: "127.0.0.1:50051".into(), metrics_file: String::new(), state_db: String::new() }
+        Self {
+            listen: "127.0.0.1:50051".into(),
+            metrics_file: String::new(),
+            state_db: String::new(),
+            tls_cert: String::new(),
+            tls_key: String::new(),
+            tls_client_ca: String::new(),
+        }
     }
 }
 
@@ -235,6 +252,18 @@ impl JobConfig {
                 "server.listen",
                 format!("`{}` is not a socket address like 127.0.0.1:50051", self.server.listen),
             ));
+        }
+        let s = &self.server;
+        if s.tls_cert.is_empty() != s.tls_key.is_empty() {
+            let (given, missing) =
+                if s.tls_cert.is_empty() { ("tls_key", "tls_cert") } else { ("tls_cert", "tls_key") };
+            return Err(invalid(
+                &format!("server.{missing}"),
+                format!("must be set with server.{given} (TLS needs a certificate and its key)"),
+            ));
+        }
+        if !s.tls_client_ca.is_empty() && s.tls_cert.is_empty() {
+            return Err(invalid("server.tls_client_ca", "needs server.tls_cert and server.tls_key".into()));
         }
         let r = &self.rendezvous;
         if r.min_workers == 0 {

@@ -1,6 +1,8 @@
 //! The wire contract between coordinator and workers: `mtl.v1`, generated from
 //! `proto/mtl/v1/coordinator.proto` at build time. Nothing generated is committed.
 
+pub mod client;
+
 /// Version 1 of the coordinator service and its messages.
 #[allow(missing_docs, unreachable_pub, clippy::all)]
 pub mod v1 {

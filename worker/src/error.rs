@@ -2,15 +2,15 @@
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
     /// The coordinator could not be reached.
-    #[error("cannot connect to the coordinator at {addr}: {source}")]
+    #[error("cannot connect to the coordinator at {addr}: {message}")]
     Connect {
         /// The address tried.
         addr: String,
-        /// Why.
-        source: tonic::transport::Error,
+        /// Why, with what to fix.
+        message: String,
     },
     /// The coordinator answered an RPC with an error.
-    #[error("coordinator rejected {rpc}: {status}")]
+    #[error("coordinator rejected {rpc}: {}", mtl_proto::client::describe_status(status))]
     Rpc {
         /// The RPC's name.
         rpc: &'static str,

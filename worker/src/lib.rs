@@ -44,6 +44,8 @@ use crate::session::Session;
 pub struct RunConfig {
     /// The coordinator's URL, e.g. `http://127.0.0.1:50051`.
     pub coordinator: String,
+    /// How to reach an `https://` coordinator.
+    pub tls: mtl_proto::client::ClientTls,
     /// The job token.
     pub token: mtl_job::JobToken,
     /// This worker's identity (its `peer_addr` is filled in from the bound listener).
@@ -72,7 +74,7 @@ pub async fn run(mut cfg: RunConfig) -> Result<(), WorkerError> {
             Err(err) => tracing::warn!(%err, "no NCCL unique id; the nccl backend will not be available"),
         }
     }
-    let session = Session::join(&cfg.coordinator, cfg.token.expose(), cfg.identity).await?;
+    let session = Session::join(&cfg.coordinator, &cfg.tls, cfg.token.expose(), cfg.identity).await?;
     let handle = tokio::runtime::Handle::current();
     let out = cfg.out;
     let (session, result) = tokio::task::spawn_blocking(move || {

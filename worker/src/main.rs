@@ -3,6 +3,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use mtl_job::JobToken;
+use mtl_proto::client::ClientTls;
 use mtl_worker::{BenchConfig, Identity, RunConfig, StandaloneOptions, SyntheticConfig, SyntheticPreset};
 
 mod commands;
@@ -49,6 +50,16 @@ enum Command {
         /// Rank 0 writes the final checkpoint (a checkpoint directory) here.
         #[arg(long)]
         out: Option<std::path::PathBuf>,
+        /// The CA certificate (PEM) that signed an https:// coordinator's; default: the
+        /// system's roots.
+        #[arg(long, env = "MTL_CA")]
+        ca: Option<std::path::PathBuf>,
+        /// This worker's certificate (PEM), for a coordinator with `server.tls_client_ca`.
+        #[arg(long, env = "MTL_CLIENT_CERT", requires = "client_key")]
+        client_cert: Option<std::path::PathBuf>,
+        /// The private key (PEM) of --client-cert.
+        #[arg(long, env = "MTL_CLIENT_KEY", requires = "client_cert")]
+        client_key: Option<std::path::PathBuf>,
     },
     /// One rank of a CPU ring all-reduce benchmark; start one process per rank.
     ///
@@ -229,7 +240,18 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run { coordinator, token_file, token, worker_id, device, peer_addr, out } => {
+        Command::Run {
+            coordinator,
+            token_file,
+            token,
+            worker_id,
+            device,
+            peer_addr,
+            out,
+            ca,
+            client_cert,
+            client_key,
+        } => {
             let token = match JobToken::for_client(token_file.as_deref(), token, |m| tracing::warn!("{m}")) {
                 Ok(token) => token,
                 Err(message) => {
@@ -244,6 +266,7 @@ fn main() -> ExitCode {
                 Identity { worker_id, host, device, peer_addr: String::new(), nccl_unique_id: Vec::new() };
             runtime.block_on(mtl_worker::run(RunConfig {
                 coordinator,
+                tls: ClientTls { ca, cert: client_cert, key: client_key },
                 token,
                 identity,
                 peer_bind: peer_addr,

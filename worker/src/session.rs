@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mtl_job::JobConfig;
+use mtl_proto::client::ClientTls;
 use mtl_proto::v1::coordinator_client::CoordinatorClient;
 use mtl_proto::v1::{
     CheckpointCommit, Directive, HeartbeatRequest, LeaveRequest, MetricsKind, MetricsReport, RegisterRequest,
@@ -131,12 +132,15 @@ impl Session {
     }
 
     /// Connects, registers and waits for the generation to form.
-    pub(crate) async fn join(addr: &str, token: &str, identity: Identity) -> Result<Self, WorkerError> {
-        let client = CoordinatorClient::connect(addr.to_string())
+    pub(crate) async fn join(
+        addr: &str,
+        tls: &ClientTls,
+        token: &str,
+        identity: Identity,
+    ) -> Result<Self, WorkerError> {
+        let client = mtl_proto::client::connect(addr, tls)
             .await
-            .map_err(|source| WorkerError::Connect { addr: addr.to_string(), source })?
-            .max_encoding_message_size(mtl_proto::MAX_MESSAGE_BYTES)
-            .max_decoding_message_size(mtl_proto::MAX_MESSAGE_BYTES);
+            .map_err(|message| WorkerError::Connect { addr: addr.to_string(), message })?;
         Self::enter(client, token, identity, None, Duration::ZERO).await
     }
 
