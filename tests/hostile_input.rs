@@ -120,3 +120,45 @@ async fn oversized_requests_are_refused_per_rpc_and_the_job_goes_on() {
     w.leave().await.unwrap();
     assert_eq!(coord.report().await.outcome, JobOutcome::Finished);
 }
+
+/// The peak resident memory of process `pid` in bytes (`VmHWM`).
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).expect("VmHWM");
+    let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    kib << 10
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_request_is_refused_from_its_frame_header_without_being_read() {
+    // A coordinator process; a 192 MiB heartbeat (under the server's 256 MiB message bound) is
+    // refused from the length its frame declares: the coordinator's peak memory stays far below
+    // the message's size, which decoding it would have needed once or twice over.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = job("[rendezvous]\nmin_workers = 1\n");
+    let file = dir.path().join("job.toml");
+    std::fs::write(&file, cfg.to_toml()).unwrap();
+    let addr_file = dir.path().join("addr");
+    let mut coordinator = std::process::Command::new(common::bin("coordinator"))
+        .args(["serve", "--config", file.to_str().unwrap(), "--addr-file", addr_file.to_str().unwrap()])
+        .args(["--set", &format!("server.state_db={}", dir.path().join("state.db").display())])
+        .args(["--set", &format!("server.metrics_file={}", dir.path().join("metrics.jsonl").display())])
+        .env("MTL_JOB_TOKEN", "t0k")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let url = format!("http://{}", common::bound_address(&addr_file));
+    let mut client = mtl_proto::v1::coordinator_client::CoordinatorClient::connect(url).await.unwrap();
+    let size = 192usize << 20;
+    let heartbeat = HeartbeatRequest {
+        job_token: "t0k".into(),
+        worker_id: "x".repeat(size),
+        generation: 1,
+        ..Default::default()
+    };
+    refused(client.heartbeat(heartbeat).await, "Heartbeat", 4 << 10);
+    let peak = peak_rss(coordinator.id());
+    coordinator.kill().unwrap();
+    coordinator.wait().unwrap();
+    assert!(peak < (size as u64) / 2, "the coordinator peaked at {} MiB", peak >> 20);
+}

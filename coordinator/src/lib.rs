@@ -136,6 +136,7 @@ pub async fn run(
         server = server.tls_config(tls)?;
     }
     let server = server
+        .layer(limits::WireLimitLayer)
         .add_service(
             CoordinatorServer::new(CoordinatorService { shared: shared.clone() })
                 .max_decoding_message_size(mtl_proto::MAX_MESSAGE_BYTES)

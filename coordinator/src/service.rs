@@ -1,5 +1,5 @@
-//! The gRPC face of the coordinator: bounds each request's size (`limits`), checks the token,
-//! then delegates to [`JobState`].
+//! The gRPC face of the coordinator: checks the token, then delegates to [`JobState`]. Request
+//! sizes are bounded before a request reaches it (`limits`).
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -46,7 +46,6 @@ impl Coordinator for CoordinatorService {
         &self,
         request: Request<RegisterRequest>,
     ) -> Result<Response<RegisterResponse>, Status> {
-        limits::check("Register", request.get_ref(), limits::REGISTER_BYTES)?;
         let req = request.into_inner();
         let shared = &self.shared;
         let mut changed_rx = shared.changed_tx.subscribe();
@@ -140,7 +139,6 @@ impl Coordinator for CoordinatorService {
         &self,
         request: Request<HeartbeatRequest>,
     ) -> Result<Response<HeartbeatResponse>, Status> {
-        limits::check("Heartbeat", request.get_ref(), limits::HEARTBEAT_BYTES)?;
         let req = request.into_inner();
         let mut state = self.shared.lock();
         state.check_token(&req.job_token)?;
@@ -152,7 +150,6 @@ impl Coordinator for CoordinatorService {
 
     #[tracing::instrument(skip_all, fields(worker_id = %request.get_ref().worker_id, epoch = request.get_ref().epoch))]
     async fn get_shard(&self, request: Request<ShardRequest>) -> Result<Response<ShardResponse>, Status> {
-        limits::check("GetShard", request.get_ref(), limits::GET_SHARD_BYTES)?;
         let req = request.into_inner();
         let mut state = self.shared.lock();
         state.check_token(&req.job_token)?;
@@ -174,7 +171,6 @@ impl Coordinator for CoordinatorService {
         &self,
         request: Request<CheckpointCommit>,
     ) -> Result<Response<CheckpointAck>, Status> {
-        limits::check("CommitCheckpoint", request.get_ref(), limits::COMMIT_CHECKPOINT_BYTES)?;
         let req = request.into_inner();
         let mut state = self.shared.lock();
         state.check_token(&req.job_token)?;
@@ -183,7 +179,6 @@ impl Coordinator for CoordinatorService {
 
     #[tracing::instrument(skip_all, fields(worker_id = %request.get_ref().worker_id, failed = request.get_ref().failed))]
     async fn leave(&self, request: Request<LeaveRequest>) -> Result<Response<LeaveResponse>, Status> {
-        limits::check("Leave", request.get_ref(), limits::LEAVE_BYTES)?;
         let req = request.into_inner();
         {
             let mut state = self.shared.lock();
@@ -195,7 +190,6 @@ impl Coordinator for CoordinatorService {
     }
 
     async fn get_status(&self, request: Request<StatusRequest>) -> Result<Response<JobStatus>, Status> {
-        limits::check("GetStatus", request.get_ref(), limits::GET_STATUS_BYTES)?;
         let state = self.shared.lock();
         state.check_token(&request.get_ref().job_token)?;
         Ok(Response::new(state.status(Instant::now())))
