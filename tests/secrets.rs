@@ -107,6 +107,10 @@ async fn a_run_writes_its_token_nowhere() {
     let (coordinator, url) = serve(root, &cfg, &env);
     let status = command("coordinator", root, &["status", "--addr", &url], &env).output().unwrap();
     assert!(status.status.success(), "{}", stderr(&status));
+    // Read the coordinator's output while the job runs: at debug level it fills a pipe's
+    // 64 KiB within seconds on a loaded machine, and a coordinator blocked on a full pipe
+    // answers nobody.
+    let coordinator = tokio::spawn(finish(coordinator));
     let out = root.join("model");
     let workers: Vec<_> = (0..2)
         .map(|i| worker(&url, root, &format!("w{i}"), &["--out", out.to_str().unwrap()], &env))
@@ -117,7 +121,7 @@ async fn a_run_writes_its_token_nowhere() {
         assert!(output.status.success(), "worker {i}:\n{}", stderr(&output));
         logs.push((["w0", "w1"][i], output));
     }
-    let coordinator = finish(coordinator).await;
+    let coordinator = coordinator.await.unwrap();
     assert!(coordinator.status.success(), "{}", stderr(&coordinator));
 
     // The run did what is under test: checkpoints, an evaluation, a final model.
@@ -143,6 +147,8 @@ async fn a_job_given_no_token_generates_one_that_its_workers_read_from_the_file(
     let root = dir.path();
     let cfg = config(root, "[rendezvous]\nmin_workers = 1\n[train]\nsteps = 2\nbatch_size = 4\n");
     let (coordinator, url) = serve(root, &cfg, &[]);
+    // Its output read as it comes, as above.
+    let coordinator = tokio::spawn(finish(coordinator));
     // Written before the address, next to the state database, for the owner only.
     let file = root.join("token");
     assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600);
@@ -171,7 +177,7 @@ async fn a_job_given_no_token_generates_one_that_its_workers_read_from_the_file(
     let right = finish(worker(&url, root, "w", &["--token-file", file_arg], &[])).await;
     assert!(right.status.success(), "{}", stderr(&right));
     assert!(!stderr(&right).contains("visible to other users"), "{}", stderr(&right));
-    let coordinator = finish(coordinator).await;
+    let coordinator = coordinator.await.unwrap();
     assert!(coordinator.status.success(), "{}", stderr(&coordinator));
     let log = stderr(&coordinator);
     assert!(log.contains(file_arg) && !log.contains(&token), "the log names the file, not the token:\n{log}");

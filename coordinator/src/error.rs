@@ -157,6 +157,14 @@ pub enum CoordinatorError {
         /// The RPC's bound.
         limit: usize,
     },
+    /// The HTTP server (dashboard, metrics) cannot listen on `server.http_listen`.
+    #[error("cannot listen on server.http_listen = {addr}: {source}")]
+    HttpListen {
+        /// The configured address.
+        addr: String,
+        /// Why.
+        source: std::io::Error,
+    },
     /// The gRPC server failed (bind, transport).
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -181,6 +189,7 @@ impl From<CoordinatorError> for Status {
             CoordinatorError::Transport(_)
             | CoordinatorError::Unreachable { .. }
             | CoordinatorError::Io { .. }
+            | CoordinatorError::HttpListen { .. }
             | CoordinatorError::TokenFile { .. }
             | CoordinatorError::Tls { .. }
             | CoordinatorError::Store { .. }

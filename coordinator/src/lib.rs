@@ -7,8 +7,9 @@
 //! LibTorch. Layout: [`state`] is the job's state machine (pure, clock passed in) over
 //! `accounting` (epoch samples), `checkpoints` (path check, pruning), `history` (metrics) and
 //! `store` (SQLite); `token` gives every job a token; `service` is its gRPC face (each request
-//! bounded by `limits`), [`run`] wires them to a listener, and
-//! [`status`] renders a job's status for `coordinator status`.
+//! bounded by `limits`), `web` its read-only HTTP face (dashboard, Prometheus metrics),
+//! [`run`] wires them to listeners, and [`status`] renders a job's status for
+//! `coordinator status`.
 #![warn(missing_docs)]
 
 mod accounting;
@@ -22,6 +23,7 @@ pub mod status;
 mod store;
 mod tls;
 mod token;
+mod web;
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -63,11 +65,24 @@ pub struct JobReport {
     pub status: mtl_proto::v1::JobStatus,
 }
 
-/// Serves the job on `listener` until it finishes, fails, or `shutdown` resolves. A job given
+/// Serves the job on `listener` until it finishes, fails, or `shutdown` resolves, with the
+/// HTTP server (dashboard, metrics) on `server.http_listen` unless that is empty. A job given
 /// no token gets one (see [`mtl_job::ServerSection::token_path`]).
 pub async fn run(
     cfg: JobConfig,
     listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<JobReport, CoordinatorError> {
+    let http = web::bind(&cfg.server.http_listen).await?;
+    run_with_http(cfg, listener, http, shutdown).await
+}
+
+/// [`run`] with the HTTP server on a listener of the caller's (`None`: no HTTP server) instead
+/// of `server.http_listen`: a caller that binds port 0 knows the address before the job starts.
+pub async fn run_with_http(
+    cfg: JobConfig,
+    listener: TcpListener,
+    http: Option<TcpListener>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<JobReport, CoordinatorError> {
     let mut cfg = cfg;
@@ -79,6 +94,7 @@ pub async fn run(
     let (changed_tx, mut changed_rx) = watch::channel(());
     let rendezvous_timeout = Duration::from_millis(cfg.rendezvous.timeout_ms);
     let min_workers = cfg.rendezvous.min_workers;
+    let http_require_token = cfg.server.http_require_token;
     let state = JobState::new(cfg, Instant::now())?;
     if *state.phase() == Phase::Finished {
         // Nothing to serve: the state database says the job is done.
@@ -95,6 +111,8 @@ pub async fn run(
         (Some(_), false) => tracing::info!(?addr, "coordinator serving over TLS"),
         (Some(_), true) => tracing::info!(?addr, "coordinator serving over mutual TLS"),
     }
+    // Stops with the gRPC server (dropped when this function returns).
+    let _web = http.map(|listener| web::spawn(listener, shared.clone(), http_require_token));
 
     let outcome = {
         let shared = shared.clone();

@@ -79,6 +79,28 @@ pub struct ServerSection {
     /// Mutual TLS: only clients with a certificate signed by this CA (PEM) are served.
     #[serde(skip_serializing_if = "String::is_empty")]
     pub tls_client_ca: String,
+    /// Address of the coordinator's HTTP server: the dashboard at `/`, Prometheus metrics at
+    /// `/metrics`, the status as JSON at `/api/status`; read-only. Empty turns it off. The
+    /// default, loopback on a free port, is logged at start (docs/SECURITY.md: who can reach it).
+    /// This key and the next are left out of a written config at their defaults, so that job
+    /// hashes from before they existed still match.
+    #[serde(skip_serializing_if = "is_default_http_listen")]
+    pub http_listen: String,
+    /// Whether `/metrics` and `/api/status` require the job token as `Authorization: Bearer`.
+    /// On by default: other users of a shared node reach its loopback address too.
+    #[serde(skip_serializing_if = "is_default_http_require_token")]
+    pub http_require_token: bool,
+}
+
+/// `server.http_listen` when not given: loopback, a free port.
+pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:0";
+
+fn is_default_http_listen(addr: &String) -> bool {
+    addr == DEFAULT_HTTP_LISTEN
+}
+
+fn is_default_http_require_token(required: &bool) -> bool {
+    *required
 }
 
 impl Default for ServerSection {
@@ -90,6 +112,8 @@ impl Default for ServerSection {
             tls_cert: String::new(),
             tls_key: String::new(),
             tls_client_ca: String::new(),
+            http_listen: DEFAULT_HTTP_LISTEN.into(),
+            http_require_token: true,
         }
     }
 }
@@ -264,6 +288,17 @@ impl JobConfig {
         }
         if !s.tls_client_ca.is_empty() && s.tls_cert.is_empty() {
             return Err(invalid("server.tls_client_ca", "needs server.tls_cert and server.tls_key".into()));
+        }
+        if !self.server.http_listen.is_empty()
+            && self.server.http_listen.parse::<std::net::SocketAddr>().is_err()
+        {
+            return Err(invalid(
+                "server.http_listen",
+                format!(
+                    "`{}` is not a socket address like 127.0.0.1:8051 (empty turns the HTTP server off)",
+                    self.server.http_listen
+                ),
+            ));
         }
         let r = &self.rendezvous;
         if r.min_workers == 0 {

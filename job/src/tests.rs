@@ -138,3 +138,20 @@ fn keep_best_names_a_known_metric_of_a_task() {
         );
     }
 }
+
+#[test]
+fn the_http_server_keys_are_written_only_when_set_and_checked() {
+    let cfg = load("[job]\nname = \"a\"\n").unwrap();
+    assert_eq!(cfg.server.http_listen, DEFAULT_HTTP_LISTEN);
+    assert!(cfg.server.http_require_token);
+    let text = cfg.to_toml();
+    assert!(!text.contains("http_"), "defaults are left out of the written config:\n{text}");
+    let set =
+        load("[job]\nname = \"a\"\n[server]\nhttp_listen = \"\"\nhttp_require_token = false\n").unwrap();
+    assert!(set.server.http_listen.is_empty(), "empty turns the server off");
+    let back = JobConfig::from_toml(&set.to_toml()).unwrap();
+    assert_eq!(back.server, set.server, "set values round-trip");
+    let err = load("[job]\nname = \"a\"\n[server]\nhttp_listen = \"localhost\"\n").unwrap_err();
+    assert!(matches!(&err, JobConfigError::Invalid { key, .. } if key == "server.http_listen"), "{err}");
+    assert!(err.to_string().contains("`localhost`"), "{err}");
+}

@@ -111,6 +111,20 @@ impl EvalReport {
     }
 }
 
+/// The task a key of [`EvalReport::to_map`] belongs to, in the short form of the training log
+/// keys (`cls`, `det`, `seg`, as in `loss/cls`); multi-label `mAP` is classification. `None`
+/// for a key that is no evaluation metric.
+pub fn metric_task(key: &str) -> Option<&'static str> {
+    match key {
+        "accuracy" | "precision" | "recall" | "F1" | "mAP" => Some("cls"),
+        "AP" | "AP50" | "AP75" | "APs" | "APm" | "APl" | "AR1" | "AR10" | "AR100" | "ARs" | "ARm" | "ARl" => {
+            Some("det")
+        }
+        "mIoU" | "pixel_accuracy" => Some("seg"),
+        _ => None,
+    }
+}
+
 /// Renders a metrics map (as [`EvalReport::to_map`] gives) as a per-task table.
 pub fn render_table(map: &BTreeMap<String, f64>) -> String {
     const GROUPS: [(&str, &[&str]); 3] = [

@@ -72,6 +72,21 @@ impl InProcessCoordinator {
         Self { url, token, stop_tx: Some(stop_tx), handle }
     }
 
+    /// Like [`InProcessCoordinator::start`], with the HTTP server (dashboard, metrics) on an
+    /// ephemeral loopback port; returns its base URL (`http://127.0.0.1:PORT`) too.
+    pub async fn start_watched(cfg: JobConfig) -> (Self, String) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let http_url = format!("http://{}", http.local_addr().unwrap());
+        let token = cfg.job.token.expose().to_string();
+        let (stop_tx, stop_rx) = oneshot::channel();
+        let handle = tokio::spawn(mtl_coordinator::run_with_http(cfg, listener, Some(http), async {
+            let _ = stop_rx.await;
+        }));
+        (Self { url, token, stop_tx: Some(stop_tx), handle }, http_url)
+    }
+
     /// The live status over gRPC (only while the job runs: the server stops when it ends).
     pub async fn status(&self) -> JobStatus {
         let mut client = CoordinatorClient::connect(self.url.clone()).await.unwrap();
@@ -119,6 +134,27 @@ pub fn spawn_worker_with(url: &str, token: &str, worker_id: &str, extra: &[&str]
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn worker")
+}
+
+/// `GET path` over HTTP/1.1 from `base` (`http://HOST:PORT`), with the bearer token if given;
+/// returns the status code and the body.
+pub async fn http_get(base: &str, path: &str, bearer: Option<&str>) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let host = base.strip_prefix("http://").expect("an http:// URL");
+    let mut stream = tokio::net::TcpStream::connect(host).await.expect("connect to the HTTP server");
+    let auth = bearer.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n{auth}Connection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.unwrap();
+    let response = String::from_utf8(response).expect("a UTF-8 response");
+    let (head, body) = response.split_once("\r\n\r\n").expect("a response head");
+    let code = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).expect("a status line");
+    assert!(
+        !head.to_ascii_lowercase().contains("transfer-encoding: chunked"),
+        "this client reads whole bodies only:\n{head}"
+    );
+    (code, body.to_string())
 }
 
 /// Waits for the coordinator to write its address file; returns the address.
