@@ -69,11 +69,23 @@ pub struct ServerSection {
     /// metrics history. A coordinator started on an existing one resumes the job. Empty means
     /// `runs/<job.name>/state.db`.
     pub state_db: String,
+    /// TensorBoard event files (training losses, task weights, learning rate, images/s, every
+    /// merged evaluation metric, generation changes) go into this directory; empty means `tb/`
+    /// next to the state database (`runs/<job.name>/tb` by default), `"off"` writes none.
+    /// Left out of the written config when empty, so job hashes from before the key existed
+    /// still match.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub tensorboard_dir: String,
 }
 
 impl Default for ServerSection {
     fn default() -> Self {
-        Self { listen: "127.0.0.1:50051".into(), metrics_file: String::new(), state_db: String::new() }
+        Self {
+            listen: "127.0.0.1:50051".into(),
+            metrics_file: String::new(),
+            state_db: String::new(),
+            tensorboard_dir: String::new(),
+        }
     }
 }
 
@@ -101,6 +113,16 @@ impl ServerSection {
     /// restarted on the same state reuses it.
     pub fn token_path(&self, job_name: &str) -> std::path::PathBuf {
         self.state_db_path(job_name).with_file_name("token")
+    }
+
+    /// Where TensorBoard event files go, with the default resolved: `tb/` next to the state
+    /// database, like the token; `None` when `tensorboard_dir = "off"`.
+    pub fn tensorboard_path(&self, job_name: &str) -> Option<std::path::PathBuf> {
+        match self.tensorboard_dir.as_str() {
+            "off" => None,
+            "" => Some(self.state_db_path(job_name).with_file_name("tb")),
+            dir => Some(dir.into()),
+        }
     }
 }
 
