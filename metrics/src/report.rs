@@ -111,6 +111,19 @@ impl EvalReport {
     }
 }
 
+/// The task a key of [`EvalReport::to_map`] belongs to: `classification` (multi-label `mAP`
+/// included), `detection` or `segmentation`; `None` for a key it never writes.
+pub fn task_of(key: &str) -> Option<&'static str> {
+    match key {
+        "accuracy" | "precision" | "recall" | "F1" | "mAP" => Some("classification"),
+        "AP" | "AP50" | "AP75" | "APs" | "APm" | "APl" | "AR1" | "AR10" | "AR100" | "ARs" | "ARm" | "ARl" => {
+            Some("detection")
+        }
+        "mIoU" | "pixel_accuracy" => Some("segmentation"),
+        _ => None,
+    }
+}
+
 /// Renders a metrics map (as [`EvalReport::to_map`] gives) as a per-task table.
 pub fn render_table(map: &BTreeMap<String, f64>) -> String {
     const GROUPS: [(&str, &[&str]); 3] = [
