@@ -1,7 +1,8 @@
 //! The coordinator's TensorBoard event files, read back with TensorBoard's own reader (the
 //! `tensorboard` package in the project's venv, `tests/tb_read.py`): every value the
 //! coordinator recorded is there under its tag at its step, the job's events are there as
-//! text, and a live TensorBoard sees a report while the job still runs.
+//! text, a live TensorBoard sees a report while the job still runs, and the file a restarted
+//! coordinator adds continues the same run.
 mod common;
 
 use std::collections::BTreeMap;
@@ -175,4 +176,45 @@ async fn a_report_reaches_tensorboard_while_the_job_runs_and_off_writes_nothing(
     assert_eq!(coord.report().await.outcome, JobOutcome::Finished);
     assert!(dir.join("state.db").exists());
     assert!(!dir.join("tb").exists(), "tensorboard_dir = \"off\" writes nothing");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_coordinator_adds_a_file_and_tensorboard_reads_both_as_one_run() {
+    let cfg = job("[rendezvous]\nmin_workers = 1\n[train]\nsteps = 100\n");
+    let logdir = cfg.server.tensorboard_path(&cfg.job.name).unwrap();
+    let coord = InProcessCoordinator::start(cfg.clone()).await;
+    let mut worker = FakeWorker::connect(&coord.url, &coord.token, "w0").await;
+    worker.register(0, 0).await.unwrap();
+    worker.heartbeat(3).await.unwrap();
+    worker.report_train(3, 0, 0.5).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !read_board(&logdir).scalars.contains_key("loss/cls") {
+        assert!(Instant::now() < deadline, "the report did not reach {}", logdir.display());
+        tokio::time::sleep(Duration::from_millis(100)).await; // polling the files, not syncing
+    }
+    coord.kill().await;
+
+    // The same worker re-attaches to the restarted coordinator and trains on.
+    let coord = InProcessCoordinator::start(cfg).await;
+    let mut worker = FakeWorker::connect(&coord.url, &coord.token, "w0").await;
+    assert!(worker.register(1, 3).await.unwrap().reattached);
+    worker.report_train(6, 0, 0.25).await.unwrap();
+    worker.leave().await.unwrap();
+    let report = coord.report().await;
+    assert_eq!(report.outcome, JobOutcome::Finished);
+
+    let files = std::fs::read_dir(&logdir).unwrap().count();
+    assert_eq!(files, 2, "one event file per coordinator start");
+    let board = read_board(&logdir);
+    assert_eq!(board.scalars["loss/cls"], [(3, Some(0.5)), (6, Some(0.25))]);
+    let texts: Vec<String> = report
+        .status
+        .events
+        .iter()
+        .map(|e| format!("generation {} {}: {}", e.generation, e.kind, e.detail))
+        .collect();
+    let shown: Vec<String> = board.texts["job/events"].iter().map(|(_, t)| t.clone()).collect();
+    assert_eq!(shown, texts);
+    let kinds: Vec<&str> = report.status.events.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(kinds, ["formed", "coordinator_restarted", "reattached", "ended"]);
 }
