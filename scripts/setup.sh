@@ -16,6 +16,16 @@ if [[ ! -f "$STAMP" ]]; then
     touch "$STAMP"
 fi
 
+# TensorBoard: its reader checks the coordinator's event files in the tests, and it is how
+# a run is watched (`tensorboard --logdir runs/JOB/tb`).
+TENSORBOARD_VERSION=2.21.0
+TB_STAMP="$VENV/.tensorboard-$TENSORBOARD_VERSION.installed"
+if [[ ! -f "$TB_STAMP" ]]; then
+    echo "setup: installing tensorboard==$TENSORBOARD_VERSION into $VENV..."
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "tensorboard==$TENSORBOARD_VERSION"
+    touch "$TB_STAMP"
+fi
+
 site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 if [[ ! -d "$site/torch/lib" ]]; then
     echo "setup: $site/torch/lib is missing; delete $VENV and run again" >&2

@@ -105,19 +105,25 @@ async fn a_run_writes_its_token_nowhere() {
     );
     let env = [("MTL_JOB_TOKEN", token.as_str())];
     let (coordinator, url) = serve(root, &cfg, &env);
+    // Its output is read while it runs: a debug log left in a full pipe blocks the coordinator.
+    let coordinator = tokio::spawn(finish(coordinator));
     let status = command("coordinator", root, &["status", "--addr", &url], &env).output().unwrap();
     assert!(status.status.success(), "{}", stderr(&status));
-    // Read the coordinator's output while the job runs: at debug level it fills a pipe's
-    // 64 KiB within seconds on a loaded machine, and a coordinator blocked on a full pipe
-    // answers nobody.
-    let coordinator = tokio::spawn(finish(coordinator));
     let out = root.join("model");
     let workers: Vec<_> = (0..2)
-        .map(|i| worker(&url, root, &format!("w{i}"), &["--out", out.to_str().unwrap()], &env))
+        .map(|i| {
+            tokio::spawn(finish(worker(
+                &url,
+                root,
+                &format!("w{i}"),
+                &["--out", out.to_str().unwrap()],
+                &env,
+            )))
+        })
         .collect();
     let mut logs = vec![("status", status)];
     for (i, w) in workers.into_iter().enumerate() {
-        let output = finish(w).await;
+        let output = w.await.unwrap();
         assert!(output.status.success(), "worker {i}:\n{}", stderr(&output));
         logs.push((["w0", "w1"][i], output));
     }
@@ -147,7 +153,6 @@ async fn a_job_given_no_token_generates_one_that_its_workers_read_from_the_file(
     let root = dir.path();
     let cfg = config(root, "[rendezvous]\nmin_workers = 1\n[train]\nsteps = 2\nbatch_size = 4\n");
     let (coordinator, url) = serve(root, &cfg, &[]);
-    // Its output read as it comes, as above.
     let coordinator = tokio::spawn(finish(coordinator));
     // Written before the address, next to the state database, for the owner only.
     let file = root.join("token");

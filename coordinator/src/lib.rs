@@ -5,8 +5,9 @@
 //! records the metrics they report and decides when the job is over; all of it survives a
 //! restart through the job's state database. It never touches tensors and does not link
 //! LibTorch. Layout: [`state`] is the job's state machine (pure, clock passed in) over
-//! `accounting` (epoch samples), `checkpoints` (path check, pruning), `history` (metrics) and
-//! `store` (SQLite); `token` gives every job a token; `service` is its gRPC face (each request
+//! `accounting` (epoch samples), `checkpoints` (path check, pruning), `history` (metrics,
+//! exported to `metrics.jsonl` and to TensorBoard event files by `tensorboard`) and `store`
+//! (SQLite); `token` gives every job a token; `service` is its gRPC face (each request
 //! bounded by `limits`), `web` its read-only HTTP face (dashboard, Prometheus metrics),
 //! [`run`] wires them to listeners, and [`status`] renders a job's status for
 //! `coordinator status`.
@@ -21,6 +22,7 @@ mod service;
 pub mod state;
 pub mod status;
 mod store;
+mod tensorboard;
 mod tls;
 mod token;
 mod web;
@@ -169,6 +171,10 @@ pub async fn run_with_http(
     server.await?;
     let outcome = stop_rx.await.unwrap_or(JobOutcome::Interrupted);
     tracing::info!(?outcome, "coordinator done");
-    let status = shared.lock().status(Instant::now());
+    let status = {
+        let mut state = shared.lock();
+        state.close_exports();
+        state.status(Instant::now())
+    };
     Ok(JobReport { outcome, status })
 }

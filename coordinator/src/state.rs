@@ -165,7 +165,11 @@ impl JobState {
             Store::open(&cfg.server.state_db_path(&cfg.job.name), &cfg.job.name, &config_hash)?;
         let fresh = restored.is_none();
         let restored = restored.unwrap_or_default();
-        let history = History::open(cfg.server.metrics_path(&cfg.job.name), restored.history)?;
+        let history = History::open(
+            cfg.server.metrics_path(&cfg.job.name),
+            restored.history,
+            cfg.server.tensorboard_path(&cfg.job.name).as_deref(),
+        )?;
         let mut state = Self {
             config_toml: cfg.to_toml(),
             config_hash,
@@ -200,8 +204,26 @@ impl JobState {
         tracing::info!(generation, kind, %detail, "job event");
         let event = JobEvent { at_unix_ms: unix_ms(), generation, kind: kind.into(), detail };
         self.store.insert_event(&event)?;
-        self.events.push(event);
+        self.push_event(event);
         Ok(())
+    }
+
+    /// Keeps a stored event for `Status` and exports it at the step the job is at: the most
+    /// advanced member of the running (or just ended) generation, or the step it started from.
+    fn push_event(&mut self, event: JobEvent) {
+        let g = self.generation.as_ref().or(self.ended.as_ref().map(|(g, _)| g));
+        let step = g.map_or(0, |g| {
+            let start = g.root.as_ref().map(|r| r.step).or(g.resume.as_ref().map(|c| c.step));
+            g.members.iter().map(|m| m.progress.step).chain(start).max().unwrap_or(0)
+        });
+        let world_size = (event.kind == "formed").then(|| g.map_or(0, |g| g.members.len()));
+        self.history.event(step, &event, world_size);
+        self.events.push(event);
+    }
+
+    /// Writes what the exports still hold; called once the job is over.
+    pub(crate) fn close_exports(&mut self) {
+        self.history.close();
     }
 
     fn newest_checkpoint(&self) -> Option<&Checkpoint> {
@@ -427,8 +449,8 @@ impl JobState {
         let infos: Vec<WorkerInfo> = members.iter().map(|m| m.info.clone()).collect();
         self.store.insert_generation(id, &infos, &event, resume.as_ref().map(|c| c.step))?;
         tracing::info!(generation = id, world_size = members.len(), detail = %event.detail, "generation formed");
-        self.events.push(event);
         self.generation = Some(Generation { id, members, resume, root });
+        self.push_event(event);
         self.phase = Phase::Running;
         self.last_call = None;
         self.regroup_deadline = None;
@@ -447,12 +469,12 @@ impl JobState {
         };
         tracing::info!(generation = g.id, %reason, "generation ended");
         self.store.end_generation(&event)?;
-        self.events.push(event);
         self.reattach_deadline = None;
         // Its evaluations can no longer complete: their shares are dropped.
         self.pending_eval.retain(|(generation, _), _| *generation != g.id);
         self.ended = Some((g, reason));
         self.ended_regroup = false;
+        self.push_event(event);
         Ok(())
     }
 

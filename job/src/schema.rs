@@ -90,6 +90,13 @@ pub struct ServerSection {
     /// On by default: other users of a shared node reach its loopback address too.
     #[serde(skip_serializing_if = "is_default_http_require_token")]
     pub http_require_token: bool,
+    /// TensorBoard event files (training losses, task weights, learning rate, images/s, every
+    /// merged evaluation metric, generation changes) go into this directory; empty means `tb/`
+    /// next to the state database (`runs/<job.name>/tb` by default), `"off"` writes none.
+    /// Left out of the written config when empty, so job hashes from before the key existed
+    /// still match.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub tensorboard_dir: String,
 }
 
 /// `server.http_listen` when not given: loopback, a free port.
@@ -114,6 +121,7 @@ impl Default for ServerSection {
             tls_client_ca: String::new(),
             http_listen: DEFAULT_HTTP_LISTEN.into(),
             http_require_token: true,
+            tensorboard_dir: String::new(),
         }
     }
 }
@@ -142,6 +150,16 @@ impl ServerSection {
     /// restarted on the same state reuses it.
     pub fn token_path(&self, job_name: &str) -> std::path::PathBuf {
         self.state_db_path(job_name).with_file_name("token")
+    }
+
+    /// Where TensorBoard event files go, with the default resolved: `tb/` next to the state
+    /// database, like the token; `None` when `tensorboard_dir = "off"`.
+    pub fn tensorboard_path(&self, job_name: &str) -> Option<std::path::PathBuf> {
+        match self.tensorboard_dir.as_str() {
+            "off" => None,
+            "" => Some(self.state_db_path(job_name).with_file_name("tb")),
+            dir => Some(dir.into()),
+        }
     }
 }
 

@@ -120,10 +120,25 @@ fn hash_ignores_the_token_and_where_the_job_runs_but_not_what_it_trains() {
     other.rendezvous.min_workers = 3;
     other.checkpoint.keep_last = 9;
     other.data.max_unreadable_fraction = 0.5;
+    other.server.tensorboard_dir = "off".into();
     assert_eq!(cfg.hash(), other.hash());
     other.train.lr = 0.5;
     assert_ne!(cfg.hash(), other.hash());
     assert_eq!(cfg.hash().len(), 16);
+}
+
+#[test]
+fn tensorboard_files_go_next_to_the_state_database_unless_placed_or_off() {
+    let cfg = load("[job]\nname = \"a\"\n").unwrap();
+    assert_eq!(cfg.server.tensorboard_path("a"), Some(std::path::PathBuf::from("runs/a/tb")));
+    assert!(!cfg.to_toml().contains("tensorboard_dir"), "left out at its default");
+    let moved = load("[job]\nname = \"a\"\n[server]\nstate_db = \"/srv/a/state.db\"\n").unwrap();
+    assert_eq!(moved.server.tensorboard_path("a"), Some(std::path::PathBuf::from("/srv/a/tb")));
+    let placed = load("[job]\nname = \"a\"\n[server]\ntensorboard_dir = \"/logs/a\"\n").unwrap();
+    assert_eq!(placed.server.tensorboard_path("a"), Some(std::path::PathBuf::from("/logs/a")));
+    assert_eq!(JobConfig::from_toml(&placed.to_toml()).unwrap(), placed);
+    let off = load("[job]\nname = \"a\"\n[server]\ntensorboard_dir = \"off\"\n").unwrap();
+    assert_eq!(off.server.tensorboard_path("a"), None);
 }
 
 #[test]

@@ -38,5 +38,5 @@ pub use classification::{ClassMetrics, ClassificationMetrics, ClassificationStat
 pub use detection::{Detection, DetectionMetrics, DetectionStats, GroundTruth, ImageRecord};
 pub use error::MetricsError;
 pub use multilabel::{MultiLabelMetrics, MultiLabelSample, MultiLabelStats};
-pub use report::{metric_task, render_table, EvalReport, EvalStats};
+pub use report::{metric_task, render_table, task_of, EvalReport, EvalStats};
 pub use segmentation::{SegmentationMetrics, SegmentationStats, IGNORE_INDEX};

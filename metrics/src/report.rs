@@ -111,16 +111,25 @@ impl EvalReport {
     }
 }
 
-/// The task a key of [`EvalReport::to_map`] belongs to, in the short form of the training log
-/// keys (`cls`, `det`, `seg`, as in `loss/cls`); multi-label `mAP` is classification. `None`
-/// for a key that is no evaluation metric.
+/// [`task_of`] in the short form of the training log keys (`cls`, `det`, `seg`, as in
+/// `loss/cls`).
 pub fn metric_task(key: &str) -> Option<&'static str> {
+    task_of(key).map(|task| match task {
+        "classification" => "cls",
+        "detection" => "det",
+        _ => "seg",
+    })
+}
+
+/// The task a key of [`EvalReport::to_map`] belongs to: `classification` (multi-label `mAP`
+/// included), `detection` or `segmentation`; `None` for a key it never writes.
+pub fn task_of(key: &str) -> Option<&'static str> {
     match key {
-        "accuracy" | "precision" | "recall" | "F1" | "mAP" => Some("cls"),
+        "accuracy" | "precision" | "recall" | "F1" | "mAP" => Some("classification"),
         "AP" | "AP50" | "AP75" | "APs" | "APm" | "APl" | "AR1" | "AR10" | "AR100" | "ARs" | "ARm" | "ARl" => {
-            Some("det")
+            Some("detection")
         }
-        "mIoU" | "pixel_accuracy" => Some("seg"),
+        "mIoU" | "pixel_accuracy" => Some("segmentation"),
         _ => None,
     }
 }

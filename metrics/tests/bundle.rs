@@ -69,6 +69,13 @@ fn bundle_merge_is_order_independent_and_survives_the_wire() {
     for (k, v) in &ma {
         assert_eq!(v.to_bits(), mb[k].to_bits(), "{k}");
     }
+    // Every key belongs to its task (TensorBoard tags group by it).
+    let tasks: Vec<_> = keys.iter().map(|k| mtl_metrics::task_of(k)).collect();
+    assert!(tasks.iter().all(Option::is_some), "{keys:?}: {tasks:?}");
+    assert_eq!(mtl_metrics::task_of("mAP"), Some("classification"));
+    assert_eq!(mtl_metrics::task_of("AR100"), Some("detection"));
+    assert_eq!(mtl_metrics::task_of("mIoU"), Some("segmentation"));
+    assert_eq!(mtl_metrics::task_of("loss/cls"), None);
     // The detection part equals a single-process evaluation of the whole file.
     assert_eq!(a.detection.unwrap(), det.finish());
     assert_eq!(ma["AP"], det.finish().ap);
