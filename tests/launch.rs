@@ -78,6 +78,16 @@ fn started_pid(line: &str) -> Option<u32> {
     line.split_whitespace().find_map(|w| w.strip_prefix("pid=")).and_then(|p| p.parse().ok())
 }
 
+/// A launcher that a failing test does not leave behind.
+struct Launcher(Child);
+
+impl Drop for Launcher {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Reads `child`'s stderr lines into a channel, on a thread; drains its stdout on another.
 fn lines(child: &mut Child) -> mpsc::Receiver<String> {
     let (tx, rx) = mpsc::channel();
@@ -92,17 +102,18 @@ fn lines(child: &mut Child) -> mpsc::Receiver<String> {
     rx
 }
 
-#[test]
-fn sigterm_interrupts_the_job_and_leaves_no_worker_alive() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path();
+/// A job too long to end by itself, launched with two CPU workers.
+fn start_long_job(root: &Path) -> (Launcher, mpsc::Receiver<String>) {
     let file = job_file(root, "[train]\nsteps = 100000\nbatch_size = 4\nlog_every_steps = 1\n");
     let mut launcher =
         launch(root, &file, &["--local-workers", "2", "--local-device", "cpu"]).spawn().unwrap();
     let rx = lines(&mut launcher);
+    (Launcher(launcher), rx)
+}
 
-    // Mid-run: both workers have joined the job.
+/// Waits until both workers have joined the job (it is mid-run); returns their pids and the
+/// lines read so far.
+fn joined(rx: &mpsc::Receiver<String>) -> (Vec<u32>, Vec<String>) {
     let (mut pids, mut joined, mut seen) = (Vec::new(), [false; 2], Vec::new());
     let deadline = Instant::now() + Duration::from_secs(120);
     while joined.iter().any(|j| !j) {
@@ -117,6 +128,22 @@ fn sigterm_interrupts_the_job_and_leaves_no_worker_alive() {
         seen.push(line);
     }
     assert_eq!(pids.len(), 2, "{}", seen.join("\n"));
+    (pids, seen)
+}
+
+/// Whether process `pid` still runs (a zombie waiting for its reaper does not).
+fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|stat| stat.rsplit_once(')').is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')))
+}
+
+#[test]
+fn sigterm_interrupts_the_job_and_leaves_no_worker_alive() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let (mut launcher, rx) = start_long_job(root);
+    let (pids, seen) = joined(&rx);
     // The generated token reached them through the environment, not their command line.
     let token = std::fs::read_to_string(root.join("token")).unwrap();
     for pid in &pids {
@@ -125,18 +152,58 @@ fn sigterm_interrupts_the_job_and_leaves_no_worker_alive() {
         assert!(cmdline.contains("local-") && !cmdline.contains(token.trim()), "{cmdline}");
     }
 
-    let kill = Command::new("kill").args(["-TERM", &launcher.id().to_string()]).status().unwrap();
+    let kill = Command::new("kill").args(["-TERM", &launcher.0.id().to_string()]).status().unwrap();
     assert!(kill.success());
-    let status = launcher.wait().unwrap();
+    let status = launcher.0.wait().unwrap();
     let rest: Vec<String> = rx.iter().collect();
     assert_eq!(status.code(), Some(130), "interrupted:\n{}\n{}", seen.join("\n"), rest.join("\n"));
-    assert!(rest.iter().any(|l| l.contains("local worker exited")), "{}", rest.join("\n"));
-    // The launcher reaped its workers before it exited; a survivor would still be listed here.
+    for i in 0..2 {
+        let (sent, exited) =
+            (format!("worker={i} signal=SIGTERM"), format!("local worker exited worker={i}"));
+        assert!(
+            rest.iter().any(|l| l.contains("signal sent to local worker") && l.contains(&sent)),
+            "{sent}:\n{}",
+            rest.join("\n")
+        );
+        assert!(rest.iter().any(|l| l.contains(&exited)), "{exited}:\n{}", rest.join("\n"));
+    }
+    // The launcher reaped its workers before it exited: they are gone from the process table.
+    for pid in &pids {
+        assert!(!Path::new(&format!("/proc/{pid}")).exists(), "worker {pid} outlived the launcher");
+    }
+}
+
+#[test]
+fn a_killed_launcher_takes_its_workers_with_it() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    // Real workers also stop soon after by themselves (their coordinator and their pipes are
+    // gone); a worker that only sleeps shows that the kernel kills them (PR_SET_PDEATHSIG).
+    let sleeper = root.join("sleeping-worker");
+    std::fs::write(&sleeper, "#!/bin/sh\necho up >&2\nexec sleep 600\n").unwrap();
+    std::fs::set_permissions(&sleeper, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let file = job_file(root, "[train]\nsteps = 4\n");
+    let args = ["--local-workers", "2", "--local-device", "cpu", "--worker-bin", sleeper.to_str().unwrap()];
+    let mut launcher = Launcher(launch(root, &file, &args).spawn().unwrap());
+    let rx = lines(&mut launcher.0);
+    let (mut pids, mut up, mut seen) = (Vec::new(), 0, Vec::new());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while up < 2 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = rx.recv_timeout(left).unwrap_or_else(|_| panic!("no workers:\n{}", seen.join("\n")));
+        pids.extend(started_pid(&line));
+        up += usize::from(line.starts_with("[worker") && line.ends_with("] up"));
+        seen.push(line);
+    }
+    assert_eq!(pids.len(), 2, "{}", seen.join("\n"));
+    launcher.0.kill().unwrap(); // SIGKILL: no code of the launcher runs
+    launcher.0.wait().unwrap();
+    // Whoever inherits them reaps them; a zombie does not run.
     let deadline = Instant::now() + Duration::from_secs(10);
     for pid in pids {
-        let proc = format!("/proc/{pid}");
-        while Path::new(&proc).exists() {
-            assert!(Instant::now() < deadline, "worker {pid} outlived the launcher");
+        while running(pid) {
+            assert!(Instant::now() < deadline, "worker {pid} outlived the killed launcher");
             std::thread::sleep(Duration::from_millis(20)); // polling the process table, not syncing
         }
     }

@@ -205,7 +205,7 @@ impl Signals {
     /// [`GRACE`] to exit while the coordinator still serves (a second signal kills them).
     pub(crate) async fn stop(&mut self, workers: Option<&LocalWorkers>) {
         let signal = self.recv().await;
-        tracing::info!(signal = signal_name(signal), "stopping");
+        tracing::info!(signal = %signal_name(signal), "stopping");
         if let Some(workers) = workers {
             workers.send(signal);
             workers.exited_within(GRACE, self).await;
@@ -312,7 +312,7 @@ impl LocalWorkers {
                 tracing::warn!(grace_s = grace.as_secs(), "local workers still running; killing them");
             }
             signal = signals.recv() => {
-                tracing::warn!(signal = signal_name(signal), "a second signal: killing the local workers");
+                tracing::warn!(signal = %signal_name(signal), "a second signal: killing the local workers");
             }
         }
     }
@@ -347,7 +347,9 @@ async fn supervise(
                 // `id` is `None` once reaped: a signal never reaches a recycled pid.
                 if let (Ok(signal), Some(pid)) = (signal, child.id()) {
                     // SAFETY: kill(2) on our own unreaped child.
-                    unsafe { libc::kill(pid as libc::pid_t, signal) };
+                    if unsafe { libc::kill(pid as libc::pid_t, signal) } == 0 {
+                        tracing::info!(worker = i, signal = %signal_name(signal), "signal sent to local worker");
+                    }
                 }
             }
         }
