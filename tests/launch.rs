@@ -210,6 +210,22 @@ fn a_killed_launcher_takes_its_workers_with_it() {
 }
 
 #[test]
+fn sigterm_stops_a_plain_serve_as_ctrl_c_does() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let file = job_file(root, "[train]\nsteps = 4\n");
+    let addr = root.join("addr");
+    let mut serve = Launcher(launch(root, &file, &["--addr-file", addr.to_str().unwrap()]).spawn().unwrap());
+    let rx = lines(&mut serve.0);
+    common::bound_address(&addr);
+    let kill = Command::new("kill").args(["-TERM", &serve.0.id().to_string()]).status().unwrap();
+    assert!(kill.success());
+    let status = serve.0.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "{}", rx.iter().collect::<Vec<_>>().join("\n"));
+}
+
+#[test]
 fn bad_local_worker_flags_fail_with_status_2_before_anything_starts() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
