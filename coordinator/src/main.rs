@@ -8,6 +8,8 @@ use mtl_coordinator::{JobConfig, JobOutcome};
 use mtl_job::{JobToken, TOKEN_ENV};
 use mtl_proto::v1::{JobStatus, MetricsKind};
 
+mod launch;
+
 #[derive(Parser)]
 #[command(version, about = "Control plane of a distributed multi-task vision training job")]
 struct Cli {
@@ -20,7 +22,10 @@ enum Command {
     /// Load a job config, serve it to workers until the job finishes or fails.
     ///
     /// Config layers: defaults, then the file, then MTL_SECTION__KEY environment variables,
-    /// then --set flags. Exit status: 0 finished, 1 failed, 2 bad config, 130 interrupted.
+    /// then --set flags. SIGINT and SIGTERM stop it. With --local-workers N it also starts N
+    /// local workers against itself (one command for a job on one machine, as torchrun's
+    /// --nproc_per_node). Exit status: 0 finished, 1 failed, 2 bad config or flags,
+    /// 130 interrupted.
     Serve {
         /// The job file (TOML).
         #[arg(long, short)]
@@ -38,6 +43,8 @@ enum Command {
         /// with none, the coordinator generates one into `token` next to the state database.
         #[arg(long)]
         token_file: Option<PathBuf>,
+        #[command(flatten)]
+        local: launch::LocalArgs,
     },
     /// Print a running job's state, workers and latest metrics.
     Status {
@@ -87,7 +94,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     match cli.command {
-        Command::Serve { config, listen, mut overrides, addr_file, token_file } => {
+        Command::Serve { config, listen, mut overrides, addr_file, token_file, local } => {
             if let Some(listen) = listen {
                 overrides.push(format!("server.listen={listen}"));
             }
@@ -111,7 +118,14 @@ fn main() -> ExitCode {
                 eprintln!("error: {err}");
                 return ExitCode::from(2);
             }
-            match runtime.block_on(serve(cfg, addr_file)) {
+            let local = match local.plan(&cfg) {
+                Ok(plan) => plan,
+                Err(err) => {
+                    eprintln!("error: {err}");
+                    return ExitCode::from(2);
+                }
+            };
+            match runtime.block_on(serve(cfg, addr_file, local)) {
                 Ok(JobOutcome::Finished) => ExitCode::SUCCESS,
                 Ok(JobOutcome::Failed(reason)) => {
                     eprintln!("error: job failed: {reason}");
@@ -146,7 +160,11 @@ fn main() -> ExitCode {
     }
 }
 
-async fn serve(mut cfg: JobConfig, addr_file: Option<PathBuf>) -> anyhow::Result<JobOutcome> {
+async fn serve(
+    mut cfg: JobConfig,
+    addr_file: Option<PathBuf>,
+    local: Option<launch::Plan>,
+) -> anyhow::Result<JobOutcome> {
     let listener = tokio::net::TcpListener::bind(&cfg.server.listen)
         .await
         .with_context(|| format!("cannot listen on server.listen = {}", cfg.server.listen))?;
@@ -156,10 +174,19 @@ async fn serve(mut cfg: JobConfig, addr_file: Option<PathBuf>) -> anyhow::Result
     if let Some(path) = addr_file {
         std::fs::write(&path, addr.to_string()).with_context(|| format!("writing {}", path.display()))?;
     }
-    let shutdown = async {
-        let _ = tokio::signal::ctrl_c().await;
+    let mut signals = launch::Signals::new().context("cannot handle SIGINT and SIGTERM")?;
+    let workers = match &local {
+        Some(plan) => {
+            Some(launch::LocalWorkers::start(plan, addr, &cfg.job.token, !cfg.server.tls_cert.is_empty())?)
+        }
+        None => None,
     };
-    let report = mtl_coordinator::run(cfg, listener, shutdown).await?;
+    let report = mtl_coordinator::run(cfg, listener, signals.stop(workers.as_ref())).await;
+    if let Some(workers) = workers {
+        // Their output first, then the summary; none outlives this function.
+        workers.finish(&mut signals, report.is_err()).await;
+    }
+    let report = report?;
     print!("{}", mtl_coordinator::status::render(&report.status));
     print!("{}", render_learning(&report.status));
     Ok(report.outcome)

@@ -7,6 +7,8 @@ use std::path::Path;
 use mtl_job::JobConfig;
 use mtl_worker::{BenchConfig, Event, StandaloneOptions, SyntheticConfig, WorkerError};
 
+use crate::progress::{self, Progress};
+
 /// Prints metrics as a per-task table or as one JSON object.
 pub(crate) fn print_metrics(map: &BTreeMap<String, f64>, json: bool) {
     if json {
@@ -31,16 +33,23 @@ pub(crate) fn train_standalone(
     json: bool,
 ) -> Result<(), WorkerError> {
     // Evaluations before and during training go to stderr as tables; the final one is the
-    // command's result, printed below.
-    let mut progress = |event: Event<'_>| {
-        if let Event::Evaluated { step, metrics } = event {
+    // command's result, printed below. Steps move the progress bar, from the first step of
+    // this run (a resumed run starts past 0).
+    let mut bar: Option<Progress> = None;
+    let mut on_event = |event: Event<'_>| match event {
+        Event::Evaluated { step, metrics } => {
             if !json && step < cfg.train.steps {
                 let when = if step == 0 { "untrained model".to_string() } else { format!("step {step}") };
-                eprint!("{when}:\n{}", mtl_metrics::render_table(metrics));
+                progress::suspend(|| eprint!("{when}:\n{}", mtl_metrics::render_table(metrics)));
             }
         }
+        Event::Step { report, .. } => bar
+            .get_or_insert_with(|| Progress::new("training", "steps", cfg.train.steps, report.step - 1))
+            .set(report.step),
+        Event::Checkpoint { .. } => {}
     };
-    let summary = mtl_worker::train_standalone(cfg, device, opts, &mut progress)?;
+    let summary = mtl_worker::train_standalone(cfg, device, opts, &mut on_event)?;
+    drop(bar);
     if !json {
         match &summary.checkpoint {
             Some(path) if summary.steps < cfg.train.steps => {
@@ -55,7 +64,13 @@ pub(crate) fn train_standalone(
 
 /// `worker eval --checkpoint PATH`: the checkpoint's model on its job's validation split.
 pub(crate) fn eval_checkpoint(path: &Path, device: tch::Device, json: bool) -> Result<(), WorkerError> {
-    print_metrics(&mtl_worker::evaluate_checkpoint(path, device)?, json);
+    let mut bar: Option<Progress> = None;
+    let mut on_progress = |done, total| {
+        bar.get_or_insert_with(|| Progress::new("evaluating", "images", total, 0)).set(done);
+    };
+    let metrics = mtl_worker::evaluate_checkpoint(path, device, &mut on_progress)?;
+    drop(bar);
+    print_metrics(&metrics, json);
     Ok(())
 }
 
@@ -106,7 +121,21 @@ pub(crate) fn predict(
     batch_size: usize,
     overlay_score: f64,
 ) -> Result<(), WorkerError> {
-    let s = mtl_worker::predict(checkpoint, input, image_root, out, device, batch_size, overlay_score)?;
+    let mut bar: Option<Progress> = None;
+    let mut on_progress = |done, total| {
+        bar.get_or_insert_with(|| Progress::new("predicting", "images", total, 0)).set(done);
+    };
+    let s = mtl_worker::predict(
+        checkpoint,
+        input,
+        image_root,
+        out,
+        device,
+        batch_size,
+        overlay_score,
+        &mut on_progress,
+    )?;
+    drop(bar);
     println!(
         "predicted {} images ({} skipped), {} detections; written to {}",
         s.images,
@@ -119,7 +148,9 @@ pub(crate) fn predict(
 
 /// `worker gen-data shapes`.
 pub(crate) fn gen_shapes(out: &Path, cfg: &SyntheticConfig) -> Result<(), WorkerError> {
-    mtl_worker::generate_shapes(out, cfg)?;
+    let mut bar = Progress::new("generating", "images", u64::from(cfg.n), 0);
+    mtl_worker::generate_shapes(out, cfg, &mut |done, _| bar.set(done))?;
+    drop(bar);
     tracing::info!(out = %out.display(), n = cfg.n, size = cfg.size, seed = cfg.seed, "dataset written");
     Ok(())
 }

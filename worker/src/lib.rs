@@ -6,7 +6,7 @@
 //! their losses), `weighting` (how task losses become one backward), `optim` (optimizers,
 //! schedule, clipping), `collective` (ring and NCCL all-reduce), `train` (the step, the epoch
 //! loop, evaluation, checkpoints), `predict` (inference to files). The `worker` binary's
-//! `commands` module is the only place that prints.
+//! `commands` module is the only place that prints (its `progress` module draws progress).
 #![warn(missing_docs)]
 
 mod collective;
@@ -25,7 +25,7 @@ mod weighting;
 
 // The entry points the `worker` binary uses; everything else is the crate's own.
 pub use collective::bench::{run as collective_bench, BenchConfig, BenchResult};
-pub use data::synthetic::{generate as generate_shapes, SyntheticConfig, SyntheticPreset};
+pub use data::synthetic::{generate_with as generate_shapes, SyntheticConfig, SyntheticPreset};
 pub use device::parse_device;
 pub use predict::{run as predict, PredictSummary};
 pub use session::Identity;
@@ -36,6 +36,10 @@ pub use train::StepReport;
 
 pub(crate) use error::At;
 pub use error::WorkerError;
+
+/// Progress of a long command, told after each piece of work: (done, total), in the command's
+/// unit (images, steps). The `worker` binary draws it as a progress bar or logs it.
+pub type OnProgress<'a> = &'a mut dyn FnMut(u64, u64);
 
 use crate::session::Session;
 

@@ -78,6 +78,9 @@ fn list_inputs(input: &Path, image_root: Option<&Path>) -> Result<Inputs, Worker
 /// file (`.json`; images under `image_root`, by default its directory) or a JSONL manifest
 /// (any other file); the images of a file are predicted with their ids, in id order.
 /// Overlays draw only boxes scoring at least `overlay_score`; `detections.json` has them all.
+/// `on_progress` counts input images (skipped ones included).
+// One parameter per flag of `worker predict`, passed straight through.
+#[allow(clippy::too_many_arguments)]
 pub fn run(
     checkpoint_dir: &Path,
     input: &Path,
@@ -86,6 +89,7 @@ pub fn run(
     device: tch::Device,
     batch_size: usize,
     overlay_score: f64,
+    on_progress: crate::OnProgress<'_>,
 ) -> Result<PredictSummary, WorkerError> {
     let loaded = checkpoint::open(checkpoint_dir)?;
     let mut model = MultiTaskModel::new(&loaded.cfg.model, &loaded.cfg.tasks, &loaded.info, device)?;
@@ -105,6 +109,7 @@ pub fn run(
     }
     let mut summary = PredictSummary { images: 0, skipped: 0, detections: 0 };
     let (mut detections, mut classes) = (Vec::new(), Vec::new());
+    let (total, mut done) = (inputs.len() as u64, 0);
     for chunk in inputs.chunks(batch_size.max(1)) {
         let mut images = Vec::new();
         let mut pixels = Vec::new();
@@ -122,6 +127,8 @@ pub fn run(
             }
         }
         if images.is_empty() {
+            done += chunk.len() as u64;
+            on_progress(done, total);
             continue;
         }
         let s = i64::from(size);
@@ -157,6 +164,8 @@ pub fn run(
                 .map_err(|e| WorkerError::Io { path: p.clone(), source: std::io::Error::other(e) })?;
             summary.images += 1;
         }
+        done += chunk.len() as u64;
+        on_progress(done, total);
     }
     for (file, value) in [("detections.json", detections), ("classes.json", classes)] {
         let p = out.join(file);

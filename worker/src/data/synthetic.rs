@@ -24,7 +24,7 @@ pub use mtl_job::SyntheticPreset;
 use super::batch::{DatasetInfo, IGNORE_INDEX};
 use super::jsonl::write_info;
 use super::rng::Rng;
-use crate::WorkerError;
+use crate::{OnProgress, WorkerError};
 
 mod ensure;
 pub(crate) use ensure::ensure;
@@ -79,7 +79,16 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> WorkerError + '_ {
 
 /// Writes `images/`, `masks/`, `train.jsonl`, `val.jsonl` and, last, `dataset.json` into `dir`
 /// (a directory with `dataset.json` is complete).
-pub fn generate(dir: &Path, cfg: &SyntheticConfig) -> Result<(), WorkerError> {
+pub(crate) fn generate(dir: &Path, cfg: &SyntheticConfig) -> Result<(), WorkerError> {
+    generate_with(dir, cfg, &mut |_, _| {})
+}
+
+/// [`generate`], telling `on_progress` (images written, images in all) after each image.
+pub fn generate_with(
+    dir: &Path,
+    cfg: &SyntheticConfig,
+    on_progress: OnProgress<'_>,
+) -> Result<(), WorkerError> {
     for sub in ["images", "masks"] {
         std::fs::create_dir_all(dir.join(sub)).map_err(io(&dir.join(sub)))?;
     }
@@ -105,6 +114,7 @@ pub fn generate(dir: &Path, cfg: &SyntheticConfig) -> Result<(), WorkerError> {
             r#"{{"id":{i},"file":"{image}"{class},"boxes":[{}],"mask":"{mask}"}}"#,
             boxes.join(",")
         );
+        on_progress(u64::from(i) + 1, u64::from(cfg.n));
     }
     for (name, text) in [("train.jsonl", train), ("val.jsonl", val)] {
         std::fs::write(dir.join(name), text).map_err(io(&dir.join(name)))?;

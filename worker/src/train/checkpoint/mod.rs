@@ -391,10 +391,11 @@ fn best_step(complete: &[(u64, PathBuf)], metric: &str) -> Option<u64> {
 }
 
 /// `worker eval --checkpoint`: the checkpoint at `path` (or the newest in it) evaluated on its
-/// job's validation split; the merged metrics by key.
+/// job's validation split; the merged metrics by key. `on_progress` counts images.
 pub fn evaluate(
     path: &Path,
     device: tch::Device,
+    on_progress: crate::OnProgress<'_>,
 ) -> Result<std::collections::BTreeMap<String, f64>, WorkerError> {
     let ckpt = open(path)?;
     let cfg = &ckpt.cfg;
@@ -406,6 +407,13 @@ pub fn evaluate(
             key: "data.val".into(),
             message: "the checkpoint's job has no validation split".into(),
         })?;
-    let stats = super::eval::evaluate(&model, val.eval_loader(&val.ids, cfg)?, &ckpt.info)?;
+    let (total, mut done) = (val.ids.len() as u64, 0);
+    let loader = val.eval_loader(&val.ids, cfg)?.inspect(|batch| {
+        if let Ok(batch) = batch {
+            done += batch.ids.len() as u64;
+            on_progress(done, total);
+        }
+    });
+    let stats = super::eval::evaluate(&model, loader, &ckpt.info)?;
     Ok(stats.finish().to_map())
 }
