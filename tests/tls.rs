@@ -168,3 +168,30 @@ async fn a_client_that_does_not_trust_the_certificate_stops_with_a_clear_error()
     let report = coord.stop().await;
     assert_eq!(report.outcome, JobOutcome::Interrupted);
 }
+
+#[test]
+fn local_workers_reach_a_mutual_tls_coordinator_with_the_ca_from_the_environment() {
+    // `serve --local-workers`: the workers connect to https://127.0.0.1 and take the CA and
+    // their certificate from the environment they inherit, never from argv.
+    let _serial = SERIAL.blocking_lock();
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path());
+    let mut cfg = tls_job(dir.path(), &pki, true);
+    cfg.job.token = mtl_job::JobToken::default();
+    let file = dir.path().join("job.toml");
+    std::fs::write(&file, cfg.to_toml()).unwrap();
+    let out = Command::new(bin("coordinator"))
+        .args(["serve", "--config", file.to_str().unwrap(), "--local-workers", "2", "--local-device", "cpu"])
+        .env_remove("MTL_JOB_TOKEN")
+        .env("MTL_CA", &pki.ca)
+        .env("MTL_CLIENT_CERT", &pki.client_cert)
+        .env("MTL_CLIENT_KEY", &pki.client_key)
+        .env("OMP_NUM_THREADS", "1")
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("coordinator serving over mutual TLS"), "{stderr}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("local-1"), "{stderr}");
+}
