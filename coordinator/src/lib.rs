@@ -7,8 +7,9 @@
 //! LibTorch. Layout: [`state`] is the job's state machine (pure, clock passed in) over
 //! `accounting` (epoch samples), `checkpoints` (path check, pruning), `history` (metrics) and
 //! `store` (SQLite); `token` gives every job a token; `service` is its gRPC face (each request
-//! bounded by `limits`), [`run`] wires them to a listener, and
-//! [`status`] renders a job's status for `coordinator status`.
+//! bounded by `limits`), [`run`] wires them to a listener ([`run_until_signalled`] stops on
+//! SIGTERM/SIGINT with a final checkpoint, through `signals`), and [`status`] renders a job's
+//! status for `coordinator status`.
 #![warn(missing_docs)]
 
 mod accounting;
@@ -17,6 +18,7 @@ mod error;
 mod history;
 mod limits;
 mod service;
+mod signals;
 pub mod state;
 pub mod status;
 mod store;
@@ -44,9 +46,21 @@ pub enum JobOutcome {
     Finished,
     /// A worker failed or was lost.
     Failed(String),
-    /// The shutdown signal arrived first.
+    /// Stopped at once (the shutdown signal, a second stop signal, or workers that did not
+    /// stop within `server.stop_timeout_ms`): the job resumes from its newest committed
+    /// checkpoint, which may be older than the last step trained.
     Interrupted,
+    /// Stopped on request: every worker finished its step and left after rank 0 committed the
+    /// checkpoint of it (or no generation was training). The job resumes from `checkpoint_step`.
+    Stopped {
+        /// The newest committed checkpoint.
+        checkpoint_step: Option<u64>,
+    },
 }
+
+/// The exit status of `coordinator serve` for [`JobOutcome::Stopped`] (sysexits'
+/// `EX_TEMPFAIL`: start it again to continue); `worker run` uses the same.
+pub const EXIT_STOPPED: u8 = 75;
 
 /// What [`run`] returns: how the job ended and its final status (workers, metrics history).
 #[derive(Debug, Clone)]
@@ -57,11 +71,35 @@ pub struct JobReport {
     pub status: mtl_proto::v1::JobStatus,
 }
 
-/// Serves the job on `listener` until it finishes, fails, or `shutdown` resolves. A job given
-/// no token gets one (see [`mtl_job::ServerSection::token_path`]).
+/// Serves the job on `listener` until it finishes, fails, or `shutdown` resolves (then it stops
+/// at once). A job given no token gets one (see [`mtl_job::ServerSection::token_path`]).
 pub async fn run(
     cfg: JobConfig,
     listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<JobReport, CoordinatorError> {
+    run_with_stop(cfg, listener, std::future::pending(), shutdown).await
+}
+
+/// [`run_with_stop`] driven by signals: the first SIGTERM or SIGINT stops the job with a final
+/// checkpoint, a second one stops at once.
+pub async fn run_until_signalled(
+    cfg: JobConfig,
+    listener: TcpListener,
+) -> Result<JobReport, CoordinatorError> {
+    let (first, second) = signals::first_and_second()
+        .map_err(|source| CoordinatorError::Io { path: "signal handlers".into(), source })?;
+    run_with_stop(cfg, listener, first, second).await
+}
+
+/// Serves the job like [`run`]. When `stop` resolves, the running generation is told to stop:
+/// its workers finish their step, rank 0 commits a checkpoint of it, they leave, and the job
+/// ends [`JobOutcome::Stopped`], recorded as interrupted and resumable. The wait is bounded by
+/// `server.stop_timeout_ms`, then (or when `now` resolves) the coordinator stops at once.
+pub async fn run_with_stop(
+    cfg: JobConfig,
+    listener: TcpListener,
+    stop: impl Future<Output = &'static str> + Send,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<JobReport, CoordinatorError> {
     let mut cfg = cfg;
@@ -71,6 +109,7 @@ pub async fn run(
     let (changed_tx, mut changed_rx) = watch::channel(());
     let rendezvous_timeout = Duration::from_millis(cfg.rendezvous.timeout_ms);
     let min_workers = cfg.rendezvous.min_workers;
+    let stop_timeout = Duration::from_millis(cfg.server.stop_timeout_ms);
     let state = JobState::new(cfg, Instant::now())?;
     if *state.phase() == Phase::Finished {
         // Nothing to serve: the state database says the job is done.
@@ -88,8 +127,35 @@ pub async fn run(
         let shared = shared.clone();
         async move {
             let mut tick = tokio::time::interval(heartbeat_check);
+            tokio::pin!(stop);
+            let mut stop_deadline: Option<tokio::time::Instant> = None;
             loop {
+                let timed_out = async {
+                    match stop_deadline {
+                        Some(deadline) => tokio::time::sleep_until(deadline).await,
+                        None => std::future::pending().await,
+                    }
+                };
                 tokio::select! {
+                    why = &mut stop, if stop_deadline.is_none() => {
+                        stop_deadline = Some(tokio::time::Instant::now() + stop_timeout);
+                        match shared.lock().request_stop(why) {
+                            Ok(true) => tracing::warn!(signal = why, timeout_ms = stop_timeout.as_millis() as u64,
+                                "stopping: the workers finish their step and commit a checkpoint"),
+                            Ok(false) => {}
+                            Err(err) => tracing::error!(%err, "cannot record the stop request"),
+                        }
+                    }
+                    _ = timed_out => {
+                        let step = shared.lock().resume_step();
+                        tracing::error!(
+                            timeout_ms = stop_timeout.as_millis() as u64,
+                            resume_step = ?step,
+                            "the workers did not stop within server.stop_timeout_ms; stopping now"
+                        );
+                        shared.changed_tx.send_replace(());
+                        return JobOutcome::Interrupted;
+                    }
                     _ = tick.tick() => {
                         match shared.lock().check_liveness(Instant::now()) {
                             Ok(lost) if lost.is_empty() => {}
@@ -99,10 +165,16 @@ pub async fn run(
                     }
                     changed = changed_rx.changed() => if changed.is_err() { return JobOutcome::Interrupted },
                 }
-                let outcome = match shared.lock().phase() {
-                    Phase::Finished => JobOutcome::Finished,
-                    Phase::Failed(reason) => JobOutcome::Failed(reason.clone()),
-                    _ => continue,
+                let outcome = {
+                    let state = shared.lock();
+                    match state.phase() {
+                        Phase::Finished => JobOutcome::Finished,
+                        Phase::Failed(reason) => JobOutcome::Failed(reason.clone()),
+                        _ if state.stop_done() => {
+                            JobOutcome::Stopped { checkpoint_step: state.resume_step() }
+                        }
+                        _ => continue,
+                    }
                 };
                 // Wakes the registrations still waiting (a newcomer waits without a timeout),
                 // so that they answer the job's end and the server can shut down.

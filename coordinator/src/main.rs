@@ -20,7 +20,11 @@ enum Command {
     /// Load a job config, serve it to workers until the job finishes or fails.
     ///
     /// Config layers: defaults, then the file, then MTL_SECTION__KEY environment variables,
-    /// then --set flags. Exit status: 0 finished, 1 failed, 2 bad config, 130 interrupted.
+    /// then --set flags. Exit status: 0 finished, 1 failed, 2 bad config, 75 stopped on request
+    /// (SIGTERM or SIGINT: the workers committed a checkpoint of their last step and left; the
+    /// job is interrupted and resumes when served again), 130 stopped at once (a second signal,
+    /// or workers that did not stop within `server.stop_timeout_ms`; the job resumes from its
+    /// newest committed checkpoint).
     Serve {
         /// The job file (TOML).
         #[arg(long, short)]
@@ -90,6 +94,7 @@ fn main() -> ExitCode {
                     eprintln!("error: job failed: {reason}");
                     ExitCode::from(1)
                 }
+                Ok(JobOutcome::Stopped { .. }) => ExitCode::from(mtl_coordinator::EXIT_STOPPED),
                 Ok(JobOutcome::Interrupted) => ExitCode::from(130),
                 Err(err) => {
                     eprintln!("error: {err:#}");
@@ -129,10 +134,7 @@ async fn serve(mut cfg: JobConfig, addr_file: Option<PathBuf>) -> anyhow::Result
     if let Some(path) = addr_file {
         std::fs::write(&path, addr.to_string()).with_context(|| format!("writing {}", path.display()))?;
     }
-    let shutdown = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    let report = mtl_coordinator::run(cfg, listener, shutdown).await?;
+    let report = mtl_coordinator::run_until_signalled(cfg, listener).await?;
     print!("{}", mtl_coordinator::status::render(&report.status));
     print!("{}", render_learning(&report.status));
     Ok(report.outcome)

@@ -69,11 +69,21 @@ pub struct ServerSection {
     /// metrics history. A coordinator started on an existing one resumes the job. Empty means
     /// `runs/<job.name>/state.db`.
     pub state_db: String,
+    /// Asked to stop (SIGTERM or SIGINT), the coordinator tells the workers to finish their step
+    /// and commit a checkpoint, and waits this long for them to leave before it exits anyway.
+    /// Keep it under the grace period of whatever sends the signal (Kubernetes'
+    /// `terminationGracePeriodSeconds`, Slurm's `KillWait`; both 30 s by default).
+    pub stop_timeout_ms: u64,
 }
 
 impl Default for ServerSection {
     fn default() -> Self {
-        Self { listen: "127.0.0.1:50051".into(), metrics_file: String::new(), state_db: String::new() }
+        Self {
+            listen: "127.0.0.1:50051".into(),
+            metrics_file: String::new(),
+            state_db: String::new(),
+            stop_timeout_ms: 20_000,
+        }
     }
 }
 
