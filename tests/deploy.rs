@@ -51,6 +51,16 @@ impl SlurmRun {
 /// Runs deploy/slurm/mtl.sbatch as `sbatch` would on a 2-node allocation with 4 GPUs a node;
 /// the stand-in coordinator exits with `coordinator_status`.
 fn run_sbatch(dir: &Path, coordinator_status: i32) -> SlurmRun {
+    let (mut command, log, shared) = sbatch(dir, &format!("exit {coordinator_status}"));
+    let out = command.output().expect("bash runs the batch script");
+    let output = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    SlurmRun { status: out.status.code(), output, log, shared }
+}
+
+/// The batch script's command with its stand-ins; the stand-in coordinator ends with
+/// `coordinator_end` (shell) once it has written its address file. Returns it with the log
+/// and shared directories.
+fn sbatch(dir: &Path, coordinator_end: &str) -> (Command, PathBuf, PathBuf) {
     let (fakes, bin, log, shared) =
         (dir.join("fakes"), dir.join("bin"), dir.join("log"), dir.join("shared").join("job"));
     for d in [&fakes, &bin, &log] {
@@ -81,14 +91,15 @@ fn run_sbatch(dir: &Path, coordinator_status: i32) -> SlurmRun {
         &format!(
             "{LOG_CALL}\nlog_call coordinator \"$@\"\n\
              while [[ $# -gt 0 ]]; do [[ $1 == --addr-file ]] && echo 0.0.0.0:50051 >\"$2\"; shift; done\n\
-             exit {coordinator_status}"
+             {coordinator_end}"
         ),
     );
     script(
         &bin.join("worker"),
         &format!("{LOG_CALL}\nlog_call \"worker-$SLURMD_NODENAME-$SLURM_LOCALID\" \"$@\""),
     );
-    let out = Command::new("bash")
+    let mut command = Command::new("bash");
+    command
         .arg(repo().join("deploy/slurm/mtl.sbatch"))
         .current_dir(dir)
         .env("PATH", format!("{}:{}", fakes.display(), std::env::var("PATH").unwrap()))
@@ -104,11 +115,8 @@ fn run_sbatch(dir: &Path, coordinator_status: i32) -> SlurmRun {
         .env("SLURM_NTASKS", "8")
         .env("SLURM_NTASKS_PER_NODE", "4")
         .env("SLURM_GPUS_ON_NODE", "4")
-        .env_remove("MTL_JOB_TOKEN")
-        .output()
-        .expect("bash runs the batch script");
-    let output = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    SlurmRun { status: out.status.code(), output, log, shared }
+        .env_remove("MTL_JOB_TOKEN");
+    (command, log, shared)
 }
 
 #[test]
@@ -182,6 +190,56 @@ fn slurm_script_passes_on_the_coordinators_stopped_status() {
     assert_eq!(run.status, Some(75), "{}", run.output);
     assert!(run.output.contains("coordinator exited with status 75"), "{}", run.output);
     assert!(!run.log.join("scontrol-requeue.argv").exists());
+}
+
+/// Starts the batch script with a stand-in coordinator that runs until SIGTERM (then exits
+/// 75, as the real one does after the final checkpoint), sends `signal` to the script once its
+/// workers ran, and returns its exit status and the log directory.
+fn signal_sbatch(dir: &Path, signal: &str) -> (Option<i32>, PathBuf, String) {
+    let (mut command, log, _) = sbatch(
+        dir,
+        "trap 'echo TERM >\"$LOG/coordinator.signal\"; exit 75' TERM\nwhile :; do sleep 0.05; done",
+    );
+    let child =
+        command.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    // The traps are set before srun starts; the last worker's log says the srun step ran.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !log.join("worker-node-b-3.env").exists() {
+        assert!(std::time::Instant::now() < deadline, "the batch script never started its workers");
+        std::thread::sleep(std::time::Duration::from_millis(20)); // polling the log, not syncing
+    }
+    let sent = Command::new("kill").args([&format!("-{signal}"), &child.id().to_string()]).status().unwrap();
+    assert!(sent.success());
+    let out = child.wait_with_output().unwrap();
+    let output = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        std::fs::read_to_string(log.join("coordinator.signal")).ok().as_deref(),
+        Some("TERM\n"),
+        "{output}"
+    );
+    (out.status.code(), log, output)
+}
+
+#[test]
+fn slurm_script_passes_sigterm_to_the_coordinator_and_requeues_only_at_the_time_limit() {
+    // scancel / preemption: SIGTERM to the script, which the coordinator gets; no requeue by
+    // the script (Slurm requeues a preempted job itself).
+    let dir = tempfile::tempdir().unwrap();
+    let (status, log, output) = signal_sbatch(dir.path(), "TERM");
+    assert_eq!(status, Some(75), "{output}");
+    assert!(!log.join("scontrol-requeue.argv").exists(), "{output}");
+
+    // --signal=B:USR1@180: the time limit is near; the coordinator stops with a checkpoint and
+    // the script requeues the job.
+    let dir = tempfile::tempdir().unwrap();
+    let (status, log, output) = signal_sbatch(dir.path(), "USR1");
+    assert_eq!(status, Some(75), "{output}");
+    let requeue: Vec<String> = std::fs::read_to_string(log.join("scontrol-requeue.argv"))
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
+    assert_eq!(requeue, ["requeue", "4242"], "{output}");
 }
 
 /// The project venv's Python (scripts/setup.sh makes it).
