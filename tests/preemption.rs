@@ -164,3 +164,78 @@ async fn sigterm_to_the_coordinator_alone_ends_in_a_committed_checkpoint() {
         "the workers heard it in their heartbeats: {logs:?}"
     );
 }
+
+/// A coordinator served in-process whose stop (`stop_tx`) and immediate shutdown (`now_tx`)
+/// the test triggers, with one simulated worker registered in its generation.
+async fn stoppable(
+    stop_timeout_ms: u64,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<Result<mtl_coordinator::JobReport, mtl_coordinator::CoordinatorError>>,
+    common::FakeWorker,
+) {
+    let mut cfg = job("[rendezvous]\nmin_workers = 1\nheartbeat_timeout_ms = 60000\n");
+    cfg.server.stop_timeout_ms = stop_timeout_ms;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let (now_tx, now_rx) = tokio::sync::oneshot::channel::<()>();
+    let handle = tokio::spawn(mtl_coordinator::run_with_stop(
+        cfg,
+        listener,
+        async move {
+            let _ = stop_rx.await;
+            "test"
+        },
+        async move {
+            let _ = now_rx.await;
+        },
+    ));
+    let mut w = common::FakeWorker::connect(&url, "t0k", "w0").await;
+    w.register(0, 0).await.unwrap();
+    assert_eq!(w.heartbeat(1).await.unwrap().directive, mtl_proto::v1::Directive::Continue as i32);
+    (stop_tx, now_tx, handle, w)
+}
+
+/// Heartbeats until the coordinator says `DIRECTIVE_INTERRUPT`.
+async fn until_interrupt(w: &mut common::FakeWorker) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while w.heartbeat(1).await.unwrap().directive != mtl_proto::v1::Directive::Interrupt as i32 {
+        assert!(std::time::Instant::now() < deadline, "no DIRECTIVE_INTERRUPT");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await; // polling the answer, not syncing
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_ends_stopped_once_the_workers_left_and_interrupted_when_they_do_not_in_time() {
+    // The worker leaves interrupted: the job is stopped, resumable.
+    let (stop_tx, _now_tx, handle, mut w) = stoppable(60_000).await;
+    stop_tx.send(()).unwrap();
+    until_interrupt(&mut w).await;
+    let leave = mtl_proto::v1::LeaveRequest {
+        job_token: w.token.clone(),
+        worker_id: w.worker_id.clone(),
+        generation: w.generation,
+        interrupted: true,
+        step: 1,
+        ..Default::default()
+    };
+    w.client.leave(leave).await.unwrap();
+    let report = handle.await.unwrap().unwrap();
+    assert_eq!(report.outcome, JobOutcome::Stopped { checkpoint_step: None });
+    assert_eq!(report.status.state, "interrupted");
+
+    // It never leaves: the coordinator stops after server.stop_timeout_ms, interrupted.
+    let (stop_tx, _now_tx, handle, mut w) = stoppable(300).await;
+    stop_tx.send(()).unwrap();
+    until_interrupt(&mut w).await;
+    assert_eq!(handle.await.unwrap().unwrap().outcome, JobOutcome::Interrupted);
+
+    // A second signal during the wait stops it at once.
+    let (stop_tx, now_tx, handle, mut w) = stoppable(600_000).await;
+    stop_tx.send(()).unwrap();
+    until_interrupt(&mut w).await;
+    now_tx.send(()).unwrap();
+    assert_eq!(handle.await.unwrap().unwrap().outcome, JobOutcome::Interrupted);
+}
