@@ -273,6 +273,9 @@ impl JobState {
         if generation != 0 {
             return self.reattach(&info.worker_id, generation, step, now);
         }
+        if let Some(why) = &self.stopping {
+            return Err(CoordinatorError::Stopping { why: why.clone() });
+        }
         if let Some(g) = &self.generation {
             match g.members.iter().find(|m| m.info.worker_id == info.worker_id) {
                 // A process of a restored generation that registers afresh has lost its state:
@@ -388,7 +391,7 @@ impl JobState {
     /// Forms the generation if the last call has ended. Returns whether it did.
     pub(crate) fn close_rendezvous(&mut self, now: Instant) -> Result<bool, CoordinatorError> {
         match self.last_call {
-            Some(deadline) if now >= deadline && self.generation.is_none() => {
+            Some(deadline) if now >= deadline && self.generation.is_none() && self.stopping.is_none() => {
                 self.form_generation(now)?;
                 Ok(true)
             }

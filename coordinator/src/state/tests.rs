@@ -833,4 +833,6 @@ fn a_stop_without_a_training_generation_is_done_at_once() {
     s.register_new(info("a"), Instant::now()).unwrap();
     assert!(!s.request_stop("SIGINT").unwrap());
     assert!(s.stop_done());
+    let refused = s.register_new(info("b"), Instant::now()).unwrap_err();
+    assert!(refused.to_string().contains("the coordinator is stopping"), "{refused}");
 }
