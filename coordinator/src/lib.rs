@@ -95,7 +95,7 @@ pub async fn run_until_signalled(
 /// Serves the job like [`run`]. When `stop` resolves, the running generation is told to stop:
 /// its workers finish their step, rank 0 commits a checkpoint of it, they leave, and the job
 /// ends [`JobOutcome::Stopped`], recorded as interrupted and resumable. The wait is bounded by
-/// `server.stop_timeout_ms`, then (or when `now` resolves) the coordinator stops at once.
+/// `server.stop_timeout_ms`; after it, or when `shutdown` resolves, the coordinator stops at once.
 pub async fn run_with_stop(
     cfg: JobConfig,
     listener: TcpListener,

@@ -72,8 +72,15 @@ pub struct ServerSection {
     /// Asked to stop (SIGTERM or SIGINT), the coordinator tells the workers to finish their step
     /// and commit a checkpoint, and waits this long for them to leave before it exits anyway.
     /// Keep it under the grace period of whatever sends the signal (Kubernetes'
-    /// `terminationGracePeriodSeconds`, Slurm's `KillWait`; both 30 s by default).
+    /// `terminationGracePeriodSeconds`, Slurm's `KillWait`; both 30 s by default). Left out of
+    /// the written config at its default, so job hashes from before the key existed still match.
+    #[serde(skip_serializing_if = "is_default_stop_timeout")]
     pub stop_timeout_ms: u64,
+}
+
+/// Whether `ms` is `server.stop_timeout_ms`'s default.
+fn is_default_stop_timeout(ms: &u64) -> bool {
+    *ms == ServerSection::default().stop_timeout_ms
 }
 
 impl Default for ServerSection {
