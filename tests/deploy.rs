@@ -200,11 +200,20 @@ fn signal_sbatch(dir: &Path, signal: &str) -> (Option<i32>, PathBuf, String) {
         dir,
         "trap 'echo TERM >\"$LOG/coordinator.signal\"; exit 75' TERM\nwhile :; do sleep 0.05; done",
     );
-    let child =
+    let mut child =
         command.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
     // The traps are set before srun starts; the last worker's log says the srun step ran.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     while !log.join("worker-node-b-3.env").exists() {
+        if child.try_wait().unwrap().is_some() {
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "the batch script exited ({:?}) before its workers ran:\n{}{}",
+                out.status.code(),
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
         assert!(std::time::Instant::now() < deadline, "the batch script never started its workers");
         std::thread::sleep(std::time::Duration::from_millis(20)); // polling the log, not syncing
     }
