@@ -67,9 +67,14 @@ fn worker(url: &str, root: &Path, worker_id: &str, args: &[&str], env: &[(&str, 
 
 /// Waits for a child off the async runtime, reading its output from the start: a process
 /// logging at debug level fills a pipe nobody reads (64 KiB) and blocks in its next write, the
-/// coordinator while holding its job state.
-fn finish(child: Child) -> tokio::task::JoinHandle<Output> {
-    tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+/// coordinator while holding its job state. A plain thread: a test that fails before awaiting
+/// it does not then wait for the process at the runtime's shutdown.
+fn finish(child: Child) -> tokio::sync::oneshot::Receiver<Output> {
+    let (output_tx, output_rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let _ = output_tx.send(child.wait_with_output().unwrap());
+    });
+    output_rx
 }
 
 fn stderr(out: &Output) -> String {
