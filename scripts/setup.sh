@@ -32,3 +32,13 @@ if [[ ! -d "$site/torch/lib" ]]; then
     exit 1
 fi
 ln -sfn "$site/torch" .libtorch
+
+# Kubernetes schemas for tests/deploy.rs (deploy/k8s/check.py): the package bundles them and
+# works offline. A separate stamp, so a version change reinstalls only this.
+K8S_VALIDATE_VERSION=1.37.0
+K8S_STAMP="$VENV/.kubernetes-validate-$K8S_VALIDATE_VERSION.installed"
+if [[ ! -f "$K8S_STAMP" ]]; then
+    echo "setup: installing kubernetes-validate==$K8S_VALIDATE_VERSION into $VENV..."
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "kubernetes-validate==$K8S_VALIDATE_VERSION"
+    touch "$K8S_STAMP"
+fi

@@ -6,13 +6,15 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use common::{bound_address, job, spawn_worker, tiny_data, wait, InProcessCoordinator};
+use common::{
+    bound_address, job, poll_until, same_tensors, spawn_coordinator, spawn_worker, tiny_data, wait,
+    InProcessCoordinator,
+};
 use mtl_coordinator::{JobConfig, JobOutcome};
-use mtl_proto::v1::coordinator_client::CoordinatorClient;
-use mtl_proto::v1::{JobStatus, MetricsKind, StatusRequest};
+use mtl_proto::v1::{JobStatus, MetricsKind};
 
 /// One test at a time: each runs several training processes on a small machine.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -30,23 +32,6 @@ fn config(data: &Path, samples: u32, world: u32, steps: u64, every: u64) -> JobC
 
 fn checkpoint_dir(cfg: &JobConfig) -> PathBuf {
     cfg.checkpoint.dir_path(&cfg.job.name)
-}
-
-/// Polls `status` until `done` holds (at most two minutes).
-async fn poll_until(url: &str, token: &str, done: impl Fn(&JobStatus) -> bool) -> JobStatus {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        if let Ok(mut client) = CoordinatorClient::connect(url.to_string()).await {
-            if let Ok(status) = client.get_status(StatusRequest { job_token: token.into() }).await {
-                let status = status.into_inner();
-                if done(&status) {
-                    return status;
-                }
-            }
-        }
-        assert!(Instant::now() < deadline, "the awaited job state never came");
-        tokio::time::sleep(Duration::from_millis(20)).await; // polling the live status, not syncing
-    }
 }
 
 fn spawn_workers(url: &str, token: &str, world: usize) -> Vec<Child> {
@@ -106,13 +91,6 @@ async fn run_and_kill_after(cfg: &JobConfig, world: usize, commits: usize) -> Jo
     kill_all(workers);
     coord.kill().await;
     status
-}
-
-fn same_tensors(a: &Path, b: &Path) {
-    for file in ["model.safetensors", "optimizer.safetensors", "weighting.safetensors"] {
-        let (x, y) = (std::fs::read(a.join(file)).unwrap(), std::fs::read(b.join(file)).unwrap());
-        assert!(x == y, "{file} of {} and {} differ", a.display(), b.display());
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -220,23 +198,6 @@ async fn three_workers_stopped_two_resume_and_every_sample_of_the_epoch_is_train
     assert!(last.samples - last.end < 8, "the epoch is finished: {epoch0:?}");
     let trained: u64 = epoch0.iter().map(|s| s.kept_end - s.start).sum();
     assert_eq!(trained, last.end, "every sample of the epoch exactly once: {epoch0:?}");
-}
-
-/// `coordinator serve` on `cfg`, listening on `listen`.
-fn spawn_coordinator(cfg: &JobConfig, dir: &Path, listen: &str) -> (Child, PathBuf) {
-    let file = dir.join("job.toml");
-    std::fs::write(&file, cfg.to_toml()).unwrap(); // without the token: that comes from the environment
-    let addr_file = dir.join(format!("addr-{}", listen.replace(':', "_")));
-    let child = Command::new(common::bin("coordinator"))
-        .args(["serve", "--config", file.to_str().unwrap(), "--listen", listen])
-        .args(["--addr-file", addr_file.to_str().unwrap()])
-        .env("MTL_JOB_TOKEN", cfg.job.token.expose())
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    (child, addr_file)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -109,6 +109,7 @@ async fn oversized_requests_are_refused_per_rpc_and_the_job_goes_on() {
         generation: 1,
         failed: true,
         message: big(70_000),
+        ..Default::default()
     };
     refused(w.client.leave(leave).await, "Leave", 64 << 10);
     refused(w.client.get_status(StatusRequest { job_token: big(5000) }).await, "GetStatus", 4 << 10);

@@ -65,9 +65,16 @@ fn worker(url: &str, root: &Path, worker_id: &str, args: &[&str], env: &[(&str, 
     command("worker", root, &run, env).spawn().unwrap()
 }
 
-/// Waits for a child off the async runtime.
-async fn finish(child: Child) -> Output {
-    tokio::task::spawn_blocking(move || child.wait_with_output().unwrap()).await.unwrap()
+/// Waits for a child off the async runtime, reading its output from the start: a process
+/// logging at debug level fills a pipe nobody reads (64 KiB) and blocks in its next write, the
+/// coordinator while holding its job state. A plain thread: a test that fails before awaiting
+/// it does not then wait for the process at the runtime's shutdown.
+fn finish(child: Child) -> tokio::sync::oneshot::Receiver<Output> {
+    let (output_tx, output_rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let _ = output_tx.send(child.wait_with_output().unwrap());
+    });
+    output_rx
 }
 
 fn stderr(out: &Output) -> String {
@@ -105,21 +112,12 @@ async fn a_run_writes_its_token_nowhere() {
     );
     let env = [("MTL_JOB_TOKEN", token.as_str())];
     let (coordinator, url) = serve(root, &cfg, &env);
-    // Its output is read while it runs: a debug log left in a full pipe blocks the coordinator.
-    let coordinator = tokio::spawn(finish(coordinator));
+    let coordinator = finish(coordinator);
     let status = command("coordinator", root, &["status", "--addr", &url], &env).output().unwrap();
     assert!(status.status.success(), "{}", stderr(&status));
     let out = root.join("model");
     let workers: Vec<_> = (0..2)
-        .map(|i| {
-            tokio::spawn(finish(worker(
-                &url,
-                root,
-                &format!("w{i}"),
-                &["--out", out.to_str().unwrap()],
-                &env,
-            )))
-        })
+        .map(|i| finish(worker(&url, root, &format!("w{i}"), &["--out", out.to_str().unwrap()], &env)))
         .collect();
     let mut logs = vec![("status", status)];
     for (i, w) in workers.into_iter().enumerate() {
@@ -153,7 +151,7 @@ async fn a_job_given_no_token_generates_one_that_its_workers_read_from_the_file(
     let root = dir.path();
     let cfg = config(root, "[rendezvous]\nmin_workers = 1\n[train]\nsteps = 2\nbatch_size = 4\n");
     let (coordinator, url) = serve(root, &cfg, &[]);
-    let coordinator = tokio::spawn(finish(coordinator));
+    let coordinator = finish(coordinator);
     // Written before the address, next to the state database, for the owner only.
     let file = root.join("token");
     assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600);
@@ -162,11 +160,11 @@ async fn a_job_given_no_token_generates_one_that_its_workers_read_from_the_file(
     let file_arg = file.to_str().unwrap();
 
     let none = worker(&url, root, "w", &[], &[]);
-    let none = finish(none).await;
+    let none = finish(none).await.unwrap();
     assert_eq!(none.status.code(), Some(2), "{}", stderr(&none));
     assert!(stderr(&none).contains("no job token"), "{}", stderr(&none));
 
-    let wrong = finish(worker(&url, root, "w", &["--token", "not-it"], &[])).await;
+    let wrong = finish(worker(&url, root, "w", &["--token", "not-it"], &[])).await.unwrap();
     assert_eq!(wrong.status.code(), Some(1), "{}", stderr(&wrong));
     assert!(stderr(&wrong).contains("visible to other users"), "{}", stderr(&wrong));
     assert!(stderr(&wrong).contains("job token does not match"), "{}", stderr(&wrong));
@@ -179,7 +177,7 @@ async fn a_job_given_no_token_generates_one_that_its_workers_read_from_the_file(
         .unwrap();
     assert!(status.status.success(), "{}", stderr(&status));
 
-    let right = finish(worker(&url, root, "w", &["--token-file", file_arg], &[])).await;
+    let right = finish(worker(&url, root, "w", &["--token-file", file_arg], &[])).await.unwrap();
     assert!(right.status.success(), "{}", stderr(&right));
     assert!(!stderr(&right).contains("visible to other users"), "{}", stderr(&right));
     let coordinator = coordinator.await.unwrap();

@@ -91,6 +91,12 @@ pub enum CoordinatorError {
         /// Both sides' sample counts and index fingerprints.
         detail: String,
     },
+    /// The coordinator was asked to stop (see `state::stop`): it forms no new generation.
+    #[error("the coordinator is stopping ({why}); register again once it serves the job again")]
+    Stopping {
+        /// Why it stops.
+        why: String,
+    },
     /// The job has already finished or failed.
     #[error("job is {state}")]
     JobOver {
@@ -179,6 +185,7 @@ impl From<CoordinatorError> for Status {
                 Status::resource_exhausted(message)
             }
             CoordinatorError::RendezvousTimeout { .. } => Status::deadline_exceeded(message),
+            CoordinatorError::Stopping { .. } => Status::unavailable(message),
             CoordinatorError::UnknownWorker { .. } => Status::failed_precondition(message),
             CoordinatorError::GenerationEnded { .. } => Status::aborted(message),
             CoordinatorError::InvalidRequest { .. } => Status::invalid_argument(message),

@@ -7,6 +7,7 @@
 //! outlives the launcher: they are reaped on every exit path, and the kernel kills them if the
 //! launcher itself is killed (`PR_SET_PDEATHSIG`). A worker that dies is the job's fault
 //! tolerance's to handle; here its exit is only logged.
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -15,7 +16,7 @@ use std::time::Duration;
 use mtl_job::{JobConfig, JobToken, TOKEN_ENV};
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::signal::unix::{signal, Signal, SignalKind};
-use tokio::sync::{broadcast, watch};
+use tokio::sync::{broadcast, oneshot, watch};
 use tokio::task::JoinHandle;
 
 /// How long workers get to exit by themselves (after the job ended, or after a forwarded
@@ -201,15 +202,38 @@ impl Signals {
         }
     }
 
-    /// Resolves on the first signal, after forwarding it to `workers` and giving them up to
-    /// [`GRACE`] to exit while the coordinator still serves (a second signal kills them).
-    pub(crate) async fn stop(&mut self, workers: Option<&LocalWorkers>) {
-        let signal = self.recv().await;
-        tracing::info!(signal = %signal_name(signal), "stopping");
-        if let Some(workers) = workers {
-            workers.send(signal);
-            workers.exited_within(GRACE, self).await;
-        }
+    /// Relays the signals: the first resolves `stop` with its name, the second `at_once`; each
+    /// is forwarded to the local `workers` first (the first makes them stop after their step
+    /// with a checkpoint, the second at once).
+    pub(crate) fn relay(
+        mut self,
+        workers: Option<&LocalWorkers>,
+    ) -> (impl Future<Output = &'static str> + Send, impl Future<Output = ()> + Send) {
+        let forward = workers.map(|w| w.signal_tx.clone());
+        let (stop_tx, stop_rx) = oneshot::channel();
+        let (at_once_tx, at_once_rx) = oneshot::channel();
+        tokio::spawn(async move {
+            let send = |signal: i32| {
+                if let Some(forward) = &forward {
+                    let _ = forward.send(signal);
+                }
+            };
+            let signal = self.recv().await;
+            tracing::warn!(signal = %signal_name(signal), "stop requested (signal again to stop at once)");
+            send(signal);
+            let _ = stop_tx.send(signal_name(signal));
+            let signal = self.recv().await;
+            tracing::warn!(signal = %signal_name(signal), "second signal: stopping at once");
+            send(signal);
+            let _ = at_once_tx.send(());
+        });
+        let stop = async move { stop_rx.await.unwrap_or("shutdown") };
+        let at_once = async move {
+            if at_once_rx.await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        };
+        (stop, at_once)
     }
 }
 
@@ -304,26 +328,18 @@ impl LocalWorkers {
         let _ = self.signal_tx.send(signal);
     }
 
-    /// Waits up to `grace` for every worker to exit; a signal in the meantime ends the wait.
-    async fn exited_within(&self, grace: Duration, signals: &mut Signals) {
-        let mut exited_rx = self.exited_rx.clone();
-        let all = self.tasks.len();
-        tokio::select! {
-            _ = exited_rx.wait_for(|n| *n == all) => {}
-            _ = tokio::time::sleep(grace) => {
-                tracing::warn!(grace_s = grace.as_secs(), "local workers still running; killing them");
-            }
-            signal = signals.recv() => {
-                tracing::warn!(signal = %signal_name(signal), "a second signal: killing the local workers");
-            }
-        }
-    }
-
     /// After the coordinator stopped: gives the workers [`GRACE`] (none when `now`) to exit,
     /// kills those left, reaps them all and passes the rest of their output through.
-    pub(crate) async fn finish(self, signals: &mut Signals, now: bool) {
+    pub(crate) async fn finish(self, now: bool) {
         if !now {
-            self.exited_within(GRACE, signals).await;
+            let mut exited_rx = self.exited_rx.clone();
+            let all = self.tasks.len();
+            tokio::select! {
+                _ = exited_rx.wait_for(|n| *n == all) => {}
+                _ = tokio::time::sleep(GRACE) => {
+                    tracing::warn!(grace_s = GRACE.as_secs(), "local workers still running; killing them");
+                }
+            }
         }
         self.send(libc::SIGKILL);
         for task in self.tasks {

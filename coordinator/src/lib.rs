@@ -9,8 +9,9 @@
 //! exported to `metrics.jsonl` and to TensorBoard event files by `tensorboard`) and `store`
 //! (SQLite); `token` gives every job a token; `service` is its gRPC face (each request
 //! bounded by `limits`), `web` its read-only HTTP face (dashboard, Prometheus metrics),
-//! [`run`] wires them to listeners, and [`status`] renders a job's status for
-//! `coordinator status`.
+//! [`run`] and [`run_with_stop`] wire them to listeners (the latter stops with a final
+//! checkpoint when asked: `coordinator serve` asks on SIGTERM/SIGINT), and [`status`] renders
+//! a job's status for `coordinator status`.
 #![warn(missing_docs)]
 
 mod accounting;
@@ -54,9 +55,21 @@ pub enum JobOutcome {
     Finished,
     /// A worker failed or was lost.
     Failed(String),
-    /// The shutdown signal arrived first.
+    /// Stopped at once (the shutdown signal, a second stop signal, or workers that did not
+    /// stop within `server.stop_timeout_ms`): the job resumes from its newest committed
+    /// checkpoint, which may be older than the last step trained.
     Interrupted,
+    /// Stopped on request: every worker finished its step and left after rank 0 committed the
+    /// checkpoint of it (or no generation was training). The job resumes from `checkpoint_step`.
+    Stopped {
+        /// The newest committed checkpoint.
+        checkpoint_step: Option<u64>,
+    },
 }
+
+/// The exit status of `coordinator serve` for [`JobOutcome::Stopped`] (sysexits'
+/// `EX_TEMPFAIL`: start it again to continue); `worker run` uses the same.
+pub const EXIT_STOPPED: u8 = 75;
 
 /// What [`run`] returns: how the job ended and its final status (workers, metrics history).
 #[derive(Debug, Clone)]
@@ -67,16 +80,16 @@ pub struct JobReport {
     pub status: mtl_proto::v1::JobStatus,
 }
 
-/// Serves the job on `listener` until it finishes, fails, or `shutdown` resolves, with the
-/// HTTP server (dashboard, metrics) on `server.http_listen` unless that is empty. A job given
-/// no token gets one (see [`mtl_job::ServerSection::token_path`]).
+/// Serves the job on `listener` until it finishes, fails, or `shutdown` resolves (then it stops
+/// at once), with the HTTP server (dashboard, metrics) on `server.http_listen` unless that is
+/// empty. A job given no token gets one (see [`mtl_job::ServerSection::token_path`]).
 pub async fn run(
     cfg: JobConfig,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<JobReport, CoordinatorError> {
     let http = web::bind(&cfg.server.http_listen).await?;
-    run_with_http(cfg, listener, http, shutdown).await
+    serve(cfg, listener, http, std::future::pending(), shutdown).await
 }
 
 /// [`run`] with the HTTP server on a listener of the caller's (`None`: no HTTP server) instead
@@ -85,6 +98,31 @@ pub async fn run_with_http(
     cfg: JobConfig,
     listener: TcpListener,
     http: Option<TcpListener>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<JobReport, CoordinatorError> {
+    serve(cfg, listener, http, std::future::pending(), shutdown).await
+}
+
+/// Serves the job like [`run`]. When `stop` resolves, the running generation is told to stop:
+/// its workers finish their step, rank 0 commits a checkpoint of it, they leave, and the job
+/// ends [`JobOutcome::Stopped`], recorded as interrupted and resumable. The wait is bounded by
+/// `server.stop_timeout_ms`; after it, or when `shutdown` resolves, the coordinator stops at once.
+pub async fn run_with_stop(
+    cfg: JobConfig,
+    listener: TcpListener,
+    stop: impl Future<Output = &'static str> + Send,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<JobReport, CoordinatorError> {
+    let http = web::bind(&cfg.server.http_listen).await?;
+    serve(cfg, listener, http, stop, shutdown).await
+}
+
+/// What [`run`], [`run_with_http`] and [`run_with_stop`] share.
+async fn serve(
+    cfg: JobConfig,
+    listener: TcpListener,
+    http: Option<TcpListener>,
+    stop: impl Future<Output = &'static str> + Send,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<JobReport, CoordinatorError> {
     let mut cfg = cfg;
@@ -97,6 +135,7 @@ pub async fn run_with_http(
     let rendezvous_timeout = Duration::from_millis(cfg.rendezvous.timeout_ms);
     let min_workers = cfg.rendezvous.min_workers;
     let http_require_token = cfg.server.http_require_token;
+    let stop_timeout = Duration::from_millis(cfg.server.stop_timeout_ms);
     let state = JobState::new(cfg, Instant::now())?;
     if *state.phase() == Phase::Finished {
         // Nothing to serve: the state database says the job is done.
@@ -120,8 +159,35 @@ pub async fn run_with_http(
         let shared = shared.clone();
         async move {
             let mut tick = tokio::time::interval(heartbeat_check);
+            tokio::pin!(stop);
+            let mut stop_deadline: Option<tokio::time::Instant> = None;
             loop {
+                let timed_out = async {
+                    match stop_deadline {
+                        Some(deadline) => tokio::time::sleep_until(deadline).await,
+                        None => std::future::pending().await,
+                    }
+                };
                 tokio::select! {
+                    why = &mut stop, if stop_deadline.is_none() => {
+                        stop_deadline = Some(tokio::time::Instant::now() + stop_timeout);
+                        match shared.lock().request_stop(why) {
+                            Ok(true) => tracing::warn!(signal = why, timeout_ms = stop_timeout.as_millis() as u64,
+                                "stopping: the workers finish their step and commit a checkpoint"),
+                            Ok(false) => {}
+                            Err(err) => tracing::error!(%err, "cannot record the stop request"),
+                        }
+                    }
+                    _ = timed_out => {
+                        let step = shared.lock().resume_step();
+                        tracing::error!(
+                            timeout_ms = stop_timeout.as_millis() as u64,
+                            resume_step = ?step,
+                            "the workers did not stop within server.stop_timeout_ms; stopping now"
+                        );
+                        shared.changed_tx.send_replace(());
+                        return JobOutcome::Interrupted;
+                    }
                     _ = tick.tick() => {
                         match shared.lock().check_liveness(Instant::now()) {
                             Ok(lost) if lost.is_empty() => {}
@@ -131,10 +197,16 @@ pub async fn run_with_http(
                     }
                     changed = changed_rx.changed() => if changed.is_err() { return JobOutcome::Interrupted },
                 }
-                let outcome = match shared.lock().phase() {
-                    Phase::Finished => JobOutcome::Finished,
-                    Phase::Failed(reason) => JobOutcome::Failed(reason.clone()),
-                    _ => continue,
+                let outcome = {
+                    let state = shared.lock();
+                    match state.phase() {
+                        Phase::Finished => JobOutcome::Finished,
+                        Phase::Failed(reason) => JobOutcome::Failed(reason.clone()),
+                        _ if state.stop_done() => {
+                            JobOutcome::Stopped { checkpoint_step: state.resume_step() }
+                        }
+                        _ => continue,
+                    }
                 };
                 // Wakes the registrations still waiting (a newcomer waits without a timeout),
                 // so that they answer the job's end and the server can shut down.

@@ -22,10 +22,13 @@ enum Command {
     /// Load a job config, serve it to workers until the job finishes or fails.
     ///
     /// Config layers: defaults, then the file, then MTL_SECTION__KEY environment variables,
-    /// then --set flags. SIGINT and SIGTERM stop it. With --local-workers N it also starts N
-    /// local workers against itself (one command for a job on one machine, as torchrun's
-    /// --nproc_per_node). Exit status: 0 finished, 1 failed, 2 bad config or flags,
-    /// 130 interrupted.
+    /// then --set flags. With --local-workers N it also starts N local workers against itself
+    /// (one command for a job on one machine, as torchrun's --nproc_per_node). Exit status: 0
+    /// finished, 1 failed, 2 bad config or flags, 75 stopped on request (SIGTERM or SIGINT,
+    /// forwarded to local workers: the workers committed a checkpoint of their last step and
+    /// left; the job is interrupted and resumes when served again), 130 stopped at once (a
+    /// second signal, or workers that did not stop within `server.stop_timeout_ms`; the job
+    /// resumes from its newest committed checkpoint).
     Serve {
         /// The job file (TOML).
         #[arg(long, short)]
@@ -131,6 +134,7 @@ fn main() -> ExitCode {
                     eprintln!("error: job failed: {reason}");
                     ExitCode::from(1)
                 }
+                Ok(JobOutcome::Stopped { .. }) => ExitCode::from(mtl_coordinator::EXIT_STOPPED),
                 Ok(JobOutcome::Interrupted) => ExitCode::from(130),
                 Err(err) => {
                     eprintln!("error: {err:#}");
@@ -174,17 +178,18 @@ async fn serve(
     if let Some(path) = addr_file {
         std::fs::write(&path, addr.to_string()).with_context(|| format!("writing {}", path.display()))?;
     }
-    let mut signals = launch::Signals::new().context("cannot handle SIGINT and SIGTERM")?;
+    let signals = launch::Signals::new().context("cannot handle SIGINT and SIGTERM")?;
     let workers = match &local {
         Some(plan) => {
             Some(launch::LocalWorkers::start(plan, addr, &cfg.job.token, !cfg.server.tls_cert.is_empty())?)
         }
         None => None,
     };
-    let report = mtl_coordinator::run(cfg, listener, signals.stop(workers.as_ref())).await;
+    let (stop, at_once) = signals.relay(workers.as_ref());
+    let report = mtl_coordinator::run_with_stop(cfg, listener, stop, at_once).await;
     if let Some(workers) = workers {
         // Their output first, then the summary; none outlives this function.
-        workers.finish(&mut signals, report.is_err()).await;
+        workers.finish(report.is_err()).await;
     }
     let report = report?;
     print!("{}", mtl_coordinator::status::render(&report.status));

@@ -183,7 +183,7 @@ impl Coordinator for CoordinatorService {
         {
             let mut state = self.shared.lock();
             state.check_token(&req.job_token)?;
-            state.leave(&req.worker_id, req.generation, req.failed, &req.message)?;
+            state.leave(&req.worker_id, req.generation, req.failed, req.interrupted, &req.message)?;
         }
         self.shared.notify();
         Ok(Response::new(LeaveResponse {}))

@@ -85,6 +85,8 @@ enum MemberState {
     /// Restored after a coordinator restart, not heard from since.
     Detached,
     Left,
+    /// Left after a stop on request, the checkpoint of its last step committed.
+    Interrupted,
     Failed,
     Lost,
 }
@@ -153,6 +155,9 @@ pub(crate) struct JobState {
     /// The last train permutation computed, by (samples, epoch): every rank's shard of an
     /// epoch is a slice of it.
     permutation: Option<((u64, u64), Vec<u64>)>,
+    /// Why the coordinator was asked to stop (see `stop`): the running generation's members are
+    /// told `DIRECTIVE_INTERRUPT`.
+    stopping: Option<String>,
 }
 
 impl JobState {
@@ -193,6 +198,7 @@ impl JobState {
             reattach_deadline: None,
             pending_eval: BTreeMap::new(),
             permutation: None,
+            stopping: None,
         };
         if !fresh {
             state.restore(restored.outcome, restored.generations, now)?;
@@ -288,6 +294,9 @@ impl JobState {
         }
         if generation != 0 {
             return self.reattach(&info.worker_id, generation, step, now);
+        }
+        if let Some(why) = &self.stopping {
+            return Err(CoordinatorError::Stopping { why: why.clone() });
         }
         if let Some(g) = &self.generation {
             match g.members.iter().find(|m| m.info.worker_id == info.worker_id) {
@@ -404,7 +413,7 @@ impl JobState {
     /// Forms the generation if the last call has ended. Returns whether it did.
     pub(crate) fn close_rendezvous(&mut self, now: Instant) -> Result<bool, CoordinatorError> {
         match self.last_call {
-            Some(deadline) if now >= deadline && self.generation.is_none() => {
+            Some(deadline) if now >= deadline && self.generation.is_none() && self.stopping.is_none() => {
                 self.form_generation(now)?;
                 Ok(true)
             }
@@ -588,9 +597,10 @@ impl JobState {
         self.touch(worker_id, generation, now, |p| {
             *p = Progress { step: p.step.max(progress.step), ..progress };
         })?;
-        Ok(match &self.phase {
-            Phase::Failed(reason) => (Directive::Stop, reason.clone()),
-            Phase::Finished => (Directive::Stop, "job finished".into()),
+        Ok(match (&self.phase, &self.stopping) {
+            (Phase::Failed(reason), _) => (Directive::Stop, reason.clone()),
+            (Phase::Finished, _) => (Directive::Stop, "job finished".into()),
+            (_, Some(reason)) => (Directive::Interrupt, reason.clone()),
             _ => (Directive::Continue, String::new()),
         })
     }
@@ -641,15 +651,22 @@ impl JobState {
         Ok(silent)
     }
 
-    /// A worker is done (or failed). The job finishes when every member has left.
+    /// A worker is done, failed, or stopped on request (`interrupted`). The job finishes when
+    /// every member has left, unless one of them left interrupted: then the generation ends and
+    /// the next one resumes from the checkpoint committed before (see `stop`).
     pub(crate) fn leave(
         &mut self,
         worker_id: &str,
         generation: u64,
         failed: bool,
+        interrupted: bool,
         message: &str,
     ) -> Result<(), CoordinatorError> {
-        let state = if failed { MemberState::Failed } else { MemberState::Left };
+        let state = match (failed, interrupted) {
+            (true, _) => MemberState::Failed,
+            (false, true) => MemberState::Interrupted,
+            (false, false) => MemberState::Left,
+        };
         match self.member_mut(worker_id, generation) {
             Ok((_, member)) => member.state = state,
             // A member of the generation that just ended (it heard why, and leaves).
@@ -665,10 +682,17 @@ impl JobState {
         if failed {
             return self.fail(format!("worker `{worker_id}` failed: {message}"));
         }
-        tracing::info!(worker_id, "worker left");
+        tracing::info!(worker_id, interrupted, "worker left");
         let all_left = self.generation.as_ref().is_some_and(|g| {
             g.members.iter().all(|m| !matches!(m.state, MemberState::Active | MemberState::Detached))
         });
+        let any_interrupted = self
+            .generation
+            .as_ref()
+            .is_some_and(|g| g.members.iter().any(|m| m.state == MemberState::Interrupted));
+        if all_left && any_interrupted && matches!(self.phase, Phase::Running) {
+            return self.end_interrupted();
+        }
         if all_left && matches!(self.phase, Phase::Running) {
             self.phase = Phase::Finished;
             tracing::info!(job = %self.cfg.job.name, "job finished");
@@ -681,6 +705,7 @@ impl JobState {
 
 mod admission;
 mod regroup;
+mod stop;
 pub(crate) use regroup::Held;
 mod reports;
 mod restore;

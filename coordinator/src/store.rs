@@ -66,6 +66,8 @@ pub(crate) struct StoredGeneration {
 pub(crate) enum StoredOutcome {
     Finished,
     Failed(String),
+    /// Stopped on request; resumes from the newest committed checkpoint.
+    Interrupted(String),
 }
 
 /// Everything a restarted coordinator reloads.
@@ -198,6 +200,7 @@ impl Store {
         restored.outcome = match outcome.as_deref() {
             Some("finished") => Some(StoredOutcome::Finished),
             Some("failed") => Some(StoredOutcome::Failed(message.unwrap_or_default())),
+            Some("interrupted") => Some(StoredOutcome::Interrupted(message.unwrap_or_default())),
             _ => None,
         };
 
@@ -415,6 +418,7 @@ impl Store {
             }
             Some(StoredOutcome::Finished) => ("finished", String::new()),
             Some(StoredOutcome::Failed(m)) => ("failed", m.clone()),
+            Some(StoredOutcome::Interrupted(m)) => ("interrupted", m.clone()),
         };
         self.conn
             .execute(

@@ -97,6 +97,13 @@ pub struct ServerSection {
     /// still match.
     #[serde(skip_serializing_if = "String::is_empty")]
     pub tensorboard_dir: String,
+    /// Asked to stop (SIGTERM or SIGINT), the coordinator tells the workers to finish their step
+    /// and commit a checkpoint, and waits this long for them to leave before it exits anyway.
+    /// Keep it under the grace period of whatever sends the signal (Kubernetes'
+    /// `terminationGracePeriodSeconds`, Slurm's `KillWait`; both 30 s by default). Left out of
+    /// the written config at its default, so job hashes from before the key existed still match.
+    #[serde(skip_serializing_if = "is_default_stop_timeout")]
+    pub stop_timeout_ms: u64,
 }
 
 /// `server.http_listen` when not given: loopback, a free port.
@@ -108,6 +115,11 @@ fn is_default_http_listen(addr: &String) -> bool {
 
 fn is_default_http_require_token(required: &bool) -> bool {
     *required
+}
+
+/// Whether `ms` is `server.stop_timeout_ms`'s default.
+fn is_default_stop_timeout(ms: &u64) -> bool {
+    *ms == ServerSection::default().stop_timeout_ms
 }
 
 impl Default for ServerSection {
@@ -122,6 +134,7 @@ impl Default for ServerSection {
             http_listen: DEFAULT_HTTP_LISTEN.into(),
             http_require_token: true,
             tensorboard_dir: String::new(),
+            stop_timeout_ms: 20_000,
         }
     }
 }

@@ -170,3 +170,12 @@ fn the_http_server_keys_are_written_only_when_set_and_checked() {
     assert!(matches!(&err, JobConfigError::Invalid { key, .. } if key == "server.http_listen"), "{err}");
     assert!(err.to_string().contains("`localhost`"), "{err}");
 }
+
+#[test]
+fn the_stop_timeout_is_kept_when_set_and_changes_no_hash() {
+    let cfg = load("[job]\nname = \"a\"\n").unwrap();
+    assert!(!cfg.to_toml().contains("stop_timeout_ms"), "left out at its default");
+    let set = load("[job]\nname = \"a\"\n[server]\nstop_timeout_ms = 5000\n").unwrap();
+    assert_eq!(JobConfig::from_toml(&set.to_toml()).unwrap().server.stop_timeout_ms, 5000);
+    assert_eq!(cfg.hash(), set.hash());
+}

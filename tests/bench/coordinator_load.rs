@@ -227,6 +227,7 @@ async fn simulate(
                     epoch_position: 0,
                     path: name,
                     config_hash: sim.config_hash.clone(),
+                    ..Default::default()
                 })
                 .await;
             sim.record("CommitCheckpoint", t, r);
@@ -421,6 +422,7 @@ async fn main() -> Result<(), String> {
                 generation: sim.generation,
                 failed: false,
                 message: String::new(),
+                ..Default::default()
             })
             .await;
     }

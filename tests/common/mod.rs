@@ -286,6 +286,7 @@ impl FakeWorker {
             epoch_position,
             path: path.into(),
             config_hash: config_hash.into(),
+            ..Default::default()
         };
         Ok(self.client.commit_checkpoint(request).await?.into_inner())
     }
@@ -297,7 +298,50 @@ impl FakeWorker {
             generation: self.generation,
             failed: false,
             message: String::new(),
+            ..Default::default()
         };
         self.client.leave(request).await.map(drop)
     }
+}
+
+/// Polls `status` until `done` holds (at most two minutes).
+pub async fn poll_until(url: &str, token: &str, done: impl Fn(&JobStatus) -> bool) -> JobStatus {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Ok(mut client) = CoordinatorClient::connect(url.to_string()).await {
+            if let Ok(status) = client.get_status(StatusRequest { job_token: token.into() }).await {
+                let status = status.into_inner();
+                if done(&status) {
+                    return status;
+                }
+            }
+        }
+        assert!(Instant::now() < deadline, "the awaited job state never came");
+        tokio::time::sleep(Duration::from_millis(20)).await; // polling the live status, not syncing
+    }
+}
+
+/// Asserts that two checkpoint directories hold the same model, optimizer and weighting bytes.
+pub fn same_tensors(a: &Path, b: &Path) {
+    for file in ["model.safetensors", "optimizer.safetensors", "weighting.safetensors"] {
+        let (x, y) = (std::fs::read(a.join(file)).unwrap(), std::fs::read(b.join(file)).unwrap());
+        assert!(x == y, "{file} of {} and {} differ", a.display(), b.display());
+    }
+}
+
+/// `coordinator serve` on `cfg`, listening on `listen`.
+pub fn spawn_coordinator(cfg: &JobConfig, dir: &Path, listen: &str) -> (Child, PathBuf) {
+    let file = dir.join("job.toml");
+    std::fs::write(&file, cfg.to_toml()).unwrap(); // without the token: that comes from the environment
+    let addr_file = dir.join(format!("addr-{}", listen.replace(':', "_")));
+    let child = Command::new(bin("coordinator"))
+        .args(["serve", "--config", file.to_str().unwrap(), "--listen", listen])
+        .args(["--addr-file", addr_file.to_str().unwrap()])
+        .env("MTL_JOB_TOKEN", cfg.job.token.expose())
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    (child, addr_file)
 }

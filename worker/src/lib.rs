@@ -18,6 +18,7 @@ mod optim;
 mod precision;
 mod predict;
 mod session;
+mod stop;
 mod task;
 mod tasks;
 mod train;
@@ -29,6 +30,7 @@ pub use data::synthetic::{generate_with as generate_shapes, SyntheticConfig, Syn
 pub use device::parse_device;
 pub use predict::{run as predict, PredictSummary};
 pub use session::Identity;
+pub use stop::{stop_on_signals, StopRequest, EXIT_INTERRUPTED};
 pub use task::{PerTask, Task, TaskValues};
 pub use train::checkpoint::{evaluate as evaluate_checkpoint, open as open_checkpoint, Checkpoint};
 pub use train::standalone::{run as train_standalone, Event, Options as StandaloneOptions, Summary};
@@ -58,11 +60,27 @@ pub struct RunConfig {
     pub peer_bind: String,
     /// Rank 0 writes the final checkpoint (a checkpoint directory) here.
     pub out: Option<std::path::PathBuf>,
+    /// Set to stop after the current step with a committed checkpoint (see [`stop_on_signals`]);
+    /// the coordinator's `DIRECTIVE_INTERRUPT` sets it too.
+    pub stop: StopRequest,
+}
+
+/// How `worker run` ended without an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunOutcome {
+    /// The job's last step was trained.
+    Finished,
+    /// Stopped on request after `step` (0: before training began), every rank at the same
+    /// step, the checkpoint of it committed by rank 0: the job resumes from there.
+    Interrupted {
+        /// The last step trained.
+        step: u64,
+    },
 }
 
 /// Joins the job, trains, reports, leaves. A failure is reported to the coordinator before
 /// it is returned, so the job fails fast instead of waiting for a heartbeat timeout.
-pub async fn run(mut cfg: RunConfig) -> Result<(), WorkerError> {
+pub async fn run(mut cfg: RunConfig) -> Result<RunOutcome, WorkerError> {
     let device = device::parse_device(&cfg.identity.device)?;
     // Bound before registering, so the address peers receive is already accepting.
     let listener = std::net::TcpListener::bind(&cfg.peer_bind)
@@ -78,7 +96,14 @@ pub async fn run(mut cfg: RunConfig) -> Result<(), WorkerError> {
             Err(err) => tracing::warn!(%err, "no NCCL unique id; the nccl backend will not be available"),
         }
     }
-    let session = Session::join(&cfg.coordinator, &cfg.tls, cfg.token.expose(), cfg.identity).await?;
+    let join = Session::join(&cfg.coordinator, &cfg.tls, cfg.token.expose(), cfg.identity, cfg.stop.clone());
+    let session = tokio::select! {
+        session = join => session?,
+        _ = cfg.stop.requested() => {
+            tracing::warn!("stopped on request before a generation formed");
+            return Ok(RunOutcome::Interrupted { step: 0 });
+        }
+    };
     let handle = tokio::runtime::Handle::current();
     let out = cfg.out;
     let (session, result) = tokio::task::spawn_blocking(move || {
@@ -89,7 +114,12 @@ pub async fn run(mut cfg: RunConfig) -> Result<(), WorkerError> {
     .await
     .expect("catch_panic returns instead of unwinding");
     match result {
-        Ok(()) => session.leave(None).await,
+        Ok(RunOutcome::Finished) => session.leave(None).await.map(|()| RunOutcome::Finished),
+        Ok(RunOutcome::Interrupted { step }) => {
+            session.leave_interrupted(step).await?;
+            tracing::warn!(step, "stopped on request; the job resumes from the checkpoint of this step");
+            Ok(RunOutcome::Interrupted { step })
+        }
         Err(err) => {
             let message = err.to_string();
             if let Err(leave_err) = session.leave(Some(&message)).await {

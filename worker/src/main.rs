@@ -4,7 +4,10 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use mtl_job::JobToken;
 use mtl_proto::client::ClientTls;
-use mtl_worker::{BenchConfig, Identity, RunConfig, StandaloneOptions, SyntheticConfig, SyntheticPreset};
+use mtl_worker::{
+    BenchConfig, Identity, RunConfig, RunOutcome, StandaloneOptions, StopRequest, SyntheticConfig,
+    SyntheticPreset, WorkerError,
+};
 
 mod commands;
 mod progress;
@@ -25,7 +28,9 @@ enum Command {
     ///
     /// The job configuration comes from the coordinator; this worker needs no job file.
     /// Exit status: 0 when training finished, 1 on any failure (reported to the coordinator
-    /// first), 2 without a usable job token.
+    /// first), 2 without a usable job token, 75 when stopped on request (SIGTERM, SIGINT, or
+    /// the coordinator stopping) after the checkpoint of the last step was committed: the job
+    /// resumes from it. A second signal exits at once with 128 + its number (143, 130).
     Run {
         /// The coordinator's URL.
         #[arg(long, env = "MTL_COORDINATOR", default_value = "http://127.0.0.1:50051")]
@@ -265,14 +270,26 @@ fn main() -> ExitCode {
             let worker_id = worker_id.unwrap_or_else(|| format!("{host}-{device}"));
             let identity =
                 Identity { worker_id, host, device, peer_addr: String::new(), nccl_unique_id: Vec::new() };
-            runtime.block_on(mtl_worker::run(RunConfig {
-                coordinator,
-                tls: ClientTls { ca, cert: client_cert, key: client_key },
-                token,
-                identity,
-                peer_bind: peer_addr,
-                out,
-            }))
+            let stop = StopRequest::new();
+            let run = async {
+                mtl_worker::stop_on_signals(stop.clone())
+                    .map_err(|source| WorkerError::Io { path: "signal handlers".into(), source })?;
+                mtl_worker::run(RunConfig {
+                    coordinator,
+                    tls: ClientTls { ca, cert: client_cert, key: client_key },
+                    token,
+                    identity,
+                    peer_bind: peer_addr,
+                    out,
+                    stop,
+                })
+                .await
+            };
+            match runtime.block_on(run) {
+                Ok(RunOutcome::Finished) => Ok(()),
+                Ok(RunOutcome::Interrupted { .. }) => return ExitCode::from(mtl_worker::EXIT_INTERRUPTED),
+                Err(err) => Err(err),
+            }
         }
         Command::CollectiveBench { rank, peers, sizes_mib, iterations, timeout_ms } => {
             if rank >= peers.len() {

@@ -23,6 +23,7 @@ use tokio::time::Instant;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
+use crate::stop::StopRequest;
 use crate::WorkerError;
 
 /// Who this worker is, as told to the coordinator.
@@ -123,6 +124,8 @@ pub(crate) struct Session {
     pending: VecDeque<Outgoing>,
     /// Since when reports have been failing to go through.
     unreachable_since: Option<Instant>,
+    /// Set by a signal or by the coordinator's `DIRECTIVE_INTERRUPT`.
+    stop: StopRequest,
 }
 
 impl Session {
@@ -137,20 +140,27 @@ impl Session {
         tls: &ClientTls,
         token: &str,
         identity: Identity,
+        stop: StopRequest,
     ) -> Result<Self, WorkerError> {
         let client = mtl_proto::client::connect(addr, tls)
             .await
             .map_err(|message| WorkerError::Connect { addr: addr.to_string(), message })?;
-        Self::enter(client, token, identity, None, Duration::ZERO).await
+        Self::enter(client, token, identity, None, Duration::ZERO, stop).await
     }
 
     /// Leaves the ended generation and registers for the next one with the state this worker
     /// holds; waits for the generation to form. On an error the session stays as it was.
     pub(crate) async fn rejoin(&mut self, held: &Held) -> Result<(), WorkerError> {
         self.heartbeat.abort();
-        let next =
-            Self::enter(self.client.clone(), &self.token, self.identity.clone(), Some(held), self.grace)
-                .await?;
+        let next = Self::enter(
+            self.client.clone(),
+            &self.token,
+            self.identity.clone(),
+            Some(held),
+            self.grace,
+            self.stop.clone(),
+        )
+        .await?;
         // Reports and commits of the ended generation still go to the coordinator, in order.
         let pending = std::mem::take(&mut self.pending);
         *self = next;
@@ -166,6 +176,7 @@ impl Session {
         identity: Identity,
         held: Option<&Held>,
         retry_for: Duration,
+        stop: StopRequest,
     ) -> Result<Self, WorkerError> {
         let h = held.cloned().unwrap_or_default();
         let register = RegisterRequest {
@@ -233,7 +244,7 @@ impl Session {
             Duration::from_millis(u64::from(placement.heartbeat_interval_ms.max(1))),
             grace,
             progress.clone(),
-            stop_tx,
+            Stops { halt_tx: stop_tx, stop: stop.clone() },
         ));
         Ok(Self {
             client,
@@ -247,7 +258,13 @@ impl Session {
             grace,
             pending: VecDeque::new(),
             unreachable_since: None,
+            stop,
         })
+    }
+
+    /// The stop request the trainer contributes to every step.
+    pub(crate) fn stop(&self) -> StopRequest {
+        self.stop.clone()
     }
 
     /// Records training progress (sent with the next heartbeat).
@@ -399,6 +416,7 @@ impl Session {
         step: u64,
         epoch: u64,
         epoch_position: u64,
+        stopping: bool,
     ) -> Result<(), WorkerError> {
         self.pending.push_back(Outgoing::Commit(CheckpointCommit {
             job_token: self.token.clone(),
@@ -409,16 +427,30 @@ impl Session {
             epoch_position,
             path,
             config_hash: self.placement.config_hash.clone(),
+            stopping,
         }));
         self.flush(false).await
     }
 
     /// Sends the buffered reports, tells the coordinator this worker is done (or failed) and
     /// stops heartbeating.
-    pub(crate) async fn leave(mut self, failure: Option<&str>) -> Result<(), WorkerError> {
+    pub(crate) async fn leave(self, failure: Option<&str>) -> Result<(), WorkerError> {
+        let request = leave_request(&self.token, &self.identity, self.placement.generation, failure);
+        self.leave_with(request).await
+    }
+
+    /// Leaves after a stop on request at `step`, once the final checkpoint's commit went
+    /// through: the coordinator records the job as interrupted, not finished.
+    pub(crate) async fn leave_interrupted(self, step: u64) -> Result<(), WorkerError> {
+        let mut request = leave_request(&self.token, &self.identity, self.placement.generation, None);
+        request.interrupted = true;
+        request.step = step;
+        self.leave_with(request).await
+    }
+
+    async fn leave_with(mut self, request: LeaveRequest) -> Result<(), WorkerError> {
         let flushed = self.flush(true).await;
         self.heartbeat.abort();
-        let request = leave_request(&self.token, &self.identity, self.placement.generation, failure);
         self.call("Leave", |mut c| {
             let request = request.clone();
             async move { c.leave(request).await }
@@ -484,6 +516,7 @@ fn leave_request(token: &str, identity: &Identity, generation: u64, failure: Opt
         generation,
         failed: failure.is_some(),
         message: cut(failure.unwrap_or_default(), LEAVE_MESSAGE_BYTES),
+        ..Default::default()
     }
 }
 
@@ -500,6 +533,13 @@ fn cut(message: &str, max: usize) -> String {
     format!("{}{MARK}", &message[..end])
 }
 
+/// How the heartbeat task stops the worker: at once (`halt_tx`: stop or regroup), or after
+/// the current step with a checkpoint (`stop`, on `DIRECTIVE_INTERRUPT`).
+struct Stops {
+    halt_tx: watch::Sender<Option<Halt>>,
+    stop: StopRequest,
+}
+
 /// Sends heartbeats with the worker's progress; stops the worker when the coordinator says
 /// so (or to regroup), or when no heartbeat has gone through for `grace` (the coordinator is
 /// gone: training on would be lost work). After heartbeats failed, the first thing sent to the
@@ -512,8 +552,9 @@ async fn heartbeat_loop(
     interval: Duration,
     grace: Duration,
     progress: Arc<Progress>,
-    stop_tx: watch::Sender<Option<Halt>>,
+    stops: Stops,
 ) {
+    let Stops { halt_tx: stop_tx, stop } = stops;
     let mut tick = tokio::time::interval(interval);
     let mut last_ok = Instant::now();
     let mut lost = false;
@@ -551,6 +592,9 @@ async fn heartbeat_loop(
                 Ok(Ok(reply)) => {
                     last_ok = Instant::now();
                     let reply = reply.into_inner();
+                    if reply.directive == Directive::Interrupt as i32 && !stop.request() {
+                        tracing::warn!(reason = %reply.reason, "coordinator asks to stop after this step with a checkpoint");
+                    }
                     let regroup = reply.directive == Directive::Regroup as i32;
                     if regroup || reply.directive == Directive::Stop as i32 {
                         tracing::warn!(reason = %reply.reason, regroup, "coordinator says stop");

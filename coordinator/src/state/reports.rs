@@ -142,8 +142,9 @@ impl JobState {
         let at = self.checkpoints.partition_point(|c| c.step < req.step);
         self.checkpoints.insert(at, checkpoint);
         let pruned = self.prune()?;
-        // The checkpoint of the last step is no admission point: the members leave after it.
-        if req.step < self.cfg.train.steps {
+        // The checkpoint of the last step, or of a stop on request, is no admission point: the
+        // members leave after it.
+        if req.step < self.cfg.train.steps && !req.stopping && self.stopping.is_none() {
             self.admit_waiting(&format!("after checkpoint step {}", req.step), now)?;
         }
         Ok(CheckpointAck { committed: true, pruned })

@@ -94,9 +94,9 @@ fn job_finishes_when_every_member_left() {
     let (mut s, _dir) = new_state(cfg(2, 2));
     s.register_new(info("a"), now).unwrap();
     s.register_new(info("b"), now).unwrap();
-    s.leave("a", 1, false, "").unwrap();
+    s.leave("a", 1, false, false, "").unwrap();
     assert_eq!(s.phase(), &Phase::Running);
-    s.leave("b", 1, false, "").unwrap();
+    s.leave("b", 1, false, false, "").unwrap();
     assert_eq!(s.phase(), &Phase::Finished);
     assert!(matches!(s.register_new(info("c"), now), Err(CoordinatorError::JobOver { .. })));
 }
@@ -106,7 +106,7 @@ fn a_failed_worker_fails_the_job() {
     let now = Instant::now();
     let (mut s, _dir) = new_state(cfg(1, 1));
     s.register_new(info("a"), now).unwrap();
-    s.leave("a", 1, true, "out of memory").unwrap();
+    s.leave("a", 1, true, false, "out of memory").unwrap();
     assert!(matches!(s.phase(), Phase::Failed(m) if m.contains("out of memory")));
 }
 
@@ -340,6 +340,7 @@ fn commit(s: &JobState, worker: &str, generation: u64, step: u64, path: &str) ->
         epoch_position: step * 16,
         path: path.into(),
         config_hash: s.config_hash.clone(),
+        ..Default::default()
     }
 }
 
@@ -574,7 +575,7 @@ fn a_finished_job_stays_finished() {
     let c = in_dir(cfg(1, 1), dir.path());
     let mut s = JobState::new(c.clone(), now).unwrap();
     s.register_new(info("a"), now).unwrap();
-    s.leave("a", 1, false, "").unwrap();
+    s.leave("a", 1, false, false, "").unwrap();
     drop(s);
     let s = JobState::new(c, now).unwrap();
     assert_eq!(s.phase(), &Phase::Finished);
@@ -738,7 +739,7 @@ fn a_newcomer_is_admitted_after_the_next_checkpoint_commit() {
         let name = write_checkpoint(dir.path(), 10);
         last.commit_checkpoint(&commit(&last, "b", 1, 10, &name), t0).unwrap();
         assert_eq!(last.phase(), &Phase::Running, "the final checkpoint admits nobody");
-        last.leave("b", 1, false, "").unwrap();
+        last.leave("b", 1, false, false, "").unwrap();
         assert_eq!(last.phase(), &Phase::Finished, "the job finishes with its members");
     }
 
@@ -761,4 +762,77 @@ fn a_newcomer_is_admitted_after_the_next_checkpoint_commit() {
         ("b", 1, 4),
         "the survivor, not the newcomer"
     );
+}
+
+// Stopping on request (`stop`).
+
+#[test]
+fn a_stop_tells_the_generation_to_checkpoint_and_ends_it_as_interrupted_when_all_left() {
+    let now = Instant::now();
+    let (mut s, dir) = new_state(cfg(2, 2));
+    s.register_new(info("a"), now).unwrap();
+    assert_eq!(s.register_new(info("b"), now).unwrap(), Registered::Formed);
+    assert_eq!(s.heartbeat("a", 1, progress(3), now).unwrap().0, mtl_proto::v1::Directive::Continue);
+    assert!(s.request_stop("SIGTERM").unwrap(), "a generation to wait for");
+    let (directive, reason) = s.heartbeat("b", 1, progress(3), now).unwrap();
+    assert_eq!(directive, mtl_proto::v1::Directive::Interrupt);
+    assert!(reason.contains("SIGTERM"), "{reason}");
+    assert!(!s.stop_done());
+
+    let step_dir = dir.path().join("checkpoints").join("step-4");
+    std::fs::create_dir_all(&step_dir).unwrap();
+    let commit = CheckpointCommit {
+        job_token: "secret".into(),
+        worker_id: "a".into(),
+        generation: 1,
+        step: 4,
+        epoch: 0,
+        epoch_position: 32,
+        path: "step-4".into(),
+        config_hash: s.config_hash.clone(),
+        stopping: true,
+    };
+    s.heartbeat("a", 1, progress(4), now).unwrap();
+    s.commit_checkpoint(&commit, now).unwrap();
+    s.leave("b", 1, false, true, "").unwrap();
+    assert_eq!(s.phase(), &Phase::Running, "rank 0 is still in");
+    s.leave("a", 1, false, true, "").unwrap();
+    assert!(s.stop_done());
+    assert_eq!(s.phase(), &Phase::Rendezvous, "not finished, not failed");
+    assert_eq!(s.resume_step(), Some(4));
+    let status = s.status(now);
+    let ended = status.events.iter().rev().find(|e| e.kind == "ended").unwrap();
+    assert!(ended.detail.contains("stopped on request at step 4"), "{}", ended.detail);
+    assert!(ended.detail.contains("checkpoint step 4 (step-4) committed"), "{}", ended.detail);
+
+    // A restarted coordinator resumes the job from that checkpoint.
+    let cfg = s.cfg.clone();
+    drop(s);
+    let mut s = JobState::new(cfg, now).unwrap();
+    assert_eq!(s.phase(), &Phase::Rendezvous);
+    s.register_new(info("a"), now).unwrap();
+    s.register_new(info("b"), now).unwrap();
+    assert_eq!(s.placement("a").unwrap().resume.unwrap().step, 4);
+}
+
+#[test]
+fn workers_stopped_without_the_coordinator_leave_the_job_waiting_for_new_ones() {
+    let now = Instant::now();
+    let (mut s, _dir) = new_state(cfg(1, 1));
+    s.register_new(info("a"), now).unwrap();
+    s.leave("a", 1, false, true, "").unwrap();
+    assert_eq!(s.phase(), &Phase::Rendezvous, "interrupted, not finished");
+    assert!(!s.stop_done(), "the coordinator itself was not asked to stop");
+    assert_eq!(s.register_new(info("a"), now).unwrap(), Registered::Formed);
+    assert_eq!(s.placement("a").unwrap().generation, 2);
+}
+
+#[test]
+fn a_stop_without_a_training_generation_is_done_at_once() {
+    let (mut s, _dir) = new_state(cfg(2, 2));
+    s.register_new(info("a"), Instant::now()).unwrap();
+    assert!(!s.request_stop("SIGINT").unwrap());
+    assert!(s.stop_done());
+    let refused = s.register_new(info("b"), Instant::now()).unwrap_err();
+    assert!(refused.to_string().contains("the coordinator is stopping"), "{refused}");
 }

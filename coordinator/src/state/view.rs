@@ -38,7 +38,7 @@ impl JobState {
         let skip = self.events.len().saturating_sub(STATUS_EVENTS);
         JobStatus {
             job_name: self.cfg.job.name.clone(),
-            state: self.phase.name().into(),
+            state: if self.stop_done() { "interrupted".into() } else { self.phase.name().into() },
             generation: shown.map_or(0, |g| g.id),
             world_size: shown.map_or(0, |g| g.members.len() as u32),
             workers,

@@ -20,7 +20,7 @@ use crate::collective::ring::Ring;
 use crate::collective::{Collective, LocalCollective, RingCollective, Timeouts, Traced};
 use crate::data::OrderedSplit;
 use crate::session::Session;
-use crate::WorkerError;
+use crate::{RunOutcome, WorkerError};
 
 /// Builds the collective the job asks for on `device`, its calls counted into the heartbeats.
 pub(crate) fn connect_collective(
@@ -89,19 +89,21 @@ pub(crate) fn connect_collective(
 /// afresh (evaluating the untrained model first); evaluates every `train.eval_every_steps` and
 /// at the end; rank 0 writes and commits a checkpoint every `checkpoint.every_steps` and at
 /// the end, the final one also to `out`. A broken generation is left for the next one with
-/// the trainer's state in memory (see `regroup`).
+/// the trainer's state in memory (see `regroup`). A stop request (a signal, or the coordinator's
+/// `DIRECTIVE_INTERRUPT`) ends training after a step all ranks agree on, with a committed
+/// checkpoint of it (`crate::stop`).
 pub(crate) fn train(
     session: &mut Session,
     handle: &Handle,
     device: tch::Device,
     listener: TcpListener,
     out: Option<PathBuf>,
-) -> Result<(), WorkerError> {
+) -> Result<RunOutcome, WorkerError> {
     let cfg = session.config.clone();
     let (train, val, model) = super::job::open_job(&cfg, device)?;
     let info = train.dataset.info.clone();
     // One rank alone until the generation's collective is connected.
-    let mut trainer = Trainer::new(&cfg, model, Box::new(LocalCollective))?;
+    let mut trainer = Trainer::new(&cfg, model, Box::new(LocalCollective))?.with_stop(session.stop());
     let fresh = session.placement.state_root.is_none() && session.placement.resume.is_none();
     let mut start = regroup::start_generation(session, &mut trainer, &listener, &train, None)?;
     if fresh {
@@ -123,8 +125,12 @@ pub(crate) fn train(
         steps = trainer.steps_done(),
         epochs = outcome.epochs,
         train_seconds = format!("{:.1}", outcome.train_seconds),
+        stopped = outcome.stopped,
         "training finished"
     );
+    if outcome.stopped {
+        return Ok(RunOutcome::Interrupted { step: trainer.steps_done() });
+    }
     if let (0, Some(dir)) = (session.placement.rank, out) {
         let generation = session.placement.generation;
         let record = Record {
@@ -138,7 +144,7 @@ pub(crate) fn train(
         checkpoint::write_at(&dir, &trainer, &record)?;
         tracing::info!(dir = %dir.display(), "model saved");
     }
-    Ok(())
+    Ok(RunOutcome::Finished)
 }
 
 /// Shards from the coordinator, losses reported to it by rank 0, evaluation statistics of
@@ -156,6 +162,8 @@ struct Coordinated<'a> {
     at: Option<(u64, u64, u64, u64)>,
     /// `checkpoint.dir`.
     dir: PathBuf,
+    /// The last step reported a stop request: the next checkpoint is the last of this run.
+    stopping: bool,
 }
 
 impl<'a> Coordinated<'a> {
@@ -167,7 +175,7 @@ impl<'a> Coordinated<'a> {
         start: Position,
     ) -> Self {
         let dir = cfg.checkpoint.dir_path(&cfg.job.name);
-        Self { cfg, session, handle, val, continues: Some(start), at: None, dir }
+        Self { cfg, session, handle, val, continues: Some(start), at: None, dir, stopping: false }
     }
 
     /// Where this rank's state stands in the data (the next sample to train), once a shard began.
@@ -216,6 +224,7 @@ impl Driver for Coordinated<'_> {
         images_per_s: Option<f64>,
     ) -> Result<(), WorkerError> {
         self.session.set_step(report.step);
+        self.stopping = report.stop_requested;
         if let Some((_, _, _, done)) = &mut self.at {
             *done += 1;
         }
@@ -277,6 +286,6 @@ impl Driver for Coordinated<'_> {
         let name = written.path.strip_prefix(&self.dir).unwrap_or(&written.path).display().to_string();
         let step = trainer.steps_done();
         tracing::info!(path = %written.path.display(), step, "checkpoint written");
-        self.handle.block_on(self.session.commit(name, step, next.epoch, next.consumed))
+        self.handle.block_on(self.session.commit(name, step, next.epoch, next.consumed, self.stopping))
     }
 }

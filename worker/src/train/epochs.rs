@@ -81,10 +81,14 @@ pub(crate) struct Outcome {
     pub skipped_images: usize,
     /// Seconds spent training (loading and steps; evaluations excluded).
     pub train_seconds: f64,
+    /// Stopped on request before the last step (every rank after the same step).
+    pub stopped: bool,
 }
 
 /// Trains from `start` until `train.steps` (then evaluates once more) or, for a planned stop,
-/// until step `stop_at_step`; offers a checkpoint at the end either way if a step was taken.
+/// until step `stop_at_step`, or until a step reports a stop request (`crate::stop`); offers a
+/// checkpoint at the end in every case if a step was taken. The step a stop ends at is not
+/// evaluated even when an evaluation is due there: a stop has a deadline.
 pub(crate) fn train(
     cfg: &JobConfig,
     trainer: &mut Trainer,
@@ -103,7 +107,8 @@ pub(crate) fn train(
     let mut meter = Throughput::default();
     let mut train_time = std::time::Duration::ZERO;
     let mut since = std::time::Instant::now();
-    while trainer.steps_done() < until {
+    let mut stopped = false;
+    while trainer.steps_done() < until && !stopped {
         let shard = driver.train_shard(at.epoch, at.consumed, train)?;
         if shard.steps == 0 {
             return Err(WorkerError::Data {
@@ -136,6 +141,7 @@ pub(crate) fn train(
             driver.before_step()?;
             let step = trainer.steps_done() + 1;
             let report = trainer.step(&batch?)?;
+            stopped = report.stop_requested && trainer.steps_done() < until;
             // Every rank counts the same global numbers, so all stop here together.
             unreadable.count(global_batch, report.samples, &loader.summary().skipped)?;
             // An epoch whose last whole global batch is trained is done: the next sample is
@@ -152,18 +158,22 @@ pub(crate) fn train(
             let log = step.is_multiple_of(cfg.train.log_every_steps.max(1)) || step == cfg.train.steps;
             driver.after_step(epoch, &report, log.then(|| meter.rate()))?;
             let every = cfg.train.eval_every_steps;
-            if every > 0 && step.is_multiple_of(every) && step < cfg.train.steps {
+            if every > 0 && step.is_multiple_of(every) && step < cfg.train.steps && !stopped {
                 train_time += since.elapsed();
                 driver.evaluate(trainer, epoch)?;
                 meter.restart();
                 since = std::time::Instant::now();
             }
             let every = cfg.checkpoint.every_steps;
-            if every > 0 && step.is_multiple_of(every) && step < until {
+            if every > 0 && step.is_multiple_of(every) && step < until && !stopped {
                 train_time += since.elapsed();
                 driver.checkpoint(trainer, train, at)?;
                 meter.restart();
                 since = std::time::Instant::now();
+            }
+            if stopped {
+                tracing::warn!(step, "stopping on request after this step");
+                break;
             }
         }
         skipped += loader.summary().skipped.len();
@@ -186,5 +196,11 @@ pub(crate) fn train(
     if trainer.steps_done() > first_step {
         driver.checkpoint(trainer, train, at)?;
     }
-    Ok(Outcome { epochs, position: at, skipped_images: skipped, train_seconds: train_time.as_secs_f64() })
+    Ok(Outcome {
+        epochs,
+        position: at,
+        skipped_images: skipped,
+        train_seconds: train_time.as_secs_f64(),
+        stopped,
+    })
 }

@@ -60,6 +60,9 @@ pub struct StepReport {
     /// Samples this step trained on, over all ranks (images the loaders could not read are
     /// not counted).
     pub samples: u64,
+    /// Whether any rank held a stop request when the step began: every rank learns it from the
+    /// same all-reduce, so all of them stop after this step.
+    pub stop_requested: bool,
 }
 
 impl StepReport {
@@ -143,6 +146,8 @@ pub(crate) struct Trainer {
     step: u64,
     device: Device,
     bf16: bool,
+    /// A stop request this rank contributes to every step's first all-reduce.
+    stop: Option<crate::stop::StopRequest>,
 }
 
 impl Trainer {
@@ -170,9 +175,17 @@ impl Trainer {
             step: 0,
             device,
             bf16: cfg.train.precision == mtl_job::Precision::Bf16,
+            stop: None,
         };
         trainer.broadcast_state()?;
         Ok(trainer)
+    }
+
+    /// Every step tells the other ranks whether `stop` was requested on this one (see
+    /// [`StepReport::stop_requested`]).
+    pub(crate) fn with_stop(mut self, stop: crate::stop::StopRequest) -> Self {
+        self.stop = Some(stop);
+        self
     }
 
     /// Optimizer steps taken so far.
@@ -268,10 +281,14 @@ impl Trainer {
 
         // Normalisers summed over ranks before any loss divides by them.
         let targets = losses::build_targets(&self.model, &batch)?;
+        // A stop request rides in the same all-reduce: every rank learns the same sum.
         let local = losses::local_counts(&batch, &targets)?;
-        let mut counts = [Tensor::from_slice(&local.to_array()).to_device(self.device)];
+        let stop = self.stop.as_ref().is_some_and(|s| s.is_requested());
+        let mut counts = local.to_array().to_vec();
+        counts.push(if stop { 1.0 } else { 0.0 });
+        let mut counts = [Tensor::from_slice(&counts).to_device(self.device)];
         self.collective.all_reduce(&mut counts, ReduceOp::Sum)?;
-        let global = counts_from(&counts[0])?;
+        let (global, stops) = counts_from(&counts[0])?;
 
         // A batch whose every image was unreadable still takes part in every collective, also
         // in those of SyncBatchNorm's forward and backward passes (run on zero images).
@@ -339,6 +356,7 @@ impl Trainer {
             task_grad_norms: report.grad_norms,
             grad_norm,
             samples: global.samples.round() as u64,
+            stop_requested: stops > 0.0,
         })
     }
 
@@ -378,9 +396,10 @@ fn task_values(losses: &TaskLosses) -> Result<TaskValues, WorkerError> {
     Ok(out)
 }
 
-fn counts_from(t: &Tensor) -> Result<Counts, WorkerError> {
+/// The all-reduced normalisers and the number of ranks that asked to stop.
+fn counts_from(t: &Tensor) -> Result<(Counts, f64), WorkerError> {
     let v: Vec<f64> = Vec::<f64>::try_from(&t.to_device(Device::Cpu))?;
-    Ok(Counts::from_array([v[0], v[1], v[2], v[3], v[4]]))
+    Ok((Counts::from_array([v[0], v[1], v[2], v[3], v[4]]), v[5]))
 }
 
 /// The gradients of `params`, creating zero gradients where backward left none, so every rank
