@@ -47,7 +47,8 @@ model_args() {
     r18)  JOB=bench/cpu_multitask.toml; WARM=5; TIMED=20
           DATA=(--set data.train=$OUT/data-r18 --set data.synthetic_n=1024 --set data.synthetic_val_fraction=0.02) ;;
     esac
-    STEPS=(--set train.steps=$((WARM + TIMED)) --set train.log_every_steps=$WARM --set train.eval_every_steps=0)
+    STEPS=(--set train.steps=$((WARM + TIMED)) --set train.log_every_steps=$WARM --set train.eval_every_steps=0
+           --set train.warmup_steps=0)
 }
 
 record() { echo "$1" >> "$RESULTS"; }
@@ -74,7 +75,7 @@ torch_1() {
     model_args "$1"
     local json
     json=$(OMP_NUM_THREADS=$CORES timeout "$TIMEOUT" /usr/bin/time -f %M -o "$tmp/rss.t0" \
-        "$PY" bench/torch_reference.py train --config "$JOB" --threads "$CORES" \
+        "$PY" bench/torch_reference.py train --config "$JOB" "${STEPS[@]}" --threads "$CORES" \
         --warmup-steps "$WARM" --steps "$TIMED" 2> "$tmp/torch.log") || true
     local rate; rate=$(echo "$json" | grep -o '"images_per_s": [0-9.]*' | grep -o '[0-9.]*$' || true)
     record "{\"row\":\"$1 1 worker\",\"side\":\"pytorch\",\"images_per_s\":${rate:-null},\"rss_kb\":[$(rss t0)],\"load\":\"$(cut -d' ' -f1 /proc/loadavg)\"}"
@@ -107,7 +108,7 @@ torch_2() {
     for r in 0 1; do
         RANK=$r WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=$port OMP_NUM_THREADS=$HALF \
             timeout "$TIMEOUT" /usr/bin/time -f %M -o "$tmp/rss.t$r" "$PY" bench/torch_reference.py train --config "$JOB" \
-            --threads "$HALF" --set train.batch_size=16 --warmup-steps "$WARM" --steps "$TIMED" \
+            "${STEPS[@]}" --threads "$HALF" --set train.batch_size=16 --warmup-steps "$WARM" --steps "$TIMED" \
             > "$tmp/torch$r.out" 2> "$tmp/torch$r.log" &
         ps+=("$!")
     done
@@ -168,7 +169,8 @@ for row in "${ROWS[@]}"; do
     *) continue ;;
     esac
     [[ -f ${DATA[1]#data.train=}/dataset.json ]] || "$W" train --standalone --config "$JOB" "${DATA[@]}" \
-        --set train.steps=1 --set checkpoint.dir="$tmp/warm-$RANDOM" > /dev/null 2>&1
+        --set train.steps=1 --set train.warmup_steps=0 --set checkpoint.dir="$tmp/warm-$RANDOM" \
+        > /dev/null 2> "$tmp/warm.log" || { cat "$tmp/warm.log" >&2; exit 1; }
 done
 for round in $(seq 1 "$ROUNDS"); do
     for row in "${ROWS[@]}"; do
