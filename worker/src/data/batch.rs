@@ -1,6 +1,6 @@
 //! The shared data contract: what the loader hands to the training step (and to evaluation).
 //! Every task is labelled (or not) per sample.
-use tch::Tensor;
+use tch::{Device, TchError, Tensor};
 
 use super::sample::BoxLabel;
 // Defined next to the sample types; still reachable here for the modules that import it from
@@ -94,12 +94,12 @@ pub struct Prepared {
 
 impl Batch {
     /// Stacks prepared samples of one `size × size` resolution (an empty slice gives B = 0).
-    pub fn collate(items: &[Prepared], info: &DatasetInfo, size: usize) -> Result<Batch, tch::TchError> {
+    pub fn collate(items: &[Prepared], info: &DatasetInfo, size: usize) -> Result<Batch, TchError> {
         use super::sample::ClassLabel;
         let b = items.len() as i64;
         let s = size as i64;
         let pixels: Vec<f32> = items.iter().flat_map(|p| p.sample.image.iter().copied()).collect();
-        let images = Tensor::f_from_slice(&pixels)?.f_view([b, 3, s, s])?;
+        let images = host_tensor(&pixels, &[b, 3, s, s])?;
         let class_target = if info.multi_label {
             let c = info.class_names.len();
             let mut hot = vec![0f32; items.len() * c];
@@ -113,7 +113,7 @@ impl Batch {
                     hot[i * c + k as usize] = 1.0;
                 }
             }
-            ClassTarget::Multi(Tensor::f_from_slice(&hot)?.f_view([b, c as i64])?)
+            ClassTarget::Multi(host_tensor(&hot, &[b, c as i64])?)
         } else {
             let labels: Vec<i64> = items
                 .iter()
@@ -122,7 +122,7 @@ impl Batch {
                     _ => -1,
                 })
                 .collect();
-            ClassTarget::Single(Tensor::f_from_slice(&labels)?)
+            ClassTarget::Single(host_tensor(&labels, &[b])?)
         };
         let class_labelled: Vec<bool> = items.iter().map(|p| p.class.is_some()).collect();
         let mask_labelled: Vec<bool> = items.iter().map(|p| p.sample.mask.is_some()).collect();
@@ -138,12 +138,59 @@ impl Batch {
             ids: items.iter().map(|p| p.id).collect(),
             images,
             class_target,
-            class_labelled: Tensor::f_from_slice(&class_labelled)?,
+            class_labelled: host_tensor(&class_labelled, &[b])?,
             boxes: items.iter().map(|p| p.sample.boxes.clone()).collect(),
             boxes_labelled: items.iter().map(|p| p.boxes_labelled).collect(),
-            mask_target: Tensor::f_from_slice(&masks)?.f_view([b, s, s])?,
-            mask_labelled: Tensor::f_from_slice(&mask_labelled)?,
+            mask_target: host_tensor(&masks, &[b, s, s])?,
+            mask_labelled: host_tensor(&mask_labelled, &[b])?,
             originals: items.iter().map(|p| p.original.clone()).collect(),
         })
+    }
+}
+
+/// A CPU tensor of `shape` holding `data`, filled by a plain copy. The loader threads build
+/// batches with it instead of `Tensor::from_slice`, which (tch 0.24) runs `torch::zeros` first:
+/// for a batch-sized tensor that zero-fill is a parallel LibTorch op, so every loader thread
+/// started an OpenMP team of its own next to the training thread's. With more OpenMP threads
+/// than cores, libgomp's threads stop spinning between ops and the training thread's team
+/// sleeps and is woken for every op (docs/PERFORMANCE.md, "Side by side with PyTorch").
+/// `Tensor::empty` allocates without touching the memory.
+pub(crate) fn host_tensor<T: tch::kind::Element + Copy>(
+    data: &[T],
+    shape: &[i64],
+) -> Result<Tensor, TchError> {
+    let numel: i64 = shape.iter().product();
+    if usize::try_from(numel).ok() != Some(data.len()) {
+        return Err(TchError::Shape(format!(
+            "{} values do not fill a tensor of shape {shape:?}",
+            data.len()
+        )));
+    }
+    let tensor = Tensor::f_empty(shape, (T::KIND, Device::Cpu))?;
+    if !data.is_empty() {
+        // SAFETY: `tensor` was just allocated on the CPU, contiguous, with `data.len()` elements
+        // of `T::KIND`, which `tch::kind::Element` (an unsafe trait) guarantees has `T`'s size
+        // and layout; no other handle to its memory exists yet, and `data` is a distinct
+        // allocation.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), tensor.data_ptr().cast::<T>(), data.len()) };
+    }
+    Ok(tensor)
+}
+
+#[cfg(test)]
+mod host_tensor_tests {
+    use super::*;
+
+    #[test]
+    fn host_tensors_equal_from_slice() {
+        let f: Vec<f32> = (0..24).map(|i| i as f32 * 0.5 - 3.0).collect();
+        assert!(host_tensor(&f, &[2, 3, 4]).unwrap().equal(&Tensor::from_slice(&f).view([2, 3, 4])));
+        let l = [3i64, -1, 255];
+        assert!(host_tensor(&l, &[3]).unwrap().equal(&Tensor::from_slice(&l)));
+        let b = [true, false, true, true];
+        assert!(host_tensor(&b, &[2, 2]).unwrap().equal(&Tensor::from_slice(&b).view([2, 2])));
+        assert_eq!(host_tensor::<f32>(&[], &[0, 3, 8, 8]).unwrap().size(), [0, 3, 8, 8]);
+        let err = host_tensor(&f, &[5, 5]).unwrap_err().to_string();
+        assert!(err.contains("24 values") && err.contains("[5, 5]"), "{err}");
     }
 }
