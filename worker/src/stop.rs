@@ -50,18 +50,22 @@ pub const EXIT_INTERRUPTED: u8 = 75;
 
 /// Listens for SIGTERM and SIGINT on the current tokio runtime: the first requests a stop
 /// through `stop`, a second one ends the process at once with status 128 + the signal's number
-/// (work since the last committed checkpoint is lost).
+/// (work since the last committed checkpoint is lost). Only signals count: a stop the
+/// coordinator asked for first (its own SIGTERM, which a launcher also forwards to its local
+/// workers) leaves the next signal a first one.
 pub fn stop_on_signals(stop: StopRequest) -> std::io::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     tokio::spawn(async move {
+        let mut signalled = false;
         loop {
             let (name, number) = tokio::select! {
                 _ = term.recv() => ("SIGTERM", 15),
                 _ = int.recv() => ("SIGINT", 2),
             };
-            if stop.request() {
+            stop.request();
+            if std::mem::replace(&mut signalled, true) {
                 tracing::warn!(signal = name, "second signal: stopping at once, without a checkpoint");
                 std::process::exit(128 + number);
             }
