@@ -78,6 +78,8 @@ impl Ring {
                 // The peer answers once its set-up reaches the accept loop: wait until the deadline.
                 let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
                 next.set_read_timeout(Some(left)).and_then(|_| next.set_write_timeout(Some(left))).ok();
+                // The handshake's small messages must not wait for delayed ACKs (Nagle).
+                next.set_nodelay(true).ok();
                 handshake::connect(&mut next, key, generation, rank, next_rank).map_err(|reason| {
                     CollectiveError::Handshake { peer: next_rank, addr: peers[next_rank].to_string(), reason }
                 })?;
@@ -311,6 +313,7 @@ fn accept_from(
                 let handshake = move || {
                     let mut stream = stream;
                     stream.set_nonblocking(false).ok();
+                    stream.set_nodelay(true).ok();
                     stream
                         .set_read_timeout(Some(limit))
                         .and_then(|_| stream.set_write_timeout(Some(limit)))

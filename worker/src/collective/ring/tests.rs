@@ -179,6 +179,7 @@ mod membership {
         std::thread::spawn(move || {
             let mut stream = TcpStream::connect(addr).unwrap();
             stream.set_read_timeout(Some(T)).unwrap();
+            stream.set_nodelay(true).unwrap();
             handshake::connect(&mut stream, &key, generation, rank, next_rank).map(|()| stream)
         })
     }
