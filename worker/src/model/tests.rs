@@ -9,7 +9,9 @@ use crate::train::losses::{build_targets, local_counts, task_losses};
 #[test]
 fn tiny_forward_shapes() {
     let model = test_model(&TasksSection::default());
-    let out = model.forward(&Tensor::randn([2, 3, 64, 48], (Kind::Float, Device::Cpu)), true).unwrap();
+    let out = model
+        .forward(&with_seed(1, || Tensor::randn([2, 3, 64, 48], (Kind::Float, Device::Cpu))), true)
+        .unwrap();
     assert_eq!(out.cls.unwrap().size(), [2, 4]);
     let det = out.det.unwrap();
     assert_eq!(det.cls_logits[0].size(), [2, 3, 8, 6]);
@@ -59,7 +61,8 @@ fn dataset_mismatch_names_the_key() {
 fn predictions_cover_every_enabled_task() {
     let model =
         test_model(&TasksSection { score_threshold: 0.0, max_detections: 7, ..TasksSection::default() });
-    let preds = predict(&model, &Tensor::randn([3, 3, 32, 40], (Kind::Float, Device::Cpu))).unwrap();
+    let preds =
+        predict(&model, &with_seed(2, || Tensor::randn([3, 3, 32, 40], (Kind::Float, Device::Cpu)))).unwrap();
     assert_eq!(preds.len(), 3);
     for p in &preds {
         assert!(
@@ -124,7 +127,8 @@ fn frozen_batch_norm_is_neither_trained_nor_updated() {
     let names: Vec<String> = model.shared_parameters().into_iter().map(|(n, _)| n).collect();
     assert!(names.iter().all(|n| !n.contains("bn") && !n.contains("downsample.1")), "{names:?}");
     assert!(model.var_store().variables().contains_key("backbone.layer2.0.downsample.1.running_var"));
-    let x = Tensor::randn([2, 3, 32, 32], (Kind::Float, Device::Cpu));
+    // Every draw from LibTorch's one generator under its lock (`with_seed`): see there.
+    let x = with_seed(3, || Tensor::randn([2, 3, 32, 32], (Kind::Float, Device::Cpu)));
     let first = model.forward(&x, true).unwrap().cls.unwrap();
     let second = model.forward(&x, true).unwrap().cls.unwrap();
     assert!(first.equal(&second), "train mode must not change frozen statistics");

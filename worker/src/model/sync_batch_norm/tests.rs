@@ -70,12 +70,16 @@ fn assert_close(what: &str, a: &Tensor, b: &Tensor, rtol: f64) {
 
 fn inputs(n: i64, dtype: Kind) -> (Tensor, Tensor, Tensor, Tensor) {
     let opts = (dtype, Device::Cpu);
-    // A mean far from zero, so the variance would lose digits without the running-mean shift.
-    let x = Tensor::randn([n, CHANNELS, 4, 3], opts) * 3.0 + 20.0;
-    let g = Tensor::randn([n, CHANNELS, 4, 3], opts);
-    let weight = Tensor::rand([CHANNELS], opts) + 0.5;
-    let bias = Tensor::randn([CHANNELS], opts);
-    (x, g, weight, bias)
+    // Under the generator's lock: a draw from LibTorch's one generator in parallel with another
+    // test's seeded initial weights would change those weights.
+    crate::model::with_seed(n, || {
+        // A mean far from zero, so the variance would lose digits without the running-mean shift.
+        let x = Tensor::randn([n, CHANNELS, 4, 3], opts) * 3.0 + 20.0;
+        let g = Tensor::randn([n, CHANNELS, 4, 3], opts);
+        let weight = Tensor::rand([CHANNELS], opts) + 0.5;
+        let bias = Tensor::randn([CHANNELS], opts);
+        (x, g, weight, bias)
+    })
 }
 
 #[test]
