@@ -97,6 +97,12 @@ impl Ring {
         Ok(Self { rank, world_size, next: Some(next), prev: Some(prev), next_rank, prev_rank })
     }
 
+    /// A ring of test ranks (generation 1, one key) whose set-up and transfers time out after `t`.
+    #[cfg(test)]
+    pub(crate) fn for_tests(rank: usize, peers: &[SocketAddr], listener: TcpListener, t: Duration) -> Self {
+        Self::connect(rank, peers, listener, 1, &RingKey::from_token("test"), t, t).expect("test ring")
+    }
+
     /// This rank.
     #[cfg(test)]
     pub(crate) fn rank(&self) -> usize {

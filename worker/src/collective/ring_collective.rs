@@ -112,16 +112,7 @@ mod tests {
                     let addrs = &addrs;
                     s.spawn(move || {
                         let t = Duration::from_secs(20);
-                        let ring = Ring::connect(
-                            rank,
-                            addrs,
-                            l,
-                            1,
-                            &crate::collective::ring::RingKey::from_token("test"),
-                            t,
-                            t,
-                        )
-                        .unwrap();
+                        let ring = Ring::for_tests(rank, addrs, l, t);
                         let mut c = RingCollective::new(ring, 64);
                         let r = rank as f64;
                         let mut ts = vec![
@@ -154,11 +145,7 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
         let t = Duration::from_secs(1);
-        let mut c = RingCollective::new(
-            Ring::connect(0, &[addr], l, 1, &crate::collective::ring::RingKey::from_token("test"), t, t)
-                .unwrap(),
-            64,
-        );
+        let mut c = RingCollective::new(Ring::for_tests(0, &[addr], l, t), 64);
         let mut ts = vec![Tensor::zeros([2], (Kind::Int64, tch::Device::Cpu))];
         let err = c.all_reduce(&mut ts, ReduceOp::Sum).unwrap_err();
         assert!(err.to_string().contains("f32/f64"), "{err}");

@@ -118,16 +118,7 @@ fn train_ranks(cfg: &JobConfig, initial: &MultiTaskModel, world: usize, batch: u
                 let (cfg, train, addrs) = (&cfg, &train, &addrs);
                 s.spawn(move || {
                     let t = Duration::from_secs(60);
-                    let ring = Ring::connect(
-                        rank,
-                        addrs,
-                        listener,
-                        1,
-                        &crate::collective::ring::RingKey::from_token("test"),
-                        t,
-                        t,
-                    )
-                    .unwrap();
+                    let ring = Ring::for_tests(rank, addrs, listener, t);
                     let mut trainer =
                         Trainer::new(cfg, model, Box::new(RingCollective::new(ring, 1 << 20))).unwrap();
                     let shard = sharding::train_shard(sharding::ShardSpec {
@@ -562,16 +553,7 @@ fn dwa_weights_agree_on_two_ranks_over_the_ring() {
                 let (cfg, train, addrs, info) = (&cfg, &train, &addrs, &info);
                 s.spawn(move || {
                     let t = Duration::from_secs(60);
-                    let ring = Ring::connect(
-                        rank,
-                        addrs,
-                        listener,
-                        1,
-                        &crate::collective::ring::RingKey::from_token("test"),
-                        t,
-                        t,
-                    )
-                    .unwrap();
+                    let ring = Ring::for_tests(rank, addrs, listener, t);
                     // Rank 0's initial weights reach rank 1 through the trainer's broadcast.
                     let model = MultiTaskModel::new(&cfg.model, &cfg.tasks, info, Device::Cpu).unwrap();
                     let mut trainer =

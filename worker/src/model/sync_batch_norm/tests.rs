@@ -145,16 +145,7 @@ fn ranks_equal_one_process(sizes: &[i64]) {
                 let (weight, bias, addrs) = (weight.copy(), bias.copy(), &addrs);
                 s.spawn(move || {
                     let t = Duration::from_secs(20);
-                    let ring = Ring::connect(
-                        rank,
-                        addrs,
-                        listener,
-                        1,
-                        &crate::collective::ring::RingKey::from_token("test"),
-                        t,
-                        t,
-                    )
-                    .unwrap();
+                    let ring = Ring::for_tests(rank, addrs, listener, t);
                     let (vs, layers, norm) = layer(NormKind::SyncBatch, &weight, &bias, dtype);
                     let collective = SharedCollective::new(Box::new(RingCollective::new(ring, 1 << 20)));
                     layers.sync_context().unwrap().attach(collective);

@@ -93,16 +93,7 @@ fn ranks_count_together_and_fail_together_when_one_ranks_images_are_unreadable()
                 let (cfg, train, addrs, info) = (&cfg, &train, &addrs, &info);
                 s.spawn(move || {
                     let t = Duration::from_secs(60);
-                    let ring = Ring::connect(
-                        rank,
-                        addrs,
-                        listener,
-                        1,
-                        &crate::collective::ring::RingKey::from_token("test"),
-                        t,
-                        t,
-                    )
-                    .unwrap();
+                    let ring = Ring::for_tests(rank, addrs, listener, t);
                     let model = MultiTaskModel::new(&cfg.model, &cfg.tasks, info, Device::Cpu).unwrap();
                     let mut trainer =
                         Trainer::new(cfg, model, Box::new(RingCollective::new(ring, 1 << 20))).unwrap();
