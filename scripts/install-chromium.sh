@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs Debian's `chromium` for the dashboard's browser test (tests/dashboard.rs), only when
+# Installs Debian's `chromium` for the dashboard's browser test (tests/watch.rs), only when
 # /usr/bin/chromium is missing: seconds when it is there. Needs root (CI's machine runs as
 # root) and Debian's package archive; elsewhere, install chromium yourself.
 set -euo pipefail
