@@ -6,25 +6,27 @@ cd "$(dirname "$0")/.."
 
 TORCH_VERSION=2.11.0
 VENV=.venv
-STAMP="$VENV/.torch-$TORCH_VERSION.installed"
 PYTHON=${PYTHON:-python3}
 
-if [[ ! -f "$STAMP" ]]; then
-    echo "setup: installing torch==$TORCH_VERSION into $VENV (about 2.5 GB, once)..."
-    "$PYTHON" -m venv "$VENV"
-    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "torch==$TORCH_VERSION"
-    touch "$STAMP"
-fi
+# Installs NAME==VERSION into the venv once: a stamp file per package and version, so a version
+# change reinstalls only that package and a set-up that is done takes seconds.
+install_once() {
+    local name=$1 version=$2 size=${3:-}
+    local stamp="$VENV/.$name-$version.installed"
+    [[ -f $stamp ]] && return
+    echo "setup: installing $name==$version into $VENV$size..."
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$name==$version"
+    touch "$stamp"
+}
 
+[[ -x "$VENV/bin/python" ]] || "$PYTHON" -m venv "$VENV"
+install_once torch "$TORCH_VERSION" " (about 2.5 GB, once)"
 # TensorBoard: its reader checks the coordinator's event files in the tests, and it is how
 # a run is watched (`tensorboard --logdir runs/JOB/tb`).
-TENSORBOARD_VERSION=2.21.0
-TB_STAMP="$VENV/.tensorboard-$TENSORBOARD_VERSION.installed"
-if [[ ! -f "$TB_STAMP" ]]; then
-    echo "setup: installing tensorboard==$TENSORBOARD_VERSION into $VENV..."
-    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "tensorboard==$TENSORBOARD_VERSION"
-    touch "$TB_STAMP"
-fi
+install_once tensorboard 2.21.0
+# Kubernetes schemas for tests/deploy.rs (deploy/k8s/check.py): the package bundles them and
+# works offline.
+install_once kubernetes-validate 1.37.0
 
 site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 if [[ ! -d "$site/torch/lib" ]]; then
@@ -32,13 +34,3 @@ if [[ ! -d "$site/torch/lib" ]]; then
     exit 1
 fi
 ln -sfn "$site/torch" .libtorch
-
-# Kubernetes schemas for tests/deploy.rs (deploy/k8s/check.py): the package bundles them and
-# works offline. A separate stamp, so a version change reinstalls only this.
-K8S_VALIDATE_VERSION=1.37.0
-K8S_STAMP="$VENV/.kubernetes-validate-$K8S_VALIDATE_VERSION.installed"
-if [[ ! -f "$K8S_STAMP" ]]; then
-    echo "setup: installing kubernetes-validate==$K8S_VALIDATE_VERSION into $VENV..."
-    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "kubernetes-validate==$K8S_VALIDATE_VERSION"
-    touch "$K8S_STAMP"
-fi
