@@ -148,6 +148,26 @@ impl Batch {
     }
 }
 
+impl Batch {
+    /// The batch's tensors on `device` (boxes stay on the host).
+    pub(crate) fn to_device(&self, device: Device) -> Result<Batch, TchError> {
+        Ok(Batch {
+            ids: self.ids.clone(),
+            images: self.images.f_to_device(device)?,
+            class_target: match &self.class_target {
+                ClassTarget::Single(t) => ClassTarget::Single(t.f_to_device(device)?),
+                ClassTarget::Multi(t) => ClassTarget::Multi(t.f_to_device(device)?),
+            },
+            class_labelled: self.class_labelled.f_to_device(device)?,
+            boxes: self.boxes.clone(),
+            boxes_labelled: self.boxes_labelled.clone(),
+            mask_target: self.mask_target.f_to_device(device)?,
+            mask_labelled: self.mask_labelled.f_to_device(device)?,
+            originals: self.originals.clone(),
+        })
+    }
+}
+
 /// A CPU tensor of `shape` holding `data`, filled by a plain copy. The loader threads build
 /// batches with it instead of `Tensor::from_slice`, which (tch 0.24) runs `torch::zeros` first:
 /// for a batch-sized tensor that zero-fill is a parallel LibTorch op, so every loader thread

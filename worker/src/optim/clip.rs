@@ -1,25 +1,28 @@
-//! Gradient clipping by global norm, PyTorch's `clip_grad_norm_` (L2, `foreach` off).
-use tch::Tensor;
+//! Gradient clipping by global norm, PyTorch's `clip_grad_norm_` (L2): computed on the device,
+//! without reading the norm on the host.
+use tch::{Kind, Tensor};
 
 use crate::WorkerError;
 
 /// Scales the gradients of `params` in place so that their joint L2 norm is at most `max_norm`,
-/// and returns the norm before clipping. As in PyTorch the scale is
-/// `max_norm / (norm + 1e-6)`, applied only when it is below 1; parameters without a gradient
-/// are skipped.
-pub(crate) fn clip_grad_norm(params: &[Tensor], max_norm: f64) -> Result<f64, WorkerError> {
+/// and returns the norm before clipping as a 0-dim f32 tensor on the parameters' device. As in
+/// PyTorch the scale is `max_norm / (norm + 1e-6)` clamped to at most 1 and always applied (no
+/// host branch); parameters without a gradient are skipped.
+pub(crate) fn clip_grad_norm(params: &[Tensor], max_norm: f64) -> Result<Tensor, WorkerError> {
     let _guard = tch::no_grad_guard();
     let grads: Vec<Tensor> = params.iter().map(Tensor::grad).filter(Tensor::defined).collect();
-    if grads.is_empty() {
-        return Ok(0.0);
-    }
-    let norms = grads.iter().map(|g| g.f_norm()).collect::<Result<Vec<_>, _>>()?;
+    let Some(first) = grads.first() else {
+        let device = params.first().map_or(tch::Device::Cpu, Tensor::device);
+        return Ok(Tensor::f_zeros([], (Kind::Float, device))?);
+    };
+    let device = first.device();
+    let norms = grads.iter().map(|g| g.f_norm()?.f_to_kind(Kind::Float)).collect::<Result<Vec<_>, _>>()?;
     let total_norm = Tensor::f_stack(&norms, 0)?.f_norm()?;
-    let clip_coef = (max_norm / (total_norm.f_double_value(&[])? + 1e-6)).min(1.0);
-    if clip_coef < 1.0 {
-        for mut g in grads {
-            let _ = g.f_mul_scalar_(clip_coef)?;
-        }
+    let clip_coef =
+        total_norm.f_add_scalar(1e-6)?.f_reciprocal()?.f_mul_scalar(max_norm)?.f_clamp_max(1.0)?;
+    debug_assert_eq!(clip_coef.device(), device);
+    for mut g in grads {
+        let _ = g.f_mul_(&clip_coef)?;
     }
-    Ok(total_norm.f_double_value(&[])?)
+    Ok(total_norm)
 }

@@ -24,7 +24,7 @@ use mtl_job::JobConfig;
 use tch::{Device, Kind, Tensor};
 
 use crate::collective::{Collective, ReduceOp};
-use crate::data::{Batch, ClassTarget};
+use crate::data::Batch;
 use crate::model::MultiTaskModel;
 use crate::optim::{clip_grad_norm, Optimizer, Schedule};
 use crate::task::{Task, TaskLosses, TaskValues};
@@ -270,7 +270,7 @@ impl Trainer {
     /// batch). The reported losses are averaged over ranks.
     pub(crate) fn step(&mut self, batch: &Batch) -> Result<StepReport, WorkerError> {
         let world = self.collective.world_size() as f64;
-        let batch = to_device(batch, self.device)?;
+        let batch = batch.to_device(self.device)?;
         self.optimizer.zero_grad();
         for (_, p) in self.weighting.parameters() {
             let mut g = p.grad();
@@ -339,7 +339,7 @@ impl Trainer {
 
         let grad_norm = if self.clip_grad_norm > 0.0 {
             let all: Vec<Tensor> = self.model.parameters().into_iter().map(|(_, t)| t).collect();
-            Some(clip_grad_norm(&all, self.clip_grad_norm)?)
+            Some(clip_grad_norm(&all, self.clip_grad_norm)?.f_double_value(&[])?)
         } else {
             None
         };
@@ -418,24 +418,6 @@ fn ensure_grads(params: &[Tensor]) -> Result<Vec<Tensor>, WorkerError> {
 /// a missing gradient connects to the parameters without changing anything.
 fn zero_through(params: impl Iterator<Item = Tensor>, device: Device) -> Tensor {
     params.map(|p| p.sum(Kind::Float) * 0.0).fold(Tensor::zeros([], (Kind::Float, device)), |a, b| a + b)
-}
-
-/// The batch's tensors on `device` (boxes stay on the host).
-pub(crate) fn to_device(batch: &Batch, device: Device) -> Result<Batch, WorkerError> {
-    Ok(Batch {
-        ids: batch.ids.clone(),
-        images: batch.images.f_to_device(device)?,
-        class_target: match &batch.class_target {
-            ClassTarget::Single(t) => ClassTarget::Single(t.f_to_device(device)?),
-            ClassTarget::Multi(t) => ClassTarget::Multi(t.f_to_device(device)?),
-        },
-        class_labelled: batch.class_labelled.f_to_device(device)?,
-        boxes: batch.boxes.clone(),
-        boxes_labelled: batch.boxes_labelled.clone(),
-        mask_target: batch.mask_target.f_to_device(device)?,
-        mask_labelled: batch.mask_labelled.f_to_device(device)?,
-        originals: batch.originals.clone(),
-    })
 }
 
 #[cfg(test)]
