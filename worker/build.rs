@@ -2,10 +2,10 @@
 //! - an rpath to LibTorch's lib dir, so `target/*/worker` runs without LD_LIBRARY_PATH;
 //! - `libtorch_cuda` kept as a dependency: nothing references it directly, so `--as-needed`
 //!   would drop it and CUDA would then be "not available" on GPU machines;
-//! - the C++ shim in `shim/` (bf16 autocast, SyncBatchNorm).
+//! - the C++ shim in `shim/` (bf16 autocast, SyncBatchNorm, the op counter).
 
 /// The C++ sources of the shim.
-const SHIM_FILES: [&str; 2] = ["shim/autocast.cpp", "shim/sync_batch_norm.cpp"];
+const SHIM_FILES: [&str; 3] = ["shim/autocast.cpp", "shim/op_counter.cpp", "shim/sync_batch_norm.cpp"];
 
 fn main() {
     // Set by torch-sys (links = "tch") for its direct dependents.
@@ -27,6 +27,9 @@ fn main() {
         .files(SHIM_FILES)
         .include(&include)
         .flag("-std=c++17")
+        // As LibTorch itself is built: some of its headers add debug-only members to classes
+        // (RecordFunction), which would otherwise not match the library's layout.
+        .define("NDEBUG", None)
         .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
         .warnings(false)
         .compile("mtl_shim");

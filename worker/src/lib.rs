@@ -14,6 +14,8 @@ mod data;
 mod device;
 mod error;
 mod model;
+#[cfg(test)]
+mod op_count;
 mod optim;
 mod precision;
 mod predict;
@@ -34,7 +36,7 @@ pub use stop::{stop_on_signals, StopRequest, EXIT_INTERRUPTED};
 pub use task::{PerTask, Task, TaskValues};
 pub use train::checkpoint::{evaluate as evaluate_checkpoint, open as open_checkpoint, Checkpoint};
 pub use train::standalone::{run as train_standalone, Event, Options as StandaloneOptions, Summary};
-pub use train::StepReport;
+pub use train::{StepReport, StepValues};
 
 pub(crate) use error::At;
 pub use error::WorkerError;

@@ -4,7 +4,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::*;
 use crate::tasks::tests::{test_batch, test_info, test_model};
-use crate::train::losses::{build_targets, local_counts, task_losses};
+use crate::train::losses::{build_targets, host_counts, task_losses};
 
 #[test]
 fn tiny_forward_shapes() {
@@ -83,9 +83,14 @@ fn tiny_step_timing() {
     let batch = test_batch(&[(true, true, true); 8], 0);
     let step = || {
         let targets = build_targets(&model, &batch).unwrap();
-        let counts = local_counts(&batch, &targets).unwrap();
-        let losses =
-            task_losses(&model.forward(&batch.images, true).unwrap(), &batch, &targets, &counts).unwrap();
+        let counts = host_counts(&batch, &targets);
+        let losses = task_losses(
+            &model.forward(&batch.images, true).unwrap(),
+            &batch,
+            &targets,
+            &counts.normalisers(Device::Cpu),
+        )
+        .unwrap();
         let total = losses.iter().map(|(_, l)| l.shallow_clone()).reduce(|a, b| a + b).unwrap();
         total.backward();
     };
@@ -99,8 +104,8 @@ fn tiny_step_timing() {
     assert!(ms < 1000.0);
 }
 
-/// A training step and a prediction on CUDA when there is a GPU (CPU otherwise): the batch
-/// stays on the CPU except the images, as the loader delivers it.
+/// A training step and a prediction on CUDA when there is a GPU (CPU otherwise), the batch
+/// moved there as the training step moves it.
 #[test]
 fn a_step_runs_on_the_available_device() {
     let device = Device::cuda_if_available();
@@ -109,10 +114,13 @@ fn a_step_runs_on_the_available_device() {
     })
     .unwrap();
     let batch = test_batch(&[(true, true, true), (false, true, false)], 0);
-    let images = batch.images.to_device(device);
+    let batch = batch.to_device(device).unwrap();
+    let images = batch.images.shallow_clone();
     let targets = build_targets(&model, &batch).unwrap();
-    let counts = local_counts(&batch, &targets).unwrap();
-    let losses = task_losses(&model.forward(&images, true).unwrap(), &batch, &targets, &counts).unwrap();
+    let counts = host_counts(&batch, &targets);
+    let losses =
+        task_losses(&model.forward(&images, true).unwrap(), &batch, &targets, &counts.normalisers(device))
+            .unwrap();
     let total = losses.iter().map(|(_, l)| l.shallow_clone()).reduce(|a, b| a + b).unwrap();
     total.backward();
     assert!(total.double_value(&[]).is_finite());
@@ -147,9 +155,14 @@ fn every_task_reaches_the_gradnorm_layer_from_the_first_step() {
     let model = test_model(&TasksSection::default());
     let batch = test_batch(&[(true, true, true), (true, true, true)], 7);
     let targets = build_targets(&model, &batch).unwrap();
-    let counts = local_counts(&batch, &targets).unwrap();
-    let losses =
-        task_losses(&model.forward(&batch.images, true).unwrap(), &batch, &targets, &counts).unwrap();
+    let counts = host_counts(&batch, &targets);
+    let losses = task_losses(
+        &model.forward(&batch.images, true).unwrap(),
+        &batch,
+        &targets,
+        &counts.normalisers(Device::Cpu),
+    )
+    .unwrap();
     let vars = model.var_store().variables();
     let layer = model.gradnorm_layer();
     assert!(layer.equal(&vars["backbone.layer4.0.downsample.0.weight"]));

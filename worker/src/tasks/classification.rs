@@ -26,14 +26,14 @@ impl ClassificationHead {
 }
 
 /// Sum of the per-sample losses of labelled samples divided by `normaliser` (the labelled
-/// count, possibly summed over ranks; clamped to at least 1). Unlabelled samples contribute
+/// count, possibly summed over ranks, at least 1: a 0-dim tensor). Unlabelled samples contribute
 /// exactly zero, and the result stays connected to `logits` even when none is labelled.
 /// Targets outside the head's classes are an error naming the loss.
 pub(crate) fn loss(
     logits: &Tensor,
     target: &ClassTarget,
     labelled: &Tensor,
-    normaliser: f64,
+    normaliser: &Tensor,
 ) -> Result<Tensor, WorkerError> {
     loss_unnamed(logits, target, labelled, normaliser).at("classification loss")
 }
@@ -42,14 +42,13 @@ fn loss_unnamed(
     logits: &Tensor,
     target: &ClassTarget,
     labelled: &Tensor,
-    normaliser: f64,
+    normaliser: &Tensor,
 ) -> Result<Tensor, TchError> {
-    let device = logits.device();
-    let mask = labelled.f_to_device(device)?.f_to_kind(Kind::Float)?;
+    let mask = labelled.f_to_kind(Kind::Float)?;
     let per_sample = match target {
         ClassTarget::Single(t) => {
             // Unlabelled targets (-1) become class 0 so the op is valid; the mask zeroes them.
-            let t = t.f_to_device(device)?.f_clamp_min(0)?;
+            let t = t.f_clamp_min(0)?;
             logits
                 .f_log_softmax(-1, Kind::Float)?
                 .f_neg()?
@@ -57,15 +56,10 @@ fn loss_unnamed(
                 .f_squeeze_dim(1)?
         }
         ClassTarget::Multi(t) => logits
-            .f_binary_cross_entropy_with_logits::<Tensor>(
-                &t.f_to_device(device)?,
-                None,
-                None,
-                Reduction::None,
-            )?
+            .f_binary_cross_entropy_with_logits::<Tensor>(t, None, None, Reduction::None)?
             .f_sum_dim_intlist(1, false, Kind::Float)?,
     };
-    per_sample.f_mul(&mask)?.f_sum(Kind::Float)?.f_div_scalar(normaliser.max(1.0))
+    per_sample.f_mul(&mask)?.f_sum(Kind::Float)?.f_div(normaliser)
 }
 
 /// A prediction for one image.
@@ -120,7 +114,7 @@ mod tests {
         let logits = Tensor::from_slice2(&[[1f32, 2., 0.5], [0.1, -1., 3.], [2., 2., 2.]]);
         let target = ClassTarget::Single(Tensor::from_slice(&[1i64, 2, -1]));
         let labelled = Tensor::from_slice(&[true, true, false]);
-        let l = loss(&logits, &target, &labelled, 2.0).unwrap();
+        let l = loss(&logits, &target, &labelled, &Tensor::from(2.0f32)).unwrap();
         assert!((l.double_value(&[]) - 0.535_143_017_768_859_9 / 2.0).abs() < 1e-6);
     }
 
@@ -132,7 +126,7 @@ mod tests {
         let logits = Tensor::from_slice2(&[[1f32, -2.], [0.3, 0.7]]);
         let target = ClassTarget::Multi(Tensor::from_slice2(&[[1f32, 0.], [0., 1.]]));
         let labelled = Tensor::from_slice(&[true, false]);
-        let l = loss(&logits, &target, &labelled, 1.0).unwrap();
+        let l = loss(&logits, &target, &labelled, &Tensor::from(1.0f32)).unwrap();
         assert!((l.double_value(&[]) - 0.440_189_778_804_779_05).abs() < 1e-6);
     }
 

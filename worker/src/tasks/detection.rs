@@ -158,35 +158,47 @@ pub(crate) fn centerness_target(ltrb: &Tensor) -> Result<Tensor, TchError> {
 }
 
 /// Focal loss over all locations of labelled images plus GIoU and centerness BCE over positive
-/// locations, summed and divided by `normaliser` (positives, possibly summed over ranks;
-/// clamped to at least 1).
-pub(crate) fn loss(out: &DetOutput, targets: &FcosTargets, normaliser: f64) -> Result<Tensor, WorkerError> {
+/// locations, summed and divided by `normaliser` (positives, possibly summed over ranks, at
+/// least 1: a 0-dim tensor).
+pub(crate) fn loss(
+    out: &DetOutput,
+    targets: &FcosTargets,
+    normaliser: &Tensor,
+) -> Result<Tensor, WorkerError> {
     loss_unnamed(out, targets, normaliser).at("detection loss")
 }
 
-fn loss_unnamed(out: &DetOutput, targets: &FcosTargets, normaliser: f64) -> Result<Tensor, TchError> {
+fn loss_unnamed(out: &DetOutput, targets: &FcosTargets, normaliser: &Tensor) -> Result<Tensor, TchError> {
     let cls = flatten_levels(&out.cls_logits)?;
     let device = cls.device();
     let (b, n, c) = cls.size3()?;
-    let labels = targets.labels.f_to_device(device)?;
+    let labels = crate::train::upload(&targets.labels, device)?;
     let positive = labels.f_ge(0)?;
-    let onehot =
-        labels.f_clamp_min(0)?.f_one_hot(c)?.f_to_kind(Kind::Float)?.f_mul(&positive.f_unsqueeze(-1)?)?;
-    let image_mask = targets.labelled.f_to_device(device)?.f_to_kind(Kind::Float)?.f_view([b, 1, 1])?;
+    // One-hot by comparison with the class indices: background (-1) matches none. (`one_hot`
+    // checks its input's range with two host reads on the CPU.)
+    let classes = Tensor::f_arange(c, (Kind::Int64, device))?;
+    let onehot = labels.f_unsqueeze(-1)?.f_eq_tensor(&classes)?.f_to_kind(Kind::Float)?;
+    let labelled = crate::train::upload(&targets.labelled, device)?;
+    let image_mask = labelled.f_to_kind(Kind::Float)?.f_view([b, 1, 1])?;
     let focal = sigmoid_focal(&cls, &onehot)?.f_mul(&image_mask)?.f_sum(Kind::Float)?;
 
-    let pos_index = positive.f_view([b * n])?.f_nonzero()?.f_squeeze_dim(1)?;
-    let pred_ltrb = flatten_levels(&out.ltrb)?.f_view([b * n, 4])?.f_index_select(0, &pos_index)?;
-    let target_ltrb = targets.ltrb.f_to_device(device)?.f_view([b * n, 4])?.f_index_select(0, &pos_index)?;
-    let giou = giou_loss_ltrb(&pred_ltrb, &target_ltrb)?.f_sum(Kind::Float)?;
-    let ctr_logits = flatten_levels(&out.centerness)?.f_view([b * n])?.f_index_select(0, &pos_index)?;
-    let ctr = ctr_logits.f_binary_cross_entropy_with_logits::<Tensor>(
+    // Box and centerness terms over every location, masked to the positives: no `nonzero`,
+    // whose output size the host would have to wait for. Background targets are replaced by a
+    // unit box first, so that no NaN (centerness of a zero box) meets the mask.
+    let positive = positive.f_view([b * n])?;
+    let weight = positive.f_to_kind(Kind::Float)?;
+    let target_ltrb = crate::train::upload(&targets.ltrb, device)?.f_view([b * n, 4])?;
+    let target_ltrb = target_ltrb.f_where_scalarother(&positive.f_unsqueeze(-1)?, 1.0)?;
+    let pred_ltrb = flatten_levels(&out.ltrb)?.f_view([b * n, 4])?;
+    let giou = giou_loss_ltrb(&pred_ltrb, &target_ltrb)?.f_mul(&weight)?.f_sum(Kind::Float)?;
+    let ctr_logits = flatten_levels(&out.centerness)?.f_view([b * n])?;
+    let ctr = ctr_logits.f_binary_cross_entropy_with_logits(
         &centerness_target(&target_ltrb)?,
-        None,
-        None,
+        Some(&weight),
+        None::<&Tensor>,
         Reduction::Sum,
     )?;
-    focal.f_add(&giou)?.f_add(&ctr)?.f_div_scalar(normaliser.max(1.0))
+    focal.f_add(&giou)?.f_add(&ctr)?.f_div(normaliser)
 }
 
 #[cfg(test)]

@@ -47,13 +47,13 @@ impl SegmentationHead {
 }
 
 /// Summed pixel cross-entropy over valid pixels (not 255) of labelled images, divided by
-/// `normaliser` (valid pixels, possibly summed over ranks; clamped to at least 1). A mask
+/// `normaliser` (valid pixels, possibly summed over ranks, at least 1: a 0-dim tensor). A mask
 /// value that is neither a class of the head nor 255 is an error naming the loss.
 pub(crate) fn loss(
     logits: &Tensor,
     target: &Tensor,
     labelled: &Tensor,
-    normaliser: f64,
+    normaliser: &Tensor,
 ) -> Result<Tensor, WorkerError> {
     loss_unnamed(logits, target, labelled, normaliser).at("segmentation loss")
 }
@@ -62,23 +62,18 @@ fn loss_unnamed(
     logits: &Tensor,
     target: &Tensor,
     labelled: &Tensor,
-    normaliser: f64,
+    normaliser: &Tensor,
 ) -> Result<Tensor, TchError> {
-    let device = logits.device();
-    let labelled = labelled.f_to_device(device)?.f_view([-1, 1, 1])?;
-    let ignore = Tensor::from(IGNORE_INDEX).f_to_device(device)?;
-    let target = target.f_to_device(device)?.f_where_self(&labelled, &ignore)?;
+    let unlabelled = labelled.f_logical_not()?.f_view([-1, 1, 1])?;
+    let target = target.f_masked_fill(&unlabelled, IGNORE_INDEX)?;
     let sum = logits.f_cross_entropy_loss::<Tensor>(&target, None, Reduction::Sum, IGNORE_INDEX, 0.0)?;
-    sum.f_div_scalar(normaliser.max(1.0))
+    sum.f_div(normaliser)
 }
 
-/// Valid (labelled, not ignored) pixels of a batch.
-pub(crate) fn valid_pixels(target: &Tensor, labelled: &Tensor) -> Result<f64, WorkerError> {
-    let count = || -> Result<f64, TchError> {
-        let valid = target.f_ne(IGNORE_INDEX)?.f_logical_and(&labelled.f_view([-1, 1, 1])?)?;
-        Ok(valid.f_sum(Kind::Int64)?.f_int64_value(&[])? as f64)
-    };
-    count().at("segmentation valid pixels")
+/// Valid (labelled, not ignored) pixels of a batch: a 0-dim f64 tensor on the batch's device.
+pub(crate) fn valid_pixels(target: &Tensor, labelled: &Tensor) -> Result<Tensor, TchError> {
+    let valid = target.f_ne(IGNORE_INDEX)?.f_logical_and(&labelled.f_view([-1, 1, 1])?)?;
+    valid.f_sum(Kind::Double)
 }
 
 /// Per-image argmax masks `H*W` (row-major) from logits `[B,K,H,W]`.
@@ -107,8 +102,8 @@ mod tests {
         let logits = Tensor::cat(&[&x, &x], 0);
         let target = Tensor::cat(&[&y, &y.zeros_like()], 0);
         let labelled = Tensor::from_slice(&[true, false]);
-        assert_eq!(valid_pixels(&target, &labelled).unwrap(), 6.0);
-        let l = loss(&logits, &target, &labelled, 6.0).unwrap().double_value(&[]);
+        assert_eq!(valid_pixels(&target, &labelled).unwrap().double_value(&[]), 6.0);
+        let l = loss(&logits, &target, &labelled, &Tensor::from(6.0f32)).unwrap().double_value(&[]);
         assert!((l - SEG_REF / 6.0).abs() < 1e-6, "{l}");
     }
 

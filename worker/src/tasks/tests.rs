@@ -100,8 +100,14 @@ fn slice(batch: &Batch, start: usize, len: usize) -> Batch {
 /// Sum of the task losses of `batch` with `normalisers` (local counts if `None`).
 fn total_loss(model: &MultiTaskModel, batch: &Batch, normalisers: Option<Counts>) -> (Tensor, TaskLosses) {
     let targets = build_targets(model, batch).unwrap();
-    let counts = normalisers.unwrap_or_else(|| local_counts(batch, &targets).unwrap());
-    let losses = task_losses(&model.forward(&batch.images, true).unwrap(), batch, &targets, &counts).unwrap();
+    let counts = normalisers.unwrap_or_else(|| host_counts(batch, &targets));
+    let losses = task_losses(
+        &model.forward(&batch.images, true).unwrap(),
+        batch,
+        &targets,
+        &counts.normalisers(Device::Cpu),
+    )
+    .unwrap();
     let total = losses.iter().map(|(_, l)| l.shallow_clone()).reduce(|a, b| a + b).unwrap();
     (total, losses)
 }
@@ -129,9 +135,9 @@ fn halves_with_the_global_normaliser_sum_to_the_full_batch_gradient() {
     let expected = grads(&model);
 
     let (a, b) = (slice(&batch, 0, 2), slice(&batch, 2, 2));
-    let global = local_counts(&batch, &build_targets(&model, &batch).unwrap()).unwrap();
-    let sum = local_counts(&a, &build_targets(&model, &a).unwrap()).unwrap()
-        + local_counts(&b, &build_targets(&model, &b).unwrap()).unwrap();
+    let global = host_counts(&batch, &build_targets(&model, &batch).unwrap());
+    let sum = host_counts(&a, &build_targets(&model, &a).unwrap())
+        + host_counts(&b, &build_targets(&model, &b).unwrap());
     assert_eq!(global, sum, "counts add up across ranks");
     assert!(global.det_positives > 0.0 && global.seg_valid_pixels > 0.0);
     zero_grads(&model);
@@ -173,7 +179,7 @@ fn no_labels_give_zero_losses_and_zero_gradients_everywhere() {
     let model = test_model(&TasksSection::default());
     let batch = test_batch(&[(false, false, false), (false, false, false)], 4);
     let targets = build_targets(&model, &batch).unwrap();
-    let counts = local_counts(&batch, &targets).unwrap();
+    let counts = host_counts(&batch, &targets);
     assert_eq!(counts, Counts { samples: 2.0, ..Counts::default() });
     let (total, losses) = total_loss(&model, &batch, None);
     assert_eq!(losses.iter().count(), 3);
@@ -269,8 +275,9 @@ fn a_class_outside_the_head_is_an_error_naming_the_loss() {
     let mut batch = test_batch(&MIXED, 8);
     batch.class_target = ClassTarget::Single(Tensor::from_slice(&[0i64, -1, 9, 1]));
     let targets = build_targets(&model, &batch).unwrap();
-    let counts = local_counts(&batch, &targets).unwrap();
+    let counts = host_counts(&batch, &targets);
     let outputs = model.forward(&batch.images, true).unwrap();
-    let err = task_losses(&outputs, &batch, &targets, &counts).unwrap_err().to_string();
+    let err =
+        task_losses(&outputs, &batch, &targets, &counts.normalisers(Device::Cpu)).unwrap_err().to_string();
     assert!(err.starts_with("classification loss: ") && err.contains("out of bounds"), "{err}");
 }

@@ -14,7 +14,7 @@ use tokio::runtime::Handle;
 
 use super::checkpoint::{self, Record};
 use super::epochs::{self, Driver, Position};
-use super::{regroup, StepReport, Trainer};
+use super::{regroup, Rates, StepReport, StepValues, Trainer};
 use crate::collective::nccl::NcclCollective;
 use crate::collective::ring::Ring;
 use crate::collective::{Collective, LocalCollective, RingCollective, Timeouts, Traced};
@@ -221,17 +221,20 @@ impl Driver for Coordinated<'_> {
         &mut self,
         epoch: u64,
         report: &StepReport,
-        images_per_s: Option<f64>,
+        values: Option<&StepValues>,
+        rates: Option<Rates>,
     ) -> Result<(), WorkerError> {
         self.session.set_step(report.step);
-        self.stopping = report.stop_requested;
+        if let Some(values) = values {
+            self.stopping = values.stop_requested;
+        }
         if let Some((_, _, _, done)) = &mut self.at {
             *done += 1;
         }
-        match images_per_s {
-            Some(rate) if self.session.placement.rank == 0 => {
-                let mut scalars: HashMap<String, f64> = report.scalars().into_iter().collect();
-                scalars.insert("images_per_s".into(), rate);
+        match values.zip(rates) {
+            Some((values, rates)) if self.session.placement.rank == 0 => {
+                let mut scalars: HashMap<String, f64> = values.scalars().into_iter().collect();
+                scalars.extend(rates.scalars().map(|(k, v)| (k.to_string(), v)));
                 self.handle.block_on(self.session.report(
                     MetricsKind::Train,
                     report.step,

@@ -6,6 +6,10 @@
 //! Where shards come from and where progress and checkpoints go is the [`Driver`]'s business:
 //! the process itself for `worker train --standalone`, the coordinator for `worker run`.
 //!
+//! Reading a step's numbers makes the host wait for the device, so the loop reads them only
+//! where it needs them (see the comment in [`train`]): a stop request (SIGTERM) or too many
+//! unreadable images act at the next such step, at most `train.log_every_steps` later.
+//!
 //! The loop tracks its [`Position`] in the data (epoch, samples of the epoch trained), so a
 //! run resumed from a checkpoint continues with the very next global batch: the epoch's
 //! permutation depends only on (seed, epoch) and augmentation on (seed, epoch, sample id).
@@ -13,7 +17,7 @@ use mtl_job::sharding::TrainShard;
 use mtl_job::JobConfig;
 
 use super::unreadable::Unreadable;
-use super::{StepReport, Throughput, Trainer};
+use super::{Rates, StepReport, StepValues, Throughput, Trainer};
 use crate::data::OrderedSplit;
 use crate::data::{Loader, LoaderConfig};
 use crate::WorkerError;
@@ -45,13 +49,15 @@ pub(crate) trait Driver {
         Ok(())
     }
 
-    /// Called after every step with its report; `images_per_s` (since the last logging step)
-    /// is given on logging steps only.
+    /// Called after every step with its report. Where the loop read the report (log steps, and
+    /// steps where it must decide on a stop, an evaluation, a checkpoint or an epoch's end),
+    /// `values` holds what it read; on log steps `rates` holds the speed since the last one.
     fn after_step(
         &mut self,
         epoch: u64,
         report: &StepReport,
-        images_per_s: Option<f64>,
+        values: Option<&StepValues>,
+        rates: Option<Rates>,
     ) -> Result<(), WorkerError>;
 
     /// Evaluates the current model on the validation split and publishes the result.
@@ -133,39 +139,66 @@ pub(crate) fn train(
         )?;
         let planned = shard.steps.min(until.saturating_sub(trainer.steps_done())) * global_batch;
         let mut unreadable = Unreadable::new(cfg.data.max_unreadable_fraction, epoch, planned);
+        // Samples trained (a device sum) and attempted since the report was last read.
+        let mut unread_samples: Option<tch::Tensor> = None;
+        let mut unread_attempted = 0;
         for i in 0..shard.steps as usize {
             if trainer.steps_done() >= until {
                 break;
             }
+            let waiting = std::time::Instant::now();
             let Some(batch) = loader.next() else { break };
+            meter.add_step(waiting.elapsed());
             driver.before_step()?;
             let step = trainer.steps_done() + 1;
             let report = trainer.step(&batch?)?;
-            stopped = report.stop_requested && trainer.steps_done() < until;
-            // Every rank counts the same global numbers, so all stop here together.
-            unreadable.count(global_batch, report.samples, &loader.summary().skipped)?;
+            let samples = report.samples()?;
+            unread_samples = Some(match unread_samples.take() {
+                Some(sum) => sum.f_add(&samples)?,
+                None => samples,
+            });
+            unread_attempted += global_batch;
+            let last_of_epoch = i as u64 + 1 == shard.steps;
+            let log = step.is_multiple_of(cfg.train.log_every_steps.max(1)) || step == cfg.train.steps;
+            let eval_due = |every: u64| every > 0 && step.is_multiple_of(every) && step < cfg.train.steps;
+            let evaluate = eval_due(cfg.train.eval_every_steps);
+            let every = cfg.checkpoint.every_steps;
+            let checkpoint = every > 0 && step.is_multiple_of(every) && step < until;
+            // The report is read (the host waits for the device) only where the loop needs its
+            // numbers: to log, and before it acts on them (a stop request or the epoch's
+            // unreadable images) at a point every rank reaches after the same step: an epoch's
+            // first and last steps, evaluations, checkpoints and the end.
+            let values = if log || evaluate || checkpoint || i == 0 || last_of_epoch || step >= until {
+                let values = report.read()?;
+                let trained =
+                    super::host_values(&unread_samples.take().expect("summed above"))?[0].round() as u64;
+                stopped = values.stop_requested && trainer.steps_done() < until;
+                // Every rank counts the same global numbers, so all stop here together.
+                unreadable.count(unread_attempted, trained, &loader.summary().skipped)?;
+                unread_attempted = 0;
+                meter.add_samples(trained);
+                Some(values)
+            } else {
+                None
+            };
             // An epoch whose last whole global batch is trained is done: the next sample is
             // the start of the next epoch (its short tail is never trained, see sharding).
             // Every rank runs the same number of steps of a shard, so all end the epoch together
             // (DWA's weights move there), before a checkpoint of this step is taken.
-            at = if i as u64 + 1 == shard.steps {
-                trainer.end_epoch();
+            at = if last_of_epoch {
+                trainer.end_epoch()?;
                 Position { epoch: epoch + 1, consumed: 0 }
             } else {
                 Position { epoch, consumed: at.consumed + global_batch }
             };
-            meter.add(report.samples);
-            let log = step.is_multiple_of(cfg.train.log_every_steps.max(1)) || step == cfg.train.steps;
-            driver.after_step(epoch, &report, log.then(|| meter.rate()))?;
-            let every = cfg.train.eval_every_steps;
-            if every > 0 && step.is_multiple_of(every) && step < cfg.train.steps && !stopped {
+            driver.after_step(epoch, &report, values.as_ref(), log.then(|| meter.rates()))?;
+            if evaluate && !stopped {
                 train_time += since.elapsed();
                 driver.evaluate(trainer, epoch)?;
                 meter.restart();
                 since = std::time::Instant::now();
             }
-            let every = cfg.checkpoint.every_steps;
-            if every > 0 && step.is_multiple_of(every) && step < until && !stopped {
+            if checkpoint && !stopped {
                 train_time += since.elapsed();
                 driver.checkpoint(trainer, train, at)?;
                 meter.restart();

@@ -2,12 +2,14 @@
 //! masked per-task losses.
 //!
 //! Every loss is a SUM over the labelled samples of the local batch divided by a normaliser
-//! passed in ([`Counts`]). Summing the local [`Counts`] of all ranks before calling
+//! passed in ([`Normalisers`]). Summing the local counts of all ranks before calling
 //! [`task_losses`] makes the mean of the per-rank gradients times the world size equal to the
 //! gradient one process would compute on the union of the batches (with the all-reduce summing;
 //! with a mean all-reduce, scale the losses by the world size). A task with no labelled sample
 //! still returns a loss connected to its head (value and gradients zero).
-use tch::Kind;
+#[cfg(test)]
+use tch::Device;
+use tch::{Kind, Tensor};
 
 use crate::data::batch::Batch;
 use crate::model::{MultiTaskModel, Outputs};
@@ -16,37 +18,66 @@ use crate::tasks::fcos_targets::FcosTargets;
 use crate::tasks::{classification, detection, segmentation};
 use crate::{At, WorkerError};
 
-/// Loss normalisers of a batch; summed across ranks before the losses use them.
+/// Loss normalisers of a batch, read on the host (tests and logs): the training step keeps
+/// them on the device ([`local_counts`], [`Normalisers`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub(crate) struct Counts {
     /// Samples with a class label.
     pub cls_labelled: f64,
+    /// Pixels with a segmentation label other than 255 in images with masks.
+    pub seg_valid_pixels: f64,
     /// Positive FCOS locations in images with detection labels.
     pub det_positives: f64,
     /// Images with detection labels.
     pub det_labelled: f64,
-    /// Pixels with a segmentation label other than 255 in images with masks.
-    pub seg_valid_pixels: f64,
     /// Images in the batch (summed over ranks: the images the step trains on; the global batch
     /// less the images the loaders could not read).
     pub samples: f64,
 }
 
+/// Entries of the counts tensor: the [`Counts`] fields in declaration order, then the stop flag.
+pub(crate) const COUNT_ENTRIES: usize = 6;
+
 impl Counts {
-    /// The counts as an array, for an all-reduce.
+    /// The counts as an array, in the order of the counts tensor.
     pub(crate) fn to_array(self) -> [f64; 5] {
-        [self.cls_labelled, self.det_positives, self.det_labelled, self.seg_valid_pixels, self.samples]
+        [self.cls_labelled, self.seg_valid_pixels, self.det_positives, self.det_labelled, self.samples]
     }
 
-    /// Counts from an all-reduced array.
+    /// Counts from an array in the order of the counts tensor.
     pub(crate) fn from_array(a: [f64; 5]) -> Self {
         Counts {
             cls_labelled: a[0],
-            det_positives: a[1],
-            det_labelled: a[2],
-            seg_valid_pixels: a[3],
+            seg_valid_pixels: a[1],
+            det_positives: a[2],
+            det_labelled: a[3],
             samples: a[4],
         }
+    }
+
+    /// Reads a counts tensor ([`local_counts`], all-reduced or not) on the host, with the stop
+    /// flag (the number of ranks that asked to stop).
+    #[cfg(test)]
+    pub(crate) fn read(counts: &Tensor) -> Result<(Counts, f64), WorkerError> {
+        let v = crate::train::host_values(counts)?;
+        if v.len() != COUNT_ENTRIES {
+            return Err(tch::TchError::Shape(format!("a counts tensor of {} entries", v.len())).into());
+        }
+        Ok((Counts::from_array([v[0], v[1], v[2], v[3], v[4]]), v[5]))
+    }
+
+    /// The counts as a device tensor (stop flag 0), as [`local_counts`] makes it.
+    #[cfg(test)]
+    pub(crate) fn to_tensor(self, device: Device) -> Tensor {
+        let mut v = self.to_array().to_vec();
+        v.push(0.0);
+        Tensor::from_slice(&v).to_device(device)
+    }
+
+    /// The loss divisors of these counts, on `device`.
+    #[cfg(test)]
+    pub(crate) fn normalisers(self, device: Device) -> Normalisers {
+        Normalisers::new(&self.to_tensor(device)).expect("a counts tensor")
     }
 }
 
@@ -55,6 +86,28 @@ impl std::ops::Add for Counts {
     fn add(self, o: Counts) -> Counts {
         let (a, b) = (self.to_array(), o.to_array());
         Counts::from_array(std::array::from_fn(|i| a[i] + b[i]))
+    }
+}
+
+/// The divisors of the task losses, 0-dim f32 tensors on the device, each at least 1: taken
+/// from a counts tensor (summed across ranks) without reading it.
+#[derive(Debug)]
+pub(crate) struct Normalisers {
+    /// Labelled samples.
+    pub cls: Tensor,
+    /// Valid mask pixels.
+    pub seg: Tensor,
+    /// Positive FCOS locations.
+    pub det: Tensor,
+}
+
+impl Normalisers {
+    /// From a counts tensor ([`local_counts`], all-reduced).
+    pub(crate) fn new(counts: &Tensor) -> Result<Self, WorkerError> {
+        let clamped = counts.f_narrow(0, 0, 3)?.f_clamp_min(1.0)?.f_to_kind(Kind::Float)?;
+        let mut parts = clamped.f_unbind(0)?.into_iter();
+        let mut next = || parts.next().expect("three entries");
+        Ok(Normalisers { cls: next(), seg: next(), det: next() })
     }
 }
 
@@ -78,16 +131,33 @@ pub(crate) fn build_targets(model: &MultiTaskModel, batch: &Batch) -> Result<Tar
     Ok(Targets { det })
 }
 
-/// The local (this rank's) normalisers of a batch.
-pub(crate) fn local_counts(batch: &Batch, targets: &Targets) -> Result<Counts, WorkerError> {
-    let labelled = || batch.class_labelled.f_to_kind(Kind::Int64)?.f_sum(Kind::Int64)?.f_int64_value(&[]);
-    Ok(Counts {
-        cls_labelled: labelled().at("classification label count")? as f64,
-        det_positives: targets.det.as_ref().map_or(0.0, |t| t.num_positives as f64),
-        det_labelled: batch.boxes_labelled.iter().filter(|&&l| l).count() as f64,
-        seg_valid_pixels: segmentation::valid_pixels(&batch.mask_target, &batch.mask_labelled)?,
-        samples: batch.ids.len() as f64,
-    })
+/// The local (this rank's) counts of a batch on its device: `[6]` f64 in the order of
+/// [`Counts::to_array`] plus `stop` (1 when this rank asks every rank to stop). What the labels
+/// on the device give (labelled samples, valid pixels) is summed there; what the host knows
+/// (positives of the host-built detection targets, labelled images, samples) is uploaded
+/// without waiting. Nothing is read back: the step all-reduces this tensor and divides by it.
+pub(crate) fn local_counts(batch: &Batch, targets: &Targets, stop: bool) -> Result<Tensor, WorkerError> {
+    let device = batch.images.device();
+    let on_device = || -> Result<Tensor, tch::TchError> {
+        let cls = batch.class_labelled.f_sum(Kind::Double)?;
+        let seg = segmentation::valid_pixels(&batch.mask_target, &batch.mask_labelled)?;
+        Tensor::f_stack(&[cls, seg], 0)
+    };
+    let on_host = [
+        targets.det.as_ref().map_or(0.0, |t| t.num_positives as f64),
+        batch.boxes_labelled.iter().filter(|&&l| l).count() as f64,
+        batch.ids.len() as f64,
+        if stop { 1.0 } else { 0.0 },
+    ];
+    let counts =
+        || Tensor::f_cat(&[on_device()?, crate::train::upload(&Tensor::from_slice(&on_host), device)?], 0);
+    counts().at("batch counts")
+}
+
+/// [`local_counts`] read on the host.
+#[cfg(test)]
+pub(crate) fn host_counts(batch: &Batch, targets: &Targets) -> Counts {
+    Counts::read(&local_counts(batch, targets, false).expect("counts")).expect("read").0
 }
 
 /// Masked per-task losses of `outputs` for `batch`, each divided by its normaliser (see the
@@ -97,37 +167,27 @@ pub(crate) fn task_losses(
     outputs: &Outputs,
     batch: &Batch,
     targets: &Targets,
-    normalisers: &Counts,
+    normalisers: &Normalisers,
 ) -> Result<TaskLosses, WorkerError> {
     Ok(TaskLosses {
         cls: outputs
             .cls
             .as_ref()
             .map(|logits| {
-                classification::loss(
-                    logits,
-                    &batch.class_target,
-                    &batch.class_labelled,
-                    normalisers.cls_labelled,
-                )
+                classification::loss(logits, &batch.class_target, &batch.class_labelled, &normalisers.cls)
             })
             .transpose()?,
         det: outputs
             .det
             .as_ref()
             .zip(targets.det.as_ref())
-            .map(|(out, t)| detection::loss(out, t, normalisers.det_positives))
+            .map(|(out, t)| detection::loss(out, t, &normalisers.det))
             .transpose()?,
         seg: outputs
             .seg
             .as_ref()
             .map(|logits| {
-                segmentation::loss(
-                    logits,
-                    &batch.mask_target,
-                    &batch.mask_labelled,
-                    normalisers.seg_valid_pixels,
-                )
+                segmentation::loss(logits, &batch.mask_target, &batch.mask_labelled, &normalisers.seg)
             })
             .transpose()?,
     })

@@ -28,9 +28,8 @@ use crate::data::Batch;
 use crate::model::MultiTaskModel;
 use crate::optim::{clip_grad_norm, Optimizer, Schedule};
 use crate::task::{Task, TaskLosses, TaskValues};
-use crate::weighting::{Params, Reducer, TaskWeighting};
+use crate::weighting::{Params, Reducer, TaskTensors, TaskWeighting};
 use crate::WorkerError;
-use losses::Counts;
 
 /// Lets task weighting reduce per-task gradients through the job's collective.
 struct CollectiveReducer<'a>(&'a mut dyn Collective);
@@ -41,9 +40,30 @@ impl Reducer for CollectiveReducer<'_> {
     }
 }
 
-/// What one step did.
-#[derive(Debug, Clone, PartialEq)]
+/// What one step did. Its numbers stay where the step computed them (on the device) until
+/// [`StepReport::read`]: reading makes the host wait for the device, so the epoch loop reads
+/// on log steps (and where it must decide something) only.
+#[derive(Debug)]
 pub struct StepReport {
+    /// 1-based optimizer step.
+    pub step: u64,
+    /// Learning rate used.
+    pub lr: f64,
+    /// Per-task loss (normalised, averaged over ranks: the loss of the global batch).
+    losses: TaskTensors,
+    /// Per-task weight the weighting strategy applied.
+    weights: TaskTensors,
+    /// GradNorm only: each task's gradient norm at the layer it balances.
+    task_grad_norms: TaskTensors,
+    /// Global gradient norm before clipping (when clipping is on).
+    grad_norm: Option<Tensor>,
+    /// The step's counts summed over ranks ([`losses::local_counts`]): samples and stop flags.
+    counts: Tensor,
+}
+
+/// A [`StepReport`] read on the host.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepValues {
     /// 1-based optimizer step.
     pub step: u64,
     /// Learning rate used.
@@ -66,6 +86,53 @@ pub struct StepReport {
 }
 
 impl StepReport {
+    /// Reads the step's numbers on the host: one copy from the device.
+    pub fn read(&self) -> Result<StepValues, WorkerError> {
+        let device = self.counts.device();
+        let per_task = [&self.losses, &self.weights, &self.task_grad_norms];
+        let mut parts: Vec<Tensor> = vec![self.counts.shallow_clone()];
+        for values in per_task {
+            for (_, v) in values.iter() {
+                parts.push(v.f_to_device(device)?.f_to_kind(Kind::Double)?.f_reshape([1])?);
+            }
+        }
+        if let Some(g) = &self.grad_norm {
+            parts.push(g.f_to_kind(Kind::Double)?.f_reshape([1])?);
+        }
+        let parts: Vec<Tensor> =
+            parts.into_iter().map(|t| t.f_to_kind(Kind::Double)).collect::<Result<_, _>>()?;
+        let mut values = host_values(&Tensor::f_cat(&parts, 0)?)?.into_iter();
+        let counts: Vec<f64> = values.by_ref().take(losses::COUNT_ENTRIES).collect();
+        let (counts, stops) =
+            (losses::Counts::from_array([counts[0], counts[1], counts[2], counts[3], counts[4]]), counts[5]);
+        let mut read = |tensors: &TaskTensors| {
+            let mut out = TaskValues::default();
+            for (task, _) in tensors.iter() {
+                out.set(task, values.next().expect("one value per present task"));
+            }
+            out
+        };
+        let (losses, weights, task_grad_norms) =
+            (read(&self.losses), read(&self.weights), read(&self.task_grad_norms));
+        Ok(StepValues {
+            step: self.step,
+            lr: self.lr,
+            losses,
+            weights,
+            task_grad_norms,
+            grad_norm: self.grad_norm.as_ref().map(|_| values.next().expect("the gradient norm")),
+            samples: counts.samples.round() as u64,
+            stop_requested: stops > 0.0,
+        })
+    }
+
+    /// The samples the step trained on over all ranks, as a 0-dim f64 tensor on the device.
+    pub(crate) fn samples(&self) -> Result<Tensor, WorkerError> {
+        Ok(self.counts.f_get(4)?)
+    }
+}
+
+impl StepValues {
     /// Named scalars for the coordinator and logs: `loss/<task>`, `weight/<task>`, `lr`, and
     /// `grad_norm` (clipping) and `grad_norm/<task>` (GradNorm) when present.
     pub fn scalars(&self) -> Vec<(String, f64)> {
@@ -88,30 +155,81 @@ impl StepReport {
     }
 }
 
-/// Training images per second between log steps, counted over all ranks.
+/// The values of a small tensor on the host: the one way the training code reads device
+/// values, each through `_local_scalar_dense`, so that the op counter sees every read also on
+/// a CPU (where a plain copy to the host would be invisible).
+pub(crate) fn host_values(t: &Tensor) -> Result<Vec<f64>, WorkerError> {
+    let flat = t.f_to_device(Device::Cpu)?.f_to_kind(Kind::Double)?.f_reshape([-1])?;
+    (0..flat.size()[0]).map(|i| Ok(flat.f_double_value(&[i])?)).collect()
+}
+
+/// `t` on `device`, copied without making the host wait (a no-op when it is there already).
+pub(crate) fn upload(t: &Tensor, device: Device) -> Result<Tensor, tch::TchError> {
+    t.f_to_device_(device, t.kind(), true, false)
+}
+
+/// Training speed between log steps: images per second over all ranks, and where this rank's
+/// time went per step: waiting for the loader, or in the step itself.
 #[derive(Debug)]
 pub(crate) struct Throughput {
     since: std::time::Instant,
     samples: u64,
+    steps: u64,
+    loader_wait: std::time::Duration,
 }
 
 impl Default for Throughput {
     fn default() -> Self {
-        Self { since: std::time::Instant::now(), samples: 0 }
+        Self { since: std::time::Instant::now(), samples: 0, steps: 0, loader_wait: Default::default() }
+    }
+}
+
+/// What [`Throughput::rates`] measured since the last log step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Rates {
+    /// Training images per second, over all ranks.
+    pub images_per_s: f64,
+    /// Milliseconds per step this rank waited for its loader.
+    pub loader_wait_ms: f64,
+    /// Milliseconds per step in the step itself (the rest of the time).
+    pub step_ms: f64,
+}
+
+impl Rates {
+    /// The rates as named scalars, for logs and metrics.
+    pub(crate) fn scalars(&self) -> [(&'static str, f64); 3] {
+        [
+            ("images_per_s", self.images_per_s),
+            ("loader_wait_ms", self.loader_wait_ms),
+            ("step_ms", self.step_ms),
+        ]
     }
 }
 
 impl Throughput {
-    /// Counts a step's samples.
-    pub(crate) fn add(&mut self, samples: u64) {
+    /// Counts a step and the time it waited for its batch.
+    pub(crate) fn add_step(&mut self, loader_wait: std::time::Duration) {
+        self.steps += 1;
+        self.loader_wait += loader_wait;
+    }
+
+    /// Counts samples trained (read from the steps' reports when they are read).
+    pub(crate) fn add_samples(&mut self, samples: u64) {
         self.samples += samples;
     }
 
-    /// Images per second since the last call (or [`Throughput::restart`]), then restarts.
-    pub(crate) fn rate(&mut self) -> f64 {
-        let rate = self.samples as f64 / self.since.elapsed().as_secs_f64().max(1e-9);
+    /// The rates since the last call (or [`Throughput::restart`]), then restarts.
+    pub(crate) fn rates(&mut self) -> Rates {
+        let elapsed = self.since.elapsed().as_secs_f64().max(1e-9);
+        let steps = self.steps.max(1) as f64;
+        let wait = self.loader_wait.as_secs_f64();
+        let rates = Rates {
+            images_per_s: self.samples as f64 / elapsed,
+            loader_wait_ms: 1000.0 * wait / steps,
+            step_ms: 1000.0 * (elapsed - wait).max(0.0) / steps,
+        };
         self.restart();
-        rate
+        rates
     }
 
     /// Starts counting afresh (after an evaluation, which is not training time).
@@ -142,6 +260,8 @@ pub(crate) struct Trainer {
     weighting: TaskWeighting,
     schedule: Schedule,
     collective: Box<dyn Collective>,
+    /// The model's parameters, in the groups the step uses (built once: they never change).
+    params: StepParams,
     clip_grad_norm: f64,
     step: u64,
     device: Device,
@@ -165,12 +285,14 @@ impl Trainer {
         let mut named = model.parameters();
         named.extend(weighting.parameters());
         let optimizer = Optimizer::from_config(&cfg.train, named)?;
+        let params = StepParams::new(&model, &weighting);
         let mut trainer = Self {
             model,
             optimizer,
             weighting,
             schedule: Schedule::from_config(&cfg.train),
             collective,
+            params,
             clip_grad_norm: cfg.train.clip_grad_norm,
             step: 0,
             device,
@@ -200,21 +322,21 @@ impl Trainer {
 
     /// Ends an epoch: task weighting that adapts per epoch (DWA) turns the losses the steps
     /// recorded into the next epoch's weights. Every rank calls it after the same step.
-    pub(crate) fn end_epoch(&mut self) {
-        self.weighting.end_epoch();
+    pub(crate) fn end_epoch(&mut self) -> Result<(), WorkerError> {
+        self.weighting.end_epoch()
     }
 
     /// The state to checkpoint. Model variables are the live tensors (not copies): write them
     /// out before the next step.
-    pub(crate) fn state_dict(&self) -> TrainerState {
+    pub(crate) fn state_dict(&self) -> Result<TrainerState, WorkerError> {
         let mut model: Vec<(String, Tensor)> = self.model.var_store().variables().into_iter().collect();
         model.sort_by(|a, b| a.0.cmp(&b.0));
-        TrainerState {
+        Ok(TrainerState {
             step: self.step,
             model,
             optimizer: self.optimizer.state_dict(),
-            weighting: self.weighting.state_dict(),
-        }
+            weighting: self.weighting.state_dict()?,
+        })
     }
 
     /// Restores [`Self::state_dict`]: every entry must be present with its shape, and nothing
@@ -267,28 +389,23 @@ impl Trainer {
     }
 
     /// One optimizer step on this rank's `batch` (the ranks' batches together form the global
-    /// batch). The reported losses are averaged over ranks.
+    /// batch). The reported losses are averaged over ranks. Nothing in the step reads a value
+    /// from the device (see [`StepReport::read`]), with one exception: GradNorm and PCGrad
+    /// decide on the host (docs/PERFORMANCE.md).
     pub(crate) fn step(&mut self, batch: &Batch) -> Result<StepReport, WorkerError> {
         let world = self.collective.world_size() as f64;
         let batch = batch.to_device(self.device)?;
+        // The optimizer holds the learnable task weights too: this zeroes theirs as well.
         self.optimizer.zero_grad();
-        for (_, p) in self.weighting.parameters() {
-            let mut g = p.grad();
-            if g.defined() {
-                let _ = g.f_zero_()?;
-            }
-        }
 
-        // Normalisers summed over ranks before any loss divides by them.
+        // Normalisers summed over ranks before any loss divides by them; a stop request rides
+        // in the same all-reduce, so every rank learns the same sum.
         let targets = losses::build_targets(&self.model, &batch)?;
-        // A stop request rides in the same all-reduce: every rank learns the same sum.
-        let local = losses::local_counts(&batch, &targets)?;
         let stop = self.stop.as_ref().is_some_and(|s| s.is_requested());
-        let mut counts = local.to_array().to_vec();
-        counts.push(if stop { 1.0 } else { 0.0 });
-        let mut counts = [Tensor::from_slice(&counts).to_device(self.device)];
+        let mut counts = [losses::local_counts(&batch, &targets, stop)?];
         self.collective.all_reduce(&mut counts, ReduceOp::Sum)?;
-        let (global, stops) = counts_from(&counts[0])?;
+        let [counts] = counts;
+        let normalisers = losses::Normalisers::new(&counts)?;
 
         // A batch whose every image was unreadable still takes part in every collective, also
         // in those of SyncBatchNorm's forward and backward passes (run on zero images).
@@ -303,46 +420,34 @@ impl Trainer {
             let _autocast =
                 if self.bf16 { Some(crate::precision::bf16_autocast(self.device)?) } else { None };
             let outputs = self.model.forward(&batch.images, true)?;
-            losses::task_losses(&outputs, &batch, &targets, &global)?
+            losses::task_losses(&outputs, &batch, &targets, &normalisers)?
         };
         let scaled = losses.map(|_, l| l * world);
-        let shared: Vec<Tensor> = self.model.shared_parameters().into_iter().map(|(_, t)| t).collect();
-        let heads: Vec<Tensor> =
-            Task::ALL.into_iter().flat_map(|t| self.model.head_parameters(t)).map(|(_, t)| t).collect();
-        let gradnorm_layer = self.model.gradnorm_layer();
-        let params = Params { shared: &shared, heads: &heads, gradnorm_layer: Some(&gradnorm_layer) };
+        let StepParams { shared, heads, gradnorm_layer, reduced, all } = &self.params;
+        let params = Params { shared, heads, gradnorm_layer: Some(gradnorm_layer) };
         let report =
             self.weighting.backward(&scaled, params, &mut CollectiveReducer(self.collective.as_mut()))?;
 
         // Every rank all-reduces every gradient, also of heads without labels this step.
-        let mut params: Vec<Tensor> = if self.weighting.reduces_shared_grads() {
-            heads
-        } else {
-            shared.into_iter().chain(heads).collect()
-        };
-        params.extend(self.weighting.parameters().into_iter().map(|(_, t)| t));
-        let mut grads = ensure_grads(&params)?;
+        let reduced =
+            if self.weighting.reduces_shared_grads() { &reduced[shared.len()..] } else { &reduced[..] };
+        let mut grads = ensure_grads(reduced)?;
         // The per-task losses ride in the same all-reduce as the gradients (their mean over
         // ranks is the global loss: each rank holds N x its share).
-        let local_losses = task_values(&scaled)?;
-        let present: Vec<Task> = local_losses.iter().map(|(t, _)| t).collect();
-        let raw: Vec<f32> = local_losses.iter().map(|(_, &v)| v as f32).collect();
-        grads.push(Tensor::from_slice(&raw).to_device(self.device));
+        let present: Vec<Task> = scaled.iter().map(|(t, _)| t).collect();
+        let values: Vec<Tensor> =
+            scaled.iter().map(|(_, l)| l.f_detach()?.f_to_kind(Kind::Float)).collect::<Result<_, _>>()?;
+        grads.push(Tensor::f_stack(&values, 0)?);
         self.collective.all_reduce(&mut grads, ReduceOp::Mean)?;
-        let reduced: Vec<f32> =
-            Vec::<f32>::try_from(&grads.pop().expect("loss tensor").to_device(Device::Cpu))?;
-        let mut values = TaskValues::default();
-        for (task, v) in present.into_iter().zip(reduced) {
-            values.set(task, f64::from(v));
+        let reduced_losses = grads.pop().expect("the loss tensor").f_unbind(0)?;
+        let mut losses = TaskTensors::default();
+        for (task, loss) in present.into_iter().zip(reduced_losses) {
+            losses.set(task, loss);
         }
-        self.weighting.record_losses(&values);
+        self.weighting.record_losses(&losses)?;
 
-        let grad_norm = if self.clip_grad_norm > 0.0 {
-            let all: Vec<Tensor> = self.model.parameters().into_iter().map(|(_, t)| t).collect();
-            Some(clip_grad_norm(&all, self.clip_grad_norm)?.f_double_value(&[])?)
-        } else {
-            None
-        };
+        let grad_norm =
+            if self.clip_grad_norm > 0.0 { Some(clip_grad_norm(all, self.clip_grad_norm)?) } else { None };
         let lr = self.schedule.lr(self.step);
         self.optimizer.step(lr)?;
         self.broadcast_buffers()?;
@@ -351,12 +456,11 @@ impl Trainer {
         Ok(StepReport {
             step: self.step,
             lr,
-            losses: values,
+            losses,
             weights: report.weights,
             task_grad_norms: report.grad_norms,
             grad_norm,
-            samples: global.samples.round() as u64,
-            stop_requested: stops > 0.0,
+            counts,
         })
     }
 
@@ -372,11 +476,10 @@ impl Trainer {
     /// Zero losses connected to every parameter of each enabled task (its head and the shared
     /// trunk), for a step without samples.
     fn zero_losses(&self) -> TaskLosses {
-        let shared: Vec<Tensor> = self.model.shared_parameters().into_iter().map(|(_, t)| t).collect();
         let zero_for = |task: Task| {
             self.model.has_task(task).then(|| {
                 let head = self.model.head_parameters(task).into_iter().map(|(_, t)| t);
-                zero_through(shared.iter().map(Tensor::shallow_clone).chain(head), self.device)
+                zero_through(self.params.shared.iter().map(Tensor::shallow_clone).chain(head), self.device)
             })
         };
         TaskLosses {
@@ -387,19 +490,36 @@ impl Trainer {
     }
 }
 
-/// Loss values of the present tasks.
-fn task_values(losses: &TaskLosses) -> Result<TaskValues, WorkerError> {
-    let mut out = TaskValues::default();
-    for (task, loss) in losses.present() {
-        out.set(task, loss.f_double_value(&[])?);
-    }
-    Ok(out)
+/// The model's parameters in the groups a step uses, listed once.
+struct StepParams {
+    /// Backbone and neck, in the same order on every rank.
+    shared: Vec<Tensor>,
+    /// The heads, task by task.
+    heads: Vec<Tensor>,
+    /// The weight where GradNorm compares the tasks' gradient norms.
+    gradnorm_layer: Tensor,
+    /// What the gradient all-reduce covers: `shared`, then `heads`, then `weighting`.
+    reduced: Vec<Tensor>,
+    /// Every model parameter (what clipping scales).
+    all: Vec<Tensor>,
 }
 
-/// The all-reduced normalisers and the number of ranks that asked to stop.
-fn counts_from(t: &Tensor) -> Result<(Counts, f64), WorkerError> {
-    let v: Vec<f64> = Vec::<f64>::try_from(&t.to_device(Device::Cpu))?;
-    Ok((Counts::from_array([v[0], v[1], v[2], v[3], v[4]]), v[5]))
+impl StepParams {
+    fn new(model: &MultiTaskModel, weighting: &TaskWeighting) -> Self {
+        let tensors = |named: Vec<(String, Tensor)>| named.into_iter().map(|(_, t)| t).collect::<Vec<_>>();
+        let shared = tensors(model.shared_parameters());
+        let heads: Vec<Tensor> =
+            Task::ALL.into_iter().flat_map(|t| tensors(model.head_parameters(t))).collect();
+        let weighting = tensors(weighting.parameters());
+        let reduced = shared.iter().chain(&heads).chain(&weighting).map(Tensor::shallow_clone).collect();
+        StepParams {
+            shared,
+            heads,
+            gradnorm_layer: model.gradnorm_layer(),
+            reduced,
+            all: tensors(model.parameters()),
+        }
+    }
 }
 
 /// The gradients of `params`, creating zero gradients where backward left none, so every rank

@@ -134,7 +134,7 @@ impl Trainer {
         if self.collective.world_size() == 1 {
             return Ok(at);
         }
-        let state = self.state_dict();
+        let state = self.state_dict()?;
         let position = [state.step as f64, at.epoch as f64, at.consumed as f64];
         let groups = [state.model, state.optimizer, state.weighting];
         // f32 travels as is, every other kind (step counters, f64 sums) as f64: exact for

@@ -12,7 +12,7 @@ use mtl_job::JobConfig;
 use super::checkpoint::{self, Record};
 use super::epochs::{self, Driver, Position};
 use super::job::open_job;
-use super::{StepReport, Trainer};
+use super::{Rates, StepReport, StepValues, Trainer};
 use crate::collective::LocalCollective;
 use crate::data::{DatasetInfo, OrderedSplit};
 use crate::WorkerError;
@@ -36,8 +36,10 @@ pub enum Event<'a> {
     Step {
         /// The epoch of the step.
         epoch: u64,
-        /// What the step did.
+        /// What the step did (on the device: [`StepReport::read`] makes the host wait).
         report: &'a StepReport,
+        /// The report as the loop read it, on the steps where it did (log steps among them).
+        values: Option<&'a StepValues>,
     },
     /// The model was evaluated after `step` steps.
     Evaluated {
@@ -185,14 +187,19 @@ impl Driver for Local<'_> {
         &mut self,
         epoch: u64,
         report: &StepReport,
-        images_per_s: Option<f64>,
+        values: Option<&StepValues>,
+        rates: Option<Rates>,
     ) -> Result<(), WorkerError> {
-        if let Some(rate) = images_per_s {
-            let values = key_values(report.scalars().iter().map(|(k, v)| (k.as_str(), *v)));
-            let images_per_s = format!("{rate:.1}");
-            tracing::info!(epoch, step = report.step, images_per_s, values, "train");
+        if let (Some(read), Some(rates)) = (values, rates) {
+            let values = key_values(read.scalars().iter().map(|(k, v)| (k.as_str(), *v)));
+            let (images_per_s, loader_wait_ms, step_ms) = (
+                format!("{:.1}", rates.images_per_s),
+                format!("{:.1}", rates.loader_wait_ms),
+                format!("{:.1}", rates.step_ms),
+            );
+            tracing::info!(epoch, step = report.step, images_per_s, loader_wait_ms, step_ms, values, "train");
         }
-        (self.on_event)(Event::Step { epoch, report });
+        (self.on_event)(Event::Step { epoch, report, values });
         Ok(())
     }
 

@@ -135,7 +135,7 @@ fn train_ranks(cfg: &JobConfig, initial: &MultiTaskModel, world: usize, batch: u
                     let lc = LoaderConfig::from_section(&cfg.data, batch as usize, true, cfg.job.seed, 0);
                     let mut losses = Vec::new();
                     for b in Loader::new(train.dataset.clone(), &ids, lc).unwrap().take(STEPS as usize) {
-                        losses.push(trainer.step(&b.unwrap()).unwrap().losses);
+                        losses.push(trainer.step(&b.unwrap()).unwrap().read().unwrap().losses);
                     }
                     Trained { params: trainer.model.parameters(), losses, model: trainer.model }
                 })
@@ -360,7 +360,7 @@ fn a_step_on_an_empty_batch_keeps_the_rank_in_step() {
     let mut loader = Loader::new(train.dataset.clone(), &train.ids[..4], lc).unwrap();
     let batch = loader.next().unwrap().unwrap();
     assert_eq!(batch.ids.len(), 0);
-    let report = trainer.step(&batch).unwrap();
+    let report = trainer.step(&batch).unwrap().read().unwrap();
     assert_eq!(report.samples, 0);
     assert_eq!(loader.summary().skipped.len(), 4, "skipped and counted");
     // No samples: every loss and gradient is zero, so parameters without weight decay
@@ -421,7 +421,7 @@ fn gradnorm_sees_every_task_at_the_layer_it_balances() {
     let mut trainer = Trainer::new(&cfg, model, Box::new(LocalCollective)).unwrap();
     let lc = LoaderConfig::from_section(&cfg.data, 4, true, cfg.job.seed, 0);
     for batch in Loader::new(train.dataset.clone(), &train.ids[..8], lc).unwrap() {
-        let report = trainer.step(&batch.unwrap()).unwrap();
+        let report = trainer.step(&batch.unwrap()).unwrap().read().unwrap();
         for task in crate::task::Task::ALL {
             let norm = report.task_grad_norms.value(task);
             assert!(norm.is_some_and(|n| n > 0.0), "step {}: {} has norm {norm:?}", report.step, task.name());
@@ -433,7 +433,7 @@ fn gradnorm_sees_every_task_at_the_layer_it_balances() {
 /// Trains through the real epoch loop and records every step's report with its epoch.
 struct Recorder {
     spec: sharding::ShardSpec,
-    reports: Vec<(u64, StepReport)>,
+    reports: Vec<(u64, StepValues)>,
 }
 
 impl Recorder {
@@ -462,8 +462,14 @@ impl epochs::Driver for Recorder {
         Ok(sharding::train_shard(sharding::ShardSpec { samples, epoch, consumed, ..self.spec }))
     }
 
-    fn after_step(&mut self, epoch: u64, report: &StepReport, _: Option<f64>) -> Result<(), WorkerError> {
-        self.reports.push((epoch, report.clone()));
+    fn after_step(
+        &mut self,
+        epoch: u64,
+        report: &StepReport,
+        _: Option<&StepValues>,
+        _: Option<Rates>,
+    ) -> Result<(), WorkerError> {
+        self.reports.push((epoch, report.read()?));
         Ok(())
     }
 
@@ -476,11 +482,11 @@ impl epochs::Driver for Recorder {
 /// from the epoch means of the reported (rank-averaged) losses: 1 in the first two epochs,
 /// `K·exp(r_t/T)/Σ_i exp(r_i/T)` with `r_t = L̄_t(e−1)/L̄_t(e−2)` after. Returns how far the
 /// weights moved from 1.
-fn check_dwa_weights(reports: &[(u64, StepReport)], temperature: f64) -> f64 {
+fn check_dwa_weights(reports: &[(u64, StepValues)], temperature: f64) -> f64 {
     let epochs = reports.last().unwrap().0 as usize + 1;
     let mut means = vec![[0f64; 3]; epochs];
     for (e, mean) in means.iter_mut().enumerate() {
-        let steps: Vec<&StepReport> =
+        let steps: Vec<&StepValues> =
             reports.iter().filter(|(re, _)| *re as usize == e).map(|(_, r)| r).collect();
         for task in crate::task::Task::ALL {
             let sum = steps.iter().fold(0.0, |s, r| s + r.losses.value(task).unwrap());
@@ -545,7 +551,7 @@ fn dwa_weights_agree_on_two_ranks_over_the_ring() {
     let info = train.dataset.info.clone();
     let listeners: Vec<TcpListener> = (0..2).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
     let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
-    let reports: Vec<Vec<(u64, StepReport)>> = std::thread::scope(|s| {
+    let reports: Vec<Vec<(u64, StepValues)>> = std::thread::scope(|s| {
         let handles: Vec<_> = listeners
             .into_iter()
             .enumerate()
@@ -597,3 +603,36 @@ fn labels_outside_the_models_label_space_are_an_error_not_a_panic() {
 }
 
 mod unreadable;
+
+/// One counted training step (after a first, uncounted one) and the reading of its report:
+/// the ops each dispatched, with the host reads among them.
+fn counted_step(extra: &str) -> (crate::op_count::OpCounts, crate::op_count::OpCounts) {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = job(dir.path(), extra);
+    let train = OrderedSplit::new(open_dataset(&cfg.data, Split::Train, cfg.job.seed).unwrap().unwrap());
+    let model = MultiTaskModel::new(&cfg.model, &cfg.tasks, &train.dataset.info, Device::Cpu).unwrap();
+    let mut trainer = Trainer::new(&cfg, model, Box::new(LocalCollective)).unwrap();
+    let lc = LoaderConfig::from_section(&cfg.data, 4, true, cfg.job.seed, 0);
+    let mut batches = Loader::new(train.dataset.clone(), &train.ids[..8], lc).unwrap().map(Result::unwrap);
+    trainer.step(&batches.next().unwrap()).unwrap();
+    let batch = batches.next().unwrap();
+    let (report, step) = crate::op_count::count_ops(|| trainer.step(&batch).unwrap());
+    let (values, read) = crate::op_count::count_ops(|| report.read().unwrap());
+    assert!(values.losses.iter().all(|(_, l)| l.is_finite()) && values.samples == 4);
+    (step, read)
+}
+
+#[test]
+fn a_training_step_reads_nothing_from_the_device() {
+    // On a GPU a host read makes the host wait for every queued kernel: the step must have none
+    // (ops that read values, ops whose output size depends on the data, copies to the host),
+    // with clipping, momentum and the weighting strategies that decide on the device. Reading
+    // the report is where the host reads (log steps only).
+    for weighting in ["fixed", "uncertainty", "dwa"] {
+        let (step, read) = counted_step(&format!("[weighting]\nstrategy = \"{weighting}\""));
+        assert_eq!(step.host_reads(), Vec::<(String, u64)>::new(), "{weighting}: host reads in the step");
+        assert!(step.calls("aten::convolution") > 0 && step.calls("aten::convolution_backward") > 0);
+        assert!(read.calls("aten::_local_scalar_dense") > 0, "{weighting}: reading the report is counted");
+        eprintln!("{weighting}: {} ops per step", step.ops());
+    }
+}

@@ -7,11 +7,11 @@
 //! ([`Dwa::record_losses`]) and [`Dwa::end_epoch`] divides by the number of steps in which
 //! each task was present. The running sums are part of the state, so a checkpoint taken
 //! mid-epoch resumes the same means.
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
-use super::{values_from, values_tensor};
+use super::{values_from, values_tensor, TaskTensors};
 use crate::optim::load_entries;
-use crate::task::{Task, TaskValues};
+use crate::task::Task;
 use crate::WorkerError;
 
 const HISTORY: [&str; 2] = ["weighting.dwa.loss_prev", "weighting.dwa.loss_prev2"];
@@ -27,6 +27,9 @@ pub(super) struct Dwa {
     /// was present in.
     epoch_sum: [f64; 3],
     epoch_steps: [f64; 3],
+    /// Losses recorded since `epoch_sum` was last brought to the host: a `[3]` f64 tensor on
+    /// the losses' device, summed there so that a step reads nothing.
+    pending: Option<Tensor>,
     weights: [f64; 3],
 }
 
@@ -38,6 +41,7 @@ impl Dwa {
             prev2: [f64::NAN; 3],
             epoch_sum: [0.0; 3],
             epoch_steps: [0.0; 3],
+            pending: None,
             weights: [1.0; 3],
         }
     }
@@ -46,25 +50,45 @@ impl Dwa {
         self.weights[task.index()]
     }
 
-    pub(super) fn record_losses(&mut self, losses: &TaskValues) {
-        for (task, &loss) in losses.iter() {
-            self.epoch_sum[task.index()] += loss;
-            self.epoch_steps[task.index()] += 1.0;
+    pub(super) fn record_losses(&mut self, losses: &TaskTensors) -> Result<(), WorkerError> {
+        let Some((_, any)) = losses.iter().next() else { return Ok(()) };
+        let zero = Tensor::f_zeros([], (Kind::Double, any.device()))?;
+        let mut step = Vec::with_capacity(3);
+        for task in Task::ALL {
+            match losses.get(task) {
+                Some(loss) => {
+                    step.push(loss.f_to_kind(Kind::Double)?);
+                    self.epoch_steps[task.index()] += 1.0;
+                }
+                None => step.push(zero.shallow_clone()),
+            }
         }
+        let step = Tensor::f_stack(&step, 0)?;
+        self.pending = Some(match self.pending.take() {
+            Some(sum) => sum.f_add(&step)?,
+            None => step,
+        });
+        Ok(())
     }
 
-    pub(super) fn end_epoch(&mut self) {
+    /// The epoch's loss sums, with what is pending on the device (a host read).
+    fn sums(&self) -> Result<[f64; 3], WorkerError> {
+        let Some(pending) = &self.pending else { return Ok(self.epoch_sum) };
+        let pending = values_from(pending)?;
+        Ok(std::array::from_fn(|i| self.epoch_sum[i] + pending[i]))
+    }
+
+    pub(super) fn end_epoch(&mut self) -> Result<(), WorkerError> {
+        let sums = self.sums()?;
         self.prev2 = self.prev;
-        self.prev = [0, 1, 2].map(|i| {
-            if self.epoch_steps[i] > 0.0 {
-                self.epoch_sum[i] / self.epoch_steps[i]
-            } else {
-                f64::NAN
-            }
-        });
+        self.prev =
+            [0, 1, 2]
+                .map(|i| if self.epoch_steps[i] > 0.0 { sums[i] / self.epoch_steps[i] } else { f64::NAN });
         self.epoch_sum = [0.0; 3];
         self.epoch_steps = [0.0; 3];
+        self.pending = None;
         self.update_weights();
+        Ok(())
     }
 
     fn update_weights(&mut self) {
@@ -85,13 +109,13 @@ impl Dwa {
         }
     }
 
-    pub(super) fn state_dict(&self) -> Vec<(String, Tensor)> {
-        vec![
+    pub(super) fn state_dict(&self) -> Result<Vec<(String, Tensor)>, WorkerError> {
+        Ok(vec![
             (HISTORY[0].into(), values_tensor(&self.prev)),
             (HISTORY[1].into(), values_tensor(&self.prev2)),
-            (RUNNING[0].into(), values_tensor(&self.epoch_sum)),
+            (RUNNING[0].into(), values_tensor(&self.sums()?)),
             (RUNNING[1].into(), values_tensor(&self.epoch_steps)),
-        ]
+        ])
     }
 
     pub(super) fn load_state_dict(&mut self, state: &[(String, Tensor)]) -> Result<(), WorkerError> {
@@ -110,6 +134,7 @@ impl Dwa {
         )?;
         [self.prev, self.prev2, self.epoch_sum, self.epoch_steps] =
             [values_from(prev)?, values_from(prev2)?, values_from(sum)?, values_from(steps)?];
+        self.pending = None;
         self.update_weights();
         Ok(())
     }

@@ -67,7 +67,7 @@ impl GradNorm {
         for (&(task, _), &n) in present.iter().zip(&norms) {
             grad_norms.set(task, n);
         }
-        report.grad_norms = grad_norms;
+        report.grad_norms = super::host_tensors(&grad_norms);
         Ok(report)
     }
 

@@ -63,16 +63,49 @@ pub(crate) struct Params<'a> {
     pub gradnorm_layer: Option<&'a Tensor>,
 }
 
-/// What one weighted backward pass used.
-#[derive(Debug, Clone, PartialEq)]
+/// What one weighted backward pass used, as 0-dim tensors (on the device where they were
+/// computed there, on the CPU where the host knew them): the step reads them on log steps only.
+#[derive(Debug)]
 pub(crate) struct WeightReport {
     /// The weight each present task's loss received (for uncertainty `exp(−s_t)`).
-    pub weights: TaskValues,
+    pub weights: TaskTensors,
     /// The value of the combined loss (for PCGrad `Σ w_t·L_t`, whose gradient it replaces).
-    pub total_loss: f64,
+    #[cfg_attr(not(test), expect(dead_code, reason = "the step does not log it; the tests check it"))]
+    pub total_loss: Tensor,
     /// GradNorm only: each present task's gradient norm `‖∇_W L_t‖` at the balanced layer
     /// (reduced across ranks); empty for the other strategies.
-    pub grad_norms: TaskValues,
+    pub grad_norms: TaskTensors,
+}
+
+/// One 0-dim tensor per present task.
+pub(crate) type TaskTensors = crate::task::PerTask<Tensor>;
+
+/// Host values as CPU tensors, for the strategies that compute them on the host.
+pub(crate) fn host_tensors(values: &TaskValues) -> TaskTensors {
+    values.clone().map(|_, v| Tensor::from(v))
+}
+
+#[cfg(test)]
+impl WeightReport {
+    /// The weights, read on the host.
+    pub(crate) fn weight_values(&self) -> TaskValues {
+        read_values(&self.weights)
+    }
+
+    /// The combined loss, read on the host.
+    pub(crate) fn total_loss_value(&self) -> f64 {
+        self.total_loss.double_value(&[])
+    }
+}
+
+/// Reads one tensor per task on the host.
+#[cfg(test)]
+pub(crate) fn read_values(values: &TaskTensors) -> TaskValues {
+    let mut out = TaskValues::default();
+    for (task, v) in values.iter() {
+        out.set(task, v.double_value(&[]));
+    }
+    out
 }
 
 #[derive(Debug)]
@@ -134,17 +167,25 @@ impl TaskWeighting {
         match &mut self.strategy {
             Strategy::Fixed => weighted_backward(&present, |t| self.fixed[t.index()]),
             Strategy::Uncertainty(log_var) => {
-                let mut total = Tensor::zeros([], (Kind::Float, log_var.device()));
-                let mut weights = TaskValues::default();
+                let mut total: Option<Tensor> = None;
+                let mut weights = TaskTensors::default();
                 for &(task, loss) in &present {
                     let s = log_var.f_get(task.index() as i64)?;
                     let precision = s.f_neg()?.f_exp()?;
-                    weights.set(task, precision.f_double_value(&[])?);
-                    total = total.f_add(&precision.f_mul(loss)?.f_add(&s)?)?;
+                    let term = precision.f_mul(loss)?.f_add(&s)?;
+                    weights.set(task, precision.f_detach()?);
+                    total = Some(match total {
+                        Some(t) => t.f_add(&term)?,
+                        None => term,
+                    });
                 }
+                let total = total.expect("present is not empty");
                 total.f_backward()?;
-                let total_loss = total.f_double_value(&[])?;
-                Ok(WeightReport { weights, total_loss, grad_norms: TaskValues::default() })
+                Ok(WeightReport {
+                    weights,
+                    total_loss: total.f_detach()?,
+                    grad_norms: TaskTensors::default(),
+                })
             }
             Strategy::Dwa(dwa) => weighted_backward(&present, |t| dwa.weight(t)),
             Strategy::GradNorm(gn) => {
@@ -165,21 +206,23 @@ impl TaskWeighting {
         matches!(self.strategy, Strategy::PcGrad(_))
     }
 
-    /// Adds one step's per-task losses to DWA's running means of the epoch; the values must
-    /// be the same on every rank (reduced, as the trainer reports them). Other strategies
-    /// ignore them.
-    pub(crate) fn record_losses(&mut self, losses: &TaskValues) {
-        if let Strategy::Dwa(dwa) = &mut self.strategy {
-            dwa.record_losses(losses);
+    /// Adds one step's per-task losses (0-dim tensors, not read here) to DWA's running means
+    /// of the epoch; the values must be the same on every rank (reduced, as the trainer reports
+    /// them). Other strategies ignore them.
+    pub(crate) fn record_losses(&mut self, losses: &TaskTensors) -> Result<(), WorkerError> {
+        match &mut self.strategy {
+            Strategy::Dwa(dwa) => dwa.record_losses(losses),
+            _ => Ok(()),
         }
     }
 
     /// Ends the epoch (or window): DWA turns the means recorded since the last call into the
     /// weights of the next epoch. Every rank calls it at the same step. Other strategies
     /// ignore it.
-    pub(crate) fn end_epoch(&mut self) {
-        if let Strategy::Dwa(dwa) = &mut self.strategy {
-            dwa.end_epoch();
+    pub(crate) fn end_epoch(&mut self) -> Result<(), WorkerError> {
+        match &mut self.strategy {
+            Strategy::Dwa(dwa) => dwa.end_epoch(),
+            _ => Ok(()),
         }
     }
 
@@ -193,14 +236,14 @@ impl TaskWeighting {
     }
 
     /// All state to checkpoint, learnable weights included.
-    pub(crate) fn state_dict(&self) -> Vec<(String, Tensor)> {
-        match &self.strategy {
+    pub(crate) fn state_dict(&self) -> Result<Vec<(String, Tensor)>, WorkerError> {
+        Ok(match &self.strategy {
             Strategy::Fixed => Vec::new(),
             Strategy::Uncertainty(log_var) => vec![(LOG_VAR.into(), log_var.detach().copy())],
-            Strategy::Dwa(dwa) => dwa.state_dict(),
+            Strategy::Dwa(dwa) => dwa.state_dict()?,
             Strategy::GradNorm(gn) => gn.state_dict(),
             Strategy::PcGrad(pc) => pc.state_dict(),
-        }
+        })
     }
 
     /// Restores [`Self::state_dict`]; errors name the missing or mismatched entry.
@@ -227,7 +270,7 @@ impl TaskWeighting {
     }
 }
 
-/// `backward` of `Σ w_t·L_t` with `w_t = weight(t)`.
+/// `backward` of `Σ w_t·L_t` with `w_t = weight(t)` (host constants: nothing is read).
 pub(super) fn weighted_backward(
     present: &[(Task, &Tensor)],
     weight: impl Fn(Task) -> f64,
@@ -247,7 +290,11 @@ pub(super) fn weighted_backward(
     if total.requires_grad() {
         total.f_backward()?;
     }
-    Ok(WeightReport { weights, total_loss: total.f_double_value(&[])?, grad_norms: TaskValues::default() })
+    Ok(WeightReport {
+        weights: host_tensors(&weights),
+        total_loss: total.f_detach()?,
+        grad_norms: TaskTensors::default(),
+    })
 }
 
 /// A per-task `[3]` f64 state vector (NaN where unset), as stored in a checkpoint.

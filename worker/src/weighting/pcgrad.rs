@@ -40,14 +40,18 @@ impl PcGrad {
     ) -> Result<WeightReport, WorkerError> {
         let inputs: Vec<Tensor> = shared.iter().chain(heads).map(Tensor::shallow_clone).collect();
         let mut weights = TaskValues::default();
-        let mut total_loss = 0.0;
+        let mut total_loss: Option<Tensor> = None;
         let mut task_shared = Vec::with_capacity(present.len());
         let mut head_grads: Option<Vec<Tensor>> = None;
         for (k, &(task, loss)) in present.iter().enumerate() {
             let w = fixed[task.index()];
             weights.set(task, w);
             let weighted = loss.f_mul_scalar(w)?;
-            total_loss += weighted.f_double_value(&[])?;
+            let value = weighted.f_detach()?;
+            total_loss = Some(match total_loss {
+                Some(t) => t.f_add(&value)?,
+                None => value,
+            });
             let mut grads = task_grads(&weighted, &inputs, k + 1 < present.len())?;
             let heads_part = grads.split_off(shared.len());
             task_shared.push(flatten(&grads)?);
@@ -67,7 +71,11 @@ impl PcGrad {
         grads.extend(head_grads.unwrap_or_default());
         accumulate_grads(&inputs, &grads)?;
         self.steps += 1;
-        Ok(WeightReport { weights, total_loss, grad_norms: TaskValues::default() })
+        Ok(WeightReport {
+            weights: super::host_tensors(&weights),
+            total_loss: total_loss.expect("present is not empty"),
+            grad_norms: super::TaskTensors::default(),
+        })
     }
 
     pub(super) fn state_dict(&self) -> Vec<(String, Tensor)> {

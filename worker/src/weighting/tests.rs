@@ -98,12 +98,15 @@ fn fixed_is_the_gradient_of_the_weighted_sum() {
     let toy = Toy::new();
     let mut weighting = TaskWeighting::new(&section, 0, Device::Cpu);
     let report = weighting.backward(&toy.losses(&x, &ya, &yb, 8.0), toy.params(), &mut LocalReducer).unwrap();
-    assert_eq!((report.weights.cls, report.weights.det, report.weights.seg), (Some(0.5), None, Some(2.0)));
+    assert_eq!(
+        (report.weight_values().cls, report.weight_values().det, report.weight_values().seg),
+        (Some(0.5), None, Some(2.0))
+    );
 
     let reference = toy.copy();
     let l = reference.losses(&x, &ya, &yb, 8.0);
     let total = l.cls.unwrap() * 0.5 + l.seg.unwrap() * 2.0;
-    assert!((report.total_loss - total.double_value(&[])).abs() < 1e-6);
+    assert!((report.total_loss_value() - total.double_value(&[])).abs() < 1e-6);
     total.backward();
     for (got, want) in toy.grads().iter().zip(reference.grads()) {
         assert_close(got, &want, 1e-7);
@@ -123,8 +126,12 @@ fn uncertainty_gradient_matches_the_closed_form() {
     let report = weighting.backward(&losses, Params::default(), &mut LocalReducer).unwrap();
 
     let (e_cls, e_seg) = ((-0.3f64).exp(), 0.2f64.exp());
-    assert_close(&[report.weights.cls.unwrap(), report.weights.seg.unwrap()], &[e_cls, e_seg], 1e-6);
-    assert_close(&[report.total_loss], &[e_cls * 1.125 + 0.3 + e_seg * 1.0 - 0.2], 1e-6);
+    assert_close(
+        &[report.weight_values().cls.unwrap(), report.weight_values().seg.unwrap()],
+        &[e_cls, e_seg],
+        1e-6,
+    );
+    assert_close(&[report.total_loss_value()], &[e_cls * 1.125 + 0.3 + e_seg * 1.0 - 0.2], 1e-6);
     let params = weighting.parameters();
     assert_eq!(params.len(), 1);
     assert_close(&values(&params[0].1.grad()), &[1.0 - e_cls * 1.125, 0.0, 1.0 - e_seg * 1.0], 1e-6);
@@ -142,18 +149,24 @@ fn dwa_weights_match_hand_computation() {
         seg: Some(theta.sum(Kind::Float) * 3.0),
     };
     let weights = |w: &mut TaskWeighting| {
-        let r = w.backward(&losses(), Params::default(), &mut LocalReducer).unwrap().weights;
+        let r = w.backward(&losses(), Params::default(), &mut LocalReducer).unwrap().weight_values();
         vec![r.cls.unwrap(), r.det.unwrap(), r.seg.unwrap()]
     };
     assert_eq!(weights(&mut weighting), [1.0; 3], "1 before any epoch");
     // Epoch means from the steps' losses: (1, 2, 3) from two steps each.
-    weighting.record_losses(&TaskValues { cls: Some(0.5), det: Some(1.0), seg: Some(3.5) });
-    weighting.record_losses(&TaskValues { cls: Some(1.5), det: Some(3.0), seg: Some(2.5) });
-    weighting.end_epoch();
+    weighting
+        .record_losses(&host_tensors(&TaskValues { cls: Some(0.5), det: Some(1.0), seg: Some(3.5) }))
+        .unwrap();
+    weighting
+        .record_losses(&host_tensors(&TaskValues { cls: Some(1.5), det: Some(3.0), seg: Some(2.5) }))
+        .unwrap();
+    weighting.end_epoch().unwrap();
     assert_eq!(weights(&mut weighting), [1.0; 3], "1 after one epoch");
-    weighting.record_losses(&TaskValues { cls: Some(0.8), det: Some(1.9), seg: Some(2.4) });
+    weighting
+        .record_losses(&host_tensors(&TaskValues { cls: Some(0.8), det: Some(1.9), seg: Some(2.4) }))
+        .unwrap();
     assert_eq!(weights(&mut weighting), [1.0; 3], "recording does not change the epoch's weights");
-    weighting.end_epoch();
+    weighting.end_epoch().unwrap();
     // r = (0.8, 0.95, 0.8), T = 2: w = 3·softmax(r/2), by hand in f64:
     // e = [exp(.4), exp(.475), exp(.4)]; 3·e/Σe
     let want = [0.9746955547816033, 1.0506088904367932, 0.9746955547816033];
@@ -161,13 +174,17 @@ fn dwa_weights_match_hand_computation() {
 
     // A task missing from an epoch drops out; the two others share K = 2. The epoch is
     // checkpointed half way: the restored state carries the running sums.
-    weighting.record_losses(&TaskValues { cls: None, det: Some(1.7), seg: Some(1.92) });
+    weighting
+        .record_losses(&host_tensors(&TaskValues { cls: None, det: Some(1.7), seg: Some(1.92) }))
+        .unwrap();
     let mut restored = TaskWeighting::new(&cfg(WeightingStrategy::Dwa), 0, Device::Cpu);
-    restored.load_state_dict(&weighting.state_dict()).unwrap();
+    restored.load_state_dict(&weighting.state_dict().unwrap()).unwrap();
     assert_close(&weights(&mut restored), &want, 1e-12);
     let mut weighting = restored;
-    weighting.record_losses(&TaskValues { cls: None, det: Some(1.9), seg: Some(1.92) });
-    weighting.end_epoch();
+    weighting
+        .record_losses(&host_tensors(&TaskValues { cls: None, det: Some(1.9), seg: Some(1.92) }))
+        .unwrap();
+    weighting.end_epoch().unwrap();
     // r = (1.8/1.9, 1.92/2.4) = (0.947368.., 0.8); 2·softmax(r/2)
     let r = [1.8f64 / 1.9, 1.92 / 2.4];
     let e = [(r[0] / 2.0).exp(), (r[1] / 2.0).exp()];
@@ -207,8 +224,12 @@ fn gradnorm_lowers_the_weight_of_the_task_with_the_larger_gradient() {
             &mut LocalReducer,
         )
         .unwrap();
-    assert_eq!((report.weights.cls, report.weights.seg), (Some(1.0), Some(1.0)), "weights start at 1");
-    let state = weighting.state_dict();
+    assert_eq!(
+        (report.weight_values().cls, report.weight_values().seg),
+        (Some(1.0), Some(1.0)),
+        "weights start at 1"
+    );
+    let state = weighting.state_dict().unwrap();
     let weights = values(&state.iter().find(|(n, _)| n == "weighting.gradnorm.weights").unwrap().1);
     // n_cls = ‖(4, 4, 0, 0)‖ = 5.657, n_seg = ‖(0, 0, 1, 1)‖ = 1.414; G = w·n, mean 3.536.
     // w_cls ← 1 − 0.01·5.657 = 0.9434, w_seg ← 1 + 0.01·1.414 = 1.0141; renormalised to sum 2.
@@ -321,7 +342,7 @@ fn pcgrad_task_order_is_seeded() {
         losses.det = Some(toy.losses(&x, &(&ya * 2.0), &(&yb * -1.0), 8.0).seg.unwrap());
         let mut w = TaskWeighting::new(&cfg(WeightingStrategy::Pcgrad), seed, Device::Cpu);
         w.backward(&losses, toy.params(), &mut LocalReducer).unwrap();
-        (toy.grads(), w.state_dict())
+        (toy.grads(), w.state_dict().unwrap())
     };
     let (a, state) = run(3);
     assert_eq!(a, run(3).0, "same seed, same gradients");
@@ -338,7 +359,7 @@ fn weighting_state_errors_name_the_entry() {
     let err = gn.load_state_dict(&[]).unwrap_err().to_string();
     assert!(err.contains("weighting.gradnorm.weights") && err.contains("missing"), "{err}");
     let mut fixed = TaskWeighting::new(&cfg(WeightingStrategy::Fixed), 0, Device::Cpu);
-    let err = fixed.load_state_dict(&gn.state_dict()).unwrap_err().to_string();
+    let err = fixed.load_state_dict(&gn.state_dict().unwrap()).unwrap_err().to_string();
     assert!(err.contains("weighting.gradnorm"), "{err}");
     let err =
         fixed.backward(&TaskLosses::default(), Params::default(), &mut LocalReducer).unwrap_err().to_string();
@@ -372,9 +393,10 @@ fn cuda_strategies_match_cpu() {
             let mut reports = Vec::new();
             for _ in 0..2 {
                 let r = w.backward(&toy.losses(&x, &ya, &yb, 8.0), toy.params(), &mut LocalReducer).unwrap();
-                reports.push(vec![r.weights.cls.unwrap(), r.weights.seg.unwrap(), r.total_loss]);
+                let w = r.weight_values();
+                reports.push(vec![w.cls.unwrap(), w.seg.unwrap(), r.total_loss_value()]);
             }
-            let state: Vec<Vec<f64>> = w.state_dict().iter().map(|(_, t)| values(t)).collect();
+            let state: Vec<Vec<f64>> = w.state_dict().unwrap().iter().map(|(_, t)| values(t)).collect();
             (toy.grads(), reports, state)
         };
         let (cpu, cuda) = (run(Device::Cpu), run(Device::Cuda(0)));

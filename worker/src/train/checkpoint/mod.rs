@@ -117,7 +117,7 @@ pub(crate) fn write_step(dir: &Path, trainer: &Trainer, record: &Record<'_>) -> 
 
 /// Writes `trainer`'s state as the checkpoint directory `path`, replacing one there.
 pub(crate) fn write_at(path: &Path, trainer: &Trainer, record: &Record<'_>) -> Result<Written, WorkerError> {
-    let state = trainer.state_dict();
+    let state = trainer.state_dict()?;
     let meta = Meta {
         step: state.step,
         epoch: record.next.epoch,

@@ -9,7 +9,7 @@ use tch::Device;
 use super::*;
 use crate::collective::LocalCollective;
 use crate::train::standalone::{self, Event, Options};
-use crate::train::StepReport;
+use crate::train::StepValues;
 
 /// A 48-sample training split (64 synthetic images, a quarter held out) at batch 4: 12 steps
 /// an epoch, so 20 steps cross one epoch boundary.
@@ -56,11 +56,11 @@ fn with_dir(cfg: &JobConfig, dir: &Path) -> JobConfig {
 }
 
 /// Runs standalone training; returns the step reports it produced and the summary.
-fn run(cfg: &JobConfig, opts: &Options) -> (Vec<StepReport>, standalone::Summary) {
+fn run(cfg: &JobConfig, opts: &Options) -> (Vec<StepValues>, standalone::Summary) {
     let mut steps = Vec::new();
     let summary = standalone::run(cfg, Device::Cpu, opts, &mut |event| {
         if let Event::Step { report, .. } = event {
-            steps.push(report.clone());
+            steps.push(report.read().unwrap());
         }
     })
     .unwrap();
