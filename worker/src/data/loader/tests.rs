@@ -314,12 +314,15 @@ fn loader_throughput() {
     let ids = ds.ids();
     let data = mtl_job::DataSection { image_size: 128, ..mtl_job::DataSection::default() };
     for threads in [1, 2] {
-        for (mode, train) in [("train", true), ("eval", false)] {
+        for (mode, train, targets) in
+            [("train", true, false), ("train+fcos", true, true), ("eval", false, false)]
+        {
             let mut best = 0.0f64;
             for epoch in 0..3 {
                 let c = LoaderConfig {
                     threads,
                     prefetch_batches: 4,
+                    det_grid: targets.then(|| grid(128)),
                     ..LoaderConfig::from_section(&data, 32, train, 0, epoch)
                 };
                 let start = std::time::Instant::now();
