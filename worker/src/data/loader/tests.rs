@@ -289,6 +289,22 @@ fn pinned_batches_when_asked_and_an_error_without_cuda() {
 }
 
 #[test]
+fn for_training_gives_the_model_s_grid_and_pins_only_for_a_gpu() {
+    use crate::tasks::tests::test_model;
+    use mtl_job::TasksSection;
+    let data =
+        mtl_job::DataSection { image_size: 96, cache_decoded: true, ..mtl_job::DataSection::default() };
+    let base = LoaderConfig::from_section(&data, 4, true, 0, 0);
+    assert_eq!((base.det_grid, base.pin_memory, base.cache_decoded), (None, false, true));
+    let model = test_model(&TasksSection::default());
+    let c = base.clone().for_training(&model);
+    assert_eq!(c.det_grid, Some(model.feature_sizes(96, 96)));
+    assert!(!c.pin_memory, "the model is on the CPU");
+    let no_detection = test_model(&TasksSection { detection: false, ..TasksSection::default() });
+    assert_eq!(base.for_training(&no_detection).det_grid, None);
+}
+
+#[test]
 fn unknown_ids_and_zero_sizes_are_errors() {
     let dir = tempfile::tempdir().unwrap();
     let manifest = text(dir.path(), "m.jsonl", "{\"file\": \"a.png\"}\n");
