@@ -5,7 +5,8 @@
 //! - the C++ shim in `shim/` (bf16 autocast, SyncBatchNorm, the op counter).
 
 /// The C++ sources of the shim.
-const SHIM_FILES: [&str; 3] = ["shim/autocast.cpp", "shim/op_counter.cpp", "shim/sync_batch_norm.cpp"];
+const SHIM_FILES: [&str; 4] =
+    ["shim/autocast.cpp", "shim/op_counter.cpp", "shim/pinned.cpp", "shim/sync_batch_norm.cpp"];
 
 fn main() {
     // Set by torch-sys (links = "tch") for its direct dependents.
@@ -19,7 +20,7 @@ fn main() {
     println!("cargo:rustc-env=MTL_LIBTORCH_LIB={lib}");
 
     // The C++ shim for what tch does not expose (bf16 autocast, SyncBatchNorm's custom autograd
-    // function), built against the same LibTorch headers and C++ ABI as torch-sys.
+    // function, pinned allocation), built against the same LibTorch headers and C++ ABI as torch-sys.
     let include = std::path::Path::new(&lib).join("../include");
     let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
     cc::Build::new()

@@ -80,6 +80,14 @@ pub struct DataSection {
     /// existed still match (it is not part of the hash, see `JobConfig::trained_part`).
     #[serde(skip_serializing_if = "is_default_unreadable_fraction")]
     pub max_unreadable_fraction: f64,
+    /// Keep every decoded image (and mask) in memory across epochs, so each file is read and
+    /// decoded once per worker process; augmentation still runs every epoch. For datasets whose
+    /// decoded pixels (`width × height × 3` bytes an image) fit in each worker's memory.
+    /// Unreadable images are still skipped and counted every epoch. Batches are the same
+    /// either way, so the key is not part of the config hash and is left out of the written
+    /// config when false (the default).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub cache_decoded: bool,
     /// Training-time augmentation (evaluation only resizes).
     pub augment: AugmentSection,
 }
@@ -100,6 +108,7 @@ impl Default for DataSection {
             loader_threads: 2,
             prefetch_batches: 4,
             max_unreadable_fraction: 0.01,
+            cache_decoded: false,
             augment: AugmentSection::default(),
         }
     }
@@ -257,6 +266,10 @@ mod tests {
         assert_eq!(cfg.data.synthetic_preset, crate::SyntheticPreset::Standard);
         let cfg = load("[data]\nsynthetic_preset = \"easy\"\n").unwrap();
         assert_eq!(cfg.data.synthetic_preset, crate::SyntheticPreset::Easy);
+        assert!(!cfg.data.cache_decoded && !cfg.to_toml().contains("cache_decoded"), "left out when false");
+        let cfg = load("[data]\ncache_decoded = true\n").unwrap();
+        assert!(cfg.data.cache_decoded);
+        assert_eq!(JobConfig::from_toml(&cfg.to_toml()).unwrap(), cfg);
     }
 
     #[test]
@@ -268,6 +281,7 @@ mod tests {
         assert_eq!(invalid_key("[data.augment]\nblur = 1\n"), "data.augment.blur");
         assert_eq!(invalid_key("[data]\nval = \"v.jsonl\"\n"), "data.val");
         assert_eq!(invalid_key("[data]\nloader_threads = 0\n"), "data.loader_threads");
+        assert_eq!(invalid_key("[data]\ncache_decoded = \"yes\"\n"), "data.cache_decoded");
         assert_eq!(invalid_key("[data]\nformat = \"jsonl\"\ntrain = \"\"\n"), "data.train");
         assert_eq!(invalid_key("[data]\nsynthetic_val_fraction = 1.0\n"), "data.synthetic_val_fraction");
         assert_eq!(invalid_key("[data]\nmax_unreadable_fraction = 1.5\n"), "data.max_unreadable_fraction");

@@ -92,9 +92,10 @@ impl JobConfig {
     /// A short hash of what determines the trained model, stored in checkpoints and in the
     /// coordinator's store to detect a changed job. It leaves out the secret (`job.token`) and
     /// the sections that say where and how the job runs rather than what it trains
-    /// (`[server]`, `[rendezvous]`, `[checkpoint]`, `data.max_unreadable_fraction`), so a
-    /// coordinator restarted on another port, with another world size, another `keep_last` or
-    /// a higher tolerance for unreadable images still resumes.
+    /// (`[server]`, `[rendezvous]`, `[checkpoint]`, `data.max_unreadable_fraction`,
+    /// `data.cache_decoded`), so a coordinator restarted on another port, with another world
+    /// size, another `keep_last`, a higher tolerance for unreadable images or the decoded-image
+    /// cache switched still resumes.
     pub fn hash(&self) -> String {
         use sha2::Digest;
         let digest = sha2::Sha256::digest(self.trained_part().to_toml().as_bytes());
@@ -102,8 +103,8 @@ impl JobConfig {
     }
 
     /// The part of the job that [`JobConfig::hash`] covers: this config with the token cleared
-    /// and `[server]`, `[rendezvous]`, `[checkpoint]` and `data.max_unreadable_fraction` at
-    /// their defaults.
+    /// and `[server]`, `[rendezvous]`, `[checkpoint]`, `data.max_unreadable_fraction` and
+    /// `data.cache_decoded` at their defaults.
     pub fn trained_part(&self) -> JobConfig {
         let mut trained = self.clone();
         trained.job.token = JobToken::default();
@@ -111,6 +112,7 @@ impl JobConfig {
         trained.rendezvous = RendezvousSection::default();
         trained.checkpoint = CheckpointSection::default();
         trained.data.max_unreadable_fraction = crate::DataSection::default().max_unreadable_fraction;
+        trained.data.cache_decoded = crate::DataSection::default().cache_decoded;
         trained
     }
 }

@@ -120,6 +120,7 @@ fn hash_ignores_the_token_and_where_the_job_runs_but_not_what_it_trains() {
     other.rendezvous.min_workers = 3;
     other.checkpoint.keep_last = 9;
     other.data.max_unreadable_fraction = 0.5;
+    other.data.cache_decoded = true;
     other.server.tensorboard_dir = "off".into();
     assert_eq!(cfg.hash(), other.hash());
     other.train.lr = 0.5;

@@ -12,9 +12,9 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use image::{Rgb, RgbImage};
-use tch::Tensor;
 
 use crate::data::augment::{augment, AugmentConfig, Letterbox};
+use crate::data::batch::{host_tensor, network_images};
 use crate::data::{coco, jsonl, DatasetInfo};
 use crate::model::{predict, MultiTaskModel, Prediction};
 use crate::tasks::classification::ClassPrediction;
@@ -132,8 +132,7 @@ pub fn run(
             continue;
         }
         let s = i64::from(size);
-        let batch =
-            Tensor::f_from_slice(&pixels)?.f_view([images.len() as i64, 3, s, s])?.f_to_device(device)?;
+        let batch = network_images(&host_tensor(&pixels, &[images.len() as i64, 3, s, s])?, device)?;
         for ((id, path, img), pred) in images.iter().zip(predict(&model, &batch)?) {
             let name = path.file_stem().map_or_else(|| id.to_string(), |s| s.to_string_lossy().into_owned());
             let (w, h) = img.dimensions();

@@ -2,13 +2,18 @@
 //! `image_size`) applied to the image (bilinear), its boxes and its mask (nearest neighbour,
 //! padding = 255 ignore), then colour jitter on the image alone.
 //!
+//! The arithmetic is in f32 on values in [0, 1]; the result is quantised once, at the end, to
+//! u8 ([`quantise`]): batches travel as u8 and are normalised on the device
+//! (`data::batch::network_images`). That rounding (at most half a grey level) is the only
+//! difference from keeping the f32 values.
+//!
 //! The randomness of a sample is keyed only by (seed, epoch, sample id), so the same sample
 //! is augmented identically whichever rank or thread loads it. Evaluation mode letterboxes
 //! (scale the longer side to `image_size`, centre, pad) with no randomness.
 use image::RgbImage;
 use mtl_job::{AugmentSection, DataSection};
 
-use super::batch::{GtBox, IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD};
+use super::batch::{GtBox, IGNORE_INDEX, IMAGENET_MEAN};
 use super::rng::Rng;
 use super::sample::BoxLabel;
 
@@ -46,8 +51,9 @@ impl AugmentConfig {
 /// One transformed sample.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Augmented {
-    /// `3 × S × S` f32, normalised with the ImageNet mean and std (padding is 0).
-    pub image: Vec<f32>,
+    /// `3 × S × S` u8 RGB, channel-major ([`quantise`]d); padding is [`PAD_RGB`], the ImageNet
+    /// mean (about 0 once normalised).
+    pub image: Vec<u8>,
     /// Boxes in output pixels, clipped; those left under 1 px wide or high are dropped.
     pub boxes: Vec<GtBox>,
     /// `S × S` class ids (row-major), 255 in padding; `None` when the input had no mask.
@@ -160,6 +166,21 @@ fn taps(out: u32, src: u32, k: f64, t: f64, flip: bool) -> Vec<Option<Tap>> {
         .collect()
 }
 
+/// The u8 value of padding pixels: the ImageNet mean, which normalisation maps to within
+/// 0.01 of 0 (the f32 pipeline padded with exactly 0).
+pub(crate) const PAD_RGB: [u8; 3] = [
+    (IMAGENET_MEAN[0] * 255.0 + 0.5) as u8,
+    (IMAGENET_MEAN[1] * 255.0 + 0.5) as u8,
+    (IMAGENET_MEAN[2] * 255.0 + 0.5) as u8,
+];
+
+/// The one point where an augmented pixel value in [0, 1] (bilinear interpolation and colour
+/// jitter are computed in f32) becomes the u8 that the batch carries: the nearest grey level.
+/// A value that was a grey level already (`q / 255`, no interpolation) comes back as `q`.
+pub(crate) fn quantise(value: f32) -> u8 {
+    (value * 255.0).round().clamp(0.0, 255.0) as u8
+}
+
 /// Transforms one sample. `mask` (row-major, the image's size) and `boxes` are optional.
 pub(crate) fn augment(
     image: &RgbImage,
@@ -193,12 +214,11 @@ pub(crate) fn augment(
     if cfg.random {
         colour_jitter(&mut rgb, &jitter);
     }
-    let mut out = vec![0f32; 3 * s * s];
+    let mut out = vec![0u8; 3 * s * s];
     for p in 0..s * s {
         for c in 0..3 {
             let value = rgb[p * 3 + c];
-            out[c * s * s + p] =
-                if value.is_nan() { 0.0 } else { (value - IMAGENET_MEAN[c]) / IMAGENET_STD[c] };
+            out[c * s * s + p] = if value.is_nan() { PAD_RGB[c] } else { quantise(value) };
         }
     }
 

@@ -1,8 +1,14 @@
 //! The shared data contract: what the loader hands to the training step (and to evaluation).
 //! Every task is labelled (or not) per sample.
-use tch::{Device, TchError, Tensor};
+use std::ffi::{c_char, c_int, CStr};
+use std::sync::{Mutex, PoisonError};
 
+use tch::{Device, Kind, TchError, Tensor};
+use torch_sys::C_tensor;
+
+use super::loader::LoaderConfig;
 use super::sample::BoxLabel;
+use crate::tasks::fcos_targets::FcosTargets;
 // Defined next to the sample types; still reachable here for the modules that import it from
 // this path.
 pub(crate) use super::sample::DatasetInfo;
@@ -34,12 +40,16 @@ pub enum ClassTarget {
     Multi(Tensor),
 }
 
-/// One training or evaluation batch, all tensors on the CPU.
+/// One training or evaluation batch. As the loader collates it, every tensor is on the CPU
+/// (in pinned memory when the loader was told the step runs on a GPU) and images and masks are
+/// u8; [`Batch::to_device`] gives the network's form: f32 normalised images and i64 masks on
+/// the device. A batch made by hand may already be in that form (see `to_device`).
 #[derive(Debug)]
 pub struct Batch {
     /// Sample ids, in the order of the shard.
     pub ids: Vec<u64>,
-    /// `[B, 3, H, W]` f32, normalised with the ImageNet mean and std.
+    /// `[B, 3, H, W]`: u8 RGB as collated; f32 normalised with the ImageNet mean and std after
+    /// [`Batch::to_device`].
     pub images: Tensor,
     /// Image-level class targets.
     pub class_target: ClassTarget,
@@ -49,13 +59,17 @@ pub struct Batch {
     pub boxes: Vec<Vec<GtBox>>,
     /// Detection labels present per image (a labelled image may have 0 boxes).
     pub boxes_labelled: Vec<bool>,
-    /// `[B, H, W]` i64 class ids, 255 = ignore (all 255 where unlabelled).
+    /// `[B, H, W]` class ids, 255 = ignore (all 255 where unlabelled): u8 as collated, i64
+    /// after [`Batch::to_device`].
     pub mask_target: Tensor,
     /// `[B]` bool: the sample has a segmentation mask.
     pub mask_labelled: Tensor,
     /// Per image, its size and boxes before any transform: evaluation scores detections against
     /// these, in the original image's coordinates, as pycocotools does.
     pub originals: Vec<OriginalSample>,
+    /// FCOS targets of `boxes` on the grid the loader was given (`LoaderConfig::det_grid`),
+    /// built in the loader thread; `None` when it was given none (the step then builds them).
+    pub(crate) det_targets: Option<FcosTargets>,
 }
 
 /// A sample as it is on disk, for evaluation in the original image's coordinates.
@@ -93,13 +107,24 @@ pub struct Prepared {
 }
 
 impl Batch {
-    /// Stacks prepared samples of one `size × size` resolution (an empty slice gives B = 0).
-    pub fn collate(items: &[Prepared], info: &DatasetInfo, size: usize) -> Result<Batch, TchError> {
+    /// Stacks prepared samples of one `cfg.augment.image_size` square resolution (an empty
+    /// slice gives B = 0): images and masks as u8, in pinned memory when `cfg.pin_memory`, and
+    /// the FCOS targets when `cfg.det_grid` is set. Every sample's image must be that size.
+    pub fn collate(items: &[Prepared], info: &DatasetInfo, cfg: &LoaderConfig) -> Result<Batch, TchError> {
         use super::sample::ClassLabel;
+        let pinned = cfg.pin_memory;
         let b = items.len() as i64;
+        let size = cfg.augment.image_size as usize;
         let s = size as i64;
-        let pixels: Vec<f32> = items.iter().flat_map(|p| p.sample.image.iter().copied()).collect();
-        let images = host_tensor(&pixels, &[b, 3, s, s])?;
+        let wrong_size = |p: &&Prepared| {
+            p.sample.image.len() != 3 * size * size
+                || p.sample.mask.as_ref().is_some_and(|m| m.len() != size * size)
+        };
+        if let Some(p) = items.iter().find(wrong_size) {
+            return Err(TchError::Shape(format!("sample {}: image or mask is not {size}x{size}", p.id)));
+        }
+        let images: Vec<Part<u8>> = items.iter().map(|p| Part::Copy(&p.sample.image)).collect();
+        let images = host_tensor_from(&images, &[b, 3, s, s], pinned)?;
         let class_target = if info.multi_label {
             let c = info.class_names.len();
             let mut hot = vec![0f32; items.len() * c];
@@ -113,7 +138,7 @@ impl Batch {
                     hot[i * c + k as usize] = 1.0;
                 }
             }
-            ClassTarget::Multi(host_tensor(&hot, &[b, c as i64])?)
+            ClassTarget::Multi(host_tensor_from(&[Part::Copy(&hot)], &[b, c as i64], pinned)?)
         } else {
             let labels: Vec<i64> = items
                 .iter()
@@ -122,79 +147,206 @@ impl Batch {
                     _ => -1,
                 })
                 .collect();
-            ClassTarget::Single(host_tensor(&labels, &[b])?)
+            ClassTarget::Single(host_tensor_from(&[Part::Copy(&labels)], &[b], pinned)?)
         };
         let class_labelled: Vec<bool> = items.iter().map(|p| p.class.is_some()).collect();
         let mask_labelled: Vec<bool> = items.iter().map(|p| p.sample.mask.is_some()).collect();
-        let mut masks = vec![i64::from(IGNORE_INDEX); items.len() * size * size];
-        for (i, p) in items.iter().enumerate() {
-            if let Some(m) = &p.sample.mask {
-                for (dst, &src) in masks[i * size * size..(i + 1) * size * size].iter_mut().zip(m) {
-                    *dst = i64::from(src);
-                }
-            }
-        }
+        let masks: Vec<Part<u8>> = items
+            .iter()
+            .map(|p| match &p.sample.mask {
+                Some(m) => Part::Copy(m),
+                None => Part::Fill(IGNORE_INDEX, size * size),
+            })
+            .collect();
+        let boxes: Vec<Vec<GtBox>> = items.iter().map(|p| p.sample.boxes.clone()).collect();
+        let boxes_labelled: Vec<bool> = items.iter().map(|p| p.boxes_labelled).collect();
+        let det_targets = cfg
+            .det_grid
+            .as_ref()
+            .map(|grid| FcosTargets::build(&boxes, &boxes_labelled, grid, pinned))
+            .transpose()?;
         Ok(Batch {
             ids: items.iter().map(|p| p.id).collect(),
             images,
             class_target,
-            class_labelled: host_tensor(&class_labelled, &[b])?,
-            boxes: items.iter().map(|p| p.sample.boxes.clone()).collect(),
-            boxes_labelled: items.iter().map(|p| p.boxes_labelled).collect(),
-            mask_target: host_tensor(&masks, &[b, s, s])?,
-            mask_labelled: host_tensor(&mask_labelled, &[b])?,
+            class_labelled: host_tensor_from(&[Part::Copy(&class_labelled)], &[b], pinned)?,
+            boxes,
+            boxes_labelled,
+            mask_target: host_tensor_from(&masks, &[b, s, s], pinned)?,
+            mask_labelled: host_tensor_from(&[Part::Copy(&mask_labelled)], &[b], pinned)?,
             originals: items.iter().map(|p| p.original.clone()).collect(),
+            det_targets,
         })
     }
 }
 
 impl Batch {
-    /// The batch's tensors on `device` (boxes stay on the host).
+    /// The batch in the network's form on `device` (boxes stay on the host): u8 images become
+    /// f32 normalised with the ImageNet mean and std and u8 masks i64, both on the device
+    /// (see [`network_images`]); tensors already in that form are only moved. Copies to a GPU
+    /// are non-blocking (asynchronous from the pinned memory the loader collates into).
     pub(crate) fn to_device(&self, device: Device) -> Result<Batch, TchError> {
+        let mask_target = match self.mask_target.kind() {
+            Kind::Uint8 => moved(&self.mask_target, device)?.f_to_kind(Kind::Int64)?,
+            _ => moved(&self.mask_target, device)?,
+        };
         Ok(Batch {
             ids: self.ids.clone(),
-            images: self.images.f_to_device(device)?,
+            images: network_images(&self.images, device)?,
             class_target: match &self.class_target {
-                ClassTarget::Single(t) => ClassTarget::Single(t.f_to_device(device)?),
-                ClassTarget::Multi(t) => ClassTarget::Multi(t.f_to_device(device)?),
+                ClassTarget::Single(t) => ClassTarget::Single(moved(t, device)?),
+                ClassTarget::Multi(t) => ClassTarget::Multi(moved(t, device)?),
             },
-            class_labelled: self.class_labelled.f_to_device(device)?,
+            class_labelled: moved(&self.class_labelled, device)?,
             boxes: self.boxes.clone(),
             boxes_labelled: self.boxes_labelled.clone(),
-            mask_target: self.mask_target.f_to_device(device)?,
-            mask_labelled: self.mask_labelled.f_to_device(device)?,
+            mask_target,
+            mask_labelled: moved(&self.mask_labelled, device)?,
             originals: self.originals.clone(),
+            det_targets: self.det_targets.as_ref().map(|t| t.to_device(device)).transpose()?,
         })
     }
 }
 
-/// A CPU tensor of `shape` holding `data`, filled by a plain copy. The loader threads build
-/// batches with it instead of `Tensor::from_slice`, which (tch 0.24) runs `torch::zeros` first:
-/// for a batch-sized tensor that zero-fill is a parallel LibTorch op, so every loader thread
-/// started an OpenMP team of its own next to the training thread's. With more OpenMP threads
-/// than cores, libgomp's threads stop spinning between ops and the training thread's team
-/// sleeps and is woken for every op (docs/PERFORMANCE.md, "Side by side with PyTorch").
-/// `Tensor::empty` allocates without touching the memory.
+/// `t` on `device`, copied without blocking the host when that is a GPU (safe from any host
+/// memory; asynchronous only from pinned memory); `t` itself when it is there already.
+pub(crate) fn moved(t: &Tensor, device: Device) -> Result<Tensor, TchError> {
+    t.f_to_device_(device, t.kind(), true, false)
+}
+
+/// The network input on `device` from collated images: `[B,3,H,W]` u8 is copied as u8 (a
+/// quarter of the bytes of f32) and normalised there, `(x / 255 - mean) / std` per channel
+/// with the ImageNet constants, as `x * (1 / (255 std)) - mean / std`; images of any other kind
+/// are taken as already normalised and only moved. Training, evaluation and `worker predict`
+/// all build their input here.
+pub(crate) fn network_images(images: &Tensor, device: Device) -> Result<Tensor, TchError> {
+    if images.kind() != Kind::Uint8 {
+        return moved(images, device);
+    }
+    let (scale, shift) = normalisation(device)?;
+    moved(images, device)?.f_to_kind(Kind::Float)?.f_mul(&scale)?.f_sub(&shift)
+}
+
+/// The `[1,3,1,1]` scale and shift of [`network_images`] on `device`, made once per device so
+/// that a step copies no constants to the device.
+fn normalisation(device: Device) -> Result<(Tensor, Tensor), TchError> {
+    static CONSTANTS: Mutex<Vec<(Device, Tensor, Tensor)>> = Mutex::new(Vec::new());
+    let mut constants = CONSTANTS.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some((_, scale, shift)) = constants.iter().find(|(d, ..)| *d == device) {
+        return Ok((scale.shallow_clone(), shift.shallow_clone()));
+    }
+    let scale: [f32; 3] = std::array::from_fn(|c| (1.0 / (255.0 * f64::from(IMAGENET_STD[c]))) as f32);
+    let shift: [f32; 3] =
+        std::array::from_fn(|c| (f64::from(IMAGENET_MEAN[c]) / f64::from(IMAGENET_STD[c])) as f32);
+    let on_device = |v: &[f32; 3]| Tensor::f_from_slice(v)?.f_view([1, 3, 1, 1])?.f_to_device(device);
+    let (scale, shift) = (on_device(&scale)?, on_device(&shift)?);
+    constants.push((device, scale.shallow_clone(), shift.shallow_clone()));
+    Ok((scale, shift))
+}
+
+/// Part of the values of a host tensor (see [`host_tensor_from`]).
+pub(crate) enum Part<'a, T> {
+    /// These values.
+    Copy(&'a [T]),
+    /// `n` times this value.
+    Fill(T, usize),
+}
+
+impl<T> Part<'_, T> {
+    fn len(&self) -> usize {
+        match self {
+            Part::Copy(data) => data.len(),
+            Part::Fill(_, n) => *n,
+        }
+    }
+}
+
+/// A CPU tensor of `shape` holding `data`, filled by a plain copy (see [`host_tensor_from`]).
 pub(crate) fn host_tensor<T: tch::kind::Element + Copy>(
     data: &[T],
     shape: &[i64],
 ) -> Result<Tensor, TchError> {
+    host_tensor_from(&[Part::Copy(data)], shape, false)
+}
+
+/// A CPU tensor of `shape` holding `parts` one after the other, in page-locked (pinned) memory
+/// when `pinned` (needs CUDA), written by plain copies. The loader threads build batches with
+/// it instead of `Tensor::from_slice`, which (tch 0.24) runs `torch::zeros` first: for a
+/// batch-sized tensor that zero-fill is a parallel LibTorch op, so every loader thread started
+/// an OpenMP team of its own next to the training thread's. With more OpenMP threads than
+/// cores, libgomp's threads stop spinning between ops and the training thread's team sleeps
+/// and is woken for every op (docs/PERFORMANCE.md, "Side by side with PyTorch"). For the same
+/// reason it does not use tch's `pin_memory` (a parallel copy): a pinned tensor is one
+/// allocation through the shim (`worker/shim/pinned.cpp`). Neither allocation touches the
+/// memory; the parts are written into it.
+pub(crate) fn host_tensor_from<T: tch::kind::Element + Copy>(
+    parts: &[Part<'_, T>],
+    shape: &[i64],
+    pinned: bool,
+) -> Result<Tensor, TchError> {
     let numel: i64 = shape.iter().product();
-    if usize::try_from(numel).ok() != Some(data.len()) {
-        return Err(TchError::Shape(format!(
-            "{} values do not fill a tensor of shape {shape:?}",
-            data.len()
-        )));
+    let len: usize = parts.iter().map(Part::len).sum();
+    if usize::try_from(numel).ok() != Some(len) {
+        return Err(TchError::Shape(format!("{len} values do not fill a tensor of shape {shape:?}")));
     }
-    let tensor = Tensor::f_empty(shape, (T::KIND, Device::Cpu))?;
-    if !data.is_empty() {
-        // SAFETY: `tensor` was just allocated on the CPU, contiguous, with `data.len()` elements
-        // of `T::KIND`, which `tch::kind::Element` (an unsafe trait) guarantees has `T`'s size
-        // and layout; no other handle to its memory exists yet, and `data` is a distinct
-        // allocation.
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), tensor.data_ptr().cast::<T>(), data.len()) };
+    let tensor =
+        if pinned { empty_pinned(shape, T::KIND)? } else { Tensor::f_empty(shape, (T::KIND, Device::Cpu))? };
+    if len == 0 {
+        return Ok(tensor);
+    }
+    let base = tensor.data_ptr().cast::<T>();
+    let mut at = 0;
+    for part in parts {
+        // SAFETY: `tensor` was just allocated on the CPU, contiguous, with `len` elements of
+        // `T::KIND`, which `tch::kind::Element` (an unsafe trait) guarantees has `T`'s size and
+        // layout; the parts' lengths sum to `len`, so every write is inside it; no other handle
+        // to its memory exists yet, and the parts' slices are distinct allocations.
+        unsafe {
+            match part {
+                Part::Copy(data) => std::ptr::copy_nonoverlapping(data.as_ptr(), base.add(at), data.len()),
+                Part::Fill(value, n) => {
+                    for i in 0..*n {
+                        base.add(at + i).write(*value);
+                    }
+                }
+            }
+        }
+        at += part.len();
     }
     Ok(tensor)
+}
+
+extern "C" {
+    fn mtl_empty_pinned(
+        like: *const C_tensor,
+        sizes: *const i64,
+        ndim: usize,
+        out: *mut *mut C_tensor,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
+}
+
+/// An uninitialised pinned CPU tensor (one allocation from LibTorch's caching host allocator).
+fn empty_pinned(shape: &[i64], kind: Kind) -> Result<Tensor, TchError> {
+    // The dtype travels as a tensor of it: tch keeps its ScalarType codes private.
+    let like = Tensor::f_empty([0], (kind, Device::Cpu))?;
+    let mut out: *mut C_tensor = std::ptr::null_mut();
+    let mut err = [0 as c_char; 1024];
+    // SAFETY: `like` is a live tensor, `shape` a live slice of `shape.len()` sizes, `out` and
+    // `err` are writable (`err` of the length passed); the shim catches every C++ exception.
+    let status = unsafe {
+        mtl_empty_pinned(like.as_ptr(), shape.as_ptr(), shape.len(), &mut out, err.as_mut_ptr(), err.len())
+    };
+    if status != 0 {
+        // SAFETY: the shim wrote a NUL-terminated message into `err`.
+        let message = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy().into_owned();
+        return Err(TchError::Torch(format!(
+            "pinned host memory for a tensor of shape {shape:?}: {message}"
+        )));
+    }
+    // SAFETY: on success the shim stored a new tensor handle that nothing else owns.
+    Ok(unsafe { Tensor::from_ptr(out) })
 }
 
 #[cfg(test)]

@@ -149,7 +149,7 @@ pub(crate) fn read_coco(path: &Path, image_root: &Path, rule: ClassRule) -> Resu
         det_categories: cats,
         seg_classes,
     };
-    Ok(Dataset { info, samples })
+    Ok(Dataset::new(info, samples))
 }
 
 fn class_from(area: &HashMap<u32, f64>, rule: ClassRule) -> Option<ClassLabel> {

@@ -68,7 +68,7 @@ pub(crate) fn read_manifest(path: &Path) -> Result<Dataset, WorkerError> {
             }
         }
     }
-    Ok(Dataset { info, samples })
+    Ok(Dataset::new(info, samples))
 }
 
 fn parse_line(path: &Path, root: &Path, index: usize, line: &str) -> Result<SampleRecord, WorkerError> {

@@ -17,7 +17,9 @@ use mtl_job::DataSection;
 use super::augment::{augment, AugmentConfig};
 use super::batch::{Batch, OriginalSample, Prepared};
 use super::rle::rasterise;
-use super::sample::{Dataset, MaskSource, SampleRecord};
+use super::sample::{Dataset, Decoded, DecodedCache, MaskSource, SampleRecord};
+use crate::model::MultiTaskModel;
+use crate::task::Task;
 use crate::WorkerError;
 
 /// How a [`Loader`] batches and transforms its shard.
@@ -35,6 +37,15 @@ pub struct LoaderConfig {
     pub seed: u64,
     /// Epoch, part of every sample's augmentation key.
     pub epoch: u64,
+    /// The detection head's P3-P5 feature sizes for `augment.image_size` square inputs: each
+    /// batch then carries its FCOS targets on this grid (`Batch::det_targets`), built in the
+    /// loader threads. `None` when the detection task is off or nothing trains on the batches.
+    pub det_grid: Option<[(i64, i64); 3]>,
+    /// Collate into pinned (page-locked) host memory, for asynchronous copies to a GPU.
+    pub pin_memory: bool,
+    /// Keep decoded images in the dataset's [`DecodedCache`] across epochs
+    /// (`data.cache_decoded`).
+    pub cache_decoded: bool,
 }
 
 impl LoaderConfig {
@@ -47,6 +58,21 @@ impl LoaderConfig {
             augment: if train { AugmentConfig::train(data) } else { AugmentConfig::eval(data.image_size) },
             seed,
             epoch,
+            det_grid: None,
+            pin_memory: false,
+            cache_decoded: data.cache_decoded,
+        }
+    }
+
+    /// This configuration for the batches `model` trains on: FCOS targets built in the loader
+    /// when it has a detection head (on its grid for the configured image size), batches in
+    /// pinned memory when it is on a GPU.
+    pub fn for_training(self, model: &MultiTaskModel) -> Self {
+        let side = i64::from(self.augment.image_size);
+        Self {
+            det_grid: model.has_task(Task::Detection).then(|| model.feature_sizes(side, side)),
+            pin_memory: model.var_store().device().is_cuda(),
+            ..self
         }
     }
 }
@@ -192,9 +218,10 @@ fn work(shared: &Shared, jobs_rx: &Mutex<mpsc::Receiver<usize>>, results_tx: &mp
         let Ok(Ok(i)) = job else { return };
         let mut items = Vec::with_capacity(shared.chunks[i].len());
         let mut skipped = Vec::new();
+        let cache = shared.cfg.cache_decoded.then_some(&shared.dataset.decoded);
         for &id in &shared.chunks[i] {
             let record = &shared.dataset.samples[shared.index[&id]];
-            match prepare(record, &shared.cfg) {
+            match prepare(record, &shared.cfg, cache) {
                 Ok(p) => items.push(p),
                 Err(reason) => {
                     tracing::warn!(id, path = %record.image.display(), %reason, "skipping sample");
@@ -202,16 +229,50 @@ fn work(shared: &Shared, jobs_rx: &Mutex<mpsc::Receiver<usize>>, results_tx: &mp
                 }
             }
         }
-        let size = shared.cfg.augment.image_size as usize;
-        let batch = Batch::collate(&items, &shared.dataset.info, size).map_err(WorkerError::from);
+        let batch = Batch::collate(&items, &shared.dataset.info, &shared.cfg).map_err(WorkerError::from);
         if results_tx.send((i, batch, skipped)).is_err() {
             return;
         }
     }
 }
 
-/// Decodes and augments one sample; the error is the reason it is skipped.
-pub(crate) fn prepare(record: &SampleRecord, cfg: &LoaderConfig) -> Result<Prepared, String> {
+/// Decodes (or takes from `cache`, keeping what it decodes there) and augments one sample; the
+/// error is the reason it is skipped.
+pub(crate) fn prepare(
+    record: &SampleRecord,
+    cfg: &LoaderConfig,
+    cache: Option<&DecodedCache>,
+) -> Result<Prepared, String> {
+    let decoded = match cache.and_then(|c| c.get(record.id)) {
+        Some(decoded) => decoded,
+        None => {
+            let decoded = Arc::new(decode(record)?);
+            if let Some(cache) = cache {
+                cache.insert(record.id, decoded.clone());
+            }
+            decoded
+        }
+    };
+    let (w, h) = decoded.image.dimensions();
+    let boxes = record.boxes.as_deref().unwrap_or(&[]);
+    let sample = augment(
+        &decoded.image,
+        boxes,
+        decoded.mask.as_deref(),
+        &cfg.augment,
+        [cfg.seed, cfg.epoch, record.id],
+    );
+    Ok(Prepared {
+        id: record.id,
+        sample,
+        class: record.class.clone(),
+        boxes_labelled: record.boxes.is_some(),
+        original: OriginalSample { width: w, height: h, boxes: boxes.to_vec() },
+    })
+}
+
+/// Reads a sample's image and mask from their files (or rasterises its instance annotations).
+fn decode(record: &SampleRecord) -> Result<Decoded, String> {
     let image = image::open(&record.image).map_err(|e| format!("cannot read image: {e}"))?.to_rgb8();
     let (w, h) = image.dimensions();
     let mask = match &record.mask {
@@ -237,15 +298,7 @@ pub(crate) fn prepare(record: &SampleRecord, cfg: &LoaderConfig) -> Result<Prepa
             Some(rasterise(inst).map_err(|e| format!("cannot rasterise the annotations: {e}"))?)
         }
     };
-    let boxes = record.boxes.as_deref().unwrap_or(&[]);
-    let sample = augment(&image, boxes, mask.as_deref(), &cfg.augment, [cfg.seed, cfg.epoch, record.id]);
-    Ok(Prepared {
-        id: record.id,
-        sample,
-        class: record.class.clone(),
-        boxes_labelled: record.boxes.is_some(),
-        original: OriginalSample { width: w, height: h, boxes: boxes.to_vec() },
-    })
+    Ok(Decoded { image, mask })
 }
 
 #[cfg(test)]

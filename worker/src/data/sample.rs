@@ -2,6 +2,9 @@
 //! of a dataset.
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use image::RgbImage;
 
 use super::rle::Segmentation;
 
@@ -90,9 +93,77 @@ pub struct Dataset {
     pub info: DatasetInfo,
     /// Samples in file order; ids are distinct.
     pub samples: Vec<SampleRecord>,
+    /// Decoded images kept across epochs when `data.cache_decoded` is on (empty otherwise).
+    pub decoded: DecodedCache,
+}
+
+/// A sample's pixels as decoded from its files, before any augmentation.
+#[derive(Debug, PartialEq)]
+pub struct Decoded {
+    /// The image as RGB.
+    pub image: RgbImage,
+    /// The semantic mask (row-major, the image's size), decoded or rasterised.
+    pub mask: Option<Vec<u8>>,
+}
+
+/// Decoded samples by id, shared by the loaders of every epoch (the dataset outlives them), so
+/// that with `data.cache_decoded` each file is decoded once per process. Only samples that
+/// decoded are kept: an unreadable one is tried, skipped and counted again every epoch. It
+/// holds every image's RGB pixels (`width × height × 3` bytes each): for datasets that fit in
+/// memory. A cache, not data: it compares equal to any other.
+#[derive(Default)]
+pub struct DecodedCache {
+    samples: Mutex<HashMap<u64, Arc<Decoded>>>,
+}
+
+impl DecodedCache {
+    /// The decoded sample `id`, if cached.
+    pub fn get(&self, id: u64) -> Option<Arc<Decoded>> {
+        self.samples.lock().unwrap_or_else(PoisonError::into_inner).get(&id).cloned()
+    }
+
+    /// Keeps sample `id`.
+    pub fn insert(&self, id: u64, decoded: Arc<Decoded>) {
+        self.samples.lock().unwrap_or_else(PoisonError::into_inner).insert(id, decoded);
+    }
+
+    /// Number of samples held.
+    pub fn len(&self) -> usize {
+        self.samples.lock().unwrap_or_else(PoisonError::into_inner).len()
+    }
+
+    /// True when nothing is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Clone for DecodedCache {
+    /// Shares the decoded samples held so far (they are immutable).
+    fn clone(&self) -> Self {
+        let samples = self.samples.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        Self { samples: Mutex::new(samples) }
+    }
+}
+
+impl PartialEq for DecodedCache {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl std::fmt::Debug for DecodedCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DecodedCache").field("samples", &self.len()).finish()
+    }
 }
 
 impl Dataset {
+    /// A dataset with an empty [`DecodedCache`].
+    pub fn new(info: DatasetInfo, samples: Vec<SampleRecord>) -> Self {
+        Self { info, samples, decoded: DecodedCache::default() }
+    }
+
     /// Sample ids in file order.
     pub fn ids(&self) -> Vec<u64> {
         self.samples.iter().map(|s| s.id).collect()

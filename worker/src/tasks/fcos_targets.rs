@@ -3,9 +3,9 @@
 //! "center sampling" region of 1.5 strides around the box centre and (b) whose largest ltrb
 //! distance falls in the level's size range; its targets are that box's class and ltrb
 //! distances in pixels. Crowd boxes are never targets.
-use tch::{TchError, Tensor};
+use tch::{Device, TchError, Tensor};
 
-use crate::data::batch::GtBox;
+use crate::data::batch::{host_tensor_from, moved, GtBox, Part};
 
 /// Strides of P3, P4, P5.
 pub(crate) const STRIDES: [i64; 3] = [8, 16, 32];
@@ -40,6 +40,8 @@ pub(crate) struct FcosTargets {
     pub labelled: Tensor,
     /// Positive locations in labelled images.
     pub num_positives: usize,
+    /// The P3-P5 sizes the locations are on.
+    pub sizes: [(i64, i64); 3],
 }
 
 /// Assigns one image's boxes: per location, the category (or -1) and ltrb target.
@@ -77,6 +79,18 @@ impl FcosTargets {
         labelled: &[bool],
         sizes: &[(i64, i64); 3],
     ) -> Result<Self, TchError> {
+        Self::build(boxes, labelled, sizes, false)
+    }
+
+    /// [`FcosTargets::new`] with its tensors in pinned host memory when `pinned` (the loader's
+    /// batches for a GPU). Runs no parallel LibTorch op, so loader threads can call it (see
+    /// `data::batch::host_tensor_from`).
+    pub(crate) fn build(
+        boxes: &[Vec<GtBox>],
+        labelled: &[bool],
+        sizes: &[(i64, i64); 3],
+        pinned: bool,
+    ) -> Result<Self, TchError> {
         if boxes.len() != labelled.len() {
             return Err(TchError::Shape(format!(
                 "{} images with boxes but {} detection label flags",
@@ -100,11 +114,34 @@ impl FcosTargets {
         let b = boxes.len() as i64;
         let num_positives = all_labels.iter().filter(|&&l| l >= 0).count();
         Ok(FcosTargets {
-            labels: Tensor::from_slice(&all_labels).f_view([b, n])?,
-            ltrb: Tensor::from_slice(&all_ltrb).f_view([b, n, 4])?,
-            labelled: Tensor::from_slice(labelled),
+            labels: host_tensor_from(&[Part::Copy(&all_labels)], &[b, n], pinned)?,
+            ltrb: host_tensor_from(&[Part::Copy(&all_ltrb)], &[b, n, 4], pinned)?,
+            labelled: host_tensor_from(&[Part::Copy(labelled)], &[b], pinned)?,
             num_positives,
+            sizes: *sizes,
         })
+    }
+
+    /// The targets on `device` (non-blocking copies, see `data::batch::moved`).
+    pub(crate) fn to_device(&self, device: Device) -> Result<Self, TchError> {
+        Ok(FcosTargets {
+            labels: moved(&self.labels, device)?,
+            ltrb: moved(&self.ltrb, device)?,
+            labelled: moved(&self.labelled, device)?,
+            num_positives: self.num_positives,
+            sizes: self.sizes,
+        })
+    }
+
+    /// Another handle to the same tensors.
+    pub(crate) fn shallow_clone(&self) -> Self {
+        FcosTargets {
+            labels: self.labels.shallow_clone(),
+            ltrb: self.ltrb.shallow_clone(),
+            labelled: self.labelled.shallow_clone(),
+            num_positives: self.num_positives,
+            sizes: self.sizes,
+        }
     }
 }
 

@@ -74,6 +74,7 @@ pub(crate) fn test_batch(labelled: &[(bool, bool, bool)], seed: i64) -> Batch {
         mask_target: Tensor::stack(&masks, 0),
         mask_labelled: Tensor::from_slice(&labelled.iter().map(|l| l.2).collect::<Vec<_>>()),
         originals: vec![OriginalSample { width: 64, height: 64, boxes: Vec::new() }; labelled.len()],
+        det_targets: None,
     }
 }
 
@@ -94,6 +95,7 @@ fn slice(batch: &Batch, start: usize, len: usize) -> Batch {
         mask_target: batch.mask_target.narrow(0, s, l),
         mask_labelled: batch.mask_labelled.narrow(0, s, l),
         originals: batch.originals[start..start + len].to_vec(),
+        det_targets: None,
     }
 }
 
@@ -236,6 +238,36 @@ fn decoding_perfect_predictions_recovers_the_boxes() {
         assert!(err < 1e-4, "{d:?} vs {g:?}");
         assert!(d.score > 0.99);
     }
+}
+
+#[test]
+fn build_targets_takes_the_loader_s_targets_and_checks_their_grid() {
+    let model = test_model(&TasksSection::default());
+    let mut batch = test_batch(&MIXED, 1);
+    // No targets in the batch (made by hand): assigned here.
+    let assigned = build_targets(&model, &batch).unwrap().det.unwrap();
+    assert!(assigned.num_positives > 0);
+    // Targets the loader built (the same function, pinned or not): used as they are, not rebuilt.
+    let sizes = model.feature_sizes(64, 64);
+    batch.det_targets = Some(FcosTargets::build(&batch.boxes, &batch.boxes_labelled, &sizes, false).unwrap());
+    let loaded = batch.det_targets.as_ref().unwrap();
+    let taken = build_targets(&model, &batch).unwrap().det.unwrap();
+    assert_eq!(taken.labels.data_ptr(), loaded.labels.data_ptr(), "the batch's tensors, not new ones");
+    assert!(taken.labels.equal(&assigned.labels) && taken.ltrb.equal(&assigned.ltrb));
+    assert!(taken.labelled.equal(&assigned.labelled));
+    assert_eq!((taken.num_positives, taken.sizes), (assigned.num_positives, assigned.sizes));
+    // On the device too (the step moves the batch first).
+    let on_device = batch.to_device(Device::Cpu).unwrap();
+    let moved = build_targets(&model, &on_device).unwrap().det.unwrap();
+    assert!(moved.labels.equal(&assigned.labels) && moved.ltrb.equal(&assigned.ltrb));
+    // Targets on another grid than the model's for these images are an error.
+    let other = model.feature_sizes(32, 32);
+    batch.det_targets = Some(FcosTargets::new(&batch.boxes, &batch.boxes_labelled, &other).unwrap());
+    let err = build_targets(&model, &batch).unwrap_err().to_string();
+    assert!(err.contains("detection targets") && err.contains("grid"), "{err}");
+    // Without a detection head there are no targets, whatever the batch carries.
+    let no_det = test_model(&TasksSection { detection: false, ..TasksSection::default() });
+    assert!(build_targets(&no_det, &batch).unwrap().det.is_none());
 }
 
 #[test]

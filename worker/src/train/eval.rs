@@ -14,6 +14,7 @@ use mtl_metrics::{
 use tch::{Device, Kind};
 
 use crate::data::augment::Letterbox;
+use crate::data::batch::network_images;
 use crate::data::{Batch, ClassTarget, DatasetInfo};
 use crate::model::MultiTaskModel;
 use crate::model::{predict, Prediction};
@@ -53,7 +54,7 @@ pub(crate) fn evaluate(
     let mut stats = empty_stats(model, info)?;
     for batch in loader {
         let batch = batch?;
-        let preds = predict(model, &batch.images.f_to_device(device)?)?;
+        let preds = predict(model, &network_images(&batch.images, device)?)?;
         accumulate(&mut stats, &batch, &preds, info)?;
     }
     Ok(stats)
@@ -71,7 +72,9 @@ pub(crate) fn accumulate(
     let mask_labelled: Vec<bool> = Vec::<bool>::try_from(&batch.mask_labelled.to_device(Device::Cpu))?;
     let size = batch.mask_target.size();
     let pixels = (size[1] * size[2]) as usize;
-    let masks: Vec<i64> = Vec::<i64>::try_from(&batch.mask_target.to_device(Device::Cpu).reshape([-1]))?;
+    // u8 as collated (i64 in a batch in the network's form): the values are class ids or 255.
+    let masks: Vec<u8> =
+        Vec::<u8>::try_from(&batch.mask_target.to_device(Device::Cpu).to_kind(Kind::Uint8).reshape([-1]))?;
     let targets: Option<Vec<f32>> = match &batch.class_target {
         ClassTarget::Single(t) => {
             Some(Vec::<i64>::try_from(&t.to_device(Device::Cpu))?.into_iter().map(|v| v as f32).collect())
@@ -122,8 +125,7 @@ pub(crate) fn accumulate(
             s.add_image(id, gts, dets).map_err(metrics_err)?;
         }
         if let (true, Some(s), Some(mask)) = (mask_labelled[i], &mut stats.segmentation, &pred.mask) {
-            let target: Vec<u8> = masks[i * pixels..(i + 1) * pixels].iter().map(|&v| v as u8).collect();
-            s.add(mask, &target).map_err(metrics_err)?;
+            s.add(mask, &masks[i * pixels..(i + 1) * pixels]).map_err(metrics_err)?;
         }
     }
     Ok(())

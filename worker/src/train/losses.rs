@@ -118,17 +118,27 @@ pub(crate) struct Targets {
     pub det: Option<FcosTargets>,
 }
 
-/// Assigns detection targets for `batch` on the model's P3-P5 grid.
+/// Detection targets for `batch` on the model's P3-P5 grid: those the loader built with the
+/// batch (`Batch::det_targets`), else assigned here (a batch made by hand, a loader given no
+/// grid). Targets on another grid than the model's are an error.
 pub(crate) fn build_targets(model: &MultiTaskModel, batch: &Batch) -> Result<Targets, WorkerError> {
+    if !model.has_task(Task::Detection) {
+        return Ok(Targets { det: None });
+    }
     let (_, _, h, w) = batch.images.size4().at("batch images")?;
-    let det = model
-        .has_task(Task::Detection)
-        .then(|| {
-            FcosTargets::new(&batch.boxes, &batch.boxes_labelled, &model.feature_sizes(h, w))
-                .at("detection targets")
-        })
-        .transpose()?;
-    Ok(Targets { det })
+    let sizes = model.feature_sizes(h, w);
+    let det = match &batch.det_targets {
+        Some(t) if t.sizes == sizes => t.shallow_clone(),
+        Some(t) => {
+            let message = format!(
+                "the batch's detection targets are on the grid {:?}, the model's for {h}x{w} images is {sizes:?}",
+                t.sizes
+            );
+            return Err(WorkerError::from(tch::TchError::Shape(message)).at("detection targets"));
+        }
+        None => FcosTargets::new(&batch.boxes, &batch.boxes_labelled, &sizes).at("detection targets")?,
+    };
+    Ok(Targets { det: Some(det) })
 }
 
 /// The local (this rank's) counts of a batch on its device: `[6]` f64 in the order of

@@ -132,7 +132,9 @@ fn train_ranks(cfg: &JobConfig, initial: &MultiTaskModel, world: usize, batch: u
                     });
                     assert!(shard.steps >= STEPS, "dataset too small for the test");
                     let ids = train.ids_at(&shard.positions);
-                    let lc = LoaderConfig::from_section(&cfg.data, batch as usize, true, cfg.job.seed, 0);
+                    // FCOS targets built by the loader threads, as in training.
+                    let lc = LoaderConfig::from_section(&cfg.data, batch as usize, true, cfg.job.seed, 0)
+                        .for_training(&trainer.model);
                     let mut losses = Vec::new();
                     for b in Loader::new(train.dataset.clone(), &ids, lc).unwrap().take(STEPS as usize) {
                         losses.push(trainer.step(&b.unwrap()).unwrap().read().unwrap().losses);
@@ -356,7 +358,7 @@ fn a_step_on_an_empty_batch_keeps_the_rank_in_step() {
     let before: Vec<(String, Tensor)> =
         model.parameters().iter().map(|(n, t)| (n.clone(), t.copy())).collect();
     let mut trainer = Trainer::new(&cfg, model, Box::new(LocalCollective)).unwrap();
-    let lc = LoaderConfig::from_section(&cfg.data, 4, true, cfg.job.seed, 0);
+    let lc = LoaderConfig::from_section(&cfg.data, 4, true, cfg.job.seed, 0).for_training(&trainer.model);
     let mut loader = Loader::new(train.dataset.clone(), &train.ids[..4], lc).unwrap();
     let batch = loader.next().unwrap().unwrap();
     assert_eq!(batch.ids.len(), 0);

@@ -34,8 +34,8 @@ fn with_jitter(mut cfg: AugmentConfig, amount: f64) -> AugmentConfig {
     cfg
 }
 
-fn denorm(a: &Augmented, s: usize, p: usize) -> [f32; 3] {
-    std::array::from_fn(|c| (a.image[c * s * s + p] * IMAGENET_STD[c] + IMAGENET_MEAN[c]) * 255.0)
+fn rgb_at(a: &Augmented, s: usize, p: usize) -> [f32; 3] {
+    std::array::from_fn(|c| f32::from(a.image[c * s * s + p]))
 }
 
 #[test]
@@ -71,7 +71,7 @@ fn image_mask_and_box_stay_aligned() {
                 && y + 1 < s
                 && [m[y * s + x - 1], m[y * s + x + 1], m[(y - 1) * s + x], m[(y + 1) * s + x]] == [1; 4];
             if interior {
-                let rgb = denorm(&a, s, y * s + x);
+                let rgb = rgb_at(&a, s, y * s + x);
                 for c in 0..3 {
                     assert!(
                         (rgb[c] - f32::from(RED[c])).abs() < 1.0,
@@ -99,7 +99,7 @@ fn image_mask_and_box_stay_aligned() {
 }
 
 #[test]
-fn padding_is_ignored_and_zero() {
+fn padding_is_ignored_and_the_mean_colour() {
     let (img, mask, b) = scene();
     let a = augment(&img, &[b], Some(&mask), &AugmentConfig::eval(32), [0, 0, 0]);
     // 40×30 letterboxed to 32: scale 0.8 → 32×24, centred: rows 0..4 and 28..32 are padding.
@@ -107,7 +107,16 @@ fn padding_is_ignored_and_zero() {
     assert!(m[..4 * 32].iter().all(|&v| v == IGNORE_INDEX));
     assert!(m[28 * 32..].iter().all(|&v| v == IGNORE_INDEX));
     assert!(m[4 * 32..28 * 32].iter().all(|&v| v != IGNORE_INDEX));
-    assert!(a.image[..4 * 32].iter().all(|&v| v == 0.0));
+    for c in 0..3 {
+        let plane = &a.image[c * 32 * 32..(c + 1) * 32 * 32];
+        assert!(plane[..4 * 32].iter().chain(&plane[28 * 32..]).all(|&v| v == PAD_RGB[c]));
+        // Normalised on the device, the padding is within 0.01 of 0, as it was exactly 0 when
+        // images were normalised here in f32.
+        let normalised =
+            (f32::from(PAD_RGB[c]) / 255.0 - IMAGENET_MEAN[c]) / crate::data::batch::IMAGENET_STD[c];
+        assert!(normalised.abs() < 0.01, "channel {c}: {normalised}");
+    }
+    assert_eq!(PAD_RGB, [124, 116, 104]);
     let gt = a.boxes[0];
     assert_eq!((gt.x1, gt.y1, gt.x2, gt.y2), (8.0, 8.0, 20.8, 20.0));
 }
@@ -175,4 +184,20 @@ fn letterbox_inverse_undoes_the_eval_transform() {
     }
     assert_eq!(lb.original_box([0.0, 0.0, 32.0, 2.0]), None, "inside the top padding");
     assert_eq!(lb.original_box([-4.0, 2.0, 40.0, 40.0]), Some([0.0, 0.0, 40.0, 30.0]), "clipped");
+}
+
+#[test]
+fn quantisation_rounds_to_the_nearest_grey_level_and_keeps_exact_ones() {
+    for q in 0..=255u8 {
+        assert_eq!(quantise(f32::from(q) / 255.0), q);
+    }
+    assert_eq!((quantise(0.0), quantise(1.0), quantise(0.5)), (0, 255, 128));
+    assert_eq!((quantise(10.49 / 255.0), quantise(10.51 / 255.0)), (10, 11));
+    // Without interpolation (a square image at its own size) the pixels come back unchanged.
+    let (img, _, _) = scene();
+    let square = image::imageops::crop_imm(&img, 0, 0, 30, 30).to_image();
+    let a = augment(&square, &[], None, &AugmentConfig::eval(30), [0, 0, 0]);
+    for (p, px) in square.pixels().enumerate() {
+        assert_eq!(rgb_at(&a, 30, p), px.0.map(f32::from), "pixel {p}");
+    }
 }

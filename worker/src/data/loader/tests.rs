@@ -1,17 +1,57 @@
 use std::sync::Arc;
 
 use super::*;
-use crate::data::batch::ClassTarget;
+use crate::data::batch::{network_images, ClassTarget, IMAGENET_MEAN, IMAGENET_STD};
 use crate::data::jsonl::read_manifest;
 use crate::data::synthetic::{generate, SyntheticConfig, SyntheticPreset};
 use crate::data::testutil::{mask_png, png, text};
+use crate::tasks::fcos_targets::FcosTargets;
 
 fn cfg(batch_size: usize, threads: usize, augment: AugmentConfig) -> LoaderConfig {
-    LoaderConfig { batch_size, threads, prefetch_batches: 2, augment, seed: 5, epoch: 1 }
+    LoaderConfig {
+        batch_size,
+        threads,
+        prefetch_batches: 2,
+        augment,
+        seed: 5,
+        epoch: 1,
+        det_grid: None,
+        pin_memory: false,
+        cache_decoded: false,
+    }
 }
 
 fn bools(t: &tch::Tensor) -> Vec<bool> {
     Vec::<bool>::try_from(t).unwrap()
+}
+
+/// The P3-P5 grid of the model for `side`-pixel square inputs.
+fn grid(side: i64) -> [(i64, i64); 3] {
+    crate::model::backbone::feature_sizes(side, side)
+}
+
+/// Asserts two batches are equal in every field, detection targets included.
+fn assert_same(a: &Batch, b: &Batch) {
+    assert_eq!(a.ids, b.ids);
+    assert!(a.images.equal(&b.images), "images differ");
+    assert!(a.mask_target.equal(&b.mask_target), "masks differ");
+    assert!(a.mask_labelled.equal(&b.mask_labelled));
+    assert!(a.class_labelled.equal(&b.class_labelled));
+    match (&a.class_target, &b.class_target) {
+        (ClassTarget::Single(x), ClassTarget::Single(y)) | (ClassTarget::Multi(x), ClassTarget::Multi(y)) => {
+            assert!(x.equal(y), "class targets differ");
+        }
+        _ => panic!("class target kinds differ"),
+    }
+    assert_eq!((&a.boxes, &a.boxes_labelled, &a.originals), (&b.boxes, &b.boxes_labelled, &b.originals));
+    match (&a.det_targets, &b.det_targets) {
+        (Some(x), Some(y)) => {
+            assert!(x.labels.equal(&y.labels) && x.ltrb.equal(&y.ltrb) && x.labelled.equal(&y.labelled));
+            assert_eq!((x.num_positives, x.sizes), (y.num_positives, y.sizes));
+        }
+        (None, None) => {}
+        _ => panic!("detection targets on one side only"),
+    }
 }
 
 #[test]
@@ -44,7 +84,8 @@ fn partial_labels_set_the_labelled_flags() {
     assert_eq!(batch.boxes_labelled, vec![false, true, false, true]);
     assert_eq!(batch.boxes.iter().map(Vec::len).collect::<Vec<_>>(), vec![0, 1, 0, 0]);
     assert_eq!(bools(&batch.mask_labelled), vec![false, false, true, false]);
-    let masks = Vec::<i64>::try_from(batch.mask_target.flatten(0, -1)).unwrap();
+    assert_eq!((batch.images.kind(), batch.mask_target.kind()), (tch::Kind::Uint8, tch::Kind::Uint8));
+    let masks = Vec::<u8>::try_from(batch.mask_target.flatten(0, -1)).unwrap();
     let (m0, m2) = (&masks[..256], &masks[512..768]);
     assert!(m0.iter().all(|&v| v == 255), "unlabelled mask is all ignore");
     assert!(
@@ -117,7 +158,7 @@ fn batches_do_not_depend_on_thread_count() {
     };
     let augment = AugmentConfig { random: true, params, ..AugmentConfig::eval(24) };
     let run = |threads: usize, epoch: u64| -> Vec<Batch> {
-        let c = LoaderConfig { epoch, ..cfg(4, threads, augment.clone()) };
+        let c = LoaderConfig { epoch, det_grid: Some(grid(24)), ..cfg(4, threads, augment.clone()) };
         Loader::new(ds.clone(), &shard, c).unwrap().map(Result::unwrap).collect()
     };
     let (one, three) = (run(1, 0), run(3, 0));
@@ -127,13 +168,140 @@ fn batches_do_not_depend_on_thread_count() {
         vec![vec![7, 2, 11, 0], vec![12, 5, 9, 1], vec![3, 10, 4]]
     );
     for (a, b) in one.iter().zip(&three) {
-        assert_eq!(a.ids, b.ids);
-        assert!(a.images.equal(&b.images), "images differ");
-        assert!(a.mask_target.equal(&b.mask_target), "masks differ");
-        assert_eq!(a.boxes, b.boxes);
+        assert_same(a, b);
+        // The loader thread's targets are those the step would assign from the batch's boxes.
+        let t = a.det_targets.as_ref().unwrap();
+        let want = FcosTargets::new(&a.boxes, &a.boxes_labelled, &grid(24)).unwrap();
+        assert!(t.labels.equal(&want.labels) && t.ltrb.equal(&want.ltrb) && t.labelled.equal(&want.labelled));
+        assert_eq!((t.num_positives, t.sizes), (want.num_positives, want.sizes));
     }
+    assert!(one.iter().any(|b| b.det_targets.as_ref().unwrap().num_positives > 0));
     let other_epoch = run(2, 1);
     assert!(!one[0].images.equal(&other_epoch[0].images), "epoch is part of the key");
+}
+
+#[test]
+fn the_decoded_cache_gives_the_same_batches_and_later_epochs_read_no_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for (name, tone) in [("a.png", 10), ("b.png", 90), ("c.png", 170)] {
+        png(d, name, 28, 20, tone);
+    }
+    mask_png(d, "b_mask.png", (28, 20), [4, 4, 20, 12], 1);
+    text(d, "bad.png", "not a png");
+    let manifest = text(
+        d,
+        "m.jsonl",
+        concat!(
+            "{\"file\": \"a.png\", \"class\": 1, \"boxes\": [[2, 2, 18, 12, 0]]}\n",
+            "{\"file\": \"bad.png\", \"class\": 0}\n",
+            "{\"file\": \"b.png\", \"mask\": \"b_mask.png\", \"boxes\": []}\n",
+            "{\"file\": \"c.png\", \"class\": 2}\n"
+        ),
+    );
+    let ds = Arc::new(read_manifest(&manifest).unwrap());
+    let mut augment = AugmentConfig { random: true, ..AugmentConfig::eval(16) };
+    (augment.params.hflip_prob, augment.params.brightness) = (0.5, 0.3);
+    let run = |epoch: u64, cache_decoded: bool| {
+        let c = LoaderConfig { epoch, cache_decoded, det_grid: Some(grid(16)), ..cfg(2, 2, augment.clone()) };
+        let mut loader = Loader::new(ds.clone(), &[3, 1, 0, 2], c).unwrap();
+        let batches: Vec<Batch> = loader.by_ref().map(Result::unwrap).collect();
+        let skipped: Vec<u64> = loader.summary().skipped.iter().map(|s| s.0).collect();
+        (batches, skipped)
+    };
+    let (plain, plain_skipped) = run(0, false);
+    assert!(ds.decoded.is_empty(), "nothing cached without the option");
+    let (cached, cached_skipped) = run(0, true);
+    assert_eq!(ds.decoded.len(), 3, "the readable samples are cached, the corrupt one is not");
+    assert_eq!((&plain_skipped, &cached_skipped), (&vec![1], &vec![1]));
+    assert_eq!(plain.len(), 2);
+    for (a, b) in plain.iter().zip(&cached) {
+        assert_same(a, b);
+    }
+    let (next_plain, _) = run(1, false);
+    for name in ["a.png", "b.png", "b_mask.png", "c.png"] {
+        std::fs::remove_file(d.join(name)).unwrap();
+    }
+    // Epoch 1 from the cache: the same batches as decoding the files, which are gone now;
+    // the corrupt image is tried, skipped and counted again.
+    let (next_cached, next_skipped) = run(1, true);
+    assert_eq!(next_skipped, vec![1]);
+    for (a, b) in next_plain.iter().zip(&next_cached) {
+        assert_same(a, b);
+    }
+    assert!(!next_plain[0].images.equal(&plain[0].images), "epoch 1 is augmented anew");
+    let (_, without_files) = run(1, false);
+    assert_eq!(without_files, vec![3, 1, 0, 2], "without the cache every file is missing");
+}
+
+#[test]
+fn to_device_normalises_u8_images_and_widens_masks() {
+    let dir = tempfile::tempdir().unwrap();
+    png(dir.path(), "a.png", 16, 16, 200);
+    mask_png(dir.path(), "m.png", (16, 16), [0, 0, 8, 8], 2);
+    let manifest = text(dir.path(), "m.jsonl", "{\"file\": \"a.png\", \"mask\": \"m.png\"}\n");
+    let ds = Arc::new(read_manifest(&manifest).unwrap());
+    let batch = Loader::new(ds, &[0], cfg(1, 1, AugmentConfig::eval(16))).unwrap().next().unwrap().unwrap();
+    let on_device = batch.to_device(tch::Device::Cpu).unwrap();
+    assert_eq!(on_device.images.kind(), tch::Kind::Float);
+    let pixels = Vec::<u8>::try_from(batch.images.flatten(0, -1)).unwrap();
+    let normalised = Vec::<f32>::try_from(on_device.images.flatten(0, -1)).unwrap();
+    for (i, (&q, &x)) in pixels.iter().zip(&normalised).enumerate() {
+        let c = i / 256;
+        let want = (f32::from(q) / 255.0 - IMAGENET_MEAN[c]) / IMAGENET_STD[c];
+        assert!((x - want).abs() < 1e-5, "value {i}: {x} vs {want}");
+    }
+    assert_eq!(on_device.mask_target.kind(), tch::Kind::Int64);
+    let widened = Vec::<i64>::try_from(on_device.mask_target.flatten(0, -1)).unwrap();
+    let masks = Vec::<u8>::try_from(batch.mask_target.flatten(0, -1)).unwrap();
+    assert_eq!(widened, masks.iter().map(|&v| i64::from(v)).collect::<Vec<_>>());
+    assert!(widened.contains(&2) && widened.contains(&0));
+    // A batch already in the network's form is only moved: to_device is idempotent.
+    let again = on_device.to_device(tch::Device::Cpu).unwrap();
+    assert!(again.images.equal(&on_device.images) && again.mask_target.equal(&on_device.mask_target));
+    assert!(network_images(&on_device.images, tch::Device::Cpu).unwrap().equal(&on_device.images));
+}
+
+#[test]
+fn pinned_batches_when_asked_and_an_error_without_cuda() {
+    let dir = tempfile::tempdir().unwrap();
+    png(dir.path(), "a.png", 16, 16, 7);
+    let manifest = text(dir.path(), "m.jsonl", "{\"file\": \"a.png\", \"boxes\": [[1, 1, 9, 9, 0]]}\n");
+    let ds = Arc::new(read_manifest(&manifest).unwrap());
+    let c = LoaderConfig { pin_memory: true, det_grid: Some(grid(16)), ..cfg(1, 1, AugmentConfig::eval(16)) };
+    let batch = Loader::new(ds.clone(), &[0], c).unwrap().next().unwrap();
+    if tch::Cuda::is_available() {
+        let batch = batch.unwrap();
+        let cuda = tch::Device::Cuda(0);
+        assert!(batch.images.is_pinned(cuda) && batch.mask_target.is_pinned(cuda));
+        assert!(batch.det_targets.as_ref().unwrap().labels.is_pinned(cuda));
+        let plain =
+            Loader::new(ds, &[0], cfg(1, 1, AugmentConfig::eval(16))).unwrap().next().unwrap().unwrap();
+        assert!(batch.images.equal(&plain.images) && batch.mask_target.equal(&plain.mask_target));
+        let on_gpu = batch.to_device(cuda).unwrap();
+        let on_cpu = plain.to_device(tch::Device::Cpu).unwrap();
+        let diff = (on_gpu.images.to_device(tch::Device::Cpu) - &on_cpu.images).abs().max().double_value(&[]);
+        assert!(diff < 1e-6, "{diff}");
+    } else {
+        let err = batch.err().unwrap().to_string();
+        assert!(err.contains("pinned host memory"), "{err}");
+    }
+}
+
+#[test]
+fn for_training_gives_the_model_s_grid_and_pins_only_for_a_gpu() {
+    use crate::tasks::tests::test_model;
+    use mtl_job::TasksSection;
+    let data =
+        mtl_job::DataSection { image_size: 96, cache_decoded: true, ..mtl_job::DataSection::default() };
+    let base = LoaderConfig::from_section(&data, 4, true, 0, 0);
+    assert_eq!((base.det_grid, base.pin_memory, base.cache_decoded), (None, false, true));
+    let model = test_model(&TasksSection::default());
+    let c = base.clone().for_training(&model);
+    assert_eq!(c.det_grid, Some(model.feature_sizes(96, 96)));
+    assert!(!c.pin_memory, "the model is on the CPU");
+    let no_detection = test_model(&TasksSection { detection: false, ..TasksSection::default() });
+    assert_eq!(base.for_training(&no_detection).det_grid, None);
 }
 
 #[test]
@@ -162,12 +330,15 @@ fn loader_throughput() {
     let ids = ds.ids();
     let data = mtl_job::DataSection { image_size: 128, ..mtl_job::DataSection::default() };
     for threads in [1, 2] {
-        for (mode, train) in [("train", true), ("eval", false)] {
+        for (mode, train, targets) in
+            [("train", true, false), ("train+fcos", true, true), ("eval", false, false)]
+        {
             let mut best = 0.0f64;
             for epoch in 0..3 {
                 let c = LoaderConfig {
                     threads,
                     prefetch_batches: 4,
+                    det_grid: targets.then(|| grid(128)),
                     ..LoaderConfig::from_section(&data, 32, train, 0, epoch)
                 };
                 let start = std::time::Instant::now();
