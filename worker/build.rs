@@ -2,10 +2,10 @@
 //! - an rpath to LibTorch's lib dir, so `target/*/worker` runs without LD_LIBRARY_PATH;
 //! - `libtorch_cuda` kept as a dependency: nothing references it directly, so `--as-needed`
 //!   would drop it and CUDA would then be "not available" on GPU machines;
-//! - the C++ shim in `shim/` (bf16 autocast, SyncBatchNorm).
+//! - the C++ shim in `shim/` (bf16 autocast, fused optimisers and foreach ops, SyncBatchNorm).
 
 /// The C++ sources of the shim.
-const SHIM_FILES: [&str; 2] = ["shim/autocast.cpp", "shim/sync_batch_norm.cpp"];
+const SHIM_FILES: [&str; 3] = ["shim/autocast.cpp", "shim/foreach.cpp", "shim/sync_batch_norm.cpp"];
 
 fn main() {
     // Set by torch-sys (links = "tch") for its direct dependents.
@@ -18,8 +18,9 @@ fn main() {
     }
     println!("cargo:rustc-env=MTL_LIBTORCH_LIB={lib}");
 
-    // The C++ shim for what tch does not expose (bf16 autocast, SyncBatchNorm's custom autograd
-    // function), built against the same LibTorch headers and C++ ABI as torch-sys.
+    // The C++ shim for what tch does not expose (bf16 autocast, fused optimisers and foreach ops,
+    // SyncBatchNorm's custom autograd function), built against the same LibTorch headers and C++
+    // ABI as torch-sys.
     let include = std::path::Path::new(&lib).join("../include");
     let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
     cc::Build::new()

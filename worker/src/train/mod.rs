@@ -271,7 +271,7 @@ impl Trainer {
     pub(crate) fn step(&mut self, batch: &Batch) -> Result<StepReport, WorkerError> {
         let world = self.collective.world_size() as f64;
         let batch = batch.to_device(self.device)?;
-        self.optimizer.zero_grad();
+        self.optimizer.zero_grad()?;
         for (_, p) in self.weighting.parameters() {
             let mut g = p.grad();
             if g.defined() {
