@@ -110,6 +110,8 @@ async fn tensorboard_shows_every_recorded_value_at_its_step() {
         "weight/cls",
         "lr",
         "images_per_s",
+        "time/loader_wait_ms",
+        "time/step_ms",
         "eval/classification/accuracy",
         "eval/detection/AP50",
         "eval/segmentation/mIoU",

@@ -2,11 +2,17 @@
 //! - an rpath to LibTorch's lib dir, so `target/*/worker` runs without LD_LIBRARY_PATH;
 //! - `libtorch_cuda` kept as a dependency: nothing references it directly, so `--as-needed`
 //!   would drop it and CUDA would then be "not available" on GPU machines;
-//! - the C++ shim in `shim/` (bf16 autocast, SyncBatchNorm, the op counter).
+//! - the C++ shim in `shim/` (bf16 autocast, fused optimisers and foreach ops, SyncBatchNorm,
+//!   pinned allocation, the op counter).
 
 /// The C++ sources of the shim.
-const SHIM_FILES: [&str; 4] =
-    ["shim/autocast.cpp", "shim/op_counter.cpp", "shim/pinned.cpp", "shim/sync_batch_norm.cpp"];
+const SHIM_FILES: [&str; 5] = [
+    "shim/autocast.cpp",
+    "shim/foreach.cpp",
+    "shim/op_counter.cpp",
+    "shim/pinned.cpp",
+    "shim/sync_batch_norm.cpp",
+];
 
 fn main() {
     // Set by torch-sys (links = "tch") for its direct dependents.
@@ -19,8 +25,9 @@ fn main() {
     }
     println!("cargo:rustc-env=MTL_LIBTORCH_LIB={lib}");
 
-    // The C++ shim for what tch does not expose (bf16 autocast, SyncBatchNorm's custom autograd
-    // function, pinned allocation), built against the same LibTorch headers and C++ ABI as torch-sys.
+    // The C++ shim for what tch does not expose (bf16 autocast, fused optimisers and foreach ops,
+    // SyncBatchNorm's custom autograd function, pinned allocation, op counting), built against
+    // the same LibTorch headers and C++ ABI as torch-sys.
     let include = std::path::Path::new(&lib).join("../include");
     let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
     cc::Build::new()

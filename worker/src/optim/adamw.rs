@@ -1,9 +1,12 @@
 //! AdamW, `torch.optim.AdamW` semantics (amsgrad off): `p ← p·(1 − lr·wd)`;
 //! `m ← β1·m + (1−β1)·g`; `v ← β2·v + (1−β2)·g²`; with per-parameter step `t`,
-//! `p ← p − lr/(1−β1^t) · m / (√v / √(1−β2^t) + eps)`.
-use tch::Tensor;
+//! `p ← p − lr/(1−β1^t) · m / (√v / √(1−β2^t) + eps)`. Each step is one `_foreach_add_` on
+//! the step counts of the parameters that have a gradient and one `_fused_adamw_` call per
+//! parameter group ([`super::groups`]).
+use tch::{Kind, Tensor};
 
-use super::{load_entries, params, step_tensor, zero_grads, Param};
+use super::fused::{self, AdamWHyper};
+use super::{groups, load_entries, params, step_tensor, zero_grads, Param};
 use crate::WorkerError;
 
 /// AdamW hyper-parameters other than the learning rate, which each step receives.
@@ -22,7 +25,9 @@ pub(crate) struct AdamWConfig {
 struct Moments {
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
-    /// Updates this parameter received (PyTorch counts per parameter).
+    /// Updates this parameter received (PyTorch counts per parameter): an f32 scalar on the
+    /// parameter's device, as the fused kernel reads it there (exact up to 2^24 steps). The
+    /// checkpoint keeps it as an i64 scalar on the CPU.
     step: Tensor,
 }
 
@@ -31,6 +36,8 @@ struct Moments {
 pub(crate) struct AdamW {
     params: Vec<Param>,
     moments: Vec<Moments>,
+    /// Indices of the parameters of each fused call.
+    groups: Vec<Vec<usize>>,
     cfg: AdamWConfig,
     steps: u64,
 }
@@ -45,42 +52,52 @@ impl AdamW {
                 Ok(Moments {
                     exp_avg: p.tensor.f_zeros_like()?,
                     exp_avg_sq: p.tensor.f_zeros_like()?,
-                    step: step_tensor(0),
+                    step: Tensor::f_zeros([], (Kind::Float, p.tensor.device()))?,
                 })
             })
             .collect::<Result<_, WorkerError>>()?;
-        Ok(Self { params, moments, cfg, steps: 0 })
+        let groups = groups(&params);
+        Ok(Self { params, moments, groups, cfg, steps: 0 })
     }
 
-    /// One update with learning rate `lr`; parameters without a gradient are left alone.
+    /// One update with learning rate `lr`; parameters without a gradient are left alone (also
+    /// their step counts). No value is read back from the device.
     pub(crate) fn step(&mut self, lr: f64) -> Result<(), WorkerError> {
-        let _guard = tch::no_grad_guard();
-        let AdamWConfig { betas: [beta1, beta2], eps, weight_decay } = self.cfg;
-        for (p, m) in self.params.iter_mut().zip(&mut self.moments) {
-            let grad = p.tensor.grad();
-            if !grad.defined() {
-                continue;
+        let AdamWConfig { betas, eps, weight_decay } = self.cfg;
+        // Per group, the indices of the parameters that have a gradient, and those gradients.
+        let mut taken: Vec<(Vec<usize>, Vec<Tensor>)> = Vec::with_capacity(self.groups.len());
+        for group in &self.groups {
+            let (mut indices, mut grads) = (Vec::new(), Vec::new());
+            for &i in group {
+                let grad = self.params[i].tensor.grad();
+                if grad.defined() {
+                    indices.push(i);
+                    grads.push(grad);
+                }
             }
-            let _ = m.step.f_add_scalar_(1)?;
-            let t = m.step.int64_value(&[]) as i32;
-            if p.decay && weight_decay != 0.0 {
-                let _ = p.tensor.f_mul_scalar_(1.0 - lr * weight_decay)?;
-            }
-            let _ = m.exp_avg.f_lerp_(&grad, 1.0 - beta1)?;
-            let _ = m.exp_avg_sq.f_mul_scalar_(beta2)?.f_addcmul_(&(&grad * (1.0 - beta2)), &grad)?;
-            let bias_correction1 = 1.0 - beta1.powi(t);
-            let bias_correction2_sqrt = (1.0 - beta2.powi(t)).sqrt();
-            let step_size = lr / bias_correction1;
-            let denom = (m.exp_avg_sq.f_sqrt()? / bias_correction2_sqrt).f_add_scalar(eps)?;
-            let _ = p.tensor.f_sub_(&(m.exp_avg.f_div(&denom)? * step_size))?;
+            taken.push((indices, grads));
+        }
+        let steps: Vec<&Tensor> =
+            taken.iter().flat_map(|(ix, _)| ix).map(|&i| &self.moments[i].step).collect();
+        fused::foreach_add_(&steps, 1.0)?;
+        for (indices, grads) in &taken {
+            let Some(&first) = indices.first() else { continue };
+            let moments = indices.iter().map(|&i| &self.moments[i]);
+            let params: Vec<&Tensor> = indices.iter().map(|&i| &self.params[i].tensor).collect();
+            let exp_avgs: Vec<&Tensor> = moments.clone().map(|m| &m.exp_avg).collect();
+            let exp_avg_sqs: Vec<&Tensor> = moments.clone().map(|m| &m.exp_avg_sq).collect();
+            let steps: Vec<&Tensor> = moments.map(|m| &m.step).collect();
+            let weight_decay = if self.params[first].decay { weight_decay } else { 0.0 };
+            let h = AdamWHyper { lr, betas, eps, weight_decay };
+            fused::adamw_(&params, grads, &exp_avgs, &exp_avg_sqs, &steps, h)?;
         }
         self.steps += 1;
         Ok(())
     }
 
     /// Zeroes all gradients.
-    pub(crate) fn zero_grad(&mut self) {
-        zero_grads(&self.params);
+    pub(crate) fn zero_grad(&mut self) -> Result<(), WorkerError> {
+        zero_grads(&self.params)
     }
 
     /// Steps taken so far.
@@ -88,19 +105,21 @@ impl AdamW {
         self.steps
     }
 
-    /// `{param}.exp_avg`, `{param}.exp_avg_sq`, `{param}.step` per parameter, and `step`.
+    /// `{param}.exp_avg`, `{param}.exp_avg_sq`, `{param}.step` (an i64 scalar on the CPU) per
+    /// parameter, and `step`.
     pub(crate) fn state_dict(&self) -> Vec<(String, Tensor)> {
         let mut state = Vec::with_capacity(3 * self.params.len() + 1);
         for (p, m) in self.params.iter().zip(&self.moments) {
             state.push((format!("{}.exp_avg", p.name), m.exp_avg.copy()));
             state.push((format!("{}.exp_avg_sq", p.name), m.exp_avg_sq.copy()));
-            state.push((format!("{}.step", p.name), m.step.copy()));
+            state.push((format!("{}.step", p.name), m.step.to_kind(Kind::Int64).to_device(tch::Device::Cpu)));
         }
         state.push(("step".into(), step_tensor(self.steps)));
         state
     }
 
-    /// Restores [`Self::state_dict`]'s entries; errors name the missing or mismatched entry.
+    /// Restores [`Self::state_dict`]'s entries (step counts of any numeric dtype are converted);
+    /// errors name the missing or mismatched entry.
     pub(crate) fn load_state_dict(&mut self, state: &[(String, Tensor)]) -> Result<(), WorkerError> {
         let mut step = step_tensor(0);
         let mut live: Vec<(String, &mut Tensor)> = Vec::with_capacity(3 * self.params.len() + 1);

@@ -1,14 +1,16 @@
-//! Optimisers written on plain tensors, so that every piece of their state can be exported
-//! with [`Optimizer::state_dict`] and restored from a checkpoint. `sgd` and `adamw` follow
-//! PyTorch's `torch.optim.SGD` / `torch.optim.AdamW` update rules exactly (their tests compare
-//! against PyTorch); `schedule` is the warmup + cosine learning rate and `clip` is
-//! `clip_grad_norm_`. The caller drives them: `step(lr)` takes the learning rate of this step
+//! Optimisers over plain tensors, so that every piece of their state can be exported with
+//! [`Optimizer::state_dict`] and restored from a checkpoint. `sgd` and `adamw` are PyTorch's
+//! `torch.optim.SGD` / `torch.optim.AdamW` with `fused=True`: LibTorch's fused kernels through
+//! the shim (`fused`), one call per parameter group and step (their tests compare against
+//! PyTorch); `schedule` is the warmup + cosine learning rate and `clip` is `clip_grad_norm_`
+//! with the foreach ops. The caller drives them: `step(lr)` takes the learning rate of this step
 //! from [`Schedule::lr`], so the schedule's position is just the step counter.
 //!
 //! Weight decay is applied to a parameter only when [`decays`] says so: never to biases or to
 //! 1-D tensors (normalisation weights), as is standard for both SGD and AdamW training.
 mod adamw;
 mod clip;
+mod fused;
 mod schedule;
 mod sgd;
 #[cfg(test)]
@@ -90,7 +92,7 @@ impl Optimizer {
     }
 
     /// Zeroes the gradients of all parameters.
-    pub(crate) fn zero_grad(&mut self) {
+    pub(crate) fn zero_grad(&mut self) -> Result<(), WorkerError> {
         match self {
             Self::Sgd(o) => o.zero_grad(),
             Self::AdamW(o) => o.zero_grad(),
@@ -122,13 +124,35 @@ impl Optimizer {
     }
 }
 
-pub(crate) fn zero_grads(params: &[Param]) {
-    for p in params {
-        let mut grad = p.tensor.grad();
-        if grad.defined() {
-            let _ = grad.detach_().zero_();
+/// The parameters one fused call updates together, as indices into `params`: those with the
+/// same weight decay flag, device and dtype (the fused kernels take one weight decay, and their
+/// fast path one device and dtype). For a model on one device: two groups, decay and no decay.
+pub(crate) fn groups(params: &[Param]) -> Vec<Vec<usize>> {
+    let mut keys: Vec<(bool, tch::Device, tch::Kind)> = Vec::new();
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    for (i, p) in params.iter().enumerate() {
+        let key = (p.decay, p.tensor.device(), p.tensor.kind());
+        match keys.iter().position(|k| *k == key) {
+            Some(g) => groups[g].push(i),
+            None => {
+                keys.push(key);
+                groups.push(vec![i]);
+            }
         }
     }
+    groups
+}
+
+/// Zeroes the gradients that are defined, in one `_foreach_zero_`. A gradient that is part of a
+/// graph (from `create_graph`) is detached first, as PyTorch's `zero_grad` does.
+pub(crate) fn zero_grads(params: &[Param]) -> Result<(), WorkerError> {
+    let mut grads: Vec<Tensor> = params.iter().map(|p| p.tensor.grad()).filter(Tensor::defined).collect();
+    for g in &mut grads {
+        if g.requires_grad() {
+            let _ = g.f_detach_()?;
+        }
+    }
+    fused::foreach_zero_(&grads)
 }
 
 /// The step counter as a state tensor (i64 scalar on the CPU).

@@ -1,10 +1,11 @@
 //! SGD with momentum and Nesterov momentum, `torch.optim.SGD` semantics (dampening 0):
 //! `g ← grad + wd·p`; `buf ← momentum·buf + g` (the first step gives `buf = g`, which a zero
 //! buffer reproduces exactly); `g ← g + momentum·buf` with Nesterov, else `g ← buf`;
-//! `p ← p − lr·g`.
+//! `p ← p − lr·g`. Each step is one `_fused_sgd_` call per parameter group ([`super::groups`]).
 use tch::Tensor;
 
-use super::{load_entries, params, step_tensor, zero_grads, Param};
+use super::fused::{self, SgdHyper};
+use super::{groups, load_entries, params, step_tensor, zero_grads, Param};
 use crate::WorkerError;
 
 /// SGD hyper-parameters other than the learning rate, which each step receives.
@@ -24,6 +25,8 @@ pub(crate) struct Sgd {
     params: Vec<Param>,
     /// One zero-initialised buffer per parameter; empty when momentum is 0.
     momentum_buffers: Vec<Tensor>,
+    /// Indices of the parameters of each fused call.
+    groups: Vec<Vec<usize>>,
     cfg: SgdConfig,
     steps: u64,
 }
@@ -37,34 +40,37 @@ impl Sgd {
         } else {
             params.iter().map(|p| p.tensor.f_zeros_like()).collect::<Result<_, _>>()?
         };
-        Ok(Self { params, momentum_buffers, cfg, steps: 0 })
+        let groups = groups(&params);
+        Ok(Self { params, momentum_buffers, groups, cfg, steps: 0 })
     }
 
-    /// One update with learning rate `lr`; parameters without a gradient are left alone.
+    /// One update with learning rate `lr`; parameters without a gradient are left alone. No
+    /// value is read back from the device.
     pub(crate) fn step(&mut self, lr: f64) -> Result<(), WorkerError> {
-        let _guard = tch::no_grad_guard();
         let SgdConfig { momentum, nesterov, weight_decay } = self.cfg;
-        for (i, p) in self.params.iter_mut().enumerate() {
-            let grad = p.tensor.grad();
-            if !grad.defined() {
-                continue;
+        for group in &self.groups {
+            let (mut params, mut grads, mut buffers) = (Vec::new(), Vec::new(), Vec::new());
+            for &i in group {
+                let grad = self.params[i].tensor.grad();
+                if !grad.defined() {
+                    continue;
+                }
+                params.push(&self.params[i].tensor);
+                grads.push(grad);
+                if momentum != 0.0 {
+                    buffers.push(&self.momentum_buffers[i]);
+                }
             }
-            let mut d_p =
-                if p.decay && weight_decay != 0.0 { grad.f_add(&(&p.tensor * weight_decay))? } else { grad };
-            if momentum != 0.0 {
-                let buf = &mut self.momentum_buffers[i];
-                let _ = buf.f_mul_scalar_(momentum)?.f_add_(&d_p)?;
-                d_p = if nesterov { d_p.f_add(&(&*buf * momentum))? } else { buf.shallow_clone() };
-            }
-            let _ = p.tensor.f_sub_(&(d_p * lr))?;
+            let weight_decay = if self.params[group[0]].decay { weight_decay } else { 0.0 };
+            fused::sgd_(&params, &grads, &buffers, SgdHyper { lr, momentum, nesterov, weight_decay })?;
         }
         self.steps += 1;
         Ok(())
     }
 
     /// Zeroes all gradients.
-    pub(crate) fn zero_grad(&mut self) {
-        zero_grads(&self.params);
+    pub(crate) fn zero_grad(&mut self) -> Result<(), WorkerError> {
+        zero_grads(&self.params)
     }
 
     /// Steps taken so far.

@@ -297,3 +297,228 @@ fn cuda_updates_match_cpu_and_state_moves_across_devices() {
     assert!((clip_grad_norm(&[a.shallow_clone()], 1.0).unwrap().double_value(&[]) - 5.0).abs() < 1e-5);
     assert_close(&values(&a.grad()), &[0.6, 0.8, 0.0], 1e-6);
 }
+
+/// The per-parameter updates the optimisers made before they used the fused kernels (one
+/// parameter at a time, the AdamW step count read on the host), kept as the reference that the
+/// fused ones must equal.
+mod per_parameter {
+    use tch::Tensor;
+
+    use super::super::{AdamWConfig, Param, SgdConfig};
+
+    pub(super) fn sgd_step(params: &[Param], buffers: &mut [Tensor], cfg: SgdConfig, lr: f64) {
+        let _guard = tch::no_grad_guard();
+        let SgdConfig { momentum, nesterov, weight_decay } = cfg;
+        for (i, p) in params.iter().enumerate() {
+            let grad = p.tensor.grad();
+            if !grad.defined() {
+                continue;
+            }
+            let mut d_p = if p.decay && weight_decay != 0.0 { grad + &p.tensor * weight_decay } else { grad };
+            if momentum != 0.0 {
+                let buf = &mut buffers[i];
+                let _ = buf.f_mul_scalar_(momentum).unwrap().f_add_(&d_p).unwrap();
+                d_p = if nesterov { d_p + &*buf * momentum } else { buf.shallow_clone() };
+            }
+            let _ = p.tensor.shallow_clone().f_sub_(&(d_p * lr)).unwrap();
+        }
+    }
+
+    /// `state[i]` = (exp_avg, exp_avg_sq, step count) of parameter `i`.
+    pub(super) fn adamw_step(
+        params: &[Param],
+        state: &mut [(Tensor, Tensor, i32)],
+        cfg: AdamWConfig,
+        lr: f64,
+    ) {
+        let _guard = tch::no_grad_guard();
+        let AdamWConfig { betas: [beta1, beta2], eps, weight_decay } = cfg;
+        for (p, (exp_avg, exp_avg_sq, t)) in params.iter().zip(state) {
+            let grad = p.tensor.grad();
+            if !grad.defined() {
+                continue;
+            }
+            *t += 1;
+            let mut param = p.tensor.shallow_clone();
+            if p.decay && weight_decay != 0.0 {
+                let _ = param.f_mul_scalar_(1.0 - lr * weight_decay).unwrap();
+            }
+            let _ = exp_avg.f_lerp_(&grad, 1.0 - beta1).unwrap();
+            let _ =
+                exp_avg_sq.f_mul_scalar_(beta2).unwrap().f_addcmul_(&(&grad * (1.0 - beta2)), &grad).unwrap();
+            let bias_correction1 = 1.0 - beta1.powi(*t);
+            let bias_correction2_sqrt = (1.0 - beta2.powi(*t)).sqrt();
+            let denom = exp_avg_sq.sqrt() / bias_correction2_sqrt + eps;
+            let _ = param.f_sub_(&((&*exp_avg / &denom) * (lr / bias_correction1))).unwrap();
+        }
+    }
+}
+
+/// Parameters of mixed shapes (conv weight, biases, a 1-D scale, a 0-dim scalar, a matrix) with
+/// random values; the last two get gradients late or never.
+fn mixed_params(seed: i64) -> Vec<(String, Tensor)> {
+    tch::manual_seed(seed);
+    let shapes: [(&str, &[i64]); 7] = [
+        ("conv.weight", &[4, 3, 3, 3]),
+        ("conv.bias", &[4]),
+        ("bn.weight", &[4]),
+        ("task.log_var", &[]),
+        ("fc.weight", &[5, 6]),
+        ("late.weight", &[2, 3]),
+        ("unused.bias", &[3]),
+    ];
+    shapes
+        .iter()
+        .map(|(name, shape)| {
+            (name.to_string(), Tensor::randn(*shape, (Kind::Float, Device::Cpu)).set_requires_grad(true))
+        })
+        .collect()
+}
+
+/// Copies of `params` (same values, fresh leaves without gradients).
+fn copies(params: &[(String, Tensor)]) -> Vec<(String, Tensor)> {
+    params.iter().map(|(n, t)| (n.clone(), t.detach().copy().set_requires_grad(true))).collect()
+}
+
+/// Gives the parameters of both sets the gradients `grads` (index-aligned; `None` leaves a
+/// gradient as it is: undefined if it never had one).
+fn give_grads(sets: [&[(String, Tensor)]; 2], grads: &[Option<Tensor>]) {
+    for set in sets {
+        let mut loss = Tensor::zeros([], (Kind::Float, Device::Cpu));
+        for ((_, p), g) in set.iter().zip(grads) {
+            if let Some(g) = g {
+                let mut old = p.grad();
+                if old.defined() {
+                    let _ = old.zero_();
+                }
+                loss += (p * g).sum(Kind::Float);
+            }
+        }
+        loss.backward();
+    }
+}
+
+#[test]
+fn fused_updates_equal_the_per_parameter_updates_over_several_steps() {
+    enum Case {
+        Sgd(SgdConfig),
+        AdamW(AdamWConfig),
+    }
+    let cases = [
+        Case::Sgd(SgdConfig { momentum: 0.9, nesterov: false, weight_decay: 0.05 }),
+        Case::Sgd(SgdConfig { momentum: 0.9, nesterov: true, weight_decay: 0.05 }),
+        Case::Sgd(SgdConfig { momentum: 0.0, nesterov: false, weight_decay: 0.05 }),
+        Case::AdamW(AdamWConfig { betas: [0.9, 0.999], eps: 1e-8, weight_decay: 0.1 }),
+    ];
+    for (case, config) in cases.iter().enumerate() {
+        let fused_params = mixed_params(7);
+        let ref_params = copies(&fused_params);
+        let named = |ps: &[(String, Tensor)]| -> Vec<(String, Tensor)> {
+            ps.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect()
+        };
+        let mut opt = match *config {
+            Case::Sgd(cfg) => Optimizer::Sgd(Sgd::new(named(&fused_params), cfg).unwrap()),
+            Case::AdamW(cfg) => Optimizer::AdamW(AdamW::new(named(&fused_params), cfg).unwrap()),
+        };
+        let reference = params(named(&ref_params));
+        let mut buffers: Vec<Tensor> = reference.iter().map(|p| p.tensor.zeros_like()).collect();
+        let mut moments: Vec<(Tensor, Tensor, i32)> =
+            reference.iter().map(|p| (p.tensor.zeros_like(), p.tensor.zeros_like(), 0)).collect();
+        for (step, lr) in [0.1, 0.05, 0.2, 0.02, 0.1].into_iter().enumerate() {
+            let grads: Vec<Option<Tensor>> = fused_params
+                .iter()
+                .map(|(name, p)| match name.as_str() {
+                    "unused.bias" => None,
+                    "late.weight" if step < 2 => None,
+                    _ => Some(Tensor::randn(p.size(), (Kind::Float, Device::Cpu))),
+                })
+                .collect();
+            give_grads([&fused_params, &ref_params], &grads);
+            opt.step(lr).unwrap();
+            match *config {
+                Case::Sgd(cfg) => per_parameter::sgd_step(&reference, &mut buffers, cfg, lr),
+                Case::AdamW(cfg) => per_parameter::adamw_step(&reference, &mut moments, cfg, lr),
+            }
+            for ((name, got), (_, want)) in fused_params.iter().zip(&ref_params) {
+                let (got, want) = (values(got), values(want));
+                let tol: Vec<f64> = want.iter().map(|w| 1e-6 * w.abs().max(1.0)).collect();
+                for (i, ((g, w), t)) in got.iter().zip(&want).zip(&tol).enumerate() {
+                    assert!(
+                        (g - w).abs() <= *t,
+                        "case {case} step {step} {name}[{i}]: fused {g}, reference {w}"
+                    );
+                }
+            }
+        }
+        // The parameter without a gradient never moved; AdamW counted per parameter.
+        assert_eq!(values(&fused_params[6].1), values(&mixed_params(7)[6].1));
+        if let Case::AdamW(_) = config {
+            let state = opt.state_dict();
+            let step_of = |name: &str| {
+                let t = &state.iter().find(|(n, _)| n == &format!("{name}.step")).unwrap().1;
+                assert_eq!((t.kind(), t.device(), t.size()), (Kind::Int64, Device::Cpu, vec![]));
+                t.int64_value(&[])
+            };
+            assert_eq!((step_of("conv.weight"), step_of("late.weight"), step_of("unused.bias")), (5, 3, 0));
+            assert_eq!(moments.iter().map(|m| m.2).collect::<Vec<_>>(), [5, 5, 5, 5, 5, 3, 0]);
+        }
+    }
+}
+
+#[test]
+fn foreach_ops_match_per_tensor_ops() {
+    tch::manual_seed(3);
+    let shapes: [&[i64]; 4] = [&[4, 3, 3, 3], &[4], &[], &[0]];
+    let tensors: Vec<Tensor> = shapes.iter().map(|s| Tensor::randn(*s, (Kind::Float, Device::Cpu))).collect();
+    let before: Vec<Vec<f64>> = tensors.iter().map(values).collect();
+
+    let norms = fused::foreach_norm(&tensors).unwrap();
+    assert_eq!(norms.len(), tensors.len());
+    for (n, t) in norms.iter().zip(&tensors) {
+        assert_eq!((n.size(), n.kind()), (vec![], Kind::Float));
+        assert_close(&values(n), &values(&t.norm()), 1e-6);
+    }
+
+    let half = Tensor::from(0.5f32);
+    fused::foreach_mul_(&tensors, &half).unwrap();
+    for (t, b) in tensors.iter().zip(&before) {
+        assert_eq!(values(t), b.iter().map(|v| ((*v as f32) * 0.5) as f64).collect::<Vec<_>>());
+    }
+    let refs: Vec<&Tensor> = tensors.iter().collect();
+    fused::foreach_add_(&refs, 1.0).unwrap();
+    for (t, b) in tensors.iter().zip(&before) {
+        assert_eq!(values(t), b.iter().map(|v| ((*v as f32) * 0.5 + 1.0) as f64).collect::<Vec<_>>());
+    }
+    fused::foreach_zero_(&tensors).unwrap();
+    assert!(tensors.iter().all(|t| values(t).iter().all(|v| *v == 0.0)));
+
+    // Empty lists are no calls; LibTorch's errors come back as errors naming the op.
+    let none: [Tensor; 0] = [];
+    assert!(fused::foreach_norm(&none).unwrap().is_empty());
+    fused::foreach_zero_(&none).unwrap();
+    let err = fused::foreach_mul_(&tensors, &Tensor::ones([2], (Kind::Float, Device::Cpu))).unwrap_err();
+    assert!(err.to_string().contains("_foreach_mul_"), "{err}");
+    let err = fused::sgd_(
+        &tensors,
+        &tensors[..1],
+        &tensors,
+        fused::SgdHyper { lr: 0.1, momentum: 0.9, nesterov: false, weight_decay: 0.0 },
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("1 gradients, expected 4"), "{err}");
+}
+
+#[test]
+fn zero_grad_zeroes_every_defined_gradient() {
+    let params = mixed_params(11);
+    let mut opt = adamw(params.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect());
+    let grads: Vec<Option<Tensor>> =
+        params.iter().take(5).map(|(_, p)| Some(p.ones_like())).chain([None, None]).collect();
+    let others = copies(&params);
+    give_grads([&params, &others], &grads);
+    opt.zero_grad().unwrap();
+    for (name, p) in &params[..5] {
+        assert!(values(&p.grad()).iter().all(|v| *v == 0.0), "{name}");
+    }
+    assert!(!params[5].1.grad().defined() && !params[6].1.grad().defined(), "undefined stay undefined");
+}

@@ -135,7 +135,8 @@ pub(crate) fn train(
         let mut loader = Loader::new(
             train.dataset.clone(),
             &ids,
-            LoaderConfig::from_section(&cfg.data, batch_size, true, cfg.job.seed, epoch).for_training(&trainer.model),
+            LoaderConfig::from_section(&cfg.data, batch_size, true, cfg.job.seed, epoch)
+                .for_training(&trainer.model),
         )?;
         let planned = shard.steps.min(until.saturating_sub(trainer.steps_done())) * global_batch;
         let mut unreadable = Unreadable::new(cfg.data.max_unreadable_fraction, epoch, planned);

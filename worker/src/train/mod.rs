@@ -196,12 +196,12 @@ pub(crate) struct Rates {
 }
 
 impl Rates {
-    /// The rates as named scalars, for logs and metrics.
+    /// The rates as named scalars, for metrics (wall-clock values: `images_per_s` and `time/`).
     pub(crate) fn scalars(&self) -> [(&'static str, f64); 3] {
         [
             ("images_per_s", self.images_per_s),
-            ("loader_wait_ms", self.loader_wait_ms),
-            ("step_ms", self.step_ms),
+            ("time/loader_wait_ms", self.loader_wait_ms),
+            ("time/step_ms", self.step_ms),
         ]
     }
 }
@@ -396,7 +396,7 @@ impl Trainer {
         let world = self.collective.world_size() as f64;
         let batch = batch.to_device(self.device)?;
         // The optimizer holds the learnable task weights too: this zeroes theirs as well.
-        self.optimizer.zero_grad();
+        self.optimizer.zero_grad()?;
 
         // Normalisers summed over ranks before any loss divides by them; a stop request rides
         // in the same all-reduce, so every rank learns the same sum.
