@@ -122,4 +122,13 @@ int mtl_foreach_zero_(const at::Tensor* const* tensors, size_t n, char* err, siz
     at::_foreach_zero_(list(tensors, n));
   });
 }
+
+// Makes `grad` the gradient of `param` (autograd then accumulates into it in place): how the
+// parameters' gradients become views of one flat buffer.
+int mtl_set_grad(const at::Tensor* param, const at::Tensor* grad, char* err, size_t err_len) {
+  return guarded("set_grad", err, err_len, [&] {
+    at::Tensor p = *param;
+    p.mutable_grad() = *grad;
+  });
+}
 }

@@ -22,8 +22,23 @@ pub(crate) fn clip_grad_norm(params: &[Tensor], max_norm: f64) -> Result<Tensor,
     if total_norm.kind() != Kind::Float {
         total_norm = total_norm.f_to_kind(Kind::Float)?;
     }
-    let clip_coef =
-        total_norm.f_add_scalar(1e-6)?.f_reciprocal()?.f_mul_scalar(max_norm)?.f_clamp_max(1.0)?;
-    fused::foreach_mul_(&grads, &clip_coef)?;
+    fused::foreach_mul_(&grads, &clip_coefficient(&total_norm, max_norm)?)?;
     Ok(total_norm)
+}
+
+/// [`clip_grad_norm`] for gradients that are one flat tensor (views of it): its norm, and the
+/// same clamped coefficient applied to it in place. Returns the norm before clipping.
+pub(crate) fn clip_flat_grad_norm(flat: &Tensor, max_norm: f64) -> Result<Tensor, WorkerError> {
+    let _guard = tch::no_grad_guard();
+    let mut total_norm = flat.f_norm()?;
+    if total_norm.kind() != Kind::Float {
+        total_norm = total_norm.f_to_kind(Kind::Float)?;
+    }
+    let _ = flat.shallow_clone().f_mul_(&clip_coefficient(&total_norm, max_norm)?)?;
+    Ok(total_norm)
+}
+
+/// PyTorch's `max_norm / (norm + 1e-6)`, clamped to at most 1.
+fn clip_coefficient(total_norm: &Tensor, max_norm: f64) -> Result<Tensor, tch::TchError> {
+    total_norm.f_add_scalar(1e-6)?.f_reciprocal()?.f_mul_scalar(max_norm)?.f_clamp_max(1.0)
 }

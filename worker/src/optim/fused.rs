@@ -68,6 +68,8 @@ extern "C" {
         err_len: usize,
     ) -> c_int;
     fn mtl_foreach_zero_(tensors: List, n: usize, err: *mut c_char, err_len: usize) -> c_int;
+    fn mtl_set_grad(param: *const C_tensor, grad: *const C_tensor, err: *mut c_char, err_len: usize)
+        -> c_int;
 }
 
 /// Hyper-parameters of one fused SGD call (dampening 0, as everywhere in `optim`).
@@ -225,6 +227,14 @@ pub(crate) fn foreach_zero_<T: Borrow<Tensor>>(tensors: &[T]) -> Result<(), Work
     call(|err, len| {
         // SAFETY: `list` holds live tensor pointers for the duration of the call.
         unsafe { mtl_foreach_zero_(list.as_ptr(), list.len(), err, len) }
+    })
+}
+
+/// Makes `grad` the gradient of `param`: backward then accumulates into it in place.
+pub(crate) fn set_grad(param: &Tensor, grad: &Tensor) -> Result<(), WorkerError> {
+    call(|err, len| {
+        // SAFETY: both pointers are live tensors for the duration of the call.
+        unsafe { mtl_set_grad(param.as_ptr(), grad.as_ptr(), err, len) }
     })
 }
 

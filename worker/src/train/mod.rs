@@ -14,6 +14,7 @@ pub(crate) mod checkpoint;
 pub(crate) mod distributed;
 pub(crate) mod epochs;
 pub(crate) mod eval;
+mod flat_grads;
 pub(crate) mod job;
 pub(crate) mod losses;
 mod regroup;
@@ -26,7 +27,7 @@ use tch::{Device, Kind, Tensor};
 use crate::collective::{Collective, ReduceOp};
 use crate::data::Batch;
 use crate::model::MultiTaskModel;
-use crate::optim::{clip_grad_norm, Optimizer, Schedule};
+use crate::optim::{clip_flat_grad_norm, clip_grad_norm, Optimizer, Schedule};
 use crate::task::{Task, TaskLosses, TaskValues};
 use crate::weighting::{Params, Reducer, TaskTensors, TaskWeighting};
 use crate::WorkerError;
@@ -262,6 +263,8 @@ pub(crate) struct Trainer {
     collective: Box<dyn Collective>,
     /// The model's parameters, in the groups the step uses (built once: they never change).
     params: StepParams,
+    /// The gradients as views of one buffer, when the parameters allow it.
+    flat: Option<flat_grads::FlatGrads>,
     clip_grad_norm: f64,
     step: u64,
     device: Device,
@@ -286,6 +289,13 @@ impl Trainer {
         named.extend(weighting.parameters());
         let optimizer = Optimizer::from_config(&cfg.train, named)?;
         let params = StepParams::new(&model, &weighting);
+        let learnable: Vec<Tensor> = weighting.parameters().into_iter().map(|(_, t)| t).collect();
+        // Only when the buffer covers every parameter the optimizer updates.
+        let flat = if params.all.len() + learnable.len() == params.reduced.len() {
+            flat_grads::FlatGrads::new(&params.shared, &params.heads, &learnable)?
+        } else {
+            None
+        };
         let mut trainer = Self {
             model,
             optimizer,
@@ -293,6 +303,7 @@ impl Trainer {
             schedule: Schedule::from_config(&cfg.train),
             collective,
             params,
+            flat,
             clip_grad_norm: cfg.train.clip_grad_norm,
             step: 0,
             device,
@@ -396,7 +407,10 @@ impl Trainer {
         let world = self.collective.world_size() as f64;
         let batch = batch.to_device(self.device)?;
         // The optimizer holds the learnable task weights too: this zeroes theirs as well.
-        self.optimizer.zero_grad()?;
+        match &mut self.flat {
+            Some(flat) => flat.zero()?,
+            None => self.optimizer.zero_grad()?,
+        }
 
         // Normalisers summed over ranks before any loss divides by them; a stop request rides
         // in the same all-reduce, so every rank learns the same sum.
@@ -429,9 +443,11 @@ impl Trainer {
             self.weighting.backward(&scaled, params, &mut CollectiveReducer(self.collective.as_mut()))?;
 
         // Every rank all-reduces every gradient, also of heads without labels this step.
-        let reduced =
-            if self.weighting.reduces_shared_grads() { &reduced[shared.len()..] } else { &reduced[..] };
-        let mut grads = ensure_grads(reduced)?;
+        let skip_shared = self.weighting.reduces_shared_grads();
+        let mut grads = match &self.flat {
+            Some(flat) => vec![flat.to_reduce(skip_shared)?],
+            None => ensure_grads(if skip_shared { &reduced[shared.len()..] } else { &reduced[..] })?,
+        };
         // The per-task losses ride in the same all-reduce as the gradients (their mean over
         // ranks is the global loss: each rank holds N x its share).
         let present: Vec<Task> = scaled.iter().map(|(t, _)| t).collect();
@@ -446,8 +462,11 @@ impl Trainer {
         }
         self.weighting.record_losses(&losses)?;
 
-        let grad_norm =
-            if self.clip_grad_norm > 0.0 { Some(clip_grad_norm(all, self.clip_grad_norm)?) } else { None };
+        let grad_norm = match (&self.flat, self.clip_grad_norm > 0.0) {
+            (_, false) => None,
+            (Some(flat), true) => Some(clip_flat_grad_norm(&flat.model()?, self.clip_grad_norm)?),
+            (None, true) => Some(clip_grad_norm(all, self.clip_grad_norm)?),
+        };
         let lr = self.schedule.lr(self.step);
         self.optimizer.step(lr)?;
         self.broadcast_buffers()?;
