@@ -2,10 +2,12 @@
 //! - an rpath to LibTorch's lib dir, so `target/*/worker` runs without LD_LIBRARY_PATH;
 //! - `libtorch_cuda` kept as a dependency: nothing references it directly, so `--as-needed`
 //!   would drop it and CUDA would then be "not available" on GPU machines;
-//! - the C++ shim in `shim/` (bf16 autocast, SyncBatchNorm, the op counter).
+//! - the C++ shim in `shim/` (bf16 autocast, SyncBatchNorm, the op counter, cuDNN benchmark and
+//!   channels_last).
 
 /// The C++ sources of the shim.
-const SHIM_FILES: [&str; 3] = ["shim/autocast.cpp", "shim/op_counter.cpp", "shim/sync_batch_norm.cpp"];
+const SHIM_FILES: [&str; 4] =
+    ["shim/autocast.cpp", "shim/kernels.cpp", "shim/op_counter.cpp", "shim/sync_batch_norm.cpp"];
 
 fn main() {
     // Set by torch-sys (links = "tch") for its direct dependents.

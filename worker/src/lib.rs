@@ -13,6 +13,7 @@ mod collective;
 mod data;
 mod device;
 mod error;
+mod kernels;
 mod model;
 #[cfg(test)]
 mod op_count;

@@ -275,9 +275,10 @@ impl Trainer {
     /// parameters and buffers.
     pub(crate) fn new(
         cfg: &JobConfig,
-        model: MultiTaskModel,
+        mut model: MultiTaskModel,
         collective: Box<dyn Collective>,
     ) -> Result<Self, WorkerError> {
+        crate::kernels::apply(&cfg.train, &mut model)?;
         let device = model.var_store().device();
         // SyncBatchNorm layers reduce through the same collective as the step.
         let collective = crate::model::sync_batch_norm::share_collective(&model, collective);
