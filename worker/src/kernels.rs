@@ -16,6 +16,7 @@ extern "C" {
     #[cfg(test)]
     fn mtl_cudnn_benchmark(on: *mut c_int) -> c_int;
     fn mtl_channels_last(t: *const C_tensor, out: *mut *mut C_tensor) -> c_int;
+    #[cfg(test)]
     fn mtl_is_channels_last(t: *const C_tensor, yes: *mut c_int) -> c_int;
     fn mtl_set_mkldnn(on: c_int) -> c_int;
 }
@@ -96,6 +97,7 @@ pub(crate) fn channels_last(t: &Tensor) -> Result<Tensor, WorkerError> {
 }
 
 /// Whether `t` is laid out channels_last.
+#[cfg(test)]
 pub(crate) fn is_channels_last(t: &Tensor) -> bool {
     let mut yes = 0;
     // SAFETY: `t` is a live tensor; the shim writes one int and catches every C++ exception.

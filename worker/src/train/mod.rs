@@ -10,6 +10,7 @@
 //! `standalone` (`worker train --standalone`), `distributed` (`worker run`, driven by the
 //! coordinator), `regroup` (continuing in a new generation after a peer is lost), `checkpoint` (the run's state on disk: written, checked, resumed from),
 //! `unreadable` (the limit on training images the loader cannot read).
+pub(crate) mod bench_step;
 pub(crate) mod checkpoint;
 pub(crate) mod distributed;
 pub(crate) mod epochs;
