@@ -32,7 +32,7 @@ export LD_LIBRARY_PATH=$TL:${LD_LIBRARY_PATH:-}
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 if [[ $TINY == 1 ]]; then
-    SIZES=${SIZES:-4x32}; WARMUP=${WARMUP:-1}; STEPS=${STEPS:-3}; E2E_STEPS=${E2E_STEPS:-6}; N=64
+    SIZES=${SIZES:-4x32}; WARMUP=${WARMUP:-2}; STEPS=${STEPS:-3}; E2E_STEPS=${E2E_STEPS:-6}; N=64
     MODEL=(--set model.backbone=tiny --set model.fpn_channels=32 --set data.loader_threads=2)
 else
     SIZES=${SIZES:-64x128 128x224}; WARMUP=${WARMUP:-20}; STEPS=${STEPS:-100}; E2E_STEPS=${E2E_STEPS:-200}; N=4096
@@ -79,7 +79,8 @@ for size in $SIZES; do
         rm -rf $tmp/ckpt
         timeout "$TIMEOUT" "$W" train --standalone --config $JOB "${SETS[@]}" --device $DEVICE \
             --set data.train=$tmp/pngs-$px --set data.synthetic_n=$N \
-            --set train.steps=$E2E_STEPS --set train.log_every_steps=$log_every --set train.eval_every_steps=0 \
+            --set train.steps=$E2E_STEPS --set train.warmup_steps=$(( E2E_STEPS / 10 )) \
+            --set train.log_every_steps=$log_every --set train.eval_every_steps=0 \
             --set train.precision=$precision --set checkpoint.dir=$tmp/ckpt --json > /dev/null 2> "$tmp/e2e.log"
         rate=$(grep -o 'images_per_s="\?[0-9.]*' "$tmp/e2e.log" | grep -o '[0-9.]*$' | tail -n +2 \
                | "$PY" -c 'import sys; r=[float(x) for x in sys.stdin]; print(len(r)/sum(1/x for x in r) if r else "null")')
