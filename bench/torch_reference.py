@@ -16,6 +16,16 @@ code (ours: a Rust loop), and losses are read on log steps only (as a PyTorch us
       trains W + T steps and prints one JSON line with images/s over the last T steps
       (world size and rank from WORLD_SIZE / RANK, MASTER_ADDR / MASTER_PORT as torchrun
       sets them: DDP over gloo with train.batch_size per rank)
+  torch_reference.py step --config JOB.toml [--set ...] --warmup-steps W --steps T
+        [--device cpu|cuda] [--bf16] [--channels-last] [--compile]
+      the training step alone (bench/gpu_compare.sh, against `worker bench-step`): --batches
+      pre-made batches on the device, W untimed steps, then T timed ones; the clock stops after
+      torch.cuda.synchronize(). No host reads inside the step: normalisers stay tensors (clamped
+      at 1), detection positives by mask (no nonzero), FCOS targets assigned on the device every
+      step (as ours are). --bf16: forward and losses under autocast(bfloat16); --channels-last:
+      model and images in channels_last; --compile: torch.compile of forward + targets + losses
+      (the backward is compiled through AOTAutograd; the optimizer and clipping run eagerly
+      with PyTorch's default foreach kernels). Prints one JSON line with ms_per_step, images_per_s.
   torch_reference.py allreduce --sizes-mib 4,16,64,256 --iterations 5
       one rank of a gloo all_reduce benchmark (RANK, WORLD_SIZE, MASTER_*), rank 0 prints a
       JSON line per size as `worker collective-bench` does
@@ -359,6 +369,30 @@ def detection_loss(out, labels, ltrb_t, labelled, normaliser):
     return (focal + giou + ctr) / max(normaliser, 1.0)
 
 
+def detection_loss_masked(out, labels, ltrb_t, normaliser):
+    """detection_loss without host reads: positives by mask, the normaliser a tensor."""
+    cls = flatten_levels(out[0])
+    b, n, c = cls.shape
+    positive = labels >= 0
+    pos = positive.float()
+    onehot = F.one_hot(labels.clamp_min(0), c).float() * pos[..., None]
+    p = torch.sigmoid(cls)
+    ce = F.binary_cross_entropy_with_logits(cls, onehot, reduction="none")
+    p_t = p * onehot + (1 - p) * (1 - onehot)
+    alpha_t = onehot * FOCAL_ALPHA + (1 - onehot) * (1 - FOCAL_ALPHA)
+    focal = (ce * (1 - p_t) ** FOCAL_GAMMA * alpha_t).sum()
+    pred = flatten_levels(out[1]).reshape(b * n, 4)
+    # Negatives get a harmless unit target (their terms are masked out below).
+    target = torch.where(positive.reshape(b * n, 1), ltrb_t.reshape(b * n, 4), torch.ones_like(pred))
+    mask = pos.reshape(b * n)
+    giou = (giou_loss(pred, target) * mask).sum()
+    ctr_t = torch.sqrt(torch.minimum(target[:, 0], target[:, 2]) / torch.maximum(target[:, 0], target[:, 2])
+                       * torch.minimum(target[:, 1], target[:, 3]) / torch.maximum(target[:, 1], target[:, 3]))
+    ctr = (F.binary_cross_entropy_with_logits(flatten_levels(out[2]).reshape(b * n), ctr_t, reduction="none")
+           * mask).sum()
+    return (focal + giou + ctr) / normaliser
+
+
 # ---------------------------------------------------------------- inputs
 
 def synthetic_batches(cfg, batch, count, seed):
@@ -469,6 +503,69 @@ def train(args, cfg):
         dist.destroy_process_group()
 
 
+def step_bench(args, cfg):
+    """The training step alone on device-resident batches (see the module docstring)."""
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    torch.manual_seed(args.seed)
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    model = MultiTaskModel(cfg).to(device, memory_format=fmt)
+    optimizer = make_optimizer(cfg, model)
+    batch, tasks = cfg["batch_size"], cfg["tasks"]
+    batches = [tuple(t.to(device) for t in b) for b in synthetic_batches(cfg, batch, args.batches, args.seed + 1)]
+    batches = [(images.contiguous(memory_format=fmt), *rest) for images, *rest in batches]
+    locs = tuple(t.to(device) for t in locations(cfg["image_size"]))
+
+    def forward_and_losses(images, classes, boxes, valid, masks):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+            out = model(images)
+            losses = []
+            if "cls" in out:
+                losses.append(F.cross_entropy(out["cls"].float(), classes, reduction="sum") / batch)
+            if "det" in out:
+                labels, ltrb = fcos_targets(boxes, valid, locs)
+                n_pos = (labels >= 0).sum().float().clamp_min(1.0)
+                losses.append(detection_loss_masked([[t.float() for t in level] for level in out["det"]],
+                                                    labels, ltrb, n_pos))
+            if "seg" in out:
+                n_pix = (masks != IGNORE_INDEX).sum().float().clamp_min(1.0)
+                losses.append(F.cross_entropy(out["seg"].float(), masks, reduction="sum",
+                                              ignore_index=IGNORE_INDEX) / n_pix)
+            return torch.stack(losses)
+
+    compute = torch.compile(forward_and_losses, mode=args.compile_mode) if args.compile else forward_and_losses
+    params = [p for p in model.parameters()]
+
+    def one_step(i):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(cfg, i)
+        optimizer.zero_grad(set_to_none=True)
+        losses = compute(*batches[i % len(batches)])
+        losses.sum().backward()
+        if cfg["clip_grad_norm"] > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg["clip_grad_norm"], foreach=device.type == "cuda" or None)
+        optimizer.step()
+        return losses
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for i in range(args.warmup_steps):
+        one_step(i)
+    sync()
+    start = time.perf_counter()
+    for i in range(args.warmup_steps, args.warmup_steps + args.steps):
+        losses = one_step(i)
+    sync()
+    seconds = time.perf_counter() - start
+    if not torch.isfinite(losses).all():
+        raise SystemExit(f"the last step's losses are not finite: {losses.tolist()}")
+    print(json.dumps({"ms_per_step": seconds * 1000 / args.steps, "images_per_s": args.steps * batch / seconds,
+                      "batch_size": batch, "image_size": cfg["image_size"], "steps": args.steps,
+                      "warmup": args.warmup_steps, "device": str(device), "bf16": args.bf16,
+                      "channels_last": args.channels_last, "compile": args.compile,
+                      "threads": torch.get_num_threads()}), flush=True)
+
+
 def allreduce(args):
     import torch.distributed as dist
     dist.init_process_group("gloo")
@@ -491,7 +588,7 @@ def allreduce(args):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("command", choices=["params", "train", "allreduce"])
+    ap.add_argument("command", choices=["params", "train", "step", "allreduce"])
     ap.add_argument("--config", help="the job file (TOML)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "0") or 0))
@@ -502,6 +599,11 @@ def main():
     ap.add_argument("--verbose", action="store_true")
     ap.add_argument("--sizes-mib", type=lambda s: [int(x) for x in s.split(",")], default=[4, 16, 64, 256])
     ap.add_argument("--iterations", type=int, default=5)
+    ap.add_argument("--device", default="cpu", help="step: cpu, cuda or cuda:N")
+    ap.add_argument("--bf16", action="store_true", help="step: forward and losses under bf16 autocast")
+    ap.add_argument("--channels-last", action="store_true", help="step: model and images channels_last")
+    ap.add_argument("--compile", action="store_true", help="step: torch.compile forward, targets and losses")
+    ap.add_argument("--compile-mode", default=None, help="step: torch.compile's mode (default: its default)")
     args = ap.parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -513,6 +615,8 @@ def main():
     if args.command == "params":
         model = MultiTaskModel(cfg)
         print(json.dumps({k: list(v.shape) for k, v in model.state_dict().items()}))
+    elif args.command == "step":
+        step_bench(args, cfg)
     else:
         train(args, cfg)
 

@@ -3,12 +3,13 @@
 //! - `libtorch_cuda` kept as a dependency: nothing references it directly, so `--as-needed`
 //!   would drop it and CUDA would then be "not available" on GPU machines;
 //! - the C++ shim in `shim/` (bf16 autocast, fused optimisers and foreach ops, SyncBatchNorm,
-//!   pinned allocation, the op counter).
+//!   pinned allocation, the op counter, cuDNN benchmark and channels_last).
 
 /// The C++ sources of the shim.
-const SHIM_FILES: [&str; 5] = [
+const SHIM_FILES: [&str; 6] = [
     "shim/autocast.cpp",
     "shim/foreach.cpp",
+    "shim/kernels.cpp",
     "shim/op_counter.cpp",
     "shim/pinned.cpp",
     "shim/sync_batch_norm.cpp",

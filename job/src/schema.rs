@@ -260,6 +260,13 @@ pub struct TrainSection {
     /// "fp32", or "bf16": the forward pass and losses under bf16 autocast (backward, weights
     /// and optimizer state stay fp32). Meant for CUDA; on CPU it works but is rarely faster.
     pub precision: Precision,
+    /// Let cuDNN time its convolution algorithms for each new input shape and keep the fastest
+    /// (`torch.backends.cudnn.benchmark`); CUDA only. Shapes are fixed in training, so the cost
+    /// is the first steps'.
+    pub cudnn_benchmark: bool,
+    /// Lay out convolution weights and input images channels_last (NHWC), which tensor-core
+    /// convolutions prefer, notably with bf16. Off until measured on our GPUs (docs/PERFORMANCE.md).
+    pub channels_last: bool,
 }
 
 /// Numeric precision of the training forward pass.
@@ -291,6 +298,8 @@ impl Default for TrainSection {
             log_every_steps: 10,
             eval_every_steps: 0,
             precision: Precision::Fp32,
+            cudnn_benchmark: true,
+            channels_last: false,
         }
     }
 }

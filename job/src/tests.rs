@@ -180,3 +180,11 @@ fn the_stop_timeout_is_kept_when_set_and_changes_no_hash() {
     assert_eq!(JobConfig::from_toml(&set.to_toml()).unwrap().server.stop_timeout_ms, 5000);
     assert_eq!(cfg.hash(), set.hash());
 }
+
+#[test]
+fn gpu_kernel_switches_default_to_cudnn_benchmark_on_and_nchw() {
+    let cfg = load("[job]\nname = \"a\"\n").unwrap();
+    assert!(cfg.train.cudnn_benchmark && !cfg.train.channels_last);
+    let cfg = load("[job]\nname = \"a\"\n[train]\ncudnn_benchmark = false\nchannels_last = true\n").unwrap();
+    assert!(!cfg.train.cudnn_benchmark && cfg.train.channels_last);
+}

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use mtl_job::JobConfig;
-use mtl_worker::{BenchConfig, Event, StandaloneOptions, SyntheticConfig, WorkerError};
+use mtl_worker::{BenchConfig, BenchStepOptions, Event, StandaloneOptions, SyntheticConfig, WorkerError};
 
 use crate::progress::{self, Progress};
 
@@ -152,5 +152,33 @@ pub(crate) fn gen_shapes(out: &Path, cfg: &SyntheticConfig) -> Result<(), Worker
     mtl_worker::generate_shapes(out, cfg, &mut |done, _| bar.set(done))?;
     drop(bar);
     tracing::info!(out = %out.display(), n = cfg.n, size = cfg.size, seed = cfg.seed, "dataset written");
+    Ok(())
+}
+
+/// `worker bench-step`.
+pub(crate) fn bench_step(
+    cfg: &JobConfig,
+    device: tch::Device,
+    opts: &BenchStepOptions,
+    json: bool,
+) -> Result<(), WorkerError> {
+    let r = mtl_worker::bench_step(cfg, device, opts)?;
+    if json {
+        println!("{}", serde_json::to_string(&r).expect("plain numbers and strings"));
+    } else {
+        println!(
+            "{:.2} ms/step, {:.1} images/s ({} steps after {} warm-up, batch {} at {} px, {} {}{} on {})",
+            r.ms_per_step,
+            r.images_per_s,
+            r.steps,
+            r.warmup,
+            r.batch_size,
+            r.image_size,
+            format!("{:?}", cfg.model.backbone).to_lowercase(),
+            r.precision,
+            if r.channels_last { " channels_last" } else { "" },
+            r.device
+        );
+    }
     Ok(())
 }

@@ -13,6 +13,7 @@ mod collective;
 mod data;
 mod device;
 mod error;
+mod kernels;
 mod model;
 #[cfg(test)]
 mod op_count;
@@ -34,6 +35,7 @@ pub use predict::{run as predict, PredictSummary};
 pub use session::Identity;
 pub use stop::{stop_on_signals, StopRequest, EXIT_INTERRUPTED};
 pub use task::{PerTask, Task, TaskValues};
+pub use train::bench_step::{run as bench_step, BenchStepOptions, BenchStepResult};
 pub use train::checkpoint::{evaluate as evaluate_checkpoint, open as open_checkpoint, Checkpoint};
 pub use train::standalone::{run as train_standalone, Event, Options as StandaloneOptions, Summary};
 pub use train::{StepReport, StepValues};

@@ -5,8 +5,8 @@ use clap::{Parser, Subcommand};
 use mtl_job::JobToken;
 use mtl_proto::client::ClientTls;
 use mtl_worker::{
-    BenchConfig, Identity, RunConfig, RunOutcome, StandaloneOptions, StopRequest, SyntheticConfig,
-    SyntheticPreset, WorkerError,
+    BenchConfig, BenchStepOptions, Identity, RunConfig, RunOutcome, StandaloneOptions, StopRequest,
+    SyntheticConfig, SyntheticPreset, WorkerError,
 };
 
 mod commands;
@@ -118,6 +118,32 @@ enum Command {
         #[arg(long, value_name = "STEP")]
         stop_at_step: Option<u64>,
         /// Print the final metrics as one JSON object on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Time the training step alone: batches loaded once onto the device, then `--warmup`
+    /// untimed and `--steps` timed steps of the job's model (a world of one). Prints ms/step and
+    /// images/s (one JSON object with --json). Compare with bench/torch_reference.py `step`.
+    BenchStep {
+        /// The job file (TOML).
+        #[arg(long, short)]
+        config: std::path::PathBuf,
+        /// Override any config key: --set train.batch_size=64 (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+        /// Device: `cpu` or `cuda:N`.
+        #[arg(long, env = "MTL_DEVICE", default_value = "cpu")]
+        device: String,
+        /// Untimed steps first.
+        #[arg(long, default_value_t = 10)]
+        warmup: u64,
+        /// Timed steps.
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..))]
+        steps: u64,
+        /// Distinct batches loaded and cycled through.
+        #[arg(long, default_value_t = 4)]
+        batches: usize,
+        /// Print one JSON object.
         #[arg(long)]
         json: bool,
     },
@@ -311,6 +337,18 @@ fn main() -> ExitCode {
                     let opts = StandaloneOptions { out, resume, stop_at_step };
                     mtl_worker::parse_device(&device)
                         .and_then(|d| commands::train_standalone(&cfg, d, &opts, json))
+                }
+                Err(err) => {
+                    eprintln!("error: {err}");
+                    return ExitCode::from(2);
+                }
+            }
+        }
+        Command::BenchStep { config, overrides, device, warmup, steps, batches, json } => {
+            match mtl_job::JobConfig::load(Some(&config), &overrides, std::env::vars()) {
+                Ok(cfg) => {
+                    let opts = BenchStepOptions { warmup, steps, batches };
+                    mtl_worker::parse_device(&device).and_then(|d| commands::bench_step(&cfg, d, &opts, json))
                 }
                 Err(err) => {
                     eprintln!("error: {err}");

@@ -65,6 +65,8 @@ pub struct MultiTaskModel {
     det: Option<DetectionHead>,
     seg: Option<SegmentationHead>,
     tasks: TasksSection,
+    /// Lay out input images channels_last (`train.channels_last`, see [`crate::kernels`]).
+    channels_last: bool,
 }
 
 fn check(ok: bool, key: &str, message: impl FnOnce() -> String) -> Result<(), WorkerError> {
@@ -118,7 +120,8 @@ impl MultiTaskModel {
         let seg = tasks.segmentation.then(|| {
             SegmentationHead::new(head(Task::Segmentation), channels, info.seg_classes.len() as i64)
         });
-        let model_out = MultiTaskModel { vs, backbone, neck, cls, det, seg, tasks: tasks.clone() };
+        let model_out =
+            MultiTaskModel { vs, backbone, neck, cls, det, seg, tasks: tasks.clone(), channels_last: false };
         if let Some(path) = &model.pretrained {
             model_out.load_pretrained_backbone(Path::new(path))?;
         }
@@ -137,6 +140,13 @@ impl MultiTaskModel {
                     source: tch::TchError::Shape(format!("expected images [B,3,H,W], got {other:?}")),
                 })
             }
+        };
+        let laid_out;
+        let images = if self.channels_last {
+            laid_out = crate::kernels::channels_last(images)?;
+            &laid_out
+        } else {
+            images
         };
         let c = self.backbone.forward(images, train)?;
         let p = if self.det.is_some() || self.seg.is_some() { Some(self.neck.forward(&c)?) } else { None };
@@ -177,6 +187,12 @@ impl MultiTaskModel {
     /// The `[tasks]` section the model was built with.
     pub fn tasks(&self) -> &TasksSection {
         &self.tasks
+    }
+
+    /// Whether the forward pass lays out its input channels_last (the weights are laid out by
+    /// [`crate::kernels::to_channels_last`], which sets this).
+    pub(crate) fn set_channels_last(&mut self, on: bool) {
+        self.channels_last = on;
     }
 
     /// The variable store (for optimizers, checkpoints, broadcasting initial parameters).

@@ -10,6 +10,7 @@
 //! `standalone` (`worker train --standalone`), `distributed` (`worker run`, driven by the
 //! coordinator), `regroup` (continuing in a new generation after a peer is lost), `checkpoint` (the run's state on disk: written, checked, resumed from),
 //! `unreadable` (the limit on training images the loader cannot read).
+pub(crate) mod bench_step;
 pub(crate) mod checkpoint;
 pub(crate) mod distributed;
 pub(crate) mod epochs;
@@ -278,9 +279,10 @@ impl Trainer {
     /// parameters and buffers.
     pub(crate) fn new(
         cfg: &JobConfig,
-        model: MultiTaskModel,
+        mut model: MultiTaskModel,
         collective: Box<dyn Collective>,
     ) -> Result<Self, WorkerError> {
+        crate::kernels::apply(&cfg.train, &mut model)?;
         let device = model.var_store().device();
         // SyncBatchNorm layers reduce through the same collective as the step.
         let collective = crate::model::sync_batch_norm::share_collective(&model, collective);
