@@ -3,8 +3,16 @@ use mtl_job::{ModelSection, TasksSection};
 use tch::{Device, Kind, Tensor};
 
 use super::*;
+use crate::task::TaskLosses;
 use crate::tasks::tests::{test_batch, test_info, test_model};
 use crate::train::losses::{build_targets, host_counts, task_losses};
+
+/// The task losses of `batch` (on the model's device), normalised by its own counts.
+fn batch_losses(model: &MultiTaskModel, batch: &crate::data::Batch) -> TaskLosses {
+    let targets = build_targets(model, batch).unwrap();
+    let normalisers = host_counts(batch, &targets).normalisers(batch.images.device());
+    task_losses(&model.forward(&batch.images, true).unwrap(), batch, &targets, &normalisers).unwrap()
+}
 
 #[test]
 fn tiny_forward_shapes() {
@@ -82,15 +90,7 @@ fn tiny_step_timing() {
     let model = test_model(&TasksSection::default());
     let batch = test_batch(&[(true, true, true); 8], 0);
     let step = || {
-        let targets = build_targets(&model, &batch).unwrap();
-        let counts = host_counts(&batch, &targets);
-        let losses = task_losses(
-            &model.forward(&batch.images, true).unwrap(),
-            &batch,
-            &targets,
-            &counts.normalisers(Device::Cpu),
-        )
-        .unwrap();
+        let losses = batch_losses(&model, &batch);
         let total = losses.iter().map(|(_, l)| l.shallow_clone()).reduce(|a, b| a + b).unwrap();
         total.backward();
     };
@@ -116,11 +116,7 @@ fn a_step_runs_on_the_available_device() {
     let batch = test_batch(&[(true, true, true), (false, true, false)], 0);
     let batch = batch.to_device(device).unwrap();
     let images = batch.images.shallow_clone();
-    let targets = build_targets(&model, &batch).unwrap();
-    let counts = host_counts(&batch, &targets);
-    let losses =
-        task_losses(&model.forward(&images, true).unwrap(), &batch, &targets, &counts.normalisers(device))
-            .unwrap();
+    let losses = batch_losses(&model, &batch);
     let total = losses.iter().map(|(_, l)| l.shallow_clone()).reduce(|a, b| a + b).unwrap();
     total.backward();
     assert!(total.double_value(&[]).is_finite());
@@ -154,15 +150,7 @@ fn frozen_batch_norm_is_neither_trained_nor_updated() {
 fn every_task_reaches_the_gradnorm_layer_from_the_first_step() {
     let model = test_model(&TasksSection::default());
     let batch = test_batch(&[(true, true, true), (true, true, true)], 7);
-    let targets = build_targets(&model, &batch).unwrap();
-    let counts = host_counts(&batch, &targets);
-    let losses = task_losses(
-        &model.forward(&batch.images, true).unwrap(),
-        &batch,
-        &targets,
-        &counts.normalisers(Device::Cpu),
-    )
-    .unwrap();
+    let losses = batch_losses(&model, &batch);
     let vars = model.var_store().variables();
     let layer = model.gradnorm_layer();
     assert!(layer.equal(&vars["backbone.layer4.0.downsample.0.weight"]));
