@@ -68,7 +68,10 @@ pub fn run(
         });
     }
     let ids = &train.ids[..wanted.min(train.ids.len())];
-    let loader_cfg = LoaderConfig::from_section(&cfg.data, batch_size, true, cfg.job.seed, 0);
+    // As the epoch loop's loaders: FCOS targets built with the batch (not in the step), pinned
+    // host memory on a GPU.
+    let loader_cfg =
+        LoaderConfig::from_section(&cfg.data, batch_size, true, cfg.job.seed, 0).for_training(&trainer.model);
     let mut batches: Vec<Batch> = Vec::new();
     for batch in Loader::new(train.dataset.clone(), ids, loader_cfg)? {
         let batch = batch?;
