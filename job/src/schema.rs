@@ -262,11 +262,20 @@ pub struct TrainSection {
     pub precision: Precision,
     /// Let cuDNN time its convolution algorithms for each new input shape and keep the fastest
     /// (`torch.backends.cudnn.benchmark`); CUDA only. Shapes are fixed in training, so the cost
-    /// is the first steps'.
+    /// is the first steps'. It chooses kernels, not what is trained: not part of the config hash,
+    /// and left out of the written config at its default.
+    #[serde(skip_serializing_if = "is_true")]
     pub cudnn_benchmark: bool,
     /// Lay out convolution weights and input images channels_last (NHWC), which tensor-core
     /// convolutions prefer, notably with bf16. Off until measured on our GPUs (docs/PERFORMANCE.md).
+    /// Like `cudnn_benchmark`, not part of the config hash and left out of the written config at
+    /// its default.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub channels_last: bool,
+}
+
+fn is_true(value: &bool) -> bool {
+    *value
 }
 
 /// Numeric precision of the training forward pass.

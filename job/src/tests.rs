@@ -122,6 +122,8 @@ fn hash_ignores_the_token_and_where_the_job_runs_but_not_what_it_trains() {
     other.data.max_unreadable_fraction = 0.5;
     other.data.cache_decoded = true;
     other.server.tensorboard_dir = "off".into();
+    other.train.cudnn_benchmark = false;
+    other.train.channels_last = true;
     assert_eq!(cfg.hash(), other.hash());
     other.train.lr = 0.5;
     assert_ne!(cfg.hash(), other.hash());
