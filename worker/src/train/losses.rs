@@ -59,7 +59,11 @@ impl Counts {
     /// flag (the number of ranks that asked to stop).
     #[cfg(test)]
     pub(crate) fn read(counts: &Tensor) -> Result<(Counts, f64), WorkerError> {
-        let v = crate::train::host_values(counts)?;
+        Counts::from_values(&crate::train::host_values(counts)?)
+    }
+
+    /// The counts and the stop flag from the values of a counts tensor.
+    pub(crate) fn from_values(v: &[f64]) -> Result<(Counts, f64), WorkerError> {
         if v.len() != COUNT_ENTRIES {
             return Err(tch::TchError::Shape(format!("a counts tensor of {} entries", v.len())).into());
         }

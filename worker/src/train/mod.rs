@@ -91,22 +91,21 @@ impl StepReport {
     /// Reads the step's numbers on the host: one copy from the device.
     pub fn read(&self) -> Result<StepValues, WorkerError> {
         let device = self.counts.device();
+        // Every value as f64 on the counts' device, in one tensor: one copy to the host.
+        let as_part = |t: &Tensor| t.f_to_device(device)?.f_to_kind(Kind::Double)?.f_reshape([-1]);
         let per_task = [&self.losses, &self.weights, &self.task_grad_norms];
-        let mut parts: Vec<Tensor> = vec![self.counts.shallow_clone()];
+        let mut parts = vec![as_part(&self.counts)?];
         for values in per_task {
             for (_, v) in values.iter() {
-                parts.push(v.f_to_device(device)?.f_to_kind(Kind::Double)?.f_reshape([1])?);
+                parts.push(as_part(v)?);
             }
         }
         if let Some(g) = &self.grad_norm {
-            parts.push(g.f_to_kind(Kind::Double)?.f_reshape([1])?);
+            parts.push(as_part(g)?);
         }
-        let parts: Vec<Tensor> =
-            parts.into_iter().map(|t| t.f_to_kind(Kind::Double)).collect::<Result<_, _>>()?;
         let mut values = host_values(&Tensor::f_cat(&parts, 0)?)?.into_iter();
         let counts: Vec<f64> = values.by_ref().take(losses::COUNT_ENTRIES).collect();
-        let (counts, stops) =
-            (losses::Counts::from_array([counts[0], counts[1], counts[2], counts[3], counts[4]]), counts[5]);
+        let (counts, stops) = losses::Counts::from_values(&counts)?;
         let mut read = |tensors: &TaskTensors| {
             let mut out = TaskValues::default();
             for (task, _) in tensors.iter() {
