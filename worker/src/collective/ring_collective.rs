@@ -1,12 +1,12 @@
-//! The CPU ring backend for tensors: each bucket is packed into one flat f32/f64 buffer and
-//! reduced by [`Ring`].
+//! The CPU ring backend for tensors: each bucket is reduced by [`Ring`] in place when it is one
+//! contiguous tensor (the flat gradient buffer), else packed into one flat f32/f64 buffer.
 use tch::{Kind, Tensor};
 
 use super::bucket::{buckets, scatter_back};
 use super::ring::Ring;
 use super::{Collective, CollectiveError, ReduceOp};
 
-/// The CPU ring backend for tensors: packs each bucket into one flat f32/f64 buffer.
+/// The CPU ring backend for tensors (see the module docs).
 pub(crate) struct RingCollective {
     ring: Ring,
     bucket_bytes: usize,
@@ -42,6 +42,23 @@ impl RingCollective {
         }
         for range in buckets(tensors, self.bucket_bytes) {
             let group = &mut tensors[range];
+            // A bucket that is one contiguous tensor (a flat gradient buffer, or a slice of
+            // one) is reduced in place, in the tensor's own memory: no packing, no copy back.
+            if let [t] = group {
+                if t.is_contiguous() {
+                    // SAFETY: a contiguous CPU tensor of `numel` elements of the matched dtype
+                    // (checked above) starts at `data_ptr`; nothing else touches it during the
+                    // call, which holds `&mut` to it.
+                    let numel = t.numel();
+                    if numel > 0 {
+                        match t.kind() {
+                            Kind::Double => f(&mut self.ring, Flat::F64(unsafe { tensor_slice(t, numel) }))?,
+                            _ => f(&mut self.ring, Flat::F32(unsafe { tensor_slice(t, numel) }))?,
+                        }
+                    }
+                    continue;
+                }
+            }
             let flat =
                 Tensor::f_cat(&group.iter().map(|t| t.f_reshape([-1])).collect::<Result<Vec<_>, _>>()?, 0)?;
             let numel = flat.numel();
@@ -62,6 +79,15 @@ impl RingCollective {
         }
         Ok(())
     }
+}
+
+/// The elements of a contiguous CPU tensor as a mutable slice.
+///
+/// # Safety
+/// `t` must be contiguous, on the CPU, hold `numel > 0` elements of type `T`, and not be read
+/// or written elsewhere while the slice lives.
+unsafe fn tensor_slice<T>(t: &mut Tensor, numel: usize) -> &mut [T] {
+    std::slice::from_raw_parts_mut(t.data_ptr().cast::<T>(), numel)
 }
 
 enum Flat<'a> {
@@ -120,6 +146,10 @@ mod tests {
                             Tensor::full([0], r, (Kind::Float, tch::Device::Cpu)),
                             Tensor::full([7], r + 0.5, (Kind::Double, tch::Device::Cpu)),
                             Tensor::arange(40, (Kind::Float, tch::Device::Cpu)) * (r + 1.0),
+                            // Not contiguous: packed into a buffer and copied back.
+                            (Tensor::arange(12, (Kind::Float, tch::Device::Cpu)) * (r + 1.0))
+                                .view([3, 4])
+                                .tr(),
                         ];
                         c.all_reduce(&mut ts, ReduceOp::Mean).unwrap();
                         let mut b = vec![Tensor::full([3], r, (Kind::Float, tch::Device::Cpu))];
@@ -136,7 +166,8 @@ mod tests {
             assert_eq!(ts[1].numel(), 0);
             assert_eq!(ts[2], Tensor::full([7], 1.5, (Kind::Double, tch::Device::Cpu)));
             assert_eq!(ts[3], Tensor::arange(40, (Kind::Float, tch::Device::Cpu)) * 2.0);
-            assert_eq!(ts[4], Tensor::full([3], 2.0, (Kind::Float, tch::Device::Cpu)));
+            assert_eq!(ts[4], (Tensor::arange(12, (Kind::Float, tch::Device::Cpu)) * 2.0).view([3, 4]).tr());
+            assert_eq!(ts[5], Tensor::full([3], 2.0, (Kind::Float, tch::Device::Cpu)));
         }
     }
 
