@@ -178,7 +178,10 @@ pub(crate) const PAD_RGB: [u8; 3] = [
 /// jitter are computed in f32) becomes the u8 that the batch carries: the nearest grey level.
 /// A value that was a grey level already (`q / 255`, no interpolation) comes back as `q`.
 pub(crate) fn quantise(value: f32) -> u8 {
-    (value * 255.0).round().clamp(0.0, 255.0) as u8
+    // For the values in [0, 255] left after the clamp, adding 0.5 and truncating is rounding
+    // half up, without the library call `round` is on baseline x86-64 (a third of the loader's
+    // time went there).
+    ((value * 255.0).clamp(0.0, 255.0) + 0.5) as u8
 }
 
 /// Transforms one sample. `mask` (row-major, the image's size) and `boxes` are optional.
@@ -196,29 +199,44 @@ pub(crate) fn augment(
     let cols = taps(cfg.image_size, w, g.k, g.tx, g.flip);
     let rows = taps(cfg.image_size, h, g.k, g.ty, false);
 
-    // Geometry: bilinear RGB in [0, 1], NaN marks padding.
+    // Geometry: bilinear RGB in [0, 1] for the pixels inside the source image (the rows and
+    // columns whose taps are `Some`), one plane per channel, row-major; every other pixel is
+    // padding. Planes keep the per-pixel arithmetic below free of strides (vectorised).
     let raw = image.as_raw();
-    let px = |x: usize, y: usize, c: usize| f32::from(raw[(y * w as usize + x) * 3 + c]) / 255.0;
-    let mut rgb = vec![f32::NAN; s * s * 3];
-    for (v, row) in rows.iter().enumerate() {
-        let Some(ry) = row else { continue };
-        for (u, col) in cols.iter().enumerate() {
-            let Some(cx) = col else { continue };
-            for c in 0..3 {
-                let top = px(cx.lo, ry.lo, c) * (1.0 - cx.frac) + px(cx.hi, ry.lo, c) * cx.frac;
-                let bottom = px(cx.lo, ry.hi, c) * (1.0 - cx.frac) + px(cx.hi, ry.hi, c) * cx.frac;
-                rgb[(v * s + u) * 3 + c] = top * (1.0 - ry.frac) + bottom * ry.frac;
-            }
+    let inside = |taps: &[Option<Tap>]| -> Vec<(usize, [usize; 2], f32)> {
+        taps.iter()
+            .enumerate()
+            .filter_map(|(i, t)| t.as_ref().map(|t| (i, [t.lo * 3, t.hi * 3], t.frac)))
+            .collect()
+    };
+    let (in_rows, in_cols) = (inside(&rows), inside(&cols));
+    let n = in_rows.len() * in_cols.len();
+    let mut planes: [Vec<f32>; 3] = std::array::from_fn(|_| Vec::with_capacity(n));
+    let row_bytes = w as usize * 3;
+    for &(_, [y_lo, y_hi], fy) in &in_rows {
+        let (top, bottom) =
+            (&raw[y_lo / 3 * row_bytes..][..row_bytes], &raw[y_hi / 3 * row_bytes..][..row_bytes]);
+        for (c, plane) in planes.iter_mut().enumerate() {
+            plane.extend(in_cols.iter().map(|&(_, [x_lo, x_hi], fx)| {
+                let px = |line: &[u8], x: usize| f32::from(line[x + c]) / 255.0;
+                let t = px(top, x_lo) * (1.0 - fx) + px(top, x_hi) * fx;
+                let b = px(bottom, x_lo) * (1.0 - fx) + px(bottom, x_hi) * fx;
+                t * (1.0 - fy) + b * fy
+            }));
         }
     }
     if cfg.random {
-        colour_jitter(&mut rgb, &jitter);
+        colour_jitter(&mut planes, &jitter);
     }
     let mut out = vec![0u8; 3 * s * s];
-    for p in 0..s * s {
-        for c in 0..3 {
-            let value = rgb[p * 3 + c];
-            out[c * s * s + p] = if value.is_nan() { PAD_RGB[c] } else { quantise(value) };
+    for ((c, plane), values) in out.chunks_exact_mut(s * s).enumerate().zip(&planes) {
+        plane.fill(PAD_RGB[c]);
+        let mut values = values.iter();
+        for &(v, ..) in &in_rows {
+            let line = &mut plane[v * s..][..s];
+            for (&(u, ..), &value) in in_cols.iter().zip(values.by_ref()) {
+                line[u] = quantise(value);
+            }
         }
     }
 
@@ -259,26 +277,23 @@ pub(crate) fn augment(
 }
 
 /// Brightness, then contrast (around the mean grey), then saturation (around each pixel's
-/// grey), over the non-padding pixels, clamped to [0, 1].
-fn colour_jitter(rgb: &mut [f32], j: &Jitter) {
-    let grey = |p: &[f32]| 0.299 * p[0] + 0.587 * p[1] + 0.114 * p[2];
-    let (mut sum, mut n) = (0.0f64, 0usize);
-    for p in rgb.chunks_exact_mut(3).filter(|p| !p[0].is_nan()) {
-        for v in p.iter_mut() {
+/// grey), over the non-padding pixels (`[r, g, b]` planes), clamped to [0, 1].
+fn colour_jitter([r, g, b]: &mut [Vec<f32>; 3], j: &Jitter) {
+    let grey = |r: f32, g: f32, b: f32| 0.299 * r + 0.587 * g + 0.114 * b;
+    for plane in [&mut *r, &mut *g, &mut *b] {
+        for v in plane.iter_mut() {
             *v = (*v * j.brightness).clamp(0.0, 1.0);
         }
-        sum += f64::from(grey(p));
-        n += 1;
     }
-    let mean = if n > 0 { (sum / n as f64) as f32 } else { 0.0 };
-    for p in rgb.chunks_exact_mut(3).filter(|p| !p[0].is_nan()) {
-        for v in p.iter_mut() {
-            *v = ((*v - mean) * j.contrast + mean).clamp(0.0, 1.0);
-        }
-        let g = grey(p);
-        for v in p.iter_mut() {
-            *v = ((*v - g) * j.saturation + g).clamp(0.0, 1.0);
-        }
+    // Summed pixel by pixel in f64, in row-major order.
+    let sum: f64 = r.iter().zip(g.iter()).zip(b.iter()).map(|((&r, &g), &b)| f64::from(grey(r, g, b))).sum();
+    let mean = if r.is_empty() { 0.0 } else { (sum / r.len() as f64) as f32 };
+    for ((r, g), b) in r.iter_mut().zip(g.iter_mut()).zip(b.iter_mut()) {
+        let contrast = |v: f32| ((v - mean) * j.contrast + mean).clamp(0.0, 1.0);
+        (*r, *g, *b) = (contrast(*r), contrast(*g), contrast(*b));
+        let grey = grey(*r, *g, *b);
+        let saturate = |v: f32| ((v - grey) * j.saturation + grey).clamp(0.0, 1.0);
+        (*r, *g, *b) = (saturate(*r), saturate(*g), saturate(*b));
     }
 }
 

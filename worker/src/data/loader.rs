@@ -273,7 +273,7 @@ pub(crate) fn prepare(
 
 /// Reads a sample's image and mask from their files (or rasterises its instance annotations).
 fn decode(record: &SampleRecord) -> Result<Decoded, String> {
-    let image = image::open(&record.image).map_err(|e| format!("cannot read image: {e}"))?.to_rgb8();
+    let image = image::open(&record.image).map_err(|e| format!("cannot read image: {e}"))?.into_rgb8();
     let (w, h) = image.dimensions();
     let mask = match &record.mask {
         None => None,
