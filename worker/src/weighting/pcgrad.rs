@@ -91,17 +91,19 @@ impl PcGrad {
 }
 
 /// `Σ_i g_i^PC` where `g_i^PC` is `grads[i]` projected, in the order `orders[i]` (the other
-/// tasks), off every original `grads[j]` it conflicts with.
+/// tasks), off every original `grads[j]` it conflicts with. On the device: whether two
+/// gradients conflict is a `where`, not a host branch, so nothing is read; a projection that
+/// does not apply subtracts `0 · g_j`, which leaves `g_i^PC` exactly as it is.
 pub(super) fn project_conflicts(grads: &[Tensor], orders: &[Vec<usize>]) -> Result<Tensor, WorkerError> {
-    let sq_norms = grads.iter().map(|g| g.f_dot(g)?.f_double_value(&[])).collect::<Result<Vec<_>, _>>()?;
+    let sq_norms = grads.iter().map(|g| g.f_dot(g)).collect::<Result<Vec<_>, _>>()?;
     let mut sum = grads[0].f_zeros_like()?;
     for (i, order) in orders.iter().enumerate() {
         let mut g = grads[i].shallow_clone();
         for &j in order {
-            let dot = g.f_dot(&grads[j])?.f_double_value(&[])?;
-            if dot < 0.0 {
-                g = g.f_sub(&grads[j].f_mul_scalar(dot / sq_norms[j])?)?;
-            }
+            let dot = g.f_dot(&grads[j])?;
+            // `dot / ‖g_j‖²` where they conflict (dot < 0, so ‖g_j‖ > 0), else 0.
+            let coefficient = dot.f_div(&sq_norms[j])?.f_where_scalarother(&dot.f_lt(0.0)?, 0.0)?;
+            g = g.f_sub(&grads[j].f_mul(&coefficient)?)?;
         }
         sum = sum.f_add(&g)?;
     }

@@ -203,6 +203,9 @@ fn pcgrad_projects_conflicting_gradients_as_in_the_paper() {
     // Not conflicting (g1·g2 = 1 > 0): the plain sum.
     let sum = project_conflicts(&[g([1.0, 1.0]), g([1.0, 0.0])], &orders).unwrap();
     assert_close(&values(&sum), &[2.0, 1.0], 1e-7);
+    // A zero gradient conflicts with nothing: no division by its zero norm reaches the sum.
+    let sum = project_conflicts(&[g([1.0, -2.0]), g([0.0, 0.0])], &orders).unwrap();
+    assert_eq!(values(&sum), [1.0, -2.0]);
 }
 
 #[test]
