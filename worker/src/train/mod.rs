@@ -2,14 +2,16 @@
 //!
 //! [`Trainer::step`] spells out one data-parallel step: zero grads → per-batch normalisers
 //! summed across ranks → forward → masked task losses → task weighting + backward → bucketed
-//! gradient all-reduce (mean; on the CPU ring during backward, bucket by bucket: `overlap`) → clip → optimizer step → BatchNorm buffers broadcast from rank 0.
+//! gradient all-reduce (mean; on the CPU ring during backward: `overlap`) → clip → optimizer
+//! step → BatchNorm buffers broadcast from rank 0.
 //! Each rank scales its losses by the world size and divides by the GLOBAL normaliser, so the mean
 //! of the ranks' gradients is exactly the gradient one process computes on the union of their
 //! batches.
 //! Layout: `epochs` (the epoch loop both modes share), `eval` (metric statistics from a loader),
 //! `standalone` (`worker train --standalone`), `distributed` (`worker run`, driven by the
 //! coordinator), `regroup` (continuing in a new generation after a peer is lost), `checkpoint` (the run's state on disk: written, checked, resumed from),
-//! `unreadable` (the limit on training images the loader cannot read).
+//! `unreadable` (the limit on training images the loader cannot read), `flat_grads` (the one
+//! gradient buffer) and `overlap` (its all-reduce during backward).
 pub(crate) mod bench_step;
 pub(crate) mod checkpoint;
 pub(crate) mod distributed;
@@ -317,7 +319,8 @@ impl Trainer {
         } else {
             None
         };
-        // One plain backward pass, no SyncBatchNorm layers reducing inside it (docs/ARCHITECTURE.md).
+        // One plain backward pass, no SyncBatchNorm layers reducing inside it
+        // (docs/ARCHITECTURE.md); the collective is checked in `plan_overlap`.
         let overlap_bucket_bytes = (flat.is_some()
             && cfg.comm.overlap
             && weighting.single_backward()
@@ -483,7 +486,7 @@ impl Trainer {
         let scaled = losses.map(|_, l| l * world);
         let StepParams { shared, heads, gradnorm_layer, reduced, all } = &self.params;
         let params = Params { shared, heads, gradnorm_layer: Some(gradnorm_layer) };
-        // Every rank all-reduces every gradient, also of heads without labels this step.
+        // With overlap, the gradients are reduced while backward runs.
         let (weighting, collective) = (&mut self.weighting, self.collective.as_mut());
         let report = match &mut self.overlap {
             Some(overlap) => {
@@ -492,6 +495,7 @@ impl Trainer {
             }
             None => weighting.backward(&scaled, params, &mut CollectiveReducer(collective))?,
         };
+        // Every rank all-reduces every gradient, also of heads without labels this step.
         let skip_shared = self.weighting.reduces_shared_grads();
         let mut grads = match (&self.flat, &self.overlap) {
             (_, Some(_)) => Vec::new(),

@@ -7,10 +7,11 @@
 //!
 //! The thread reduces the buckets strictly in one fixed order (highest offset first), the same
 //! on every rank, so the ranks' collective calls match whatever order their hooks fire in. A
-//! parameter without a gradient in a step (a head whose task has no labels) never fires: its
-//! bucket is marked ready when backward returns and its zero gradient is reduced then, as
-//! without overlap. When backward fails the thread stops before its next bucket.
-//! When the step may use this is decided in [`super::Trainer::new`] (docs/ARCHITECTURE.md).
+//! parameter that gets no gradient in a step (one no loss of the step uses; a task without
+//! labels still gives its head a zero gradient) never fires: its bucket is marked ready when
+//! backward returns and its zero gradient is reduced then, as without overlap. When backward
+//! fails the thread stops before its next bucket. When the step may use this is decided in
+//! `Trainer::plan_overlap` (docs/ARCHITECTURE.md).
 use std::ffi::{c_char, c_int, c_void, CStr};
 use std::ops::Range;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
