@@ -3,12 +3,14 @@
 //! - `libtorch_cuda` kept as a dependency: nothing references it directly, so `--as-needed`
 //!   would drop it and CUDA would then be "not available" on GPU machines;
 //! - the C++ shim in `shim/` (bf16 autocast, fused optimisers and foreach ops, SyncBatchNorm,
-//!   pinned allocation, the op counter, cuDNN benchmark and channels_last).
+//!   pinned allocation, the op counter, cuDNN benchmark and channels_last, post-accumulate-grad
+//!   hooks).
 
 /// The C++ sources of the shim.
-const SHIM_FILES: [&str; 6] = [
+const SHIM_FILES: [&str; 7] = [
     "shim/autocast.cpp",
     "shim/foreach.cpp",
+    "shim/grad_hooks.cpp",
     "shim/kernels.cpp",
     "shim/op_counter.cpp",
     "shim/pinned.cpp",
@@ -27,8 +29,8 @@ fn main() {
     println!("cargo:rustc-env=MTL_LIBTORCH_LIB={lib}");
 
     // The C++ shim for what tch does not expose (bf16 autocast, fused optimisers and foreach ops,
-    // SyncBatchNorm's custom autograd function, pinned allocation, op counting), built against
-    // the same LibTorch headers and C++ ABI as torch-sys.
+    // SyncBatchNorm's custom autograd function, pinned allocation, op counting, gradient hooks),
+    // built against the same LibTorch headers and C++ ABI as torch-sys.
     let include = std::path::Path::new(&lib).join("../include");
     let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
     cc::Build::new()

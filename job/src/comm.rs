@@ -27,11 +27,24 @@ pub struct CommSection {
     pub timeout_ms: u64,
     /// Bound on connecting to peers when a generation starts (peers start at different times).
     pub setup_timeout_ms: u64,
+    /// All-reduce gradient buckets while backward runs, as soon as each is complete, where the
+    /// step allows it (the CPU ring, one plain backward pass, no SyncBatchNorm:
+    /// docs/ARCHITECTURE.md); otherwise after backward. It changes when values are reduced, not
+    /// what is trained: not part of the config hash, and left out of the written config at its
+    /// default.
+    #[serde(skip_serializing_if = "crate::schema::is_true")]
+    pub overlap: bool,
 }
 
 impl Default for CommSection {
     fn default() -> Self {
-        Self { backend: Backend::Auto, bucket_bytes: 25 << 20, timeout_ms: 60_000, setup_timeout_ms: 300_000 }
+        Self {
+            backend: Backend::Auto,
+            bucket_bytes: 25 << 20,
+            timeout_ms: 60_000,
+            setup_timeout_ms: 300_000,
+            overlap: true,
+        }
     }
 }
 

@@ -93,10 +93,10 @@ impl JobConfig {
     /// coordinator's store to detect a changed job. It leaves out the secret (`job.token`) and
     /// the sections that say where and how the job runs rather than what it trains
     /// (`[server]`, `[rendezvous]`, `[checkpoint]`, `data.max_unreadable_fraction`,
-    /// `data.cache_decoded`, and the kernel choices `train.cudnn_benchmark` and
-    /// `train.channels_last`), so a coordinator restarted on another port, with another world
-    /// size, another `keep_last`, a higher tolerance for unreadable images, the decoded-image
-    /// cache or a kernel choice switched still resumes.
+    /// `data.cache_decoded`, the kernel choices `train.cudnn_benchmark` and
+    /// `train.channels_last`, and `comm.overlap`), so a coordinator restarted on another port,
+    /// with another world size, another `keep_last`, a higher tolerance for unreadable images,
+    /// the decoded-image cache, a kernel choice or the gradient overlap switched still resumes.
     pub fn hash(&self) -> String {
         use sha2::Digest;
         let digest = sha2::Sha256::digest(self.trained_part().to_toml().as_bytes());
@@ -105,7 +105,8 @@ impl JobConfig {
 
     /// The part of the job that [`JobConfig::hash`] covers: this config with the token cleared
     /// and `[server]`, `[rendezvous]`, `[checkpoint]`, `data.max_unreadable_fraction`,
-    /// `data.cache_decoded`, `train.cudnn_benchmark` and `train.channels_last` at their defaults.
+    /// `data.cache_decoded`, `train.cudnn_benchmark`, `train.channels_last` and `comm.overlap` at
+    /// their defaults.
     pub fn trained_part(&self) -> JobConfig {
         let mut trained = self.clone();
         trained.job.token = JobToken::default();
@@ -117,6 +118,7 @@ impl JobConfig {
         let train = crate::TrainSection::default();
         (trained.train.cudnn_benchmark, trained.train.channels_last) =
             (train.cudnn_benchmark, train.channels_last);
+        trained.comm.overlap = crate::CommSection::default().overlap;
         trained
     }
 }

@@ -274,7 +274,7 @@ pub struct TrainSection {
     pub channels_last: bool,
 }
 
-fn is_true(value: &bool) -> bool {
+pub(crate) fn is_true(value: &bool) -> bool {
     *value
 }
 

@@ -124,6 +124,7 @@ fn hash_ignores_the_token_and_where_the_job_runs_but_not_what_it_trains() {
     other.server.tensorboard_dir = "off".into();
     other.train.cudnn_benchmark = false;
     other.train.channels_last = true;
+    other.comm.overlap = false;
     assert_eq!(cfg.hash(), other.hash());
     other.train.lr = 0.5;
     assert_ne!(cfg.hash(), other.hash());
@@ -189,4 +190,14 @@ fn gpu_kernel_switches_default_to_cudnn_benchmark_on_and_nchw() {
     assert!(cfg.train.cudnn_benchmark && !cfg.train.channels_last);
     let cfg = load("[job]\nname = \"a\"\n[train]\ncudnn_benchmark = false\nchannels_last = true\n").unwrap();
     assert!(!cfg.train.cudnn_benchmark && cfg.train.channels_last);
+}
+
+#[test]
+fn gradient_overlap_defaults_on_and_is_written_only_when_off() {
+    let cfg = load("[job]\nname = \"a\"\n").unwrap();
+    assert!(cfg.comm.overlap);
+    assert!(!cfg.to_toml().contains("overlap"), "left out at its default");
+    let off = load("[job]\nname = \"a\"\n[comm]\noverlap = false\n").unwrap();
+    assert!(!JobConfig::from_toml(&off.to_toml()).unwrap().comm.overlap, "kept when off");
+    assert_eq!(cfg.hash(), off.hash());
 }

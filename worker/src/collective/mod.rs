@@ -97,6 +97,12 @@ pub(crate) trait Collective: Send {
     fn all_reduce(&mut self, tensors: &mut [Tensor], op: ReduceOp) -> Result<(), CollectiveError>;
     /// Overwrites every tensor with rank `root`'s values.
     fn broadcast(&mut self, tensors: &mut [Tensor], root: usize) -> Result<(), CollectiveError>;
+    /// Whether the training step may all-reduce gradient buckets from a second thread while
+    /// backward runs (docs/ARCHITECTURE.md): the CPU ring, whose calls only touch the tensors
+    /// given. Not NCCL yet: its kernels would need ordering against autograd's stream.
+    fn overlaps_backward(&self) -> bool {
+        false
+    }
     /// Returns once every rank has entered it.
     #[cfg(test)]
     fn barrier(&mut self) -> Result<(), CollectiveError>;

@@ -114,6 +114,10 @@ impl Collective for RingCollective {
         })
     }
 
+    fn overlaps_backward(&self) -> bool {
+        true
+    }
+
     #[cfg(test)]
     fn barrier(&mut self) -> Result<(), CollectiveError> {
         self.ring.barrier()

@@ -47,6 +47,12 @@ impl Collective for SharedCollective {
         self.lock().broadcast(tensors, root)
     }
 
+    /// Never: it is shared because SyncBatchNorm layers call it inside backward, and a second
+    /// thread's calls would interleave with theirs in a different order on each rank.
+    fn overlaps_backward(&self) -> bool {
+        false
+    }
+
     #[cfg(test)]
     fn barrier(&mut self) -> Result<(), CollectiveError> {
         self.lock().barrier()

@@ -32,6 +32,9 @@ impl Collective for Traced {
     fn broadcast(&mut self, tensors: &mut [Tensor], root: usize) -> Result<(), CollectiveError> {
         self.traced(|c| c.broadcast(tensors, root))
     }
+    fn overlaps_backward(&self) -> bool {
+        self.inner.overlaps_backward()
+    }
     #[cfg(test)]
     fn barrier(&mut self) -> Result<(), CollectiveError> {
         self.traced(|c| c.barrier())

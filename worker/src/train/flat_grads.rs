@@ -50,6 +50,11 @@ impl FlatGrads {
         Ok(Some(FlatGrads { flat, shared: shared_n, model: model_n }))
     }
 
+    /// The whole buffer.
+    pub(crate) fn buffer(&self) -> &Tensor {
+        &self.flat
+    }
+
     /// Zeroes every gradient.
     pub(crate) fn zero(&mut self) -> Result<(), WorkerError> {
         let _ = self.flat.f_zero_()?;

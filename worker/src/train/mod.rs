@@ -2,14 +2,16 @@
 //!
 //! [`Trainer::step`] spells out one data-parallel step: zero grads → per-batch normalisers
 //! summed across ranks → forward → masked task losses → task weighting + backward → bucketed
-//! gradient all-reduce (mean) → clip → optimizer step → BatchNorm buffers broadcast from rank 0.
+//! gradient all-reduce (mean; on the CPU ring during backward: `overlap`) → clip → optimizer
+//! step → BatchNorm buffers broadcast from rank 0.
 //! Each rank scales its losses by the world size and divides by the GLOBAL normaliser, so the mean
 //! of the ranks' gradients is exactly the gradient one process computes on the union of their
 //! batches.
 //! Layout: `epochs` (the epoch loop both modes share), `eval` (metric statistics from a loader),
 //! `standalone` (`worker train --standalone`), `distributed` (`worker run`, driven by the
 //! coordinator), `regroup` (continuing in a new generation after a peer is lost), `checkpoint` (the run's state on disk: written, checked, resumed from),
-//! `unreadable` (the limit on training images the loader cannot read).
+//! `unreadable` (the limit on training images the loader cannot read), `flat_grads` (the one
+//! gradient buffer) and `overlap` (its all-reduce during backward).
 pub(crate) mod bench_step;
 pub(crate) mod checkpoint;
 pub(crate) mod distributed;
@@ -18,6 +20,7 @@ pub(crate) mod eval;
 mod flat_grads;
 pub(crate) mod job;
 pub(crate) mod losses;
+mod overlap;
 mod regroup;
 pub(crate) mod standalone;
 mod unreadable;
@@ -39,6 +42,20 @@ struct CollectiveReducer<'a>(&'a mut dyn Collective);
 impl Reducer for CollectiveReducer<'_> {
     fn all_reduce_mean(&mut self, tensors: &mut [Tensor]) -> Result<(), WorkerError> {
         Ok(self.0.all_reduce(tensors, ReduceOp::Mean)?)
+    }
+}
+
+/// The reducer of an overlapped backward, where the collective belongs to the thread reducing
+/// the gradients: only strategies that never reduce ([`TaskWeighting::single_backward`]) get it.
+struct NoReducer(&'static str);
+
+impl Reducer for NoReducer {
+    fn all_reduce_mean(&mut self, _: &mut [Tensor]) -> Result<(), WorkerError> {
+        Err(WorkerError::Weighting {
+            strategy: self.0,
+            message: "asked to all-reduce inside a backward pass overlapped with the gradient all-reduce"
+                .into(),
+        })
     }
 }
 
@@ -265,6 +282,11 @@ pub(crate) struct Trainer {
     params: StepParams,
     /// The gradients as views of one buffer, when the parameters allow it.
     flat: Option<flat_grads::FlatGrads>,
+    /// Reduces the buffer's buckets while backward runs, when the step and the collective
+    /// allow it ([`Self::plan_overlap`]).
+    overlap: Option<overlap::Overlap>,
+    /// `comm.bucket_bytes` when the job and the model allow overlap with any collective.
+    overlap_bucket_bytes: Option<usize>,
     clip_grad_norm: f64,
     step: u64,
     device: Device,
@@ -297,6 +319,13 @@ impl Trainer {
         } else {
             None
         };
+        // One plain backward pass, no SyncBatchNorm layers reducing inside it
+        // (docs/ARCHITECTURE.md); the collective is checked in `plan_overlap`.
+        let overlap_bucket_bytes = (flat.is_some()
+            && cfg.comm.overlap
+            && weighting.single_backward()
+            && model.sync_context().is_none())
+        .then_some(cfg.comm.bucket_bytes as usize);
         let mut trainer = Self {
             model,
             optimizer,
@@ -305,14 +334,31 @@ impl Trainer {
             collective,
             params,
             flat,
+            overlap: None,
+            overlap_bucket_bytes,
             clip_grad_norm: cfg.train.clip_grad_norm,
             step: 0,
             device,
             bf16: cfg.train.precision == mtl_job::Precision::Bf16,
             stop: None,
         };
+        trainer.plan_overlap()?;
         trainer.broadcast_state()?;
         Ok(trainer)
+    }
+
+    /// Reduces gradients during backward from now on when the job, the model and the current
+    /// collective allow it (see `overlap`), else after backward. Every condition is the same on
+    /// every rank of a generation.
+    fn plan_overlap(&mut self) -> Result<(), WorkerError> {
+        self.overlap = None; // removes the hooks before new ones are set
+        if let (Some(flat), Some(bucket_bytes)) = (&self.flat, self.overlap_bucket_bytes) {
+            if self.collective.world_size() > 1 && self.collective.overlaps_backward() {
+                self.overlap =
+                    Some(overlap::Overlap::new(&self.params.reduced, flat.buffer(), bucket_bytes)?);
+            }
+        }
+        Ok(())
     }
 
     /// Every step tells the other ranks whether `stop` was requested on this one (see
@@ -440,17 +486,24 @@ impl Trainer {
         let scaled = losses.map(|_, l| l * world);
         let StepParams { shared, heads, gradnorm_layer, reduced, all } = &self.params;
         let params = Params { shared, heads, gradnorm_layer: Some(gradnorm_layer) };
-        let report =
-            self.weighting.backward(&scaled, params, &mut CollectiveReducer(self.collective.as_mut()))?;
-
+        // With overlap, the gradients are reduced while backward runs.
+        let (weighting, collective) = (&mut self.weighting, self.collective.as_mut());
+        let report = match &mut self.overlap {
+            Some(overlap) => {
+                let name = weighting.strategy_name();
+                overlap.backward(collective, || weighting.backward(&scaled, params, &mut NoReducer(name)))?
+            }
+            None => weighting.backward(&scaled, params, &mut CollectiveReducer(collective))?,
+        };
         // Every rank all-reduces every gradient, also of heads without labels this step.
         let skip_shared = self.weighting.reduces_shared_grads();
-        let mut grads = match &self.flat {
-            Some(flat) => vec![flat.to_reduce(skip_shared)?],
-            None => ensure_grads(if skip_shared { &reduced[shared.len()..] } else { &reduced[..] })?,
+        let mut grads = match (&self.flat, &self.overlap) {
+            (_, Some(_)) => Vec::new(),
+            (Some(flat), None) => vec![flat.to_reduce(skip_shared)?],
+            (None, None) => ensure_grads(if skip_shared { &reduced[shared.len()..] } else { &reduced[..] })?,
         };
-        // The per-task losses ride in the same all-reduce as the gradients (their mean over
-        // ranks is the global loss: each rank holds N x its share).
+        // The per-task losses ride in the same all-reduce as the gradients, or follow the
+        // overlapped ones (their mean over ranks is the global loss: each rank holds N x its share).
         let present: Vec<Task> = scaled.iter().map(|(t, _)| t).collect();
         let values: Vec<Tensor> =
             scaled.iter().map(|(_, l)| l.f_detach()?.f_to_kind(Kind::Float)).collect::<Result<_, _>>()?;

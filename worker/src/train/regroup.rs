@@ -94,13 +94,13 @@ pub(crate) fn start_generation(
             })
         }
         (None, Some(from), None) => {
-            trainer.use_collective(collective);
+            trainer.use_collective(collective)?;
             let dir = cfg.checkpoint.dir_path(&cfg.job.name);
             checkpoint::open_committed(&dir, &dir.join(&from.path), from.step)?
                 .restore(trainer, cfg, train)?
         }
         (None, None, None) => {
-            trainer.use_collective(collective);
+            trainer.use_collective(collective)?;
             trainer.broadcast_state()?;
             Position::default()
         }
@@ -112,12 +112,16 @@ pub(crate) fn start_generation(
 impl Trainer {
     /// Drops the collective (closing its connections); the trainer keeps its state.
     pub(crate) fn abort_collective(&mut self) {
-        self.use_collective(Box::new(LocalCollective));
+        self.overlap = None;
+        self.collective =
+            crate::model::sync_batch_norm::share_collective(&self.model, Box::new(LocalCollective));
     }
 
-    /// Trains with `collective` from now on (SyncBatchNorm layers too).
-    pub(crate) fn use_collective(&mut self, collective: Box<dyn Collective>) {
+    /// Trains with `collective` from now on (SyncBatchNorm layers too), reducing gradients
+    /// during backward where it allows.
+    pub(crate) fn use_collective(&mut self, collective: Box<dyn Collective>) -> Result<(), WorkerError> {
         self.collective = crate::model::sync_batch_norm::share_collective(&self.model, collective);
+        self.plan_overlap()
     }
 
     /// Trains with `collective` from now on, every rank starting from rank `root`'s whole state:
@@ -130,7 +134,7 @@ impl Trainer {
         root: usize,
         at: Position,
     ) -> Result<Position, WorkerError> {
-        self.use_collective(collective);
+        self.use_collective(collective)?;
         if self.collective.world_size() == 1 {
             return Ok(at);
         }

@@ -36,6 +36,10 @@ loader_threads = 1
 [model]
 backbone = "tiny"
 norm = "group"
+# Small buckets: the gradients of the tiny model reduce in many buckets, overlapped with
+# backward (`comm.overlap` is on by default) on 2 and 3 ranks.
+[comm]
+bucket_bytes = 16384
 [train]
 steps = {STEPS}
 lr = 0.01
@@ -95,6 +99,31 @@ fn train_parameters(cfg: &JobConfig, initial: &MultiTaskModel, world: usize, bat
 /// Trains `STEPS` steps on `world` ranks (threads over the real ring) with per-rank batch
 /// `batch`, every rank starting from `initial`'s weights; returns what every rank ended with.
 fn train_ranks(cfg: &JobConfig, initial: &MultiTaskModel, world: usize, batch: u32) -> Vec<Trained> {
+    train_ranks_with(cfg, initial, world, batch, RankSetup::default())
+}
+
+/// What [`train_ranks_with`] changes on every rank beyond the job.
+#[derive(Debug, Default, Clone, Copy)]
+struct RankSetup {
+    /// Adds to the classification head a parameter no loss uses: backward never gives it a
+    /// gradient (its hook never fires), yet it is reduced and updated like the others.
+    unused_param: bool,
+    /// Makes each hook that completes a gradient bucket wait until the overlap thread has
+    /// reduced it (see `Overlap::hold_backward_for_reduces`).
+    hold_for_reduces: bool,
+}
+
+/// The name of [`RankSetup::unused_param`].
+const UNUSED: &str = "heads.classification.unused";
+
+/// [`train_ranks`], with every rank set up as `setup` says.
+fn train_ranks_with(
+    cfg: &JobConfig,
+    initial: &MultiTaskModel,
+    world: usize,
+    batch: u32,
+    setup: RankSetup,
+) -> Vec<Trained> {
     let train = OrderedSplit::new(open_dataset(&cfg.data, Split::Train, cfg.job.seed).unwrap().unwrap());
     let info = train.dataset.info.clone();
     // Copied, not re-seeded: LibTorch's RNG is shared with every test running concurrently.
@@ -102,6 +131,10 @@ fn train_ranks(cfg: &JobConfig, initial: &MultiTaskModel, world: usize, batch: u
         .map(|_| {
             let mut m = MultiTaskModel::new(&cfg.model, &cfg.tasks, &info, Device::Cpu).unwrap();
             m.var_store_mut().copy(initial.var_store()).unwrap();
+            if setup.unused_param {
+                let path = m.var_store().root() / "heads" / "classification";
+                let _ = path.var("unused", &[5], tch::nn::Init::Const(0.5));
+            }
             m
         })
         .collect();
@@ -121,6 +154,9 @@ fn train_ranks(cfg: &JobConfig, initial: &MultiTaskModel, world: usize, batch: u
                     let ring = Ring::for_tests(rank, addrs, listener, t);
                     let mut trainer =
                         Trainer::new(cfg, model, Box::new(RingCollective::new(ring, 1 << 20))).unwrap();
+                    if let (true, Some(overlap)) = (setup.hold_for_reduces, &trainer.overlap) {
+                        overlap.hold_backward_for_reduces();
+                    }
                     let shard = sharding::train_shard(sharding::ShardSpec {
                         samples: train.ids.len() as u64,
                         seed: cfg.job.seed,
@@ -135,11 +171,14 @@ fn train_ranks(cfg: &JobConfig, initial: &MultiTaskModel, world: usize, batch: u
                     // FCOS targets built by the loader threads, as in training.
                     let lc = LoaderConfig::from_section(&cfg.data, batch as usize, true, cfg.job.seed, 0)
                         .for_training(&trainer.model);
-                    let mut losses = Vec::new();
+                    let (mut losses, mut overlapped) = (Vec::new(), Vec::new());
                     for b in Loader::new(train.dataset.clone(), &ids, lc).unwrap().take(STEPS as usize) {
                         losses.push(trainer.step(&b.unwrap()).unwrap().read().unwrap().losses);
+                        if let Some(overlap) = &trainer.overlap {
+                            overlapped.push(overlap.reduced_during_backward());
+                        }
                     }
-                    Trained { params: trainer.model.parameters(), losses, model: trainer.model }
+                    Trained { params: trainer.model.parameters(), losses, overlapped, model: trainer.model }
                 })
             })
             .collect();
@@ -152,6 +191,9 @@ struct Trained {
     params: Vec<(String, Tensor)>,
     /// The losses each step reported (averaged over ranks).
     losses: Vec<crate::task::TaskValues>,
+    /// Per step, when the gradients were reduced during backward: per bucket, whether its
+    /// all-reduce started before backward returned. Empty without overlap.
+    overlapped: Vec<Vec<bool>>,
     /// The rank's model.
     model: MultiTaskModel,
 }
@@ -604,6 +646,7 @@ fn labels_outside_the_models_label_space_are_an_error_not_a_panic() {
     assert!(!message.contains("Exception raised from"), "no C++ stack trace: {message}");
 }
 
+mod overlapped;
 mod unreadable;
 
 /// One counted training step (after a first, uncounted one) and the reading of its report:

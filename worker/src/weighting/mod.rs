@@ -206,6 +206,13 @@ impl TaskWeighting {
         matches!(self.strategy, Strategy::PcGrad(_))
     }
 
+    /// Whether [`Self::backward`] is one plain backward pass that never calls its reducer
+    /// (fixed, uncertainty, DWA): then the trainer may reduce gradients while it runs. GradNorm
+    /// and PCGrad run a pass per task and reduce in between.
+    pub(crate) fn single_backward(&self) -> bool {
+        matches!(self.strategy, Strategy::Fixed | Strategy::Uncertainty(_) | Strategy::Dwa(_))
+    }
+
     /// Adds one step's per-task losses (0-dim tensors, not read here) to DWA's running means
     /// of the epoch; the values must be the same on every rank (reduced, as the trainer reports
     /// them). Other strategies ignore them.
@@ -259,7 +266,7 @@ impl TaskWeighting {
         }
     }
 
-    fn strategy_name(&self) -> &'static str {
+    pub(crate) fn strategy_name(&self) -> &'static str {
         match self.strategy {
             Strategy::Fixed => "fixed",
             Strategy::Uncertainty(_) => "uncertainty",
