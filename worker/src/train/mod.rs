@@ -448,8 +448,7 @@ impl Trainer {
 
     /// One optimizer step on this rank's `batch` (the ranks' batches together form the global
     /// batch). The reported losses are averaged over ranks. Nothing in the step reads a value
-    /// from the device (see [`StepReport::read`]), with one exception: GradNorm and PCGrad
-    /// decide on the host (docs/PERFORMANCE.md).
+    /// from the device (see [`StepReport::read`]), whatever the weighting strategy.
     pub(crate) fn step(&mut self, batch: &Batch) -> Result<StepReport, WorkerError> {
         let world = self.collective.world_size() as f64;
         let batch = batch.to_device(self.device)?;

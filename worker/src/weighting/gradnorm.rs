@@ -11,12 +11,12 @@
 //!
 //! Per-task gradients at `W` and the loss values are reduced across ranks before any of this,
 //! so every rank computes the same weights.
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use super::grads::task_grads;
-use super::{values_from, values_tensor, weighted_backward, Reducer, WeightReport};
+use super::{values_from, values_tensor, Reducer, TaskTensors, WeightReport};
 use crate::optim::load_entries;
-use crate::task::{Task, TaskValues};
+use crate::task::Task;
 use crate::WorkerError;
 
 /// Weights are clamped to at least this before renormalising, so a task is never switched off
@@ -29,16 +29,20 @@ const INITIAL_LOSSES: &str = "weighting.gradnorm.initial_losses";
 pub(super) struct GradNorm {
     alpha: f64,
     lr: f64,
-    weights: [f64; 3],
-    /// `L_i(0)`, NaN until the task's first step.
-    initial_losses: [f64; 3],
+    /// `w_t`, a `[3]` f64 tensor on the device, in [`Task::ALL`] order.
+    weights: Tensor,
+    /// `L_t(0)`, a `[3]` f64 tensor on the device: NaN until the task's first step.
+    initial_losses: Tensor,
 }
 
 impl GradNorm {
-    pub(super) fn new(alpha: f64, lr: f64) -> Self {
-        Self { alpha, lr, weights: [1.0; 3], initial_losses: [f64::NAN; 3] }
+    pub(super) fn new(alpha: f64, lr: f64, device: Device) -> Self {
+        let on_device = |v: &[f64; 3]| values_tensor(v).to_device(device);
+        Self { alpha, lr, weights: on_device(&[1.0; 3]), initial_losses: on_device(&[f64::NAN; 3]) }
     }
 
+    /// Everything is computed on the device (nothing is read): the norms, the weights' update
+    /// (a branch-free `sign`), the renormalisation.
     pub(super) fn backward(
         &mut self,
         present: &[(Task, &Tensor)],
@@ -57,65 +61,83 @@ impl GradNorm {
             .collect::<Result<Vec<_>, _>>()?;
         reduced.push(Tensor::f_stack(&loss_values, 0)?);
         reducer.all_reduce_mean(&mut reduced)?;
-        let losses = Vec::<f64>::try_from(reduced.pop().expect("pushed above"))?;
-        let norms = reduced.iter().map(|g| g.f_norm()?.f_double_value(&[])).collect::<Result<Vec<_>, _>>()?;
+        let losses = reduced.pop().expect("pushed above");
+        let norms =
+            reduced.iter().map(|g| g.f_norm()?.f_to_kind(Kind::Double)).collect::<Result<Vec<_>, _>>()?;
+        let norms = Tensor::f_stack(&norms, 0)?;
+
+        // The present tasks' entries of the per-task state.
+        let index: Vec<i64> = present.iter().map(|(t, _)| t.index() as i64).collect();
+        let index = crate::train::upload(&Tensor::from_slice(&index), self.weights.device())?;
+        let weights = self.weights.f_index_select(0, &index)?;
 
         // The model's gradient with the weights of this step, then the weights' own update.
-        let mut report = weighted_backward(present, |t| self.weights[t.index()])?;
-        self.update_weights(present, &losses, &norms);
-        let mut grad_norms = TaskValues::default();
-        for (&(task, _), &n) in present.iter().zip(&norms) {
-            grad_norms.set(task, n);
+        let mut total: Option<Tensor> = None;
+        let mut report_weights = TaskTensors::default();
+        let mut grad_norms = TaskTensors::default();
+        for (j, &(task, loss)) in present.iter().enumerate() {
+            let w = weights.f_get(j as i64)?;
+            // As a scalar factor would be: in the loss's dtype.
+            let term = loss.f_mul(&w.f_to_kind(loss.kind())?)?;
+            total = Some(match total {
+                Some(t) => t.f_add(&term)?,
+                None => term,
+            });
+            report_weights.set(task, w);
+            grad_norms.set(task, norms.f_get(j as i64)?);
         }
-        report.grad_norms = super::host_tensors(&grad_norms);
-        Ok(report)
+        let total = total.expect("present is not empty");
+        if total.requires_grad() {
+            total.f_backward()?;
+        }
+        self.update_weights(&index, &weights, &losses, &norms)?;
+        Ok(WeightReport { weights: report_weights, total_loss: total.f_detach()?, grad_norms })
     }
 
-    /// One step on `L_grad` given the reduced loss values and gradient norms `n_i` of the
-    /// present tasks.
-    fn update_weights(&mut self, present: &[(Task, &Tensor)], losses: &[f64], norms: &[f64]) {
-        let k = present.len() as f64;
-        let idx: Vec<usize> = present.iter().map(|(t, _)| t.index()).collect();
-        for (&i, &l) in idx.iter().zip(losses) {
-            if self.initial_losses[i].is_nan() {
-                self.initial_losses[i] = l;
-            }
-        }
-        let g: Vec<f64> = idx.iter().zip(norms).map(|(&i, n)| self.weights[i] * n).collect();
-        let g_mean = g.iter().sum::<f64>() / k;
-        let relative: Vec<f64> =
-            idx.iter().zip(losses).map(|(&i, l)| l / self.initial_losses[i].max(f64::MIN_POSITIVE)).collect();
-        let relative_mean = relative.iter().sum::<f64>() / k;
-        for (j, &i) in idx.iter().enumerate() {
-            let target = g_mean * (relative[j] / relative_mean).powf(self.alpha);
-            let diff = g[j] - target;
-            let sign = if diff > 0.0 {
-                1.0
-            } else if diff < 0.0 {
-                -1.0
-            } else {
-                0.0
-            };
-            self.weights[i] = (self.weights[i] - self.lr * sign * norms[j]).max(MIN_WEIGHT);
-        }
-        let sum: f64 = idx.iter().map(|&i| self.weights[i]).sum();
-        for &i in &idx {
-            self.weights[i] *= k / sum;
-        }
+    /// One step on `L_grad` for the present tasks (`index`), given their current `weights`, the
+    /// reduced loss values and gradient norms `n_i`.
+    fn update_weights(
+        &mut self,
+        index: &Tensor,
+        weights: &Tensor,
+        losses: &Tensor,
+        norms: &Tensor,
+    ) -> Result<(), WorkerError> {
+        let k = index.numel() as f64;
+        // A task's first step sets its initial loss.
+        let initial = self.initial_losses.f_index_select(0, index)?;
+        let initial = losses.f_where_self(&initial.f_isnan()?, &initial)?;
+        let _ = self.initial_losses.f_index_copy_(0, index, &initial)?;
+        let g = weights.f_mul(norms)?;
+        let g_mean = g.f_sum(Kind::Double)?.f_div_scalar(k)?;
+        let relative = losses.f_div(&initial.f_clamp_min(f64::MIN_POSITIVE)?)?;
+        let relative_mean = relative.f_sum(Kind::Double)?.f_div_scalar(k)?;
+        let target = g_mean.f_mul(&relative.f_div(&relative_mean)?.f_pow_tensor_scalar(self.alpha)?)?;
+        let sign = g.f_sub(&target)?.f_sign()?;
+        let updated = weights.f_sub(&sign.f_mul(norms)?.f_mul_scalar(self.lr)?)?.f_clamp_min(MIN_WEIGHT)?;
+        let sum = updated.f_sum(Kind::Double)?;
+        let renormalised = updated.f_mul(&sum.f_full_like(k)?.f_div(&sum)?)?;
+        let _ = self.weights.f_index_copy_(0, index, &renormalised)?;
+        Ok(())
     }
 
-    pub(super) fn state_dict(&self) -> Vec<(String, Tensor)> {
-        vec![
-            (WEIGHTS.into(), values_tensor(&self.weights)),
-            (INITIAL_LOSSES.into(), values_tensor(&self.initial_losses)),
-        ]
+    pub(super) fn state_dict(&self) -> Result<Vec<(String, Tensor)>, WorkerError> {
+        let on_host = |t: &Tensor| -> Result<Tensor, WorkerError> { Ok(values_tensor(&values_from(t)?)) };
+        Ok(vec![
+            (WEIGHTS.into(), on_host(&self.weights)?),
+            (INITIAL_LOSSES.into(), on_host(&self.initial_losses)?),
+        ])
     }
 
     pub(super) fn load_state_dict(&mut self, state: &[(String, Tensor)]) -> Result<(), WorkerError> {
-        let (mut w, mut l0) = (values_tensor(&self.weights), values_tensor(&self.initial_losses));
+        let device = self.weights.device();
+        let (mut w, mut l0) = (values_tensor(&[1.0; 3]), values_tensor(&[f64::NAN; 3]));
         load_entries("weighting", &mut [(WEIGHTS.into(), &mut w), (INITIAL_LOSSES.into(), &mut l0)], state)?;
-        self.weights = values_from(&w)?;
-        self.initial_losses = values_from(&l0)?;
+        let on_device = |t: &Tensor| -> Result<Tensor, WorkerError> {
+            Ok(values_tensor(&values_from(t)?).f_to_device(device)?)
+        };
+        self.weights = on_device(&w)?;
+        self.initial_losses = on_device(&l0)?;
         Ok(())
     }
 }

@@ -140,7 +140,7 @@ impl TaskWeighting {
             }
             WeightingStrategy::Dwa => Strategy::Dwa(Dwa::new(cfg.dwa_temperature)),
             WeightingStrategy::Gradnorm => {
-                Strategy::GradNorm(GradNorm::new(cfg.gradnorm_alpha, cfg.gradnorm_lr))
+                Strategy::GradNorm(GradNorm::new(cfg.gradnorm_alpha, cfg.gradnorm_lr, device))
             }
             WeightingStrategy::Pcgrad => Strategy::PcGrad(PcGrad::new(seed)),
         };
@@ -248,7 +248,7 @@ impl TaskWeighting {
             Strategy::Fixed => Vec::new(),
             Strategy::Uncertainty(log_var) => vec![(LOG_VAR.into(), log_var.detach().copy())],
             Strategy::Dwa(dwa) => dwa.state_dict()?,
-            Strategy::GradNorm(gn) => gn.state_dict(),
+            Strategy::GradNorm(gn) => gn.state_dict()?,
             Strategy::PcGrad(pc) => pc.state_dict(),
         })
     }
