@@ -92,7 +92,10 @@ pub fn run(
     on_progress: crate::OnProgress<'_>,
 ) -> Result<PredictSummary, WorkerError> {
     let loaded = checkpoint::open(checkpoint_dir)?;
-    let mut model = MultiTaskModel::new(&loaded.cfg.model, &loaded.cfg.tasks, &loaded.info, device)?;
+    // Under the generator's lock (see `with_seed`): the checkpoint's values replace the initial ones.
+    let mut model = crate::model::with_seed(0, || {
+        MultiTaskModel::new(&loaded.cfg.model, &loaded.cfg.tasks, &loaded.info, device)
+    })?;
     loaded.load_model(&mut model)?;
     let size = loaded.cfg.data.image_size;
     let Inputs { images: inputs, coco_categories } = list_inputs(input, image_root)?;

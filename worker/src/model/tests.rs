@@ -61,7 +61,10 @@ fn parameters_split_into_shared_and_per_task_groups() {
 #[test]
 fn dataset_mismatch_names_the_key() {
     let tasks = TasksSection { multi_label: true, ..TasksSection::default() };
-    let err = MultiTaskModel::new(&ModelSection::default(), &tasks, &test_info(), Device::Cpu).unwrap_err();
+    let err = crate::model::with_seed(0, || {
+        MultiTaskModel::new(&ModelSection::default(), &tasks, &test_info(), Device::Cpu)
+    })
+    .unwrap_err();
     assert!(err.to_string().contains("tasks.multi_label"), "{err}");
 }
 
@@ -127,7 +130,10 @@ fn a_step_runs_on_the_available_device() {
 #[test]
 fn frozen_batch_norm_is_neither_trained_nor_updated() {
     let frozen = ModelSection { norm: mtl_job::NormKind::FrozenBatch, ..ModelSection::default() };
-    let model = MultiTaskModel::new(&frozen, &TasksSection::default(), &test_info(), Device::Cpu).unwrap();
+    let model = crate::model::with_seed(0, || {
+        MultiTaskModel::new(&frozen, &TasksSection::default(), &test_info(), Device::Cpu)
+    })
+    .unwrap();
     let names: Vec<String> = model.shared_parameters().into_iter().map(|(n, _)| n).collect();
     assert!(names.iter().all(|n| !n.contains("bn") && !n.contains("downsample.1")), "{names:?}");
     assert!(model.var_store().variables().contains_key("backbone.layer2.0.downsample.1.running_var"));
@@ -138,8 +144,10 @@ fn frozen_batch_norm_is_neither_trained_nor_updated() {
     assert!(first.equal(&second), "train mode must not change frozen statistics");
 
     let batch_norm = ModelSection { norm: mtl_job::NormKind::Batch, ..ModelSection::default() };
-    let model =
-        MultiTaskModel::new(&batch_norm, &TasksSection::default(), &test_info(), Device::Cpu).unwrap();
+    let model = crate::model::with_seed(0, || {
+        MultiTaskModel::new(&batch_norm, &TasksSection::default(), &test_info(), Device::Cpu)
+    })
+    .unwrap();
     let mean = || model.var_store().variables()["backbone.bn1.running_mean"].copy();
     let before = mean();
     let _ = model.forward(&x, true).unwrap();

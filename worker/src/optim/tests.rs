@@ -357,22 +357,24 @@ mod per_parameter {
 /// Parameters of mixed shapes (conv weight, biases, a 1-D scale, a 0-dim scalar, a matrix) with
 /// random values; the last two get gradients late or never.
 fn mixed_params(seed: i64) -> Vec<(String, Tensor)> {
-    tch::manual_seed(seed);
-    let shapes: [(&str, &[i64]); 7] = [
-        ("conv.weight", &[4, 3, 3, 3]),
-        ("conv.bias", &[4]),
-        ("bn.weight", &[4]),
-        ("task.log_var", &[]),
-        ("fc.weight", &[5, 6]),
-        ("late.weight", &[2, 3]),
-        ("unused.bias", &[3]),
-    ];
-    shapes
-        .iter()
-        .map(|(name, shape)| {
-            (name.to_string(), Tensor::randn(*shape, (Kind::Float, Device::Cpu)).set_requires_grad(true))
-        })
-        .collect()
+    // Under the generator's lock, so the same seed gives the same values while other tests draw.
+    crate::model::with_seed(seed, || {
+        let shapes: [(&str, &[i64]); 7] = [
+            ("conv.weight", &[4, 3, 3, 3]),
+            ("conv.bias", &[4]),
+            ("bn.weight", &[4]),
+            ("task.log_var", &[]),
+            ("fc.weight", &[5, 6]),
+            ("late.weight", &[2, 3]),
+            ("unused.bias", &[3]),
+        ];
+        shapes
+            .iter()
+            .map(|(name, shape)| {
+                (name.to_string(), Tensor::randn(*shape, (Kind::Float, Device::Cpu)).set_requires_grad(true))
+            })
+            .collect()
+    })
 }
 
 /// Copies of `params` (same values, fresh leaves without gradients).
@@ -425,14 +427,17 @@ fn fused_updates_equal_the_per_parameter_updates_over_several_steps() {
         let mut moments: Vec<(Tensor, Tensor, i32)> =
             reference.iter().map(|p| (p.tensor.zeros_like(), p.tensor.zeros_like(), 0)).collect();
         for (step, lr) in [0.1, 0.05, 0.2, 0.02, 0.1].into_iter().enumerate() {
-            let grads: Vec<Option<Tensor>> = fused_params
-                .iter()
-                .map(|(name, p)| match name.as_str() {
-                    "unused.bias" => None,
-                    "late.weight" if step < 2 => None,
-                    _ => Some(Tensor::randn(p.size(), (Kind::Float, Device::Cpu))),
-                })
-                .collect();
+            // Every draw from LibTorch's one generator under its lock (`with_seed`).
+            let grads: Vec<Option<Tensor>> = crate::model::with_seed(100 * case as i64 + step as i64, || {
+                fused_params
+                    .iter()
+                    .map(|(name, p)| match name.as_str() {
+                        "unused.bias" => None,
+                        "late.weight" if step < 2 => None,
+                        _ => Some(Tensor::randn(p.size(), (Kind::Float, Device::Cpu))),
+                    })
+                    .collect()
+            });
             give_grads([&fused_params, &ref_params], &grads);
             opt.step(lr).unwrap();
             match *config {
@@ -467,9 +472,10 @@ fn fused_updates_equal_the_per_parameter_updates_over_several_steps() {
 
 #[test]
 fn foreach_ops_match_per_tensor_ops() {
-    tch::manual_seed(3);
     let shapes: [&[i64]; 4] = [&[4, 3, 3, 3], &[4], &[], &[0]];
-    let tensors: Vec<Tensor> = shapes.iter().map(|s| Tensor::randn(*s, (Kind::Float, Device::Cpu))).collect();
+    let tensors: Vec<Tensor> = crate::model::with_seed(3, || {
+        shapes.iter().map(|s| Tensor::randn(*s, (Kind::Float, Device::Cpu))).collect()
+    });
     let before: Vec<Vec<f64>> = tensors.iter().map(values).collect();
 
     let norms = fused::foreach_norm(&tensors).unwrap();

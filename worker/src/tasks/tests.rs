@@ -291,7 +291,10 @@ fn multi_label_classification_masks_unlabelled_rows() {
     let tasks =
         TasksSection { multi_label: true, detection: false, segmentation: false, ..TasksSection::default() };
     let info = DatasetInfo { multi_label: true, ..test_info() };
-    let model = MultiTaskModel::new(&ModelSection::default(), &tasks, &info, Device::Cpu).unwrap();
+    let model = crate::model::with_seed(0, || {
+        MultiTaskModel::new(&ModelSection::default(), &tasks, &info, Device::Cpu)
+    })
+    .unwrap();
     let mut batch = test_batch(&[(true, false, false), (false, false, false)], 6);
     batch.class_target = ClassTarget::Multi(Tensor::from_slice2(&[[1f32, 0., 1., 0.], [1., 1., 1., 1.]]));
     let (_, losses) = total_loss(&model, &batch, None);

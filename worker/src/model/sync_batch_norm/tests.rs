@@ -279,7 +279,10 @@ fn sync_batch_models_have_batch_norm_names_and_running_buffers() {
     let build = |norm| {
         let section = mtl_job::ModelSection { norm, ..Default::default() };
         let tasks = mtl_job::TasksSection::default();
-        MultiTaskModel::new(&section, &tasks, &crate::tasks::tests::test_info(), Device::Cpu).unwrap()
+        crate::model::with_seed(0, || {
+            MultiTaskModel::new(&section, &tasks, &crate::tasks::tests::test_info(), Device::Cpu)
+        })
+        .unwrap()
     };
     let shapes = |m: &MultiTaskModel| {
         let mut v: Vec<_> =

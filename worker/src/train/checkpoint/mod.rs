@@ -399,7 +399,11 @@ pub fn evaluate(
 ) -> Result<std::collections::BTreeMap<String, f64>, WorkerError> {
     let ckpt = open(path)?;
     let cfg = &ckpt.cfg;
-    let mut model = crate::model::MultiTaskModel::new(&cfg.model, &cfg.tasks, &ckpt.info, device)?;
+    // Under the generator's lock: the initial values are overwritten, but drawing them must not
+    // interleave with a seeded build elsewhere in the process.
+    let mut model = crate::model::with_seed(0, || {
+        crate::model::MultiTaskModel::new(&cfg.model, &cfg.tasks, &ckpt.info, device)
+    })?;
     ckpt.load_model(&mut model)?;
     let val = crate::data::open_dataset(&cfg.data, crate::data::Split::Val, cfg.job.seed)?
         .map(crate::data::OrderedSplit::new)
