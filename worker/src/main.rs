@@ -262,7 +262,33 @@ fn parse_preset(text: &str) -> Result<SyntheticPreset, String> {
     }
 }
 
+/// glibc's allocator gives every block above its mmap threshold (128 KiB at first) a mapping of
+/// its own and hands freed memory at the top of a heap back to the kernel. A training step
+/// frees and allocates the same activations every step, so both mean fresh pages and a page
+/// fault for each of their 4 KiB, every step, and unmapping interrupts the other threads of the
+/// process to flush their TLBs. Blocks up to 32 MiB now come from the heaps, which keep up to
+/// 1 GiB of freed memory for reuse (docs/PERFORMANCE.md: 4x fewer page faults, a quarter less
+/// CPU time per tiny-model step). Left alone when the environment tunes the allocator itself.
+fn keep_freed_memory_for_reuse() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        let tuned = std::env::vars_os().any(|(k, _)| {
+            let k = k.to_string_lossy();
+            k == "GLIBC_TUNABLES" || k.starts_with("MALLOC_")
+        });
+        if !tuned {
+            // SAFETY: mallopt only sets allocator parameters; it is called before any other thread
+            // exists.
+            unsafe {
+                libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+                libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+            }
+        }
+    }
+}
+
 fn main() -> ExitCode {
+    keep_freed_memory_for_reuse();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
