@@ -47,5 +47,6 @@ fn main() {
     for file in SHIM_FILES {
         println!("cargo:rerun-if-changed={file}");
     }
+    println!("cargo:rerun-if-changed=shim/guard.h");
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
 }

@@ -10,6 +10,8 @@
 #include <ATen/ATen.h>
 #include <c10/core/GradMode.h>
 
+#include "guard.h"
+
 #include <cstddef>
 #include <cstring>
 #include <exception>
@@ -18,13 +20,7 @@
 
 namespace {
 
-void write_message(const char* message, char* err, size_t err_len) {
-  if (err == nullptr || err_len == 0) {
-    return;
-  }
-  std::strncpy(err, message, err_len - 1);
-  err[err_len - 1] = '\0';
-}
+using mtl_shim::guarded;
 
 std::vector<at::Tensor> list(const at::Tensor* const* tensors, size_t n) {
   std::vector<at::Tensor> out;
@@ -35,21 +31,6 @@ std::vector<at::Tensor> list(const at::Tensor* const* tensors, size_t n) {
   return out;
 }
 
-// Runs `f`, turning any exception into status 1 and a message prefixed with `op`.
-template <typename F>
-int guarded(const char* op, char* err, size_t err_len, F&& f) {
-  try {
-    f();
-    return 0;
-  } catch (const c10::Error& e) {
-    write_message((std::string(op) + ": " + e.what_without_backtrace()).c_str(), err, err_len);
-  } catch (const std::exception& e) {
-    write_message((std::string(op) + ": " + e.what()).c_str(), err, err_len);
-  } catch (...) {
-    write_message(op, err, err_len);
-  }
-  return 1;
-}
 
 }  // namespace
 

@@ -14,6 +14,8 @@
 #include <torch/csrc/autograd/function_hook.h>
 #include <torch/csrc/autograd/variable.h>
 
+#include "guard.h"
+
 #include <cstddef>
 #include <cstring>
 #include <exception>
@@ -41,28 +43,7 @@ struct CallBack final : torch::autograd::PostAccumulateGradHook {
   size_t index_;
 };
 
-void write_message(const std::string& message, char* err, size_t err_len) {
-  if (err == nullptr || err_len == 0) {
-    return;
-  }
-  std::strncpy(err, message.c_str(), err_len - 1);
-  err[err_len - 1] = '\0';
-}
-
-template <typename F>
-int guarded(const char* op, char* err, size_t err_len, F&& f) {
-  try {
-    f();
-    return 0;
-  } catch (const c10::Error& e) {
-    write_message(std::string(op) + ": " + e.what_without_backtrace(), err, err_len);
-  } catch (const std::exception& e) {
-    write_message(std::string(op) + ": " + e.what(), err, err_len);
-  } catch (...) {
-    write_message(op, err, err_len);
-  }
-  return 1;
-}
+using mtl_shim::guarded;
 
 }  // namespace
 

@@ -26,6 +26,8 @@
 #include <string>
 #include <vector>
 
+#include "guard.h"
+
 extern "C" {
 // Sums `t` (a new handle the callee owns and frees) in place across ranks; returns 0 on success,
 // otherwise writes a NUL-terminated message of at most `err_len` bytes into `err`.
@@ -39,13 +41,7 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::tensor_list;
 
-void write_message(const char* message, char* err, size_t err_len) {
-  if (err == nullptr || err_len == 0) {
-    return;
-  }
-  std::strncpy(err, message, err_len - 1);
-  err[err_len - 1] = '\0';
-}
+using mtl_shim::write_message;
 
 // The Rust side of the reduction. Saved in the graph node so that backward can reach it; the
 // shared_ptr keeps the Rust context alive until the node is freed.

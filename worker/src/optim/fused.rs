@@ -106,7 +106,7 @@ where
         return Ok(());
     }
     let (p, g, b) = (ptrs(params), ptrs(grads), ptrs(buffers));
-    call(|err, len| {
+    call_shim(|err, len| {
         // SAFETY: the lists hold `n` (`b.len()`) live tensor pointers for the duration of the call.
         unsafe {
             mtl_fused_sgd_(
@@ -156,7 +156,7 @@ where
     }
     let (p, g, m, v, s) = (ptrs(params), ptrs(grads), ptrs(exp_avgs), ptrs(exp_avg_sqs), ptrs(steps));
     let [beta1, beta2] = h.betas;
-    call(|err, len| {
+    call_shim(|err, len| {
         // SAFETY: each list holds `n` live tensor pointers for the duration of the call.
         unsafe {
             mtl_fused_adamw_(
@@ -185,7 +185,7 @@ pub(crate) fn foreach_norm<T: Borrow<Tensor>>(tensors: &[T]) -> Result<Vec<Tenso
     }
     let list = ptrs(tensors);
     let mut out: Vec<*mut C_tensor> = vec![std::ptr::null_mut(); list.len()];
-    call(|err, len| {
+    call_shim(|err, len| {
         // SAFETY: `list` holds live tensor pointers; `out` has room for one pointer per tensor.
         unsafe { mtl_foreach_norm(list.as_ptr(), list.len(), out.as_mut_ptr(), err, len) }
     })?;
@@ -200,7 +200,7 @@ pub(crate) fn foreach_mul_<T: Borrow<Tensor>>(tensors: &[T], scalar: &Tensor) ->
         return Ok(());
     }
     let list = ptrs(tensors);
-    call(|err, len| {
+    call_shim(|err, len| {
         // SAFETY: `list` and `scalar` are live tensors for the duration of the call.
         unsafe { mtl_foreach_mul_tensor_(list.as_ptr(), list.len(), scalar.as_ptr(), err, len) }
     })
@@ -212,7 +212,7 @@ pub(crate) fn foreach_add_<T: Borrow<Tensor>>(tensors: &[T], scalar: f64) -> Res
         return Ok(());
     }
     let list = ptrs(tensors);
-    call(|err, len| {
+    call_shim(|err, len| {
         // SAFETY: `list` holds live tensor pointers for the duration of the call.
         unsafe { mtl_foreach_add_scalar_(list.as_ptr(), list.len(), scalar, err, len) }
     })
@@ -224,7 +224,7 @@ pub(crate) fn foreach_zero_<T: Borrow<Tensor>>(tensors: &[T]) -> Result<(), Work
         return Ok(());
     }
     let list = ptrs(tensors);
-    call(|err, len| {
+    call_shim(|err, len| {
         // SAFETY: `list` holds live tensor pointers for the duration of the call.
         unsafe { mtl_foreach_zero_(list.as_ptr(), list.len(), err, len) }
     })
@@ -232,7 +232,7 @@ pub(crate) fn foreach_zero_<T: Borrow<Tensor>>(tensors: &[T]) -> Result<(), Work
 
 /// Makes `grad` the gradient of `param`: backward then accumulates into it in place.
 pub(crate) fn set_grad(param: &Tensor, grad: &Tensor) -> Result<(), WorkerError> {
-    call(|err, len| {
+    call_shim(|err, len| {
         // SAFETY: both pointers are live tensors for the duration of the call.
         unsafe { mtl_set_grad(param.as_ptr(), grad.as_ptr(), err, len) }
     })
@@ -250,7 +250,7 @@ fn check_len(op: &str, what: &str, got: usize, want: usize) -> Result<(), Worker
 }
 
 /// Runs one shim entry point with an error buffer; a non-zero status becomes its message.
-fn call(f: impl FnOnce(*mut c_char, usize) -> c_int) -> Result<(), WorkerError> {
+pub(crate) fn call_shim(f: impl FnOnce(*mut c_char, usize) -> c_int) -> Result<(), WorkerError> {
     let mut err = [0 as c_char; 1024];
     if f(err.as_mut_ptr(), err.len()) == 0 {
         return Ok(());

@@ -12,7 +12,7 @@
 //! backward returns and its zero gradient is reduced then, as without overlap. When backward
 //! fails the thread stops before its next bucket. When the step may use this is decided in
 //! `Trainer::plan_overlap` (docs/ARCHITECTURE.md).
-use std::ffi::{c_char, c_int, c_void, CStr};
+use std::ffi::{c_char, c_int, c_void};
 use std::ops::Range;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
@@ -20,6 +20,7 @@ use tch::Tensor;
 use torch_sys::C_tensor;
 
 use crate::collective::{Collective, ReduceOp};
+use crate::optim::call_shim;
 use crate::WorkerError;
 
 extern "C" {
@@ -157,17 +158,6 @@ extern "C" fn release(ctx: *mut c_void) {
     drop(unsafe { Arc::from_raw(ctx.cast::<Shared>().cast_const()) });
 }
 
-/// Runs one shim entry point with an error buffer; a non-zero status becomes its message.
-fn call(f: impl FnOnce(*mut c_char, usize) -> c_int) -> Result<(), WorkerError> {
-    let mut err = [0 as c_char; 1024];
-    if f(err.as_mut_ptr(), err.len()) == 0 {
-        return Ok(());
-    }
-    // SAFETY: the shim wrote a NUL-terminated message (the buffer ends with a NUL anyway).
-    let message = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy().into_owned();
-    Err(WorkerError::Torch(tch::TchError::Torch(message)))
-}
-
 /// Buckets over parameters of `numels` elements of `elt_bytes` each, laid out one after the
 /// other: walking from the last parameter back, a bucket closes before the parameter that would
 /// take it past `bucket_bytes` (a larger parameter gets a bucket of its own). Returns each
@@ -220,7 +210,7 @@ impl Overlap {
         let mut overlap = Overlap { shared, params: Vec::with_capacity(params.len()), buckets };
         for (index, p) in params.iter().enumerate() {
             let ctx = Arc::into_raw(Arc::clone(&overlap.shared)).cast_mut().cast::<c_void>();
-            call(|err, len| {
+            call_shim(|err, len| {
                 // SAFETY: `p` is a live tensor; the hook takes over the reference `ctx` (the shim
                 // releases it on failure too).
                 unsafe {
@@ -315,7 +305,7 @@ impl Drop for Overlap {
         for p in &self.params {
             // SAFETY: `p` is a live tensor. A failure leaves the hook in place, which keeps its
             // own reference to the context: nothing dangles.
-            let _ = call(|err, len| unsafe { mtl_clear_post_acc_grad_hook(p.as_ptr(), err, len) });
+            let _ = call_shim(|err, len| unsafe { mtl_clear_post_acc_grad_hook(p.as_ptr(), err, len) });
         }
     }
 }
