@@ -97,15 +97,8 @@ enum Command {
         /// Required: run without a coordinator (distributed training is `worker run`).
         #[arg(long, required = true)]
         standalone: bool,
-        /// The job file (TOML).
-        #[arg(long, short)]
-        config: std::path::PathBuf,
-        /// Override any config key: --set train.steps=100 (repeatable).
-        #[arg(long = "set", value_name = "KEY=VALUE")]
-        overrides: Vec<String>,
-        /// Device: `cpu` or `cuda:N`.
-        #[arg(long, env = "MTL_DEVICE", default_value = "cpu")]
-        device: String,
+        #[command(flatten)]
+        job: JobArgs,
         /// Also write the final checkpoint (a checkpoint directory) here.
         #[arg(long)]
         out: Option<std::path::PathBuf>,
@@ -125,15 +118,8 @@ enum Command {
     /// untimed and `--steps` timed steps of the job's model (a world of one). Prints ms/step and
     /// images/s (one JSON object with --json). Compare with bench/torch_reference.py `step`.
     BenchStep {
-        /// The job file (TOML).
-        #[arg(long, short)]
-        config: std::path::PathBuf,
-        /// Override any config key: --set train.batch_size=64 (repeatable).
-        #[arg(long = "set", value_name = "KEY=VALUE")]
-        overrides: Vec<String>,
-        /// Device: `cpu` or `cuda:N`.
-        #[arg(long, env = "MTL_DEVICE", default_value = "cpu")]
-        device: String,
+        #[command(flatten)]
+        job: JobArgs,
         /// Untimed steps first.
         #[arg(long, default_value_t = 10)]
         warmup: u64,
@@ -262,6 +248,30 @@ fn parse_preset(text: &str) -> Result<SyntheticPreset, String> {
     }
 }
 
+/// The job a subcommand trains: its file, overrides and device.
+#[derive(clap::Args)]
+struct JobArgs {
+    /// The job file (TOML).
+    #[arg(long, short)]
+    config: std::path::PathBuf,
+    /// Override any config key: --set train.steps=100 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
+    /// Device: `cpu` or `cuda:N`.
+    #[arg(long, env = "MTL_DEVICE", default_value = "cpu")]
+    device: String,
+}
+
+impl JobArgs {
+    /// The job file with its overrides and environment; `None` after printing why it is
+    /// invalid (before any work starts).
+    fn config(&self) -> Option<mtl_job::JobConfig> {
+        mtl_job::JobConfig::load(Some(&self.config), &self.overrides, std::env::vars())
+            .map_err(|err| eprintln!("error: {err}"))
+            .ok()
+    }
+}
+
 /// glibc's allocator gives every block above its mmap threshold (128 KiB at first) a mapping of
 /// its own and hands freed memory at the top of a heap back to the kernel. A training step
 /// frees and allocates the same activations every step, so both mean fresh pages and a page
@@ -357,30 +367,16 @@ fn main() -> ExitCode {
             };
             commands::collective_bench(&cfg)
         }
-        Command::Train { standalone: _, config, overrides, device, out, resume, stop_at_step, json } => {
-            match mtl_job::JobConfig::load(Some(&config), &overrides, std::env::vars()) {
-                Ok(cfg) => {
-                    let opts = StandaloneOptions { out, resume, stop_at_step };
-                    mtl_worker::parse_device(&device)
-                        .and_then(|d| commands::train_standalone(&cfg, d, &opts, json))
-                }
-                Err(err) => {
-                    eprintln!("error: {err}");
-                    return ExitCode::from(2);
-                }
-            }
+        Command::Train { standalone: _, job, out, resume, stop_at_step, json } => {
+            let Some(cfg) = job.config() else { return ExitCode::from(2) };
+            let opts = StandaloneOptions { out, resume, stop_at_step };
+            mtl_worker::parse_device(&job.device)
+                .and_then(|d| commands::train_standalone(&cfg, d, &opts, json))
         }
-        Command::BenchStep { config, overrides, device, warmup, steps, batches, json } => {
-            match mtl_job::JobConfig::load(Some(&config), &overrides, std::env::vars()) {
-                Ok(cfg) => {
-                    let opts = BenchStepOptions { warmup, steps, batches };
-                    mtl_worker::parse_device(&device).and_then(|d| commands::bench_step(&cfg, d, &opts, json))
-                }
-                Err(err) => {
-                    eprintln!("error: {err}");
-                    return ExitCode::from(2);
-                }
-            }
+        Command::BenchStep { job, warmup, steps, batches, json } => {
+            let Some(cfg) = job.config() else { return ExitCode::from(2) };
+            let opts = BenchStepOptions { warmup, steps, batches };
+            mtl_worker::parse_device(&job.device).and_then(|d| commands::bench_step(&cfg, d, &opts, json))
         }
         Command::Eval { checkpoint, gt, detections, device, json } => match (checkpoint, gt, detections) {
             (Some(dir), _, _) => {
