@@ -1,7 +1,7 @@
 //! Opening a job: its splits in canonical order and a freshly initialised model.
 use mtl_job::JobConfig;
 
-use crate::data::{open_dataset, OrderedSplit, Split};
+use crate::data::{open_dataset, DatasetInfo, OrderedSplit, Split};
 use crate::model::MultiTaskModel;
 use crate::WorkerError;
 
@@ -15,9 +15,16 @@ pub(crate) fn open_job(
         WorkerError::Data { key: "data.train".into(), message: "no training split configured".into() }
     })?);
     let val = open_dataset(&cfg.data, Split::Val, seed)?.map(OrderedSplit::new);
-    // The initial weights follow `job.seed` (ranks then take rank 0's anyway).
-    let model = crate::model::with_seed(seed as i64, || {
-        MultiTaskModel::new(&cfg.model, &cfg.tasks, &train.dataset.info, device)
-    })?;
+    let model = job_model(cfg, &train.dataset.info, device)?;
     Ok((train, val, model))
+}
+
+/// The job's freshly initialised model for a dataset described by `info`: the initial weights
+/// follow `job.seed` (ranks then take rank 0's anyway).
+pub(crate) fn job_model(
+    cfg: &JobConfig,
+    info: &DatasetInfo,
+    device: tch::Device,
+) -> Result<MultiTaskModel, WorkerError> {
+    crate::model::with_seed(cfg.job.seed as i64, || MultiTaskModel::new(&cfg.model, &cfg.tasks, info, device))
 }

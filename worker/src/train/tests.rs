@@ -129,10 +129,7 @@ fn train_ranks_with(
     // Copied, not re-seeded: LibTorch's RNG is shared with every test running concurrently.
     let models: Vec<MultiTaskModel> = (0..world)
         .map(|_| {
-            let mut m = crate::model::with_seed(cfg.job.seed as i64, || {
-                MultiTaskModel::new(&cfg.model, &cfg.tasks, &info, Device::Cpu)
-            })
-            .unwrap();
+            let mut m = job::job_model(cfg, &info, Device::Cpu).unwrap();
             m.var_store_mut().copy(initial.var_store()).unwrap();
             if setup.unused_param {
                 let path = m.var_store().root() / "heads" / "classification";
@@ -242,10 +239,7 @@ fn check_equivalence_with(norm: NormKind, extra: &str, partial: bool) {
         make_partial(dir.path());
     }
     let info = open_dataset(&cfg.data, Split::Train, cfg.job.seed).unwrap().unwrap().info;
-    let model = crate::model::with_seed(cfg.job.seed as i64, || {
-        MultiTaskModel::new(&cfg.model, &cfg.tasks, &info, Device::Cpu)
-    })
-    .unwrap();
+    let model = job::job_model(&cfg, &info, Device::Cpu).unwrap();
     let initial = model.parameters();
     let b = 2;
     let single = train_parameters(&cfg, &model, 1, 2 * b);
@@ -305,10 +299,7 @@ fn with_sync_batch_norm_a_rank_with_an_empty_batch_keeps_the_others_in_step() {
     for s in train.dataset.samples.iter().filter(|s| unreadable.contains(&s.id)) {
         std::fs::write(&s.image, b"corrupt").unwrap();
     }
-    let model = crate::model::with_seed(cfg.job.seed as i64, || {
-        MultiTaskModel::new(&cfg.model, &cfg.tasks, &train.dataset.info, Device::Cpu)
-    })
-    .unwrap();
+    let model = job::job_model(&cfg, &train.dataset.info, Device::Cpu).unwrap();
     let single = train_parameters(&cfg, &model, 1, 2 * b);
     assert_close(&single, &train_parameters(&cfg, &model, 2, b), "2 ranks, rank 1's first batch empty");
 }
@@ -320,10 +311,7 @@ fn batch_norm_ranks_keep_rank_0s_statistics_and_evaluate_as_its_model() {
         let mut cfg = job(dir.path(), "");
         cfg.model.norm = norm;
         let info = open_dataset(&cfg.data, Split::Train, cfg.job.seed).unwrap().unwrap().info;
-        let model = crate::model::with_seed(cfg.job.seed as i64, || {
-            MultiTaskModel::new(&cfg.model, &cfg.tasks, &info, Device::Cpu)
-        })
-        .unwrap();
+        let model = job::job_model(&cfg, &info, Device::Cpu).unwrap();
         let ranks = train_ranks(&cfg, &model, 2, 2);
         let buffers = ranks[0].model.running_buffers();
         let initial = model.running_buffers();
@@ -410,10 +398,7 @@ fn a_step_on_an_empty_batch_keeps_the_rank_in_step() {
     for s in &train.dataset.samples {
         std::fs::write(&s.image, b"corrupt").unwrap();
     }
-    let model = crate::model::with_seed(cfg.job.seed as i64, || {
-        MultiTaskModel::new(&cfg.model, &cfg.tasks, &train.dataset.info, Device::Cpu)
-    })
-    .unwrap();
+    let model = job::job_model(&cfg, &train.dataset.info, Device::Cpu).unwrap();
     let before: Vec<(String, Tensor)> =
         model.parameters().iter().map(|(n, t)| (n.clone(), t.copy())).collect();
     let mut trainer = Trainer::new(&cfg, model, Box::new(LocalCollective)).unwrap();
@@ -445,10 +430,7 @@ fn bf16_steps_track_fp32_steps() {
     let mut bf16 = cfg.clone();
     bf16.train.precision = mtl_job::Precision::Bf16;
     let info = open_dataset(&cfg.data, Split::Train, cfg.job.seed).unwrap().unwrap().info;
-    let model = crate::model::with_seed(cfg.job.seed as i64, || {
-        MultiTaskModel::new(&cfg.model, &cfg.tasks, &info, Device::Cpu)
-    })
-    .unwrap();
+    let model = job::job_model(&cfg, &info, Device::Cpu).unwrap();
     let a = train_parameters(&cfg, &model, 1, 4);
     let b = train_parameters(&bf16, &model, 1, 4);
     // The first step sees identical weights: only bf16 rounding in the forward pass differs.
@@ -481,10 +463,7 @@ fn gradnorm_sees_every_task_at_the_layer_it_balances() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = job(dir.path(), "[weighting]\nstrategy = \"gradnorm\"");
     let train = OrderedSplit::new(open_dataset(&cfg.data, Split::Train, cfg.job.seed).unwrap().unwrap());
-    let model = crate::model::with_seed(cfg.job.seed as i64, || {
-        MultiTaskModel::new(&cfg.model, &cfg.tasks, &train.dataset.info, Device::Cpu)
-    })
-    .unwrap();
+    let model = job::job_model(&cfg, &train.dataset.info, Device::Cpu).unwrap();
     let mut trainer = Trainer::new(&cfg, model, Box::new(LocalCollective)).unwrap();
     let lc = LoaderConfig::from_section(&cfg.data, 4, true, cfg.job.seed, 0);
     for batch in Loader::new(train.dataset.clone(), &train.ids[..8], lc).unwrap() {
@@ -628,10 +607,7 @@ fn dwa_weights_agree_on_two_ranks_over_the_ring() {
                     let t = Duration::from_secs(60);
                     let ring = Ring::for_tests(rank, addrs, listener, t);
                     // Rank 0's initial weights reach rank 1 through the trainer's broadcast.
-                    let model = crate::model::with_seed(cfg.job.seed as i64, || {
-                        MultiTaskModel::new(&cfg.model, &cfg.tasks, info, Device::Cpu)
-                    })
-                    .unwrap();
+                    let model = job::job_model(cfg, info, Device::Cpu).unwrap();
                     let mut trainer =
                         Trainer::new(cfg, model, Box::new(RingCollective::new(ring, 1 << 20))).unwrap();
                     let mut recorder = Recorder::new(cfg, 2, rank as u32);
@@ -681,10 +657,7 @@ fn counted_step(extra: &str) -> (crate::op_count::OpCounts, crate::op_count::OpC
     let dir = tempfile::tempdir().unwrap();
     let cfg = job(dir.path(), extra);
     let train = OrderedSplit::new(open_dataset(&cfg.data, Split::Train, cfg.job.seed).unwrap().unwrap());
-    let model = crate::model::with_seed(cfg.job.seed as i64, || {
-        MultiTaskModel::new(&cfg.model, &cfg.tasks, &train.dataset.info, Device::Cpu)
-    })
-    .unwrap();
+    let model = job::job_model(&cfg, &train.dataset.info, Device::Cpu).unwrap();
     let mut trainer = Trainer::new(&cfg, model, Box::new(LocalCollective)).unwrap();
     let lc = LoaderConfig::from_section(&cfg.data, 4, true, cfg.job.seed, 0);
     let mut batches = Loader::new(train.dataset.clone(), &train.ids[..8], lc).unwrap().map(Result::unwrap);

@@ -19,10 +19,7 @@ fn overlapped_and_plain_gradient_reduction_train_the_same_parameters() {
     open_dataset(&cfg.data, Split::Train, cfg.job.seed).unwrap(); // generate once
     make_partial(dir.path());
     let info = open_dataset(&cfg.data, Split::Train, cfg.job.seed).unwrap().unwrap().info;
-    let model = crate::model::with_seed(cfg.job.seed as i64, || {
-        MultiTaskModel::new(&cfg.model, &cfg.tasks, &info, Device::Cpu)
-    })
-    .unwrap();
+    let model = job::job_model(&cfg, &info, Device::Cpu).unwrap();
     let setup = RankSetup { unused_param: true, hold_for_reduces: true };
     let overlapped = train_ranks_with(&cfg, &model, 2, 2, setup);
     cfg.comm.overlap = false;
@@ -96,19 +93,13 @@ fn a_peer_lost_during_an_overlapped_backward_fails_the_step_instead_of_hanging()
     let dir = tempfile::tempdir().unwrap();
     let cfg = job(dir.path(), "");
     let train = OrderedSplit::new(open_dataset(&cfg.data, Split::Train, cfg.job.seed).unwrap().unwrap());
-    let initial = crate::model::with_seed(cfg.job.seed as i64, || {
-        MultiTaskModel::new(&cfg.model, &cfg.tasks, &train.dataset.info, Device::Cpu)
-    })
-    .unwrap();
+    let initial = job::job_model(&cfg, &train.dataset.info, Device::Cpu).unwrap();
     let listeners: Vec<TcpListener> = (0..2).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
     let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
     let counts: Vec<Arc<AtomicUsize>> = (0..2).map(|_| Arc::default()).collect();
     let models: Vec<MultiTaskModel> = (0..2)
         .map(|_| {
-            let mut m = crate::model::with_seed(cfg.job.seed as i64, || {
-                MultiTaskModel::new(&cfg.model, &cfg.tasks, &train.dataset.info, Device::Cpu)
-            })
-            .unwrap();
+            let mut m = job::job_model(&cfg, &train.dataset.info, Device::Cpu).unwrap();
             m.var_store_mut().copy(initial.var_store()).unwrap();
             m
         })

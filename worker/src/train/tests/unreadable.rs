@@ -24,10 +24,7 @@ fn shard(cfg: &JobConfig, train: &OrderedSplit, world: u32, rank: u32) -> shardi
 
 /// Trains on one rank; the outcome and the steps taken.
 fn train_alone(cfg: &JobConfig, train: &OrderedSplit) -> (Result<epochs::Outcome, WorkerError>, u64) {
-    let model = crate::model::with_seed(cfg.job.seed as i64, || {
-        MultiTaskModel::new(&cfg.model, &cfg.tasks, &train.dataset.info, Device::Cpu)
-    })
-    .unwrap();
+    let model = job::job_model(cfg, &train.dataset.info, Device::Cpu).unwrap();
     let mut trainer = Trainer::new(cfg, model, Box::new(LocalCollective)).unwrap();
     let mut recorder = Recorder::new(cfg, 1, 0);
     let outcome = epochs::train(cfg, &mut trainer, train, Position::default(), None, &mut recorder);
@@ -97,10 +94,7 @@ fn ranks_count_together_and_fail_together_when_one_ranks_images_are_unreadable()
                 s.spawn(move || {
                     let t = Duration::from_secs(60);
                     let ring = Ring::for_tests(rank, addrs, listener, t);
-                    let model = crate::model::with_seed(cfg.job.seed as i64, || {
-                        MultiTaskModel::new(&cfg.model, &cfg.tasks, info, Device::Cpu)
-                    })
-                    .unwrap();
+                    let model = job::job_model(cfg, info, Device::Cpu).unwrap();
                     let mut trainer =
                         Trainer::new(cfg, model, Box::new(RingCollective::new(ring, 1 << 20))).unwrap();
                     let mut recorder = Recorder::new(cfg, 2, rank as u32);
