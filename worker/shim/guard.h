@@ -9,6 +9,7 @@
 #include <cstring>
 #include <exception>
 #include <string>
+#include <utility>
 
 namespace mtl_shim {
 
@@ -35,6 +36,12 @@ int guarded(const char* op, char* err, size_t err_len, F&& f) {
     write_message(op, err, err_len);
   }
   return 1;
+}
+
+// `guarded` for entry points that report failure by status alone.
+template <typename F>
+int guarded(F&& f) {
+  return guarded("", nullptr, 0, std::forward<F>(f));
 }
 
 }  // namespace mtl_shim

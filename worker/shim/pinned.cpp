@@ -7,8 +7,8 @@
 
 #include <cstddef>
 #include <cstdint>
-#include <cstring>
-#include <exception>
+
+#include "guard.h"
 
 extern "C" {
 
@@ -16,17 +16,10 @@ extern "C" {
 // handle the caller owns); on failure a NUL-terminated message of at most `err_len` bytes.
 int mtl_empty_pinned(const at::Tensor* like, const int64_t* sizes, size_t ndim, at::Tensor** out, char* err,
                      size_t err_len) {
-  try {
+  return mtl_shim::guarded("empty_pinned", err, err_len, [&] {
     auto options = at::TensorOptions().dtype(like->scalar_type()).pinned_memory(true);
     *out = new at::Tensor(at::empty(at::IntArrayRef(sizes, ndim), options));
-    return 0;
-  } catch (const std::exception& e) {
-    if (err != nullptr && err_len > 0) {
-      std::strncpy(err, e.what(), err_len - 1);
-      err[err_len - 1] = '\0';
-    }
-    return 1;
-  }
+  });
 }
 
 }  // extern "C"
