@@ -26,7 +26,7 @@ use std::time::Duration;
 use mtl_job::{DataFormat, DataSection};
 
 pub(crate) use batch::{Batch, ClassTarget};
-pub(crate) use loader::{Loader, LoaderConfig};
+pub(crate) use loader::{Loader, LoaderConfig, LoaderPool};
 pub(crate) use ordered::OrderedSplit;
 pub(crate) use sample::{Dataset, DatasetInfo};
 

@@ -19,7 +19,7 @@ use mtl_job::JobConfig;
 use super::unreadable::Unreadable;
 use super::{Rates, StepReport, StepValues, Throughput, Trainer};
 use crate::data::OrderedSplit;
-use crate::data::{Loader, LoaderConfig};
+use crate::data::{Loader, LoaderConfig, LoaderPool};
 use crate::WorkerError;
 
 /// Where a run stands in its data: training continues with sample `consumed` of `epoch`'s
@@ -114,6 +114,8 @@ pub(crate) fn train(
     let mut train_time = std::time::Duration::ZERO;
     let mut since = std::time::Instant::now();
     let mut stopped = false;
+    // One pool of loader threads for every epoch of the run.
+    let pool = LoaderPool::new(cfg.data.loader_threads as usize)?;
     while trainer.steps_done() < until && !stopped {
         let shard = driver.train_shard(at.epoch, at.consumed, train)?;
         if shard.steps == 0 {
@@ -132,7 +134,8 @@ pub(crate) fn train(
         epochs += 1;
         let epoch = at.epoch;
         let ids = train.ids_at(&shard.positions);
-        let mut loader = Loader::new(
+        let mut loader = Loader::on(
+            &pool,
             train.dataset.clone(),
             &ids,
             LoaderConfig::from_section(&cfg.data, batch_size, true, cfg.job.seed, epoch)
