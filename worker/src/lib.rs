@@ -21,6 +21,7 @@ mod optim;
 mod precision;
 mod predict;
 mod session;
+mod shim;
 mod stop;
 mod task;
 mod tasks;

@@ -1,6 +1,6 @@
 //! The shared data contract: what the loader hands to the training step (and to evaluation).
 //! Every task is labelled (or not) per sample.
-use std::ffi::{c_char, c_int, CStr};
+use std::ffi::{c_char, c_int};
 use std::sync::{Mutex, PoisonError};
 
 use tch::{Device, Kind, TchError, Tensor};
@@ -332,19 +332,12 @@ fn empty_pinned(shape: &[i64], kind: Kind) -> Result<Tensor, TchError> {
     // The dtype travels as a tensor of it: tch keeps its ScalarType codes private.
     let like = Tensor::f_empty([0], (kind, Device::Cpu))?;
     let mut out: *mut C_tensor = std::ptr::null_mut();
-    let mut err = [0 as c_char; 1024];
-    // SAFETY: `like` is a live tensor, `shape` a live slice of `shape.len()` sizes, `out` and
-    // `err` are writable (`err` of the length passed); the shim catches every C++ exception.
-    let status = unsafe {
-        mtl_empty_pinned(like.as_ptr(), shape.as_ptr(), shape.len(), &mut out, err.as_mut_ptr(), err.len())
-    };
-    if status != 0 {
-        // SAFETY: the shim wrote a NUL-terminated message into `err`.
-        let message = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy().into_owned();
-        return Err(TchError::Torch(format!(
-            "pinned host memory for a tensor of shape {shape:?}: {message}"
-        )));
-    }
+    // SAFETY: `like` is a live tensor, `shape` a live slice of `shape.len()` sizes, `out` is
+    // writable; the shim catches every C++ exception and writes at most `len` bytes to `err`.
+    crate::shim::call(|err, len| unsafe {
+        mtl_empty_pinned(like.as_ptr(), shape.as_ptr(), shape.len(), &mut out, err, len)
+    })
+    .map_err(|e| TchError::Torch(format!("pinned host memory for a tensor of shape {shape:?}: {e}")))?;
     // SAFETY: on success the shim stored a new tensor handle that nothing else owns.
     Ok(unsafe { Tensor::from_ptr(out) })
 }

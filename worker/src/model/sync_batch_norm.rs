@@ -10,7 +10,7 @@
 //! calls per layer and step (one in forward, one in backward) in the same order, also a rank
 //! whose batch is empty. In evaluation the layer is BatchNorm with its running statistics and
 //! makes no collective call.
-use std::ffi::{c_char, c_int, c_void, CStr};
+use std::ffi::{c_char, c_int, c_void};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Mutex};
 
@@ -123,14 +123,13 @@ impl SyncBatchNorm {
         }
         let v = &self.vars;
         let mut out: *mut C_tensor = std::ptr::null_mut();
-        let mut err = [0 as c_char; 1024];
         // The shim holds this reference for as long as its graph node lives and gives it back
         // through `release` (also when the call fails).
         let ctx = Arc::into_raw(Arc::clone(&self.sync)).cast::<c_void>();
         // SAFETY: the tensor pointers are live for the call; `ctx` is an `Arc<SyncContext>`
         // reference that `sum_callback` borrows and `release_callback` drops exactly once; the
-        // shim catches every C++ exception and writes at most `err.len()` bytes.
-        let status = unsafe {
+        // shim catches every C++ exception and writes at most `len` bytes to `err`.
+        crate::shim::call(|err, len| unsafe {
             mtl_sync_batch_norm(
                 x.as_ptr(),
                 v.weight.as_ptr(),
@@ -143,14 +142,14 @@ impl SyncBatchNorm {
                 sum_callback,
                 release_callback,
                 &mut out,
-                err.as_mut_ptr(),
-                err.len(),
+                err,
+                len,
             )
-        };
-        if status != 0 || out.is_null() {
-            // SAFETY: the shim wrote a NUL-terminated message (the buffer ends with a NUL anyway).
-            let message = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy().into_owned();
-            return Err(WorkerError::Torch(tch::TchError::Torch(message)));
+        })?;
+        if out.is_null() {
+            return Err(WorkerError::Torch(tch::TchError::Torch(
+                "sync_batch_norm returned no tensor".into(),
+            )));
         }
         // SAFETY: on success `out` is a new tensor handle whose ownership passes to us.
         Ok(unsafe { Tensor::from_ptr(out) })

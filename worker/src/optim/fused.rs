@@ -8,12 +8,12 @@
 //! call (the foreach ops reject them). The learning rate is an `f64`: capturing the step in a
 //! CUDA graph would need the overloads that take it as a device tensor.
 use std::borrow::Borrow;
-use std::ffi::{c_char, c_int, CStr};
+use std::ffi::{c_char, c_int};
 
 use tch::Tensor;
 use torch_sys::C_tensor;
 
-use crate::WorkerError;
+use crate::{shim, WorkerError};
 
 type List = *const *const C_tensor;
 
@@ -106,7 +106,7 @@ where
         return Ok(());
     }
     let (p, g, b) = (ptrs(params), ptrs(grads), ptrs(buffers));
-    call_shim(|err, len| {
+    shim::call(|err, len| {
         // SAFETY: the lists hold `n` (`b.len()`) live tensor pointers for the duration of the call.
         unsafe {
             mtl_fused_sgd_(
@@ -124,6 +124,7 @@ where
             )
         }
     })
+    .map_err(WorkerError::from)
 }
 
 /// `torch.optim.AdamW(fused=True)`'s update of `params` from `grads`, with the moments
@@ -156,7 +157,7 @@ where
     }
     let (p, g, m, v, s) = (ptrs(params), ptrs(grads), ptrs(exp_avgs), ptrs(exp_avg_sqs), ptrs(steps));
     let [beta1, beta2] = h.betas;
-    call_shim(|err, len| {
+    shim::call(|err, len| {
         // SAFETY: each list holds `n` live tensor pointers for the duration of the call.
         unsafe {
             mtl_fused_adamw_(
@@ -176,6 +177,7 @@ where
             )
         }
     })
+    .map_err(WorkerError::from)
 }
 
 /// The L2 norm of each tensor, as 0-dim tensors of its dtype on its device.
@@ -185,7 +187,7 @@ pub(crate) fn foreach_norm<T: Borrow<Tensor>>(tensors: &[T]) -> Result<Vec<Tenso
     }
     let list = ptrs(tensors);
     let mut out: Vec<*mut C_tensor> = vec![std::ptr::null_mut(); list.len()];
-    call_shim(|err, len| {
+    shim::call(|err, len| {
         // SAFETY: `list` holds live tensor pointers; `out` has room for one pointer per tensor.
         unsafe { mtl_foreach_norm(list.as_ptr(), list.len(), out.as_mut_ptr(), err, len) }
     })?;
@@ -200,10 +202,11 @@ pub(crate) fn foreach_mul_<T: Borrow<Tensor>>(tensors: &[T], scalar: &Tensor) ->
         return Ok(());
     }
     let list = ptrs(tensors);
-    call_shim(|err, len| {
+    shim::call(|err, len| {
         // SAFETY: `list` and `scalar` are live tensors for the duration of the call.
         unsafe { mtl_foreach_mul_tensor_(list.as_ptr(), list.len(), scalar.as_ptr(), err, len) }
     })
+    .map_err(WorkerError::from)
 }
 
 /// Adds `scalar` to every tensor in place.
@@ -212,10 +215,11 @@ pub(crate) fn foreach_add_<T: Borrow<Tensor>>(tensors: &[T], scalar: f64) -> Res
         return Ok(());
     }
     let list = ptrs(tensors);
-    call_shim(|err, len| {
+    shim::call(|err, len| {
         // SAFETY: `list` holds live tensor pointers for the duration of the call.
         unsafe { mtl_foreach_add_scalar_(list.as_ptr(), list.len(), scalar, err, len) }
     })
+    .map_err(WorkerError::from)
 }
 
 /// Zeroes every tensor in place.
@@ -224,18 +228,20 @@ pub(crate) fn foreach_zero_<T: Borrow<Tensor>>(tensors: &[T]) -> Result<(), Work
         return Ok(());
     }
     let list = ptrs(tensors);
-    call_shim(|err, len| {
+    shim::call(|err, len| {
         // SAFETY: `list` holds live tensor pointers for the duration of the call.
         unsafe { mtl_foreach_zero_(list.as_ptr(), list.len(), err, len) }
     })
+    .map_err(WorkerError::from)
 }
 
 /// Makes `grad` the gradient of `param`: backward then accumulates into it in place.
 pub(crate) fn set_grad(param: &Tensor, grad: &Tensor) -> Result<(), WorkerError> {
-    call_shim(|err, len| {
+    shim::call(|err, len| {
         // SAFETY: both pointers are live tensors for the duration of the call.
         unsafe { mtl_set_grad(param.as_ptr(), grad.as_ptr(), err, len) }
     })
+    .map_err(WorkerError::from)
 }
 
 fn ptrs<T: Borrow<Tensor>>(tensors: &[T]) -> Vec<*const C_tensor> {
@@ -247,15 +253,4 @@ fn check_len(op: &str, what: &str, got: usize, want: usize) -> Result<(), Worker
         return Ok(());
     }
     Err(WorkerError::Torch(tch::TchError::Torch(format!("{op}: {got} {what}, expected {want}"))))
-}
-
-/// Runs one shim entry point with an error buffer; a non-zero status becomes its message.
-pub(crate) fn call_shim(f: impl FnOnce(*mut c_char, usize) -> c_int) -> Result<(), WorkerError> {
-    let mut err = [0 as c_char; 1024];
-    if f(err.as_mut_ptr(), err.len()) == 0 {
-        return Ok(());
-    }
-    // SAFETY: the shim wrote a NUL-terminated message (the buffer ends with a NUL anyway).
-    let message = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy().into_owned();
-    Err(WorkerError::Torch(tch::TchError::Torch(message)))
 }

@@ -18,7 +18,7 @@ mod tests;
 
 pub(crate) use adamw::{AdamW, AdamWConfig};
 pub(crate) use clip::{clip_flat_grad_norm, clip_grad_norm};
-pub(crate) use fused::{call_shim, set_grad};
+pub(crate) use fused::set_grad;
 pub(crate) use schedule::Schedule;
 pub(crate) use sgd::{Sgd, SgdConfig};
 

@@ -20,8 +20,7 @@ use tch::Tensor;
 use torch_sys::C_tensor;
 
 use crate::collective::{Collective, ReduceOp};
-use crate::optim::call_shim;
-use crate::WorkerError;
+use crate::{shim, WorkerError};
 
 extern "C" {
     fn mtl_set_post_acc_grad_hook(
@@ -210,7 +209,7 @@ impl Overlap {
         let mut overlap = Overlap { shared, params: Vec::with_capacity(params.len()), buckets };
         for (index, p) in params.iter().enumerate() {
             let ctx = Arc::into_raw(Arc::clone(&overlap.shared)).cast_mut().cast::<c_void>();
-            call_shim(|err, len| {
+            shim::call(|err, len| {
                 // SAFETY: `p` is a live tensor; the hook takes over the reference `ctx` (the shim
                 // releases it on failure too).
                 unsafe {
@@ -305,7 +304,7 @@ impl Drop for Overlap {
         for p in &self.params {
             // SAFETY: `p` is a live tensor. A failure leaves the hook in place, which keeps its
             // own reference to the context: nothing dangles.
-            let _ = call_shim(|err, len| unsafe { mtl_clear_post_acc_grad_hook(p.as_ptr(), err, len) });
+            let _ = shim::call(|err, len| unsafe { mtl_clear_post_acc_grad_hook(p.as_ptr(), err, len) });
         }
     }
 }
