@@ -1,10 +1,12 @@
 //! Joint augmentation: one random geometry (horizontal flip, scale, crop or pad to a square
 //! `image_size`) applied to the image (bilinear), its boxes and its mask (nearest neighbour,
-//! padding = 255 ignore), then colour jitter on the image alone.
+//! padding = 255 ignore), then colour jitter on the image alone. The jitter is drawn here and
+//! applied on the device, to the whole batch (`data::batch::ColourJitter`): the loader threads
+//! do no per-pixel colour work.
 //!
-//! The arithmetic is in f32 on values in [0, 1]; the result is quantised once, at the end, to
-//! u8 ([`quantise`]): batches travel as u8 and are normalised on the device
-//! (`data::batch::network_images`). That rounding (at most half a grey level) is the only
+//! The geometry's arithmetic is in f32 on values in [0, 1]; the result is quantised once, at
+//! the end, to u8 ([`quantise`]): batches travel as u8 and are jittered and normalised on the
+//! device (`Batch::to_device`). That rounding (at most half a grey level) is the only
 //! difference from keeping the f32 values.
 //!
 //! The randomness of a sample is keyed only by (seed, epoch, sample id), so the same sample
@@ -58,6 +60,22 @@ pub struct Augmented {
     pub boxes: Vec<GtBox>,
     /// `S × S` class ids (row-major), 255 in padding; `None` when the input had no mask.
     pub mask: Option<Vec<u8>>,
+    /// The sample's colour jitter, for the device to apply; `None` when there is none
+    /// (evaluation, or every factor 1).
+    pub jitter: Option<Jitter>,
+}
+
+/// A sample's colour jitter: brightness, then contrast around the mean grey of the pixels
+/// inside the source image, then saturation around each pixel's grey, each clamped to the
+/// range of values; applied on the device (`data::batch::ColourJitter`) to those pixels only
+/// (the rest is padding).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Jitter {
+    /// Brightness, contrast and saturation factors.
+    pub factors: [f32; 3],
+    /// Rows `y0..y1` and columns `x0..x1` of the output pixels inside the source image:
+    /// `[y0, y1, x0, x1]`.
+    pub inside: [i64; 4],
 }
 
 /// The evaluation letterbox of a `width × height` image into a square of `size` pixels
@@ -103,13 +121,8 @@ struct Geometry {
     ty: f64,
 }
 
-struct Jitter {
-    brightness: f32,
-    contrast: f32,
-    saturation: f32,
-}
-
-fn draw(cfg: &AugmentConfig, w: u32, h: u32, rng: &mut Rng) -> (Geometry, Jitter) {
+/// The geometry and the jitter factors (brightness, contrast, saturation) of one sample.
+fn draw(cfg: &AugmentConfig, w: u32, h: u32, rng: &mut Rng) -> (Geometry, [f32; 3]) {
     let size = f64::from(cfg.image_size);
     let base = size / f64::from(w.max(h));
     // Every draw happens in a fixed order whatever the config, so streams stay aligned.
@@ -118,11 +131,7 @@ fn draw(cfg: &AugmentConfig, w: u32, h: u32, rng: &mut Rng) -> (Geometry, Jitter
     let k = base * rng.range(p.scale_min, p.scale_max);
     let (u_x, u_y) = (rng.unit(), rng.unit());
     let mut factor = |amount: f64| rng.range(1.0 - amount, 1.0 + amount) as f32;
-    let jitter = Jitter {
-        brightness: factor(p.brightness),
-        contrast: factor(p.contrast),
-        saturation: factor(p.saturation),
-    };
+    let jitter = [factor(p.brightness), factor(p.contrast), factor(p.saturation)];
     // Slack >= 0 pads (offset in [0, slack]); slack < 0 crops (offset in [slack, 0]).
     let place = |extent: f64, u: f64| {
         let slack = size - extent;
@@ -174,8 +183,8 @@ pub(crate) const PAD_RGB: [u8; 3] = [
     (IMAGENET_MEAN[2] * 255.0 + 0.5) as u8,
 ];
 
-/// The one point where an augmented pixel value in [0, 1] (bilinear interpolation and colour
-/// jitter are computed in f32) becomes the u8 that the batch carries: the nearest grey level.
+/// The one point where an augmented pixel value in [0, 1] (bilinear interpolation is computed
+/// in f32) becomes the u8 that the batch carries: the nearest grey level.
 /// A value that was a grey level already (`q / 255`, no interpolation) comes back as `q`.
 pub(crate) fn quantise(value: f32) -> u8 {
     // For the values in [0, 255] left after the clamp, adding 0.5 and truncating is rounding
@@ -225,9 +234,13 @@ pub(crate) fn augment(
             }));
         }
     }
-    if cfg.random {
-        colour_jitter(&mut planes, &jitter);
-    }
+    let jitter = (cfg.random && jitter != [1.0; 3]).then(|| {
+        let span = |taps: &[(usize, [usize; 2], f32)]| {
+            taps.first().zip(taps.last()).map_or([0, 0], |(a, b)| [a.0 as i64, b.0 as i64 + 1])
+        };
+        let ([y0, y1], [x0, x1]) = (span(&in_rows), span(&in_cols));
+        Jitter { factors: jitter, inside: [y0, y1, x0, x1] }
+    });
     let mut out = vec![0u8; 3 * s * s];
     for ((c, plane), values) in out.chunks_exact_mut(s * s).enumerate().zip(&planes) {
         plane.fill(PAD_RGB[c]);
@@ -273,28 +286,7 @@ pub(crate) fn augment(
             (gt.x2 - gt.x1 >= 1.0 && gt.y2 - gt.y1 >= 1.0).then_some(gt)
         })
         .collect();
-    Augmented { image: out, boxes, mask }
-}
-
-/// Brightness, then contrast (around the mean grey), then saturation (around each pixel's
-/// grey), over the non-padding pixels (`[r, g, b]` planes), clamped to [0, 1].
-fn colour_jitter([r, g, b]: &mut [Vec<f32>; 3], j: &Jitter) {
-    let grey = |r: f32, g: f32, b: f32| 0.299 * r + 0.587 * g + 0.114 * b;
-    for plane in [&mut *r, &mut *g, &mut *b] {
-        for v in plane.iter_mut() {
-            *v = (*v * j.brightness).clamp(0.0, 1.0);
-        }
-    }
-    // Summed pixel by pixel in f64, in row-major order.
-    let sum: f64 = r.iter().zip(g.iter()).zip(b.iter()).map(|((&r, &g), &b)| f64::from(grey(r, g, b))).sum();
-    let mean = if r.is_empty() { 0.0 } else { (sum / r.len() as f64) as f32 };
-    for ((r, g), b) in r.iter_mut().zip(g.iter_mut()).zip(b.iter_mut()) {
-        let contrast = |v: f32| ((v - mean) * j.contrast + mean).clamp(0.0, 1.0);
-        (*r, *g, *b) = (contrast(*r), contrast(*g), contrast(*b));
-        let grey = grey(*r, *g, *b);
-        let saturate = |v: f32| ((v - grey) * j.saturation + grey).clamp(0.0, 1.0);
-        (*r, *g, *b) = (saturate(*r), saturate(*g), saturate(*b));
-    }
+    Augmented { image: out, boxes, mask, jitter }
 }
 
 #[cfg(test)]

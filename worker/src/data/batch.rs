@@ -70,6 +70,70 @@ pub struct Batch {
     /// FCOS targets of `boxes` on the grid the loader was given (`LoaderConfig::det_grid`),
     /// built in the loader thread; `None` when it was given none (the step then builds them).
     pub(crate) det_targets: Option<FcosTargets>,
+    /// The samples' colour jitter (drawn by the augmentation), which [`Batch::to_device`]
+    /// applies; `None` when there is none to apply.
+    pub(crate) colour_jitter: Option<ColourJitter>,
+}
+
+/// The per-sample colour jitter of a batch, for the device: `factors` `[B, 3]` f32
+/// (brightness, contrast, saturation) and `inside` `[B, 4]` i64 (`[y0, y1, x0, x1]`: the
+/// pixels inside the source image; an empty rectangle for a sample without jitter).
+#[derive(Debug)]
+pub(crate) struct ColourJitter {
+    pub(crate) factors: Tensor,
+    pub(crate) inside: Tensor,
+}
+
+impl ColourJitter {
+    /// The jitter of `items`, `None` when none of them carries any.
+    fn collate(items: &[Prepared], pinned: bool) -> Result<Option<Self>, TchError> {
+        if items.iter().all(|p| p.sample.jitter.is_none()) {
+            return Ok(None);
+        }
+        let b = items.len() as i64;
+        let factors: Vec<f32> =
+            items.iter().flat_map(|p| p.sample.jitter.map_or([1.0; 3], |j| j.factors)).collect();
+        let inside: Vec<i64> =
+            items.iter().flat_map(|p| p.sample.jitter.map_or([0; 4], |j| j.inside)).collect();
+        Ok(Some(Self {
+            factors: host_tensor_from(&[Part::Copy(&factors)], &[b, 3], pinned)?,
+            inside: host_tensor_from(&[Part::Copy(&inside)], &[b, 4], pinned)?,
+        }))
+    }
+
+    /// `x` (`[B, 3, H, W]` f32 in 0..255, on `device`) jittered per sample
+    /// ([`super::augment::Jitter`]): brightness, then contrast around the mean grey of the
+    /// sample's pixels inside the source image, then saturation around each pixel's grey, each
+    /// clamped to 0..255; pixels outside that rectangle (padding) are left as they are. A
+    /// few batched ops on the device, with no host read.
+    fn apply(&self, x: &Tensor, grey_weights: &Tensor, device: Device) -> Result<Tensor, TchError> {
+        let [b, _, h, w] = x.size()[..] else {
+            return Err(TchError::Shape(format!("colour jitter of images of shape {:?}", x.size())));
+        };
+        let factors = moved(&self.factors, device)?;
+        let inside = moved(&self.inside, device)?;
+        let factor = |k: i64| factors.f_select(1, k)?.f_view([b, 1, 1, 1]);
+        // [B, n]: position i of an axis of length n is in [lo, hi) of its sample.
+        let within = |n: i64, lo: i64| -> Result<Tensor, TchError> {
+            let at = Tensor::f_arange(n, (Kind::Int64, device))?.f_unsqueeze(0)?;
+            let (from, to) = (inside.f_narrow(1, lo, 1)?, inside.f_narrow(1, lo + 1, 1)?);
+            at.f_ge_tensor(&from)?.f_logical_and(&at.f_lt_tensor(&to)?)
+        };
+        let mask = within(h, 0)?.f_view([b, 1, h, 1])?.f_logical_and(&within(w, 2)?.f_view([b, 1, 1, w])?)?;
+        let grey =
+            |t: &Tensor| t.f_mul(grey_weights)?.f_sum_dim_intlist([1i64].as_slice(), true, Kind::Float);
+        let bright = x.f_mul(&factor(0)?)?.f_clamp(0.0, 255.0)?;
+        let weight = mask.f_to_kind(Kind::Float)?;
+        let count = weight.f_sum_dim_intlist([2i64, 3].as_slice(), true, Kind::Float)?.f_clamp_min(1.0)?;
+        let mean = grey(&bright)?
+            .f_mul(&weight)?
+            .f_sum_dim_intlist([2i64, 3].as_slice(), true, Kind::Float)?
+            .f_div(&count)?;
+        let contrasted = bright.f_sub(&mean)?.f_mul(&factor(1)?)?.f_add(&mean)?.f_clamp(0.0, 255.0)?;
+        let g = grey(&contrasted)?;
+        let saturated = contrasted.f_sub(&g)?.f_mul(&factor(2)?)?.f_add(&g)?.f_clamp(0.0, 255.0)?;
+        saturated.f_where_self(&mask, x)
+    }
 }
 
 /// A sample as it is on disk, for evaluation in the original image's coordinates.
@@ -90,6 +154,9 @@ pub(crate) const IGNORE_INDEX: u8 = 255;
 pub(crate) const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
 /// ImageNet per-channel standard deviation (RGB, 0..1).
 pub(crate) const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
+
+/// The weights of R, G and B in the grey that contrast and saturation jitter work around.
+pub(crate) const GREY: [f32; 3] = [0.299, 0.587, 0.114];
 
 /// One sample after decoding and augmentation, ready to be stacked into a [`Batch`].
 #[derive(Debug, Clone, PartialEq)]
@@ -165,6 +232,7 @@ impl Batch {
             .as_ref()
             .map(|grid| FcosTargets::build(&boxes, &boxes_labelled, grid, pinned))
             .transpose()?;
+        let colour_jitter = ColourJitter::collate(items, pinned)?;
         Ok(Batch {
             ids: items.iter().map(|p| p.id).collect(),
             images,
@@ -176,6 +244,7 @@ impl Batch {
             mask_labelled: host_tensor_from(&[Part::Copy(&mask_labelled)], &[b], pinned)?,
             originals: items.iter().map(|p| p.original.clone()).collect(),
             det_targets,
+            colour_jitter,
         })
     }
 }
@@ -192,7 +261,7 @@ impl Batch {
         };
         Ok(Batch {
             ids: self.ids.clone(),
-            images: network_images(&self.images, device)?,
+            images: network_input(&self.images, self.colour_jitter.as_ref(), device)?,
             class_target: match &self.class_target {
                 ClassTarget::Single(t) => ClassTarget::Single(moved(t, device)?),
                 ClassTarget::Multi(t) => ClassTarget::Multi(moved(t, device)?),
@@ -204,6 +273,7 @@ impl Batch {
             mask_labelled: moved(&self.mask_labelled, device)?,
             originals: self.originals.clone(),
             det_targets: self.det_targets.as_ref().map(|t| t.to_device(device)).transpose()?,
+            colour_jitter: None,
         })
     }
 }
@@ -217,31 +287,56 @@ pub(crate) fn moved(t: &Tensor, device: Device) -> Result<Tensor, TchError> {
 /// The network input on `device` from collated images: `[B,3,H,W]` u8 is copied as u8 (a
 /// quarter of the bytes of f32) and normalised there, `(x / 255 - mean) / std` per channel
 /// with the ImageNet constants, as `x * (1 / (255 std)) - mean / std`; images of any other kind
-/// are taken as already normalised and only moved. Training, evaluation and `worker predict`
-/// all build their input here.
+/// are taken as already normalised and only moved. Evaluation and `worker predict` build their
+/// input here; training too, through [`Batch::to_device`], which adds the colour jitter.
 pub(crate) fn network_images(images: &Tensor, device: Device) -> Result<Tensor, TchError> {
+    network_input(images, None, device)
+}
+
+/// [`network_images`], with `jitter` applied (on the device, in grey levels) before the
+/// normalisation.
+fn network_input(images: &Tensor, jitter: Option<&ColourJitter>, device: Device) -> Result<Tensor, TchError> {
     if images.kind() != Kind::Uint8 {
         return moved(images, device);
     }
-    let (scale, shift) = normalisation(device)?;
-    moved(images, device)?.f_to_kind(Kind::Float)?.f_mul(&scale)?.f_sub(&shift)
+    let c = constants(device)?;
+    let mut x = moved(images, device)?.f_to_kind(Kind::Float)?;
+    if let Some(jitter) = jitter {
+        x = jitter.apply(&x, &c.grey, device)?;
+    }
+    x.f_mul(&c.scale)?.f_sub(&c.shift)
 }
 
-/// The `[1,3,1,1]` scale and shift of [`network_images`] on `device`, made once per device so
-/// that a step copies no constants to the device.
-fn normalisation(device: Device) -> Result<(Tensor, Tensor), TchError> {
-    static CONSTANTS: Mutex<Vec<(Device, Tensor, Tensor)>> = Mutex::new(Vec::new());
+/// The constants of [`network_input`] on one device: the `[1,3,1,1]` normalisation scale and
+/// shift, and the RGB weights of grey.
+struct Constants {
+    device: Device,
+    scale: Tensor,
+    shift: Tensor,
+    grey: Tensor,
+}
+
+/// [`Constants`] on `device`, made once per device so that a step copies no constants to it.
+fn constants(device: Device) -> Result<Constants, TchError> {
+    static CONSTANTS: Mutex<Vec<Constants>> = Mutex::new(Vec::new());
     let mut constants = CONSTANTS.lock().unwrap_or_else(PoisonError::into_inner);
-    if let Some((_, scale, shift)) = constants.iter().find(|(d, ..)| *d == device) {
-        return Ok((scale.shallow_clone(), shift.shallow_clone()));
+    let shared = |c: &Constants| Constants {
+        device: c.device,
+        scale: c.scale.shallow_clone(),
+        shift: c.shift.shallow_clone(),
+        grey: c.grey.shallow_clone(),
+    };
+    if let Some(c) = constants.iter().find(|c| c.device == device) {
+        return Ok(shared(c));
     }
     let scale: [f32; 3] = std::array::from_fn(|c| (1.0 / (255.0 * f64::from(IMAGENET_STD[c]))) as f32);
     let shift: [f32; 3] =
         std::array::from_fn(|c| (f64::from(IMAGENET_MEAN[c]) / f64::from(IMAGENET_STD[c])) as f32);
     let on_device = |v: &[f32; 3]| Tensor::f_from_slice(v)?.f_view([1, 3, 1, 1])?.f_to_device(device);
-    let (scale, shift) = (on_device(&scale)?, on_device(&shift)?);
-    constants.push((device, scale.shallow_clone(), shift.shallow_clone()));
-    Ok((scale, shift))
+    let c =
+        Constants { device, scale: on_device(&scale)?, shift: on_device(&shift)?, grey: on_device(&GREY)? };
+    constants.push(shared(&c));
+    Ok(c)
 }
 
 /// Part of the values of a host tensor (see [`host_tensor_from`]).

@@ -75,6 +75,7 @@ pub(crate) fn test_batch(labelled: &[(bool, bool, bool)], seed: i64) -> Batch {
         mask_labelled: Tensor::from_slice(&labelled.iter().map(|l| l.2).collect::<Vec<_>>()),
         originals: vec![OriginalSample { width: 64, height: 64, boxes: Vec::new() }; labelled.len()],
         det_targets: None,
+        colour_jitter: None,
     }
 }
 
@@ -96,6 +97,7 @@ fn slice(batch: &Batch, start: usize, len: usize) -> Batch {
         mask_labelled: batch.mask_labelled.narrow(0, s, l),
         originals: batch.originals[start..start + len].to_vec(),
         det_targets: None,
+        colour_jitter: None,
     }
 }
 

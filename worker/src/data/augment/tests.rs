@@ -135,15 +135,32 @@ fn eval_is_deterministic_and_train_depends_only_on_key() {
     assert_ne!(a, augment(&img, &[b], Some(&mask), &train, [1, 2, 4]));
 }
 
+/// The jitter is drawn here (for the device to apply) and changes nothing of the sample; its
+/// rectangle is exactly the pixels inside the source image.
 #[test]
-fn jitter_changes_colours_not_geometry() {
+fn jitter_is_drawn_for_the_device_and_changes_nothing_here() {
     let (img, mask, b) = scene();
     let plain = AugmentConfig { random: true, ..no_jitter(32) };
     let jittered = with_jitter(plain.clone(), 0.5);
-    let a = augment(&img, &[b], Some(&mask), &plain, [5, 0, 9]);
-    let j = augment(&img, &[b], Some(&mask), &jittered, [5, 0, 9]);
-    assert_eq!((&a.boxes, &a.mask), (&j.boxes, &j.mask));
-    assert_ne!(a.image, j.image);
+    for seed in 0..20u64 {
+        let a = augment(&img, &[b], Some(&mask), &plain, [seed, 0, 9]);
+        let d = augment(&img, &[b], Some(&mask), &jittered, [seed, 0, 9]);
+        assert_eq!(a.jitter, None, "all factors 1: nothing to do");
+        let j = d.jitter.expect("jitter drawn");
+        assert_eq!((&a.image, &a.boxes, &a.mask), (&d.image, &d.boxes, &d.mask), "seed {seed}");
+        assert!(j.factors.iter().all(|f| (0.5..=1.5).contains(f)) && j.factors != [1.0; 3]);
+        let [y0, y1, x0, x1] = j.inside.map(|v| v as usize);
+        let m = a.mask.as_ref().unwrap();
+        for (p, &v) in m.iter().enumerate() {
+            let (x, y) = (p % 32, p / 32);
+            let inside = (y0..y1).contains(&y) && (x0..x1).contains(&x);
+            assert_eq!(v == IGNORE_INDEX, !inside, "seed {seed} pixel {p}");
+        }
+    }
+    assert_eq!(
+        augment(&img, &[b], Some(&mask), &with_jitter(AugmentConfig::eval(32), 0.5), [1, 0, 9]).jitter,
+        None
+    );
 }
 
 #[test]

@@ -323,6 +323,91 @@ fn the_decoded_cache_gives_the_same_batches_and_later_epochs_read_no_file() {
     assert_eq!(without_files, vec![3, 1, 0, 2], "without the cache every file is missing");
 }
 
+/// The colour jitter of `image` (`3 × s × s` u8) by `j`, pixel by pixel on the host in grey
+/// levels (the mean grey summed in f64): what `Batch::to_device` computes batched.
+fn jitter_on_host(image: &[u8], s: usize, j: &crate::data::augment::Jitter) -> Vec<f32> {
+    use crate::data::batch::GREY;
+    let mut v: Vec<f32> = image.iter().map(|&q| f32::from(q)).collect();
+    let [y0, y1, x0, x1] = j.inside.map(|v| v as usize);
+    let [fb, fc, fs] = j.factors;
+    let pixels: Vec<[usize; 3]> = (y0..y1)
+        .flat_map(|y| (x0..x1).map(move |x| std::array::from_fn(|c| c * s * s + y * s + x)))
+        .collect();
+    let grey = |v: &[f32], p: &[usize; 3]| GREY[0] * v[p[0]] + GREY[1] * v[p[1]] + GREY[2] * v[p[2]];
+    for &i in pixels.iter().flatten() {
+        v[i] = (v[i] * fb).clamp(0.0, 255.0);
+    }
+    let mean =
+        (pixels.iter().map(|p| f64::from(grey(&v, p))).sum::<f64>() / pixels.len().max(1) as f64) as f32;
+    for p in &pixels {
+        for &i in p {
+            v[i] = ((v[i] - mean) * fc + mean).clamp(0.0, 255.0);
+        }
+        let g = grey(&v, p);
+        for &i in p {
+            v[i] = ((v[i] - g) * fs + g).clamp(0.0, 255.0);
+        }
+    }
+    v
+}
+
+/// `Batch::to_device` applies each sample's colour jitter as the per-pixel host arithmetic
+/// does (padding untouched), with no host read; batches without jitter carry none.
+#[test]
+fn the_device_applies_each_sample_s_colour_jitter() {
+    let dir = tempfile::tempdir().unwrap();
+    generate(
+        dir.path(),
+        &SyntheticConfig { n: 12, size: 32, seed: 8, val_fraction: 0.0, preset: SyntheticPreset::Standard },
+    )
+    .unwrap();
+    let ds = Arc::new(read_manifest(&dir.path().join("train.jsonl")).unwrap());
+    let shard: Vec<u64> = ds.ids();
+    let params = mtl_job::AugmentSection {
+        hflip_prob: 0.5,
+        scale_min: 0.6,
+        scale_max: 1.5,
+        brightness: 0.4,
+        contrast: 0.4,
+        saturation: 0.4,
+    };
+    let augment = AugmentConfig { random: true, params, ..AugmentConfig::eval(24) };
+    let batches: Vec<Batch> =
+        Loader::new(ds.clone(), &shard, cfg(4, 2, augment.clone())).unwrap().map(Result::unwrap).collect();
+    let (mut worst, mut moved) = (0.0f32, 0.0f64);
+    let mut padded = 0;
+    for batch in &batches {
+        let jitter = batch.colour_jitter.as_ref().expect("every sample jitters");
+        let factors = Vec::<f32>::try_from(jitter.factors.flatten(0, -1)).unwrap();
+        let inside = Vec::<i64>::try_from(jitter.inside.flatten(0, -1)).unwrap();
+        let (on_device, counts) = crate::op_count::count_ops(|| batch.to_device(tch::Device::Cpu).unwrap());
+        assert_eq!(counts.host_reads(), vec![], "the jitter reads nothing from the device");
+        assert!(on_device.colour_jitter.is_none(), "applied by to_device");
+        let got = Vec::<f32>::try_from(on_device.images.flatten(0, -1)).unwrap();
+        let images = Vec::<u8>::try_from(batch.images.flatten(0, -1)).unwrap();
+        for (i, image) in images.chunks(3 * 24 * 24).enumerate() {
+            let j = crate::data::augment::Jitter {
+                factors: factors[3 * i..3 * i + 3].try_into().unwrap(),
+                inside: inside[4 * i..4 * i + 4].try_into().unwrap(),
+            };
+            padded += usize::from(j.inside != [0, 24, 0, 24]);
+            let want = jitter_on_host(image, 24, &j);
+            for (p, (&w, &q)) in want.iter().zip(image).enumerate() {
+                let c = p / (24 * 24);
+                let normalised = |v: f32| (v / 255.0 - IMAGENET_MEAN[c]) / IMAGENET_STD[c];
+                let g = got[i * 3 * 24 * 24 + p];
+                worst = worst.max((g - normalised(w)).abs());
+                moved += f64::from((w - f32::from(q)).abs());
+            }
+        }
+    }
+    assert!(worst < 1e-4, "device and host jitter differ by {worst}");
+    assert!(padded > 0, "some samples have padding the jitter must leave alone");
+    assert!(moved / (12.0 * 3.0 * 24.0 * 24.0) > 5.0, "the jitter changes colours: {moved}");
+    let eval = LoaderConfig { augment: AugmentConfig::eval(24), ..cfg(4, 1, augment) };
+    assert!(Loader::new(ds, &shard, eval).unwrap().all(|b| b.unwrap().colour_jitter.is_none()));
+}
+
 #[test]
 fn to_device_normalises_u8_images_and_widens_masks() {
     let dir = tempfile::tempdir().unwrap();
