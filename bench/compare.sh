@@ -15,6 +15,7 @@
 #
 # Usage: bench/compare.sh [ROWS...]   rows: tiny1 tiny2 r18-1 r18-2 ring (default: all)
 #   ROUNDS=3  TIMEOUT=300  WORKER=./target/release/worker  COORDINATOR=./target/release/coordinator
+#   OURS_SET="comm.overlap=false ..."   extra `--set KEY=VALUE` for our side only (an ablation)
 # Needs a release build and the project venv (.venv, scripts/setup.sh). Results: a table on
 # stdout; raw lines in runs/bench-compare/results.jsonl.
 set -euo pipefail
@@ -28,6 +29,9 @@ CORES=${CORES:-$(nproc)}
 HALF=$(( CORES / 2 > 0 ? CORES / 2 : 1 ))
 ROWS=("${@:-tiny1 tiny2 r18-1 r18-2 ring}")
 ROWS=(${ROWS[*]})
+OURS=()
+for kv in ${OURS_SET:-}; do OURS+=(--set "$kv"); done
+[[ -n ${OURS_SET:-} ]] && echo "compare: ours with --set $OURS_SET" >&2
 OUT=runs/bench-compare
 mkdir -p "$OUT"
 RESULTS=$OUT/results.jsonl
@@ -65,7 +69,7 @@ ours_1() { # model
     model_args "$1"
     rm -rf "$tmp/ckpt"
     OMP_NUM_THREADS=$CORES timeout "$TIMEOUT" /usr/bin/time -f %M -o "$tmp/rss.w0" \
-        "$W" train --standalone --config "$JOB" "${DATA[@]}" "${STEPS[@]}" \
+        "$W" train --standalone --config "$JOB" "${DATA[@]}" "${STEPS[@]}" ${OURS[@]+"${OURS[@]}"} \
         --set checkpoint.dir="$tmp/ckpt" 2> "$tmp/ours.log" > /dev/null || true
     local rate; rate=$(timed_rate < "$tmp/ours.log")
     record "{\"row\":\"$1 1 worker\",\"side\":\"ours\",\"images_per_s\":$rate,\"rss_kb\":[$(rss w0)],\"load\":\"$(cut -d' ' -f1 /proc/loadavg)\"}"
@@ -84,8 +88,8 @@ torch_1() {
 ours_2() {
     model_args "$1"
     rm -f "$tmp/addr"
-    timeout "$TIMEOUT" "$C" serve --config "$JOB" "${DATA[@]}" "${STEPS[@]}" --set rendezvous.min_workers=2 \
-        --set train.batch_size=16 --set server.state_db="$tmp/state-$RANDOM.db" \
+    timeout "$TIMEOUT" "$C" serve --config "$JOB" "${DATA[@]}" "${STEPS[@]}" ${OURS[@]+"${OURS[@]}"} \
+        --set rendezvous.min_workers=2 --set train.batch_size=16 --set server.state_db="$tmp/state-$RANDOM.db" \
         --set server.metrics_file="$tmp/metrics.jsonl" --set checkpoint.dir="$tmp/ckpt-$RANDOM" \
         --addr-file "$tmp/addr" > "$tmp/coord.log" 2>&1 &
     local coord=$!

@@ -30,7 +30,14 @@ fn grid(side: i64) -> [(i64, i64); 3] {
     crate::model::backbone::feature_sizes(side, side)
 }
 
-/// Asserts two batches are equal in every field, detection targets included.
+/// A synthetic training set of `n` 32 px images (in `dir`, which must outlive it).
+fn synthetic(dir: &tempfile::TempDir, n: u32, seed: u64) -> Arc<Dataset> {
+    let config = SyntheticConfig { n, size: 32, seed, val_fraction: 0.0, preset: SyntheticPreset::Standard };
+    generate(dir.path(), &config).unwrap();
+    Arc::new(read_manifest(&dir.path().join("train.jsonl")).unwrap())
+}
+
+/// Asserts two batches are equal in every field, detection targets and colour jitter included.
 fn assert_same(a: &Batch, b: &Batch) {
     assert_eq!(a.ids, b.ids);
     assert!(a.images.equal(&b.images), "images differ");
@@ -51,6 +58,13 @@ fn assert_same(a: &Batch, b: &Batch) {
         }
         (None, None) => {}
         _ => panic!("detection targets on one side only"),
+    }
+    match (&a.colour_jitter, &b.colour_jitter) {
+        (Some(x), Some(y)) => {
+            assert!(x.factors.equal(&y.factors) && x.inside.equal(&y.inside), "jitter differs")
+        }
+        (None, None) => {}
+        _ => panic!("colour jitter on one side only"),
     }
 }
 
@@ -141,12 +155,7 @@ fn corrupt_and_missing_images_are_skipped_and_counted() {
 #[test]
 fn batches_do_not_depend_on_thread_count() {
     let dir = tempfile::tempdir().unwrap();
-    generate(
-        dir.path(),
-        &SyntheticConfig { n: 13, size: 32, seed: 3, val_fraction: 0.0, preset: SyntheticPreset::Standard },
-    )
-    .unwrap();
-    let ds = Arc::new(read_manifest(&dir.path().join("train.jsonl")).unwrap());
+    let ds = synthetic(&dir, 13, 3);
     let shard = [7, 2, 11, 0, 12, 5, 9, 1, 3, 10, 4];
     let params = mtl_job::AugmentSection {
         hflip_prob: 0.5,
@@ -185,12 +194,7 @@ fn batches_do_not_depend_on_thread_count() {
 #[test]
 fn a_pool_serves_loader_after_loader_with_the_same_batches() {
     let dir = tempfile::tempdir().unwrap();
-    generate(
-        dir.path(),
-        &SyntheticConfig { n: 10, size: 32, seed: 4, val_fraction: 0.0, preset: SyntheticPreset::Standard },
-    )
-    .unwrap();
-    let ds = Arc::new(read_manifest(&dir.path().join("train.jsonl")).unwrap());
+    let ds = synthetic(&dir, 10, 4);
     let shard = [9, 3, 0, 5, 7, 1, 8, 2, 6, 4];
     let mut augment = AugmentConfig { random: true, ..AugmentConfig::eval(24) };
     (augment.params.hflip_prob, augment.params.scale_min, augment.params.contrast) = (0.5, 0.8, 0.2);
@@ -356,12 +360,7 @@ fn jitter_on_host(image: &[u8], s: usize, j: &crate::data::augment::Jitter) -> V
 #[test]
 fn the_device_applies_each_sample_s_colour_jitter() {
     let dir = tempfile::tempdir().unwrap();
-    generate(
-        dir.path(),
-        &SyntheticConfig { n: 12, size: 32, seed: 8, val_fraction: 0.0, preset: SyntheticPreset::Standard },
-    )
-    .unwrap();
-    let ds = Arc::new(read_manifest(&dir.path().join("train.jsonl")).unwrap());
+    let ds = synthetic(&dir, 12, 8);
     let shard: Vec<u64> = ds.ids();
     let params = mtl_job::AugmentSection {
         hflip_prob: 0.5,
