@@ -1,13 +1,13 @@
 //! Joint augmentation: one random geometry (horizontal flip, scale, crop or pad to a square
 //! `image_size`) applied to the image (bilinear), its boxes and its mask (nearest neighbour,
-//! padding = 255 ignore), then colour jitter on the image alone. The jitter is drawn here and
-//! applied on the device, to the whole batch (`data::batch::ColourJitter`): the loader threads
-//! do no per-pixel colour work.
+//! padding = 255 ignore), then colour jitter on the image alone: here, or, for training on a
+//! GPU (`AugmentConfig::jitter_on_device`), drawn here and applied on the device to the whole
+//! batch (`data::batch::ColourJitter`), so that the loader threads do no per-pixel colour work.
 //!
-//! The geometry's arithmetic is in f32 on values in [0, 1]; the result is quantised once, at
-//! the end, to u8 ([`quantise`]): batches travel as u8 and are jittered and normalised on the
-//! device (`Batch::to_device`). That rounding (at most half a grey level) is the only
-//! difference from keeping the f32 values.
+//! The arithmetic is in f32 on values in [0, 1]; the result is quantised once, at the end, to
+//! u8 ([`quantise`]): batches travel as u8 and are normalised on the device
+//! (`data::batch::network_images`). That rounding (at most half a grey level) is the only
+//! difference from keeping the f32 values; jitter on the device comes after it.
 //!
 //! The randomness of a sample is keyed only by (seed, epoch, sample id), so the same sample
 //! is augmented identically whichever rank or thread loads it. Evaluation mode letterboxes
@@ -15,7 +15,7 @@
 use image::RgbImage;
 use mtl_job::{AugmentSection, DataSection};
 
-use super::batch::{GtBox, IGNORE_INDEX, IMAGENET_MEAN};
+use super::batch::{GtBox, GREY, IGNORE_INDEX, IMAGENET_MEAN};
 use super::rng::Rng;
 use super::sample::BoxLabel;
 
@@ -28,12 +28,22 @@ pub struct AugmentConfig {
     pub random: bool,
     /// Flip probability, scale range and colour jitter (`[data.augment]`).
     pub params: AugmentSection,
+    /// Leave the colour jitter to the device: the sample carries it ([`Augmented::jitter`])
+    /// and `Batch::to_device` applies it to the whole batch. Set for training on a GPU: on a
+    /// CPU those batched ops cost the step more than the per-pixel loop costs a loader thread
+    /// (docs/PERFORMANCE.md).
+    pub jitter_on_device: bool,
 }
 
 impl AugmentConfig {
     /// Training augmentation from `[data]` and `[data.augment]`.
     pub fn train(data: &DataSection) -> Self {
-        Self { image_size: data.image_size, random: true, params: data.augment.clone() }
+        Self {
+            image_size: data.image_size,
+            random: true,
+            params: data.augment.clone(),
+            jitter_on_device: false,
+        }
     }
 
     /// Deterministic letterbox to `image_size` for evaluation.
@@ -46,7 +56,7 @@ impl AugmentConfig {
             contrast: 0.0,
             saturation: 0.0,
         };
-        Self { image_size, random: false, params }
+        Self { image_size, random: false, params, jitter_on_device: false }
     }
 }
 
@@ -60,15 +70,15 @@ pub struct Augmented {
     pub boxes: Vec<GtBox>,
     /// `S × S` class ids (row-major), 255 in padding; `None` when the input had no mask.
     pub mask: Option<Vec<u8>>,
-    /// The sample's colour jitter, for the device to apply; `None` when there is none
-    /// (evaluation, or every factor 1).
+    /// The sample's colour jitter, for the device to apply (`jitter_on_device`); `None` when
+    /// it was applied here or there is none (evaluation, or every factor 1).
     pub jitter: Option<Jitter>,
 }
 
-/// A sample's colour jitter: brightness, then contrast around the mean grey of the pixels
-/// inside the source image, then saturation around each pixel's grey, each clamped to the
-/// range of values; applied on the device (`data::batch::ColourJitter`) to those pixels only
-/// (the rest is padding).
+/// A sample's colour jitter ([`colour_jitter`]'s arithmetic): brightness, then contrast around
+/// the mean grey of the pixels inside the source image, then saturation around each pixel's
+/// grey, each clamped to the range of values; applied on the device
+/// (`data::batch::ColourJitter`) to those pixels only (the rest is padding).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Jitter {
     /// Brightness, contrast and saturation factors.
@@ -183,8 +193,8 @@ pub(crate) const PAD_RGB: [u8; 3] = [
     (IMAGENET_MEAN[2] * 255.0 + 0.5) as u8,
 ];
 
-/// The one point where an augmented pixel value in [0, 1] (bilinear interpolation is computed
-/// in f32) becomes the u8 that the batch carries: the nearest grey level.
+/// The one point where an augmented pixel value in [0, 1] (bilinear interpolation and colour
+/// jitter are computed in f32) becomes the u8 that the batch carries: the nearest grey level.
 /// A value that was a grey level already (`q / 255`, no interpolation) comes back as `q`.
 pub(crate) fn quantise(value: f32) -> u8 {
     // For the values in [0, 255] left after the clamp, adding 0.5 and truncating is rounding
@@ -234,13 +244,20 @@ pub(crate) fn augment(
             }));
         }
     }
-    let jitter = (cfg.random && jitter != [1.0; 3]).then(|| {
-        let span = |taps: &[(usize, [usize; 2], f32)]| {
-            taps.first().zip(taps.last()).map_or([0, 0], |(a, b)| [a.0 as i64, b.0 as i64 + 1])
-        };
-        let ([y0, y1], [x0, x1]) = (span(&in_rows), span(&in_cols));
-        Jitter { factors: jitter, inside: [y0, y1, x0, x1] }
-    });
+    let jitter = match (cfg.random && jitter != [1.0; 3], cfg.jitter_on_device) {
+        (false, _) => None,
+        (true, false) => {
+            colour_jitter(&mut planes, jitter);
+            None
+        }
+        (true, true) => {
+            let span = |taps: &[(usize, [usize; 2], f32)]| {
+                taps.first().zip(taps.last()).map_or([0, 0], |(a, b)| [a.0 as i64, b.0 as i64 + 1])
+            };
+            let ([y0, y1], [x0, x1]) = (span(&in_rows), span(&in_cols));
+            Some(Jitter { factors: jitter, inside: [y0, y1, x0, x1] })
+        }
+    };
     let mut out = vec![0u8; 3 * s * s];
     for ((c, plane), values) in out.chunks_exact_mut(s * s).enumerate().zip(&planes) {
         plane.fill(PAD_RGB[c]);
@@ -287,6 +304,28 @@ pub(crate) fn augment(
         })
         .collect();
     Augmented { image: out, boxes, mask, jitter }
+}
+
+/// Brightness, then contrast (around the mean grey), then saturation (around each pixel's
+/// grey), by `factors` in that order, over the non-padding pixels (`[r, g, b]` planes),
+/// clamped to [0, 1].
+fn colour_jitter([r, g, b]: &mut [Vec<f32>; 3], [brightness, contrast, saturation]: [f32; 3]) {
+    let grey = |r: f32, g: f32, b: f32| GREY[0] * r + GREY[1] * g + GREY[2] * b;
+    for plane in [&mut *r, &mut *g, &mut *b] {
+        for v in plane.iter_mut() {
+            *v = (*v * brightness).clamp(0.0, 1.0);
+        }
+    }
+    // Summed pixel by pixel in f64, in row-major order.
+    let sum: f64 = r.iter().zip(g.iter()).zip(b.iter()).map(|((&r, &g), &b)| f64::from(grey(r, g, b))).sum();
+    let mean = if r.is_empty() { 0.0 } else { (sum / r.len() as f64) as f32 };
+    for ((r, g), b) in r.iter_mut().zip(g.iter_mut()).zip(b.iter_mut()) {
+        let contrasted = |v: f32| ((v - mean) * contrast + mean).clamp(0.0, 1.0);
+        (*r, *g, *b) = (contrasted(*r), contrasted(*g), contrasted(*b));
+        let grey = grey(*r, *g, *b);
+        let saturated = |v: f32| ((v - grey) * saturation + grey).clamp(0.0, 1.0);
+        (*r, *g, *b) = (saturated(*r), saturated(*g), saturated(*b));
+    }
 }
 
 #[cfg(test)]

@@ -73,13 +73,15 @@ impl LoaderConfig {
     }
 
     /// This configuration for the batches `model` trains on: FCOS targets built in the loader
-    /// when it has a detection head (on its grid for the configured image size), batches in
-    /// pinned memory when it is on a GPU.
+    /// when it has a detection head (on its grid for the configured image size); when it is on
+    /// a GPU, batches in pinned memory and colour jitter on the device.
     pub fn for_training(self, model: &MultiTaskModel) -> Self {
         let side = i64::from(self.augment.image_size);
+        let gpu = model.var_store().device().is_cuda();
         Self {
             det_grid: model.has_task(Task::Detection).then(|| model.feature_sizes(side, side)),
-            pin_memory: model.var_store().device().is_cuda(),
+            pin_memory: gpu,
+            augment: AugmentConfig { jitter_on_device: gpu, ..self.augment },
             ..self
         }
     }

@@ -135,12 +135,23 @@ fn eval_is_deterministic_and_train_depends_only_on_key() {
     assert_ne!(a, augment(&img, &[b], Some(&mask), &train, [1, 2, 4]));
 }
 
-/// The jitter is drawn here (for the device to apply) and changes nothing of the sample; its
-/// rectangle is exactly the pixels inside the source image.
 #[test]
-fn jitter_is_drawn_for_the_device_and_changes_nothing_here() {
+fn jitter_changes_colours_not_geometry() {
     let (img, mask, b) = scene();
     let plain = AugmentConfig { random: true, ..no_jitter(32) };
+    let jittered = with_jitter(plain.clone(), 0.5);
+    let a = augment(&img, &[b], Some(&mask), &plain, [5, 0, 9]);
+    let j = augment(&img, &[b], Some(&mask), &jittered, [5, 0, 9]);
+    assert_eq!((&a.boxes, &a.mask, a.jitter, j.jitter), (&j.boxes, &j.mask, None, None));
+    assert_ne!(a.image, j.image);
+}
+
+/// Jitter left to the device is drawn here and changes nothing of the sample; its rectangle is
+/// exactly the pixels inside the source image.
+#[test]
+fn jitter_left_to_the_device_is_carried_not_applied() {
+    let (img, mask, b) = scene();
+    let plain = AugmentConfig { random: true, jitter_on_device: true, ..no_jitter(32) };
     let jittered = with_jitter(plain.clone(), 0.5);
     for seed in 0..20u64 {
         let a = augment(&img, &[b], Some(&mask), &plain, [seed, 0, 9]);

@@ -356,7 +356,8 @@ fn jitter_on_host(image: &[u8], s: usize, j: &crate::data::augment::Jitter) -> V
 }
 
 /// `Batch::to_device` applies each sample's colour jitter as the per-pixel host arithmetic
-/// does (padding untouched), with no host read; batches without jitter carry none.
+/// does (padding untouched), with no host read; batches without jitter carry none. Against
+/// jitter in the loader (before quantisation, not after), the same batches up to rounding.
 #[test]
 fn the_device_applies_each_sample_s_colour_jitter() {
     let dir = tempfile::tempdir().unwrap();
@@ -370,19 +371,29 @@ fn the_device_applies_each_sample_s_colour_jitter() {
         contrast: 0.4,
         saturation: 0.4,
     };
-    let augment = AugmentConfig { random: true, params, ..AugmentConfig::eval(24) };
-    let batches: Vec<Batch> =
-        Loader::new(ds.clone(), &shard, cfg(4, 2, augment.clone())).unwrap().map(Result::unwrap).collect();
+    let augment = AugmentConfig { random: true, params, jitter_on_device: true, ..AugmentConfig::eval(24) };
+    let load = |augment: AugmentConfig| -> Vec<Batch> {
+        let c = LoaderConfig { det_grid: Some(grid(24)), ..cfg(4, 2, augment) };
+        Loader::new(ds.clone(), &shard, c).unwrap().map(Result::unwrap).collect()
+    };
+    let batches = load(augment.clone());
+    let in_loader = load(AugmentConfig { jitter_on_device: false, ..augment.clone() });
     let (mut worst, mut moved) = (0.0f32, 0.0f64);
-    let mut padded = 0;
-    for batch in &batches {
+    let (mut padded, mut rounding_worst, mut rounding_sum) = (0, 0.0f32, 0.0f64);
+    for (batch, host) in batches.iter().zip(&in_loader) {
         let jitter = batch.colour_jitter.as_ref().expect("every sample jitters");
         let factors = Vec::<f32>::try_from(jitter.factors.flatten(0, -1)).unwrap();
         let inside = Vec::<i64>::try_from(jitter.inside.flatten(0, -1)).unwrap();
         let (on_device, counts) = crate::op_count::count_ops(|| batch.to_device(tch::Device::Cpu).unwrap());
         assert_eq!(counts.host_reads(), vec![], "the jitter reads nothing from the device");
         assert!(on_device.colour_jitter.is_none(), "applied by to_device");
+        assert!(host.colour_jitter.is_none(), "applied in the loader");
+        let host = host.to_device(tch::Device::Cpu).unwrap();
+        let mut same_but_images = on_device.to_device(tch::Device::Cpu).unwrap();
+        same_but_images.images = host.images.shallow_clone();
+        assert_same(&host, &same_but_images);
         let got = Vec::<f32>::try_from(on_device.images.flatten(0, -1)).unwrap();
+        let in_loader = Vec::<f32>::try_from(host.images.flatten(0, -1)).unwrap();
         let images = Vec::<u8>::try_from(batch.images.flatten(0, -1)).unwrap();
         for (i, image) in images.chunks(3 * 24 * 24).enumerate() {
             let j = crate::data::augment::Jitter {
@@ -396,11 +407,18 @@ fn the_device_applies_each_sample_s_colour_jitter() {
                 let normalised = |v: f32| (v / 255.0 - IMAGENET_MEAN[c]) / IMAGENET_STD[c];
                 let g = got[i * 3 * 24 * 24 + p];
                 worst = worst.max((g - normalised(w)).abs());
+                let levels = (g - in_loader[i * 3 * 24 * 24 + p]).abs() * 255.0 * IMAGENET_STD[c];
+                (rounding_worst, rounding_sum) =
+                    (rounding_worst.max(levels), rounding_sum + f64::from(levels));
                 moved += f64::from((w - f32::from(q)).abs());
             }
         }
     }
     assert!(worst < 1e-4, "device and host jitter differ by {worst}");
+    // The loader jitters the bilinear values and rounds once; the device jitters the rounded
+    // ones: at most half a grey level, scaled by the factors.
+    let rounding_mean = rounding_sum / (12.0 * 3.0 * 24.0 * 24.0);
+    assert!(rounding_worst <= 3.0 && rounding_mean <= 0.5, "{rounding_worst} / {rounding_mean} grey levels");
     assert!(padded > 0, "some samples have padding the jitter must leave alone");
     assert!(moved / (12.0 * 3.0 * 24.0 * 24.0) > 5.0, "the jitter changes colours: {moved}");
     let eval = LoaderConfig { augment: AugmentConfig::eval(24), ..cfg(4, 1, augment) };
@@ -472,7 +490,7 @@ fn for_training_gives_the_model_s_grid_and_pins_only_for_a_gpu() {
     let model = test_model(&TasksSection::default());
     let c = base.clone().for_training(&model);
     assert_eq!(c.det_grid, Some(model.feature_sizes(96, 96)));
-    assert!(!c.pin_memory, "the model is on the CPU");
+    assert!(!c.pin_memory && !c.augment.jitter_on_device, "the model is on the CPU");
     let no_detection = test_model(&TasksSection { detection: false, ..TasksSection::default() });
     assert_eq!(base.for_training(&no_detection).det_grid, None);
 }
