@@ -13,8 +13,6 @@
 #include "guard.h"
 
 #include <cstddef>
-#include <cstring>
-#include <exception>
 #include <string>
 #include <vector>
 
@@ -30,7 +28,6 @@ std::vector<at::Tensor> list(const at::Tensor* const* tensors, size_t n) {
   }
   return out;
 }
-
 
 }  // namespace
 

@@ -17,8 +17,6 @@
 #include "guard.h"
 
 #include <cstddef>
-#include <cstring>
-#include <exception>
 #include <memory>
 #include <string>
 

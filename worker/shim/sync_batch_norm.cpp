@@ -20,7 +20,6 @@
 #include <torch/csrc/autograd/custom_function.h>
 
 #include <cstddef>
-#include <cstring>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -178,21 +177,11 @@ int mtl_sync_batch_norm(const at::Tensor* x, const at::Tensor* weight, const at:
     write_message("SyncBatchNorm: out of memory", err, err_len);
     return 1;
   }
-  try {
+  return mtl_shim::guarded("sync_batch_norm", err, err_len, [&] {
     auto reducer = c10::make_intrusive<Reducer>(std::move(owned), sum);
     auto y = SyncBatchNormFn::apply(*x, *weight, *bias, *running_mean, *running_var, momentum, eps,
                                     reducer);
     *out = new at::Tensor(std::move(y));
-    return 0;
-  } catch (const c10::Error& e) {
-    write_message(e.what_without_backtrace(), err, err_len);
-    return 1;
-  } catch (const std::exception& e) {
-    write_message(e.what(), err, err_len);
-    return 1;
-  } catch (...) {
-    write_message("SyncBatchNorm: unknown C++ exception", err, err_len);
-    return 1;
-  }
+  });
 }
 }
