@@ -256,7 +256,6 @@ pub struct Loader {
 impl Loader {
     /// A loader with its own pool of `cfg.threads` threads, which end with it; see [`Loader::on`].
     pub fn new(dataset: Arc<Dataset>, ids: &[u64], cfg: LoaderConfig) -> Result<Self, WorkerError> {
-        Self::check(&cfg)?;
         Self::on(&LoaderPool::new(cfg.threads)?, dataset, ids, cfg)
     }
 
