@@ -35,31 +35,46 @@ extern "C" {
 
 // `torch.optim.SGD(fused=True)`'s update of `n` parameters with dampening 0: `n_buffers` is `n`
 // (momentum buffers) or 0 (momentum 0). Buffers are used as they are (never `is_first_step`): a
-// zero buffer gives PyTorch's first step exactly.
+// zero buffer gives PyTorch's first step exactly. The learning rate is `lr`, or the 0-dim tensor
+// `lr_tensor` when that is not null (read on its device, so a CUDA graph can replay the call
+// with a new value).
 int mtl_fused_sgd_(const at::Tensor* const* params, const at::Tensor* const* grads,
                    const at::Tensor* const* momentum_buffers, size_t n, size_t n_buffers,
-                   double weight_decay, double momentum, double lr, int nesterov, char* err,
-                   size_t err_len) {
+                   double weight_decay, double momentum, double lr, const at::Tensor* lr_tensor,
+                   int nesterov, char* err, size_t err_len) {
   return guarded("_fused_sgd_", err, err_len, [&] {
     c10::NoGradGuard no_grad;
-    at::_fused_sgd_(list(params, n), list(grads, n), list(momentum_buffers, n_buffers),
-                    weight_decay, momentum, lr, /*dampening=*/0.0, nesterov != 0,
-                    /*maximize=*/false, /*is_first_step=*/false);
+    if (lr_tensor != nullptr) {
+      at::_fused_sgd_(list(params, n), list(grads, n), list(momentum_buffers, n_buffers),
+                      weight_decay, momentum, *lr_tensor, /*dampening=*/0.0, nesterov != 0,
+                      /*maximize=*/false, /*is_first_step=*/false);
+    } else {
+      at::_fused_sgd_(list(params, n), list(grads, n), list(momentum_buffers, n_buffers),
+                      weight_decay, momentum, lr, /*dampening=*/0.0, nesterov != 0,
+                      /*maximize=*/false, /*is_first_step=*/false);
+    }
   });
 }
 
 // `torch.optim.AdamW(fused=True)`'s update of `n` parameters (amsgrad off). `state_steps` are
 // f32 scalars on the parameters' device holding the step number of this update (the caller
-// increments them first, as PyTorch does).
+// increments them first, as PyTorch does). `lr_tensor` as in `mtl_fused_sgd_`.
 int mtl_fused_adamw_(const at::Tensor* const* params, const at::Tensor* const* grads,
                      const at::Tensor* const* exp_avgs, const at::Tensor* const* exp_avg_sqs,
-                     const at::Tensor* const* state_steps, size_t n, double lr, double beta1,
-                     double beta2, double weight_decay, double eps, char* err, size_t err_len) {
+                     const at::Tensor* const* state_steps, size_t n, double lr,
+                     const at::Tensor* lr_tensor, double beta1, double beta2, double weight_decay,
+                     double eps, char* err, size_t err_len) {
   return guarded("_fused_adamw_", err, err_len, [&] {
     c10::NoGradGuard no_grad;
-    at::_fused_adamw_(list(params, n), list(grads, n), list(exp_avgs, n), list(exp_avg_sqs, n),
-                      /*max_exp_avg_sqs=*/{}, list(state_steps, n), lr, beta1, beta2,
-                      weight_decay, eps, /*amsgrad=*/false, /*maximize=*/false);
+    if (lr_tensor != nullptr) {
+      at::_fused_adamw_(list(params, n), list(grads, n), list(exp_avgs, n), list(exp_avg_sqs, n),
+                        /*max_exp_avg_sqs=*/{}, list(state_steps, n), *lr_tensor, beta1, beta2,
+                        weight_decay, eps, /*amsgrad=*/false, /*maximize=*/false);
+    } else {
+      at::_fused_adamw_(list(params, n), list(grads, n), list(exp_avgs, n), list(exp_avg_sqs, n),
+                        /*max_exp_avg_sqs=*/{}, list(state_steps, n), lr, beta1, beta2,
+                        weight_decay, eps, /*amsgrad=*/false, /*maximize=*/false);
+    }
   });
 }
 

@@ -5,7 +5,7 @@
 //! parameter group ([`super::groups`]).
 use tch::{Kind, Tensor};
 
-use super::fused::{self, AdamWHyper};
+use super::fused::{self, AdamWHyper, Lr};
 use super::{groups, load_entries, params, step_tensor, zero_grads, Param};
 use crate::WorkerError;
 
@@ -39,7 +39,7 @@ pub(crate) struct AdamW {
     /// Indices of the parameters of each fused call.
     groups: Vec<Vec<usize>>,
     cfg: AdamWConfig,
-    steps: u64,
+    pub(super) steps: u64,
 }
 
 impl AdamW {
@@ -62,7 +62,7 @@ impl AdamW {
 
     /// One update with learning rate `lr`; parameters without a gradient are left alone (also
     /// their step counts). No value is read back from the device.
-    pub(crate) fn step(&mut self, lr: f64) -> Result<(), WorkerError> {
+    pub(crate) fn step(&mut self, lr: Lr<'_>) -> Result<(), WorkerError> {
         let AdamWConfig { betas, eps, weight_decay } = self.cfg;
         // Per group, the indices of the parameters that have a gradient, and those gradients.
         let mut taken: Vec<(Vec<usize>, Vec<Tensor>)> = Vec::with_capacity(self.groups.len());

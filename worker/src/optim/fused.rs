@@ -5,8 +5,8 @@
 //! parameter. Lists are slices of `Tensor` or `&Tensor`; on CUDA, all of one call's tensors
 //! should share a device and dtype (the multi-tensor kernels; mixed lists, and every list on the
 //! CPU, take LibTorch's loop over the tensors, still one call from here). An empty list is no
-//! call (the foreach ops reject them). The learning rate is an `f64`: capturing the step in a
-//! CUDA graph would need the overloads that take it as a device tensor.
+//! call (the foreach ops reject them). The learning rate is an `f64`, or a 0-dim device tensor
+//! ([`Lr`]) that a captured CUDA graph replays with each step's value.
 use std::borrow::Borrow;
 use std::ffi::{c_char, c_int};
 
@@ -27,6 +27,7 @@ extern "C" {
         weight_decay: f64,
         momentum: f64,
         lr: f64,
+        lr_tensor: *const C_tensor,
         nesterov: c_int,
         err: *mut c_char,
         err_len: usize,
@@ -39,6 +40,7 @@ extern "C" {
         state_steps: List,
         n: usize,
         lr: f64,
+        lr_tensor: *const C_tensor,
         beta1: f64,
         beta2: f64,
         weight_decay: f64,
@@ -72,19 +74,43 @@ extern "C" {
         -> c_int;
 }
 
+/// A learning rate: a value, or a 0-dim f32 tensor on the parameters' device that the kernel
+/// reads there (what a CUDA graph of the step replays with each step's value).
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Lr<'a> {
+    Value(f64),
+    Tensor(&'a Tensor),
+}
+
+impl From<f64> for Lr<'_> {
+    fn from(lr: f64) -> Self {
+        Lr::Value(lr)
+    }
+}
+
+impl Lr<'_> {
+    /// The value, and the tensor pointer the shim takes (null for a value).
+    fn parts(self) -> (f64, *const C_tensor) {
+        match self {
+            Lr::Value(lr) => (lr, std::ptr::null()),
+            Lr::Tensor(t) => (0.0, t.as_ptr()),
+        }
+    }
+}
+
 /// Hyper-parameters of one fused SGD call (dampening 0, as everywhere in `optim`).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub(crate) struct SgdHyper {
-    pub lr: f64,
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SgdHyper<'a> {
+    pub lr: Lr<'a>,
     pub momentum: f64,
     pub nesterov: bool,
     pub weight_decay: f64,
 }
 
 /// Hyper-parameters of one fused AdamW call (amsgrad off).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub(crate) struct AdamWHyper {
-    pub lr: f64,
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AdamWHyper<'a> {
+    pub lr: Lr<'a>,
     pub betas: [f64; 2],
     pub eps: f64,
     pub weight_decay: f64,
@@ -93,7 +119,12 @@ pub(crate) struct AdamWHyper {
 /// `torch.optim.SGD(fused=True)`'s update: `params[i]` from `grads[i]`, with `buffers[i]` as
 /// momentum buffer (`buffers` empty when `momentum` is 0, else one per parameter). A zero
 /// buffer reproduces PyTorch's first step exactly. Gradients are left unchanged.
-pub(crate) fn sgd_<P, G, B>(params: &[P], grads: &[G], buffers: &[B], h: SgdHyper) -> Result<(), WorkerError>
+pub(crate) fn sgd_<P, G, B>(
+    params: &[P],
+    grads: &[G],
+    buffers: &[B],
+    h: SgdHyper<'_>,
+) -> Result<(), WorkerError>
 where
     P: Borrow<Tensor>,
     G: Borrow<Tensor>,
@@ -106,6 +137,7 @@ where
         return Ok(());
     }
     let (p, g, b) = (ptrs(params), ptrs(grads), ptrs(buffers));
+    let (lr, lr_tensor) = h.lr.parts();
     shim::call(|err, len| {
         // SAFETY: the lists hold `n` (`b.len()`) live tensor pointers for the duration of the call.
         unsafe {
@@ -117,7 +149,8 @@ where
                 b.len(),
                 h.weight_decay,
                 h.momentum,
-                h.lr,
+                lr,
+                lr_tensor,
                 c_int::from(h.nesterov),
                 err,
                 len,
@@ -138,7 +171,7 @@ pub(crate) fn adamw_<P, G, M, V, S>(
     exp_avgs: &[M],
     exp_avg_sqs: &[V],
     steps: &[S],
-    h: AdamWHyper,
+    h: AdamWHyper<'_>,
 ) -> Result<(), WorkerError>
 where
     P: Borrow<Tensor>,
@@ -157,6 +190,7 @@ where
     }
     let (p, g, m, v, s) = (ptrs(params), ptrs(grads), ptrs(exp_avgs), ptrs(exp_avg_sqs), ptrs(steps));
     let [beta1, beta2] = h.betas;
+    let (lr, lr_tensor) = h.lr.parts();
     shim::call(|err, len| {
         // SAFETY: each list holds `n` live tensor pointers for the duration of the call.
         unsafe {
@@ -167,7 +201,8 @@ where
                 v.as_ptr(),
                 s.as_ptr(),
                 n,
-                h.lr,
+                lr,
+                lr_tensor,
                 beta1,
                 beta2,
                 h.weight_decay,

@@ -18,7 +18,7 @@ mod tests;
 
 pub(crate) use adamw::{AdamW, AdamWConfig};
 pub(crate) use clip::{clip_flat_grad_norm, clip_grad_norm};
-pub(crate) use fused::set_grad;
+pub(crate) use fused::{set_grad, Lr};
 pub(crate) use schedule::Schedule;
 pub(crate) use sgd::{Sgd, SgdConfig};
 
@@ -85,10 +85,25 @@ impl Optimizer {
     }
 
     /// Applies one update with learning rate `lr` to every parameter that has a gradient.
-    pub(crate) fn step(&mut self, lr: f64) -> Result<(), WorkerError> {
+    pub(crate) fn step<'a>(&mut self, lr: impl Into<Lr<'a>>) -> Result<(), WorkerError> {
         match self {
-            Self::Sgd(o) => o.step(lr),
-            Self::AdamW(o) => o.step(lr),
+            Self::Sgd(o) => o.step(lr.into()),
+            Self::AdamW(o) => o.step(lr.into()),
+        }
+    }
+
+    /// Counts a step whose update the device ran without a call to [`Self::step`]: a replay
+    /// of a CUDA graph that captured one (its per-parameter state lives on the device).
+    pub(crate) fn count_replayed_step(&mut self) {
+        self.restore_steps(self.steps() + 1);
+    }
+
+    /// Sets the step count back to `steps` (a captured step that failed counted one that the
+    /// device never took).
+    pub(crate) fn restore_steps(&mut self, steps: u64) {
+        match self {
+            Self::Sgd(o) => o.steps = steps,
+            Self::AdamW(o) => o.steps = steps,
         }
     }
 

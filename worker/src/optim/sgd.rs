@@ -4,7 +4,7 @@
 //! `p ← p − lr·g`. Each step is one `_fused_sgd_` call per parameter group ([`super::groups`]).
 use tch::Tensor;
 
-use super::fused::{self, SgdHyper};
+use super::fused::{self, Lr, SgdHyper};
 use super::{groups, load_entries, params, step_tensor, zero_grads, Param};
 use crate::WorkerError;
 
@@ -28,7 +28,7 @@ pub(crate) struct Sgd {
     /// Indices of the parameters of each fused call.
     groups: Vec<Vec<usize>>,
     cfg: SgdConfig,
-    steps: u64,
+    pub(super) steps: u64,
 }
 
 impl Sgd {
@@ -46,7 +46,7 @@ impl Sgd {
 
     /// One update with learning rate `lr`; parameters without a gradient are left alone. No
     /// value is read back from the device.
-    pub(crate) fn step(&mut self, lr: f64) -> Result<(), WorkerError> {
+    pub(crate) fn step(&mut self, lr: Lr<'_>) -> Result<(), WorkerError> {
         let SgdConfig { momentum, nesterov, weight_decay } = self.cfg;
         for group in &self.groups {
             let (mut params, mut grads, mut buffers) = (Vec::new(), Vec::new(), Vec::new());

@@ -260,6 +260,33 @@ fn from_config_builds_the_configured_optimizer() {
     assert!(matches!(Optimizer::from_config(&train, fresh_params()).unwrap(), Optimizer::Sgd(_)));
 }
 
+/// A learning rate given as a 0-dim tensor on the parameters' device (what a captured CUDA
+/// graph of the step reads) updates as the same value given as a number, and the replayed-step
+/// count keeps `steps` in line with the updates.
+#[test]
+fn a_learning_rate_tensor_updates_as_its_value() {
+    let devices =
+        if tch::Cuda::is_available() { vec![Device::Cpu, Device::Cuda(0)] } else { vec![Device::Cpu] };
+    for device in devices {
+        for make in makers() {
+            let want = run_on(&make, 0..3, device);
+            let params = fresh_params_on(device);
+            let mut opt = make(params.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect());
+            let mut lr = Tensor::zeros([], (Kind::Float, device));
+            for (i, &value) in LRS.iter().enumerate().take(3) {
+                set_grads(&params, i);
+                let _ = lr.fill_(value);
+                opt.step(Lr::Tensor(&lr)).unwrap();
+            }
+            // f32 learning rates against f64 ones.
+            assert_close(&[values(&params[0].1), values(&params[1].1)].concat(), &want, 1e-6);
+            assert_eq!(opt.steps(), 3);
+            opt.count_replayed_step();
+            assert_eq!(opt.steps(), 4);
+        }
+    }
+}
+
 /// The GPU check (`cargo test cuda_` where CUDA is): the same updates on CUDA match the CPU's,
 /// and a state saved on the GPU resumes on the CPU. Without CUDA there is nothing to compare.
 #[test]
@@ -508,7 +535,7 @@ fn foreach_ops_match_per_tensor_ops() {
         &tensors,
         &tensors[..1],
         &tensors,
-        fused::SgdHyper { lr: 0.1, momentum: 0.9, nesterov: false, weight_decay: 0.0 },
+        fused::SgdHyper { lr: 0.1.into(), momentum: 0.9, nesterov: false, weight_decay: 0.0 },
     )
     .unwrap_err();
     assert!(err.to_string().contains("1 gradients, expected 4"), "{err}");
