@@ -4,6 +4,7 @@
 # layers and parameter names), the same batch and image size, batches pre-loaded on the device.
 # Rows, per size (batch 64 at 128 px, batch 128 at 224 px):
 #   ours fp32 / bf16 / bf16+cl    `worker bench-step` (train.precision, train.channels_last)
+#   ours bf16(+cl)+graphs         the same with train.cuda_graphs (on CUDA only)
 #   torch eager fp32              the replica, eager (PyTorch's defaults: tf32 convolutions)
 #   torch eager bf16+cl           autocast(bfloat16) + channels_last
 #   torch compile bf16+cl         the same with torch.compile of forward, targets and losses
@@ -67,6 +68,11 @@ for size in $SIZES; do
     run "ours fp32" $size "${OURS[@]}" --set train.precision=fp32
     run "ours bf16" $size "${OURS[@]}" --set train.precision=bf16
     run "ours bf16+cl" $size "${OURS[@]}" --set train.precision=bf16 --set train.channels_last=true
+    if [[ $DEVICE == cuda* ]]; then   # train.cuda_graphs: the step captured once, then replayed
+        run "ours bf16+graphs" $size "${OURS[@]}" --set train.precision=bf16 --set train.cuda_graphs=true
+        run "ours bf16+cl+graphs" $size "${OURS[@]}" --set train.precision=bf16 --set train.channels_last=true \
+            --set train.cuda_graphs=true
+    fi
     run "torch eager fp32" $size "${TORCH[@]}"
     run "torch eager bf16+cl" $size "${TORCH[@]}" --bf16 --channels-last
     run "torch compile bf16+cl" $size "${TORCH[@]}" --bf16 --channels-last --compile
@@ -74,18 +80,21 @@ for size in $SIZES; do
     # Ours end to end from PNG files (the synthetic format writes them once, then reads them as
     # any dataset): images/s of the logged intervals after the first.
     log_every=$(( E2E_STEPS / 5 > 0 ? E2E_STEPS / 5 : 1 ))
-    for precision in fp32 bf16; do
-        echo "== $size ours end to end $precision" >&2
+    variants=(fp32 bf16); [[ $DEVICE == cuda* ]] && variants+=(bf16+graphs)
+    for variant in "${variants[@]}"; do
+        precision=${variant%%+*}; graphs=false; [[ $variant == *graphs ]] && graphs=true
+        echo "== $size ours end to end $variant" >&2
         rm -rf $tmp/ckpt
         timeout "$TIMEOUT" "$W" train --standalone --config $JOB "${SETS[@]}" --device $DEVICE \
             --set data.train=$tmp/pngs-$px --set data.synthetic_n=$N \
             --set train.steps=$E2E_STEPS --set train.warmup_steps=$(( E2E_STEPS / 10 )) \
             --set train.log_every_steps=$log_every --set train.eval_every_steps=0 \
-            --set train.precision=$precision --set checkpoint.dir=$tmp/ckpt --json > /dev/null 2> "$tmp/e2e.log"
+            --set train.precision=$precision --set train.cuda_graphs=$graphs \
+            --set checkpoint.dir=$tmp/ckpt --json > /dev/null 2> "$tmp/e2e.log"
         rate=$(grep -o 'images_per_s="\?[0-9.]*' "$tmp/e2e.log" | grep -o '[0-9.]*$' | tail -n +2 \
                | "$PY" -c 'import sys; r=[float(x) for x in sys.stdin]; print(len(r)/sum(1/x for x in r) if r else "null")')
         [[ $rate == null ]] && echo "   failed: $(tail -3 "$tmp/e2e.log")" >&2
-        echo "{\"row\": \"ours end to end $precision\", \"size\": \"$size\", \"result\": {\"images_per_s\": $rate}}" >> "$RESULTS"
+        echo "{\"row\": \"ours end to end $variant\", \"size\": \"$size\", \"result\": {\"images_per_s\": $rate}}" >> "$RESULTS"
     done
 done
 

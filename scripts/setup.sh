@@ -27,6 +27,9 @@ install_once tensorboard 2.21.0
 # Kubernetes schemas for tests/deploy.rs (deploy/k8s/check.py): the package bundles them and
 # works offline.
 install_once kubernetes-validate 1.37.0
+# The CUDA runtime headers' `crt/` part (headers only, 130 KB), which the torch wheel's CUDA
+# runtime package leaves out: the shim's CUDA graphs (worker/shim/cuda_graph.cpp) include them.
+install_once nvidia-cuda-crt 13.0.88
 
 site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 if [[ ! -d "$site/torch/lib" ]]; then

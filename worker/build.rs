@@ -4,11 +4,14 @@
 //!   would drop it and CUDA would then be "not available" on GPU machines;
 //! - the C++ shim in `shim/` (bf16 autocast, fused optimisers and foreach ops, SyncBatchNorm,
 //!   pinned allocation, the op counter, cuDNN benchmark and channels_last, post-accumulate-grad
-//!   hooks).
+//!   hooks, CUDA graphs). CUDA graphs need LibTorch's CUDA library and the CUDA runtime headers
+//!   (the torch wheel's `nvidia/cu*/include`, `CUDA_HOME`, or /usr/local/cuda); without them
+//!   the shim is built without them, and `train.cuda_graphs` says so at run time.
 
 /// The C++ sources of the shim.
-const SHIM_FILES: [&str; 7] = [
+const SHIM_FILES: [&str; 8] = [
     "shim/autocast.cpp",
+    "shim/cuda_graph.cpp",
     "shim/foreach.cpp",
     "shim/grad_hooks.cpp",
     "shim/kernels.cpp",
@@ -21,7 +24,8 @@ fn main() {
     // Set by torch-sys (links = "tch") for its direct dependents.
     let lib = std::env::var("DEP_TCH_LIBTORCH_LIB").expect("torch-sys exports its LibTorch lib dir");
     println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
-    if std::path::Path::new(&lib).join("libtorch_cuda.so").exists() {
+    let libtorch_cuda = std::path::Path::new(&lib).join("libtorch_cuda.so").exists();
+    if libtorch_cuda {
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
         println!("cargo:rustc-link-arg=-ltorch_cuda");
         println!("cargo:rustc-link-arg=-Wl,--as-needed");
@@ -33,7 +37,12 @@ fn main() {
     // built against the same LibTorch headers and C++ ABI as torch-sys.
     let include = std::path::Path::new(&lib).join("../include");
     let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
-    cc::Build::new()
+    let mut build = cc::Build::new();
+    if let Some(cuda_include) = libtorch_cuda.then(|| cuda_runtime_include(&lib)).flatten() {
+        build.define("MTL_CUDA", None).include(cuda_include);
+        println!("cargo:rustc-link-arg=-lc10_cuda");
+    }
+    build
         .cpp(true)
         .files(SHIM_FILES)
         .include(&include)
@@ -49,4 +58,24 @@ fn main() {
     }
     println!("cargo:rerun-if-changed=shim/guard.h");
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
+    println!("cargo:rerun-if-env-changed=CUDA_HOME");
+}
+
+/// The directory holding `cuda_runtime_api.h` for LibTorch in `lib`: the torch wheel's own
+/// (`site-packages/nvidia/cu13/include`, or `nvidia/cuda_runtime/include` in CUDA 12 wheels),
+/// else `CUDA_HOME`'s, else /usr/local/cuda's.
+fn cuda_runtime_include(lib: &str) -> Option<std::path::PathBuf> {
+    let site = std::path::Path::new(lib).join("../..");
+    let mut candidates = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(site.join("nvidia")) {
+        for entry in entries.flatten() {
+            candidates.push(entry.path().join("include"));
+        }
+    }
+    candidates.sort();
+    if let Some(home) = std::env::var_os("CUDA_HOME") {
+        candidates.push(std::path::PathBuf::from(home).join("include"));
+    }
+    candidates.push("/usr/local/cuda/include".into());
+    candidates.into_iter().find(|dir| dir.join("cuda_runtime_api.h").exists())
 }

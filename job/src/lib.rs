@@ -93,8 +93,8 @@ impl JobConfig {
     /// coordinator's store to detect a changed job. It leaves out the secret (`job.token`) and
     /// the sections that say where and how the job runs rather than what it trains
     /// (`[server]`, `[rendezvous]`, `[checkpoint]`, `data.max_unreadable_fraction`,
-    /// `data.cache_decoded`, the kernel choices `train.cudnn_benchmark` and
-    /// `train.channels_last`, and `comm.overlap`), so a coordinator restarted on another port,
+    /// `data.cache_decoded`, the kernel choices `train.cudnn_benchmark`, `train.channels_last`
+    /// and `train.cuda_graphs`, and `comm.overlap`), so a coordinator restarted on another port,
     /// with another world size, another `keep_last`, a higher tolerance for unreadable images,
     /// the decoded-image cache, a kernel choice or the gradient overlap switched still resumes.
     pub fn hash(&self) -> String {
@@ -105,8 +105,8 @@ impl JobConfig {
 
     /// The part of the job that [`JobConfig::hash`] covers: this config with the token cleared
     /// and `[server]`, `[rendezvous]`, `[checkpoint]`, `data.max_unreadable_fraction`,
-    /// `data.cache_decoded`, `train.cudnn_benchmark`, `train.channels_last` and `comm.overlap` at
-    /// their defaults.
+    /// `data.cache_decoded`, `train.cudnn_benchmark`, `train.channels_last`, `train.cuda_graphs`
+    /// and `comm.overlap` at their defaults.
     pub fn trained_part(&self) -> JobConfig {
         let mut trained = self.clone();
         trained.job.token = JobToken::default();
@@ -116,8 +116,8 @@ impl JobConfig {
         trained.data.max_unreadable_fraction = crate::DataSection::default().max_unreadable_fraction;
         trained.data.cache_decoded = crate::DataSection::default().cache_decoded;
         let train = crate::TrainSection::default();
-        (trained.train.cudnn_benchmark, trained.train.channels_last) =
-            (train.cudnn_benchmark, train.channels_last);
+        (trained.train.cudnn_benchmark, trained.train.channels_last, trained.train.cuda_graphs) =
+            (train.cudnn_benchmark, train.channels_last, train.cuda_graphs);
         trained.comm.overlap = crate::CommSection::default().overlap;
         trained
     }

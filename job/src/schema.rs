@@ -272,6 +272,13 @@ pub struct TrainSection {
     /// its default.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub channels_last: bool,
+    /// Capture the training step in a CUDA graph after a few eager steps and replay it for every
+    /// full batch (one launch instead of thousands of kernels). CUDA only; with one rank (more
+    /// train eagerly), `weighting.strategy` fixed or uncertainty, and not with SyncBatchNorm.
+    /// Off until measured on our GPUs (docs/PERFORMANCE.md). Like `cudnn_benchmark`, not part
+    /// of the config hash and left out of the written config at its default.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub cuda_graphs: bool,
 }
 
 pub(crate) fn is_true(value: &bool) -> bool {
@@ -309,6 +316,7 @@ impl Default for TrainSection {
             precision: Precision::Fp32,
             cudnn_benchmark: true,
             channels_last: false,
+            cuda_graphs: false,
         }
     }
 }
@@ -381,6 +389,26 @@ impl JobConfig {
         self.tasks.validate()?;
         t.validate_optim()?;
         self.weighting.validate()?;
+        if t.cuda_graphs {
+            use crate::{NormKind, WeightingStrategy};
+            if !matches!(self.weighting.strategy, WeightingStrategy::Fixed | WeightingStrategy::Uncertainty) {
+                return Err(invalid(
+                    "train.cuda_graphs",
+                    format!(
+                        "needs weighting.strategy fixed or uncertainty, got {}: the others decide on the host \
+                         between steps, which a captured step cannot",
+                        format!("{:?}", self.weighting.strategy).to_lowercase()
+                    ),
+                ));
+            }
+            if self.model.norm == NormKind::SyncBatch {
+                return Err(invalid(
+                    "train.cuda_graphs",
+                    "cannot capture model.norm = \"sync_batch\" (its all-reduce runs outside LibTorch's streams)"
+                        .into(),
+                ));
+            }
+        }
         self.checkpoint.validate()?;
         Ok(())
     }

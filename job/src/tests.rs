@@ -124,6 +124,7 @@ fn hash_ignores_the_token_and_where_the_job_runs_but_not_what_it_trains() {
     other.server.tensorboard_dir = "off".into();
     other.train.cudnn_benchmark = false;
     other.train.channels_last = true;
+    other.train.cuda_graphs = true;
     other.comm.overlap = false;
     assert_eq!(cfg.hash(), other.hash());
     other.train.lr = 0.5;
@@ -190,6 +191,30 @@ fn gpu_kernel_switches_default_to_cudnn_benchmark_on_and_nchw() {
     assert!(cfg.train.cudnn_benchmark && !cfg.train.channels_last);
     let cfg = load("[job]\nname = \"a\"\n[train]\ncudnn_benchmark = false\nchannels_last = true\n").unwrap();
     assert!(!cfg.train.cudnn_benchmark && cfg.train.channels_last);
+}
+
+#[test]
+fn cuda_graphs_are_off_by_default_and_refuse_host_decided_weighting_and_sync_batch_norm() {
+    let cfg = load("[job]\nname = \"a\"\n").unwrap();
+    assert!(!cfg.train.cuda_graphs);
+    assert!(!cfg.to_toml().contains("cuda_graphs"), "left out of the written config at its default");
+    for strategy in ["fixed", "uncertainty"] {
+        let text = format!(
+            "[job]\nname = \"a\"\n[train]\ncuda_graphs = true\n[weighting]\nstrategy = \"{strategy}\"\n"
+        );
+        assert!(load(&text).unwrap().train.cuda_graphs, "{strategy}");
+    }
+    for strategy in ["dwa", "gradnorm", "pcgrad"] {
+        let text = format!(
+            "[job]\nname = \"a\"\n[train]\ncuda_graphs = true\n[weighting]\nstrategy = \"{strategy}\"\n"
+        );
+        let err = load(&text).unwrap_err().to_string();
+        assert!(err.contains("train.cuda_graphs") && err.contains(&format!("got {strategy}")), "{err}");
+    }
+    let err = load("[job]\nname = \"a\"\n[train]\ncuda_graphs = true\n[model]\nnorm = \"sync_batch\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("train.cuda_graphs") && err.contains("sync_batch"), "{err}");
 }
 
 #[test]

@@ -11,7 +11,7 @@
 use tch::Device;
 use tch::{Kind, Tensor};
 
-use crate::data::batch::Batch;
+use crate::data::batch::{host_tensor_from, Batch, Part};
 use crate::model::{MultiTaskModel, Outputs};
 use crate::task::{Task, TaskLosses};
 use crate::tasks::fcos_targets::FcosTargets;
@@ -148,23 +148,37 @@ pub(crate) fn build_targets(model: &MultiTaskModel, batch: &Batch) -> Result<Tar
 /// The local (this rank's) counts of a batch on its device: `[6]` f64 in the order of
 /// [`Counts::to_array`] plus `stop` (1 when this rank asks every rank to stop). What the labels
 /// on the device give (labelled samples, valid pixels) is summed there; what the host knows
-/// (positives of the host-built detection targets, labelled images, samples) is uploaded
-/// without waiting. Nothing is read back: the step all-reduces this tensor and divides by it.
+/// comes from [`host_known_counts`]. Nothing is read back: the step all-reduces this tensor and
+/// divides by it.
+#[cfg(test)]
 pub(crate) fn local_counts(batch: &Batch, targets: &Targets, stop: bool) -> Result<Tensor, WorkerError> {
-    let device = batch.images.device();
-    let on_device = || -> Result<Tensor, tch::TchError> {
-        let cls = batch.class_labelled.f_sum(Kind::Double)?;
-        let seg = segmentation::valid_pixels(&batch.mask_target, &batch.mask_labelled)?;
-        Tensor::f_stack(&[cls, seg], 0)
-    };
+    device_counts(batch, &host_known_counts(batch, targets, stop)?)
+}
+
+/// The entries of [`local_counts`] that the host knows, uploaded to the batch's device without
+/// waiting: `[4]` f64, positives of the host-built detection targets, labelled images, samples
+/// and `stop`. Made before the step's device work, so that a captured CUDA graph of the step
+/// reads them from a tensor instead of baking them in.
+pub(crate) fn host_known_counts(batch: &Batch, targets: &Targets, stop: bool) -> Result<Tensor, WorkerError> {
     let on_host = [
         targets.det.as_ref().map_or(0.0, |t| t.num_positives as f64),
         batch.boxes_labelled.iter().filter(|&&l| l).count() as f64,
         batch.ids.len() as f64,
         if stop { 1.0 } else { 0.0 },
     ];
-    let counts =
-        || Tensor::f_cat(&[on_device()?, crate::train::upload(&Tensor::from_slice(&on_host), device)?], 0);
+    let device = batch.images.device();
+    // Pinned for a GPU: an upload from pageable memory may make the host wait for the stream.
+    let on_host = host_tensor_from(&[Part::Copy(&on_host)], &[4], device.is_cuda()).at("batch counts")?;
+    crate::train::upload(&on_host, device).at("batch counts")
+}
+
+/// [`local_counts`] from the host-known entries ([`host_known_counts`]), with no host value.
+pub(crate) fn device_counts(batch: &Batch, host_known: &Tensor) -> Result<Tensor, WorkerError> {
+    let counts = || -> Result<Tensor, tch::TchError> {
+        let cls = batch.class_labelled.f_sum(Kind::Double)?;
+        let seg = segmentation::valid_pixels(&batch.mask_target, &batch.mask_labelled)?;
+        Tensor::f_cat(&[Tensor::f_stack(&[cls, seg], 0)?, host_known.shallow_clone()], 0)
+    };
     counts().at("batch counts")
 }
 

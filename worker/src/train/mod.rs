@@ -11,13 +11,15 @@
 //! `standalone` (`worker train --standalone`), `distributed` (`worker run`, driven by the
 //! coordinator), `regroup` (continuing in a new generation after a peer is lost), `checkpoint` (the run's state on disk: written, checked, resumed from),
 //! `unreadable` (the limit on training images the loader cannot read), `flat_grads` (the one
-//! gradient buffer) and `overlap` (its all-reduce during backward).
+//! gradient buffer), `overlap` (its all-reduce during backward) and `graph` (the step captured
+//! in a CUDA graph, `train.cuda_graphs`).
 pub(crate) mod bench_step;
 pub(crate) mod checkpoint;
 pub(crate) mod distributed;
 pub(crate) mod epochs;
 pub(crate) mod eval;
 mod flat_grads;
+mod graph;
 pub(crate) mod job;
 pub(crate) mod losses;
 mod overlap;
@@ -31,7 +33,7 @@ use tch::{Device, Kind, Tensor};
 use crate::collective::{Collective, ReduceOp};
 use crate::data::Batch;
 use crate::model::MultiTaskModel;
-use crate::optim::{clip_flat_grad_norm, clip_grad_norm, Optimizer, Schedule};
+use crate::optim::{clip_flat_grad_norm, clip_grad_norm, Lr, Optimizer, Schedule};
 use crate::task::{Task, TaskLosses, TaskValues};
 use crate::weighting::{Params, Reducer, TaskTensors, TaskWeighting};
 use crate::WorkerError;
@@ -141,6 +143,28 @@ impl StepReport {
             grad_norm: self.grad_norm.as_ref().map(|_| values.next().expect("the gradient norm")),
             samples: counts.samples.round() as u64,
             stop_requested: stops > 0.0,
+        })
+    }
+
+    /// A report of step `step` at learning rate `lr` holding copies of this one's tensors: what
+    /// a replay of a captured step reports, since the next replay overwrites the captured
+    /// outputs.
+    fn copied(&self, step: u64, lr: f64) -> Result<StepReport, WorkerError> {
+        let copy = |t: &TaskTensors| -> Result<TaskTensors, tch::TchError> {
+            let mut out = TaskTensors::default();
+            for (task, v) in t.iter() {
+                out.set(task, graph::copy_of(v)?);
+            }
+            Ok(out)
+        };
+        Ok(StepReport {
+            step,
+            lr,
+            losses: copy(&self.losses)?,
+            weights: copy(&self.weights)?,
+            task_grad_norms: copy(&self.task_grad_norms)?,
+            grad_norm: self.grad_norm.as_ref().map(graph::copy_of).transpose()?,
+            counts: graph::copy_of(&self.counts)?,
         })
     }
 
@@ -291,6 +315,10 @@ pub(crate) struct Trainer {
     step: u64,
     device: Device,
     bf16: bool,
+    /// `train.batch_size`: the batches a captured step takes.
+    batch_size: usize,
+    /// The step captured in a CUDA graph (`train.cuda_graphs`).
+    graph: Option<graph::StepGraph>,
     /// A stop request this rank contributes to every step's first all-reduce.
     stop: Option<crate::stop::StopRequest>,
 }
@@ -319,6 +347,17 @@ impl Trainer {
         } else {
             None
         };
+        let graph = if cfg.train.cuda_graphs {
+            if flat.is_none() {
+                return Err(WorkerError::Config(mtl_job::JobConfigError::Invalid {
+                    key: "train.cuda_graphs".into(),
+                    message: "needs every gradient in the one flat buffer, and this model's are not".into(),
+                }));
+            }
+            Some(graph::StepGraph::new(device)?)
+        } else {
+            None
+        };
         // One plain backward pass, no SyncBatchNorm layers reducing inside it
         // (docs/ARCHITECTURE.md); the collective is checked in `plan_overlap`.
         let overlap_bucket_bytes = (flat.is_some()
@@ -340,6 +379,8 @@ impl Trainer {
             step: 0,
             device,
             bf16: cfg.train.precision == mtl_job::Precision::Bf16,
+            batch_size: cfg.train.batch_size as usize,
+            graph,
             stop: None,
         };
         trainer.plan_overlap()?;
@@ -371,6 +412,24 @@ impl Trainer {
     /// Optimizer steps taken so far.
     pub(crate) fn steps_done(&self) -> u64 {
         self.step
+    }
+
+    /// The host-side step counters (the trainer's and the optimizer's), to restore after a
+    /// captured step that failed.
+    fn step_counters(&self) -> (u64, u64) {
+        (self.step, self.optimizer.steps())
+    }
+
+    /// Restores [`Self::step_counters`].
+    fn restore_step_counters(&mut self, (step, optimizer_steps): (u64, u64)) {
+        self.step = step;
+        self.optimizer.restore_steps(optimizer_steps);
+    }
+
+    /// Counts a step that a replay of a captured graph took on the device.
+    fn count_replayed_step(&mut self) {
+        self.step += 1;
+        self.optimizer.count_replayed_step();
     }
 
     /// Ranks training together.
@@ -450,8 +509,31 @@ impl Trainer {
     /// batch). The reported losses are averaged over ranks. Nothing in the step reads a value
     /// from the device (see [`StepReport::read`]), whatever the weighting strategy.
     pub(crate) fn step(&mut self, batch: &Batch) -> Result<StepReport, WorkerError> {
-        let world = self.collective.world_size() as f64;
         let batch = batch.to_device(self.device)?;
+        let targets = losses::build_targets(&self.model, &batch)?;
+        let stop = self.stop.as_ref().is_some_and(|s| s.is_requested());
+        let host_known = losses::host_known_counts(&batch, &targets, stop)?;
+        let inputs = StepInputs {
+            batch: &batch,
+            targets: &targets,
+            host_known: &host_known,
+            lr: self.schedule.lr(self.step),
+        };
+        match self.graph.take() {
+            Some(mut graph) => {
+                let report = graph.step(self, &inputs);
+                self.graph = Some(graph);
+                report
+            }
+            None => self.device_step(&inputs, Lr::Value(inputs.lr)),
+        }
+    }
+
+    /// The step's work on the device, from inputs already there: what a CUDA graph captures
+    /// (`graph`). `lr` is `inputs.lr`, as a value or as the device scalar a graph replays with.
+    fn device_step(&mut self, inputs: &StepInputs<'_>, lr: Lr<'_>) -> Result<StepReport, WorkerError> {
+        let world = self.collective.world_size() as f64;
+        let StepInputs { batch, targets, host_known, lr: lr_value } = *inputs;
         // The optimizer holds the learnable task weights too: this zeroes theirs as well.
         match &mut self.flat {
             Some(flat) => flat.zero()?,
@@ -460,9 +542,7 @@ impl Trainer {
 
         // Normalisers summed over ranks before any loss divides by them; a stop request rides
         // in the same all-reduce, so every rank learns the same sum.
-        let targets = losses::build_targets(&self.model, &batch)?;
-        let stop = self.stop.as_ref().is_some_and(|s| s.is_requested());
-        let mut counts = [losses::local_counts(&batch, &targets, stop)?];
+        let mut counts = [losses::device_counts(batch, host_known)?];
         self.collective.all_reduce(&mut counts, ReduceOp::Sum)?;
         let [counts] = counts;
         let normalisers = losses::Normalisers::new(&counts)?;
@@ -480,7 +560,7 @@ impl Trainer {
             let _autocast =
                 if self.bf16 { Some(crate::precision::bf16_autocast(self.device)?) } else { None };
             let outputs = self.model.forward(&batch.images, true)?;
-            losses::task_losses(&outputs, &batch, &targets, &normalisers)?
+            losses::task_losses(&outputs, batch, targets, &normalisers)?
         };
         let scaled = losses.map(|_, l| l * world);
         let StepParams { shared, heads, gradnorm_layer, reduced, all } = &self.params;
@@ -520,14 +600,13 @@ impl Trainer {
             (Some(flat), true) => Some(clip_flat_grad_norm(&flat.model()?, self.clip_grad_norm)?),
             (None, true) => Some(clip_grad_norm(all, self.clip_grad_norm)?),
         };
-        let lr = self.schedule.lr(self.step);
         self.optimizer.step(lr)?;
         self.broadcast_buffers()?;
         self.step += 1;
 
         Ok(StepReport {
             step: self.step,
-            lr,
+            lr: lr_value,
             losses,
             weights: report.weights,
             task_grad_norms: report.grad_norms,
@@ -560,6 +639,17 @@ impl Trainer {
             seg: zero_for(Task::Segmentation),
         }
     }
+}
+
+/// What a step's device work takes ([`Trainer::device_step`]): the batch and its detection
+/// targets on the device, the counts the host knows ([`losses::host_known_counts`]) uploaded,
+/// and the step's learning rate.
+#[derive(Clone, Copy)]
+struct StepInputs<'a> {
+    batch: &'a Batch,
+    targets: &'a losses::Targets,
+    host_known: &'a Tensor,
+    lr: f64,
 }
 
 /// The model's parameters in the groups a step uses, listed once.

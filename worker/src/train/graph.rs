@@ -1,0 +1,317 @@
+//! `train.cuda_graphs`: the training step captured once in a CUDA graph and replayed for every
+//! full batch, so that a step costs one graph launch instead of thousands of kernel launches
+//! (the tiny and ResNet-18-width models are launch-bound on an H100).
+//!
+//! How: the first [`WARMUP_STEPS`] full batches train eagerly (cuDNN's autotuning, the autograd
+//! engine's threads and the optimizer's state all settle there), every step on one of
+//! LibTorch's pool streams (a graph cannot be captured on the default stream). The next full
+//! batch is copied into static input tensors and [`Trainer::device_step`] runs once under
+//! capture (`worker/shim/cuda_graph.cpp`): nothing executes then; the graph is replayed at once
+//! for that batch. From then on a full batch is copied into the same static tensors, the
+//! learning rate is written into a device scalar the fused optimizer reads, and the graph is
+//! replayed; its outputs (the step's losses, weights, counts, gradient norm) are copied into
+//! the step's report. The step is capturable because nothing in it reads the device
+//! ([`super::StepReport::read`]) and every host value it needs (the counts the host knows, the
+//! learning rate) comes in as a device tensor.
+//!
+//! Batches of another size (an epoch's tail, a batch with unreadable images) train eagerly on
+//! the same stream. A world of more than one rank trains eagerly on the default stream, for
+//! good: the NCCL collective orders itself after that stream (`collective/nccl.rs`). A capture
+//! that fails is logged and training goes on eagerly.
+//!
+//! Not verified on a GPU yet (none was available while this was written): the CPU tests cover
+//! the refusal on a CPU trainer and the tensor learning rate; `bench/gpu_check.sh` runs
+//! `a_captured_step_trains_as_eager_steps_do_on_cuda`, and `bench/gpu_compare.sh` times it.
+use std::ffi::{c_char, c_int, c_void};
+
+use tch::{Device, Kind, Tensor};
+
+use super::losses::Targets;
+use super::{StepInputs, StepReport, Trainer};
+use crate::data::batch::ClassTarget;
+use crate::data::Batch;
+use crate::optim::Lr;
+use crate::tasks::fcos_targets::FcosTargets;
+use crate::{shim, WorkerError};
+
+/// Full batches trained eagerly before the capture (PyTorch's whole-network capture example
+/// warms up for 3 iterations on the side stream).
+pub(crate) const WARMUP_STEPS: u32 = 3;
+
+extern "C" {
+    fn mtl_cuda_graphs_built() -> c_int;
+    fn mtl_cuda_side_stream(device: c_int, on: c_int, err: *mut c_char, err_len: usize) -> c_int;
+    fn mtl_cuda_graph_new(out: *mut *mut c_void, err: *mut c_char, err_len: usize) -> c_int;
+    fn mtl_cuda_graph_capture_begin(g: *mut c_void, err: *mut c_char, err_len: usize) -> c_int;
+    fn mtl_cuda_graph_capture_end(g: *mut c_void, err: *mut c_char, err_len: usize) -> c_int;
+    fn mtl_cuda_graph_replay(g: *mut c_void, err: *mut c_char, err_len: usize) -> c_int;
+    fn mtl_cuda_graph_free(g: *mut c_void);
+}
+
+/// Whether this worker's shim was built with CUDA graphs (LibTorch's CUDA library and the CUDA
+/// runtime headers were there at build time).
+pub(crate) fn built_with_cuda_graphs() -> bool {
+    // SAFETY: no arguments; the shim only returns a constant.
+    unsafe { mtl_cuda_graphs_built() != 0 }
+}
+
+/// The trainer's CUDA graph of its step: warming up, captured, or given up.
+#[derive(Debug)]
+pub(crate) struct StepGraph {
+    device: i32,
+    /// Full batches still to train eagerly before the capture.
+    warmup_left: u32,
+    captured: Option<Captured>,
+    /// Set when a capture failed or a step had more than one rank: every later step is eager.
+    given_up: bool,
+}
+
+impl StepGraph {
+    /// The graph of a trainer on `device`, which must be a CUDA device, with the shim built for
+    /// it. Errors name `train.cuda_graphs`.
+    pub(crate) fn new(device: Device) -> Result<Self, WorkerError> {
+        let refuse = |message: String| {
+            WorkerError::Config(mtl_job::JobConfigError::Invalid { key: "train.cuda_graphs".into(), message })
+        };
+        let Device::Cuda(index) = device else {
+            let on = format!("{device:?}").to_lowercase();
+            return Err(refuse(format!("needs a CUDA device, and this worker trains on {on}")));
+        };
+        if !built_with_cuda_graphs() {
+            return Err(refuse(
+                "this worker was built without the CUDA runtime headers (see worker/build.rs)".into(),
+            ));
+        }
+        Ok(Self { device: index as i32, warmup_left: WARMUP_STEPS, captured: None, given_up: false })
+    }
+
+    /// One training step of `trainer` on `inputs`: a replay of the captured graph when the
+    /// batch fits it, else an eager step (a warm-up, or one the graph cannot take), capturing
+    /// the graph once the warm-up is over.
+    pub(crate) fn step(
+        &mut self,
+        trainer: &mut Trainer,
+        inputs: &StepInputs<'_>,
+    ) -> Result<StepReport, WorkerError> {
+        let world = trainer.world_size();
+        if world != 1 {
+            // The NCCL collective orders itself after the default stream: back to it, for good.
+            if !self.given_up {
+                tracing::warn!(
+                    world,
+                    "train.cuda_graphs: not captured with more than one rank; training eagerly"
+                );
+                self.captured = None;
+                self.given_up = true;
+            }
+            self.side_stream(false)?;
+            return trainer.device_step(inputs, Lr::Value(inputs.lr));
+        }
+        // Every step on the same pool stream, eager or not: the graph's memory and the eager
+        // steps' then never race on a stream boundary.
+        self.side_stream(true)?;
+        let full = inputs.batch.ids.len() == trainer.batch_size;
+        if self.given_up || !full {
+            return trainer.device_step(inputs, Lr::Value(inputs.lr));
+        }
+        if let Some(captured) = &self.captured {
+            if captured.load(inputs)? {
+                captured.graph.replay()?;
+                trainer.count_replayed_step();
+                return captured.report.copied(trainer.steps_done(), inputs.lr);
+            }
+            return trainer.device_step(inputs, Lr::Value(inputs.lr));
+        }
+        if self.warmup_left > 0 {
+            self.warmup_left -= 1;
+            return trainer.device_step(inputs, Lr::Value(inputs.lr));
+        }
+        match Captured::capture(trainer, inputs) {
+            Ok(captured) => {
+                captured.graph.replay()?;
+                let report = captured.report.copied(trainer.steps_done(), inputs.lr)?;
+                tracing::info!(step = trainer.steps_done(), "train.cuda_graphs: training step captured");
+                self.captured = Some(captured);
+                Ok(report)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "train.cuda_graphs: could not capture the training step; training eagerly");
+                self.given_up = true;
+                trainer.device_step(inputs, Lr::Value(inputs.lr))
+            }
+        }
+    }
+}
+
+impl StepGraph {
+    /// Makes this thread's current stream a pool stream (`on`) or the default stream.
+    fn side_stream(&self, on: bool) -> Result<(), WorkerError> {
+        shim::call(|err, len| {
+            // SAFETY: the shim writes at most `len` bytes of message into `err`.
+            unsafe { mtl_cuda_side_stream(self.device, c_int::from(on), err, len) }
+        })?;
+        Ok(())
+    }
+}
+
+/// A captured step: its static inputs, which each replay reads, and its outputs.
+#[derive(Debug)]
+struct Captured {
+    graph: CudaGraph,
+    batch: Batch,
+    targets: Targets,
+    host_known: Tensor,
+    /// f32 scalar on the device: the learning rate the fused optimizer reads.
+    lr: Tensor,
+    /// The captured step's report: tensors every replay overwrites.
+    report: StepReport,
+}
+
+impl Captured {
+    /// Captures one step of `trainer` on copies of `inputs` (the capture runs nothing; the
+    /// caller replays it for this batch). On failure the trainer's host-side step counters are
+    /// as before.
+    fn capture(trainer: &mut Trainer, inputs: &StepInputs<'_>) -> Result<Self, WorkerError> {
+        let batch = copy_batch(inputs.batch)?;
+        let targets = Targets { det: inputs.targets.det.as_ref().map(copy_targets).transpose()? };
+        let host_known = copy_of(inputs.host_known)?;
+        let lr = Tensor::f_full([], inputs.lr, (Kind::Float, inputs.batch.images.device()))?;
+        let graph = CudaGraph::new()?;
+        let counters = trainer.step_counters();
+        graph.capture_begin()?;
+        let captured = {
+            let statics =
+                StepInputs { batch: &batch, targets: &targets, host_known: &host_known, lr: inputs.lr };
+            trainer.device_step(&statics, Lr::Tensor(&lr))
+        };
+        // The capture ends in every case: a stream left capturing fails all later work.
+        let ended = graph.capture_end();
+        let report = match (captured, ended) {
+            (Ok(report), Ok(())) => report,
+            (Err(e), _) | (Ok(_), Err(e)) => {
+                trainer.restore_step_counters(counters);
+                return Err(e);
+            }
+        };
+        Ok(Self { graph, batch, targets, host_known, lr, report })
+    }
+
+    /// Copies `inputs` into the static inputs; `false` (nothing copied) when a tensor's shape
+    /// or dtype differs from the captured one.
+    fn load(&self, inputs: &StepInputs<'_>) -> Result<bool, WorkerError> {
+        let Some(pairs) = self.pairs(inputs) else { return Ok(false) };
+        for (dst, src) in pairs {
+            dst.shallow_clone().f_copy_(src)?;
+        }
+        let _ = self.lr.shallow_clone().f_fill_(inputs.lr)?;
+        Ok(true)
+    }
+
+    /// The static tensors and the tensors of `inputs` to copy into them, in the same order;
+    /// `None` when any pair differs in shape or dtype, or only one side has detection targets.
+    fn pairs<'a>(&'a self, inputs: &StepInputs<'a>) -> Option<Vec<(&'a Tensor, &'a Tensor)>> {
+        let (mut dst, mut src) = (batch_tensors(&self.batch), batch_tensors(inputs.batch));
+        match (&self.targets.det, &inputs.targets.det) {
+            (Some(d), Some(s)) => {
+                dst.extend(target_tensors(d));
+                src.extend(target_tensors(s));
+            }
+            (None, None) => {}
+            _ => return None,
+        }
+        dst.push(&self.host_known);
+        src.push(inputs.host_known);
+        let fits = dst.len() == src.len()
+            && dst.iter().zip(&src).all(|(d, s)| d.size() == s.size() && d.kind() == s.kind());
+        fits.then(|| dst.into_iter().zip(src).collect())
+    }
+}
+
+/// The device tensors of a batch, in a fixed order.
+fn batch_tensors(b: &Batch) -> Vec<&Tensor> {
+    let (ClassTarget::Single(class) | ClassTarget::Multi(class)) = &b.class_target;
+    vec![&b.images, class, &b.class_labelled, &b.mask_target, &b.mask_labelled]
+}
+
+fn target_tensors(t: &FcosTargets) -> [&Tensor; 3] {
+    [&t.labels, &t.ltrb, &t.labelled]
+}
+
+/// A batch whose device tensors are copies of `b`'s (memory the graph owns for its replays).
+fn copy_batch(b: &Batch) -> Result<Batch, WorkerError> {
+    Ok(Batch {
+        ids: b.ids.clone(),
+        images: copy_of(&b.images)?,
+        class_target: match &b.class_target {
+            ClassTarget::Single(t) => ClassTarget::Single(copy_of(t)?),
+            ClassTarget::Multi(t) => ClassTarget::Multi(copy_of(t)?),
+        },
+        class_labelled: copy_of(&b.class_labelled)?,
+        boxes: b.boxes.clone(),
+        boxes_labelled: b.boxes_labelled.clone(),
+        mask_target: copy_of(&b.mask_target)?,
+        mask_labelled: copy_of(&b.mask_labelled)?,
+        originals: b.originals.clone(),
+        det_targets: b.det_targets.as_ref().map(copy_targets).transpose()?,
+        colour_jitter: None,
+    })
+}
+
+/// A copy of `t` in new memory.
+pub(super) fn copy_of(t: &Tensor) -> Result<Tensor, tch::TchError> {
+    let mut out = t.f_empty_like()?;
+    out.f_copy_(t)?;
+    Ok(out)
+}
+
+fn copy_targets(t: &FcosTargets) -> Result<FcosTargets, WorkerError> {
+    Ok(FcosTargets {
+        labels: copy_of(&t.labels)?,
+        ltrb: copy_of(&t.ltrb)?,
+        labelled: copy_of(&t.labelled)?,
+        num_positives: t.num_positives,
+        sizes: t.sizes,
+    })
+}
+
+/// An `at::cuda::CUDAGraph`, freed on drop.
+#[derive(Debug)]
+struct CudaGraph(*mut c_void);
+
+// SAFETY: the graph is only used from the thread that owns the trainer; moving it between
+// threads (with the trainer) is what LibTorch's own Python binding allows.
+unsafe impl Send for CudaGraph {}
+
+impl CudaGraph {
+    fn new() -> Result<Self, WorkerError> {
+        let mut g = std::ptr::null_mut();
+        // SAFETY: the shim writes one pointer into `g` on success.
+        shim::call(|err, len| unsafe { mtl_cuda_graph_new(&mut g, err, len) })?;
+        Ok(Self(g))
+    }
+
+    fn capture_begin(&self) -> Result<(), WorkerError> {
+        // SAFETY: `self.0` is a live graph from `mtl_cuda_graph_new`.
+        Ok(shim::call(|err, len| unsafe { mtl_cuda_graph_capture_begin(self.0, err, len) })?)
+    }
+
+    fn capture_end(&self) -> Result<(), WorkerError> {
+        // SAFETY: as in `capture_begin`.
+        Ok(shim::call(|err, len| unsafe { mtl_cuda_graph_capture_end(self.0, err, len) })?)
+    }
+
+    fn replay(&self) -> Result<(), WorkerError> {
+        // SAFETY: as in `capture_begin`.
+        Ok(shim::call(|err, len| unsafe { mtl_cuda_graph_replay(self.0, err, len) })?)
+    }
+}
+
+impl Drop for CudaGraph {
+    fn drop(&mut self) {
+        // SAFETY: `self.0` came from `mtl_cuda_graph_new` and is freed once.
+        unsafe { mtl_cuda_graph_free(self.0) }
+    }
+}
+
+#[cfg(test)]
+mod tests;
