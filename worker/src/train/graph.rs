@@ -19,8 +19,10 @@
 //! good: the NCCL collective orders itself after that stream (`collective/nccl.rs`). A capture
 //! that fails is logged and training goes on eagerly.
 //!
-//! Not verified on a GPU yet (none was available while this was written): the CPU tests cover
-//! the refusal on a CPU trainer and the tensor learning rate; `bench/gpu_check.sh` runs
+//! Not verified on a GPU yet (none was available while this was written). The CPU tests cover
+//! what runs without one: a step on the static inputs after another batch and rate were loaded
+//! into them trains as a step on that batch (what a replay computes), the tensor learning rate,
+//! and the refusal on a CPU trainer. `bench/gpu_check.sh` runs
 //! `a_captured_step_trains_as_eager_steps_do_on_cuda`, and `bench/gpu_compare.sh` times it.
 use std::ffi::{c_char, c_int, c_void};
 
@@ -154,16 +156,12 @@ impl StepGraph {
     }
 }
 
-/// A captured step: its static inputs, which each replay reads, and its outputs.
+/// A captured step: the graph, its static inputs, and the captured step's report (tensors
+/// every replay overwrites).
 #[derive(Debug)]
 struct Captured {
     graph: CudaGraph,
-    batch: Batch,
-    targets: Targets,
-    host_known: Tensor,
-    /// f32 scalar on the device: the learning rate the fused optimizer reads.
-    lr: Tensor,
-    /// The captured step's report: tensors every replay overwrites.
+    inputs: StaticInputs,
     report: StepReport,
 }
 
@@ -172,18 +170,11 @@ impl Captured {
     /// caller replays it for this batch). On failure the trainer's host-side step counters are
     /// as before.
     fn capture(trainer: &mut Trainer, inputs: &StepInputs<'_>) -> Result<Self, WorkerError> {
-        let batch = copy_batch(inputs.batch)?;
-        let targets = Targets { det: inputs.targets.det.as_ref().map(copy_targets).transpose()? };
-        let host_known = copy_of(inputs.host_known)?;
-        let lr = Tensor::f_full([], inputs.lr, (Kind::Float, inputs.batch.images.device()))?;
+        let statics = StaticInputs::copy_of(inputs)?;
         let graph = CudaGraph::new()?;
         let counters = trainer.step_counters();
         graph.capture_begin()?;
-        let captured = {
-            let statics =
-                StepInputs { batch: &batch, targets: &targets, host_known: &host_known, lr: inputs.lr };
-            trainer.device_step(&statics, Lr::Tensor(&lr))
-        };
+        let captured = trainer.device_step(&statics.inputs(), Lr::Tensor(&statics.lr));
         // The capture ends in every case: a stream left capturing fails all later work.
         let ended = graph.capture_end();
         let report = match (captured, ended) {
@@ -193,11 +184,51 @@ impl Captured {
                 return Err(e);
             }
         };
-        Ok(Self { graph, batch, targets, host_known, lr, report })
+        Ok(Self { graph, inputs: statics, report })
     }
 
-    /// Copies `inputs` into the static inputs; `false` (nothing copied) when a tensor's shape
-    /// or dtype differs from the captured one.
+    /// Copies `inputs` into the static inputs; `false` (nothing copied) when they do not fit.
+    fn load(&self, inputs: &StepInputs<'_>) -> Result<bool, WorkerError> {
+        self.inputs.load(inputs)
+    }
+}
+
+/// The inputs a captured step reads: tensors of their own, which every replay's inputs are
+/// copied into, and the learning rate as an f32 scalar on the device.
+#[derive(Debug)]
+struct StaticInputs {
+    batch: Batch,
+    targets: Targets,
+    host_known: Tensor,
+    lr: Tensor,
+    /// The rate when copied: what the captured step's own report says (replays report theirs).
+    lr_value: f64,
+}
+
+impl StaticInputs {
+    /// Copies of `inputs`, in new memory.
+    fn copy_of(inputs: &StepInputs<'_>) -> Result<Self, WorkerError> {
+        Ok(Self {
+            batch: copy_batch(inputs.batch)?,
+            targets: Targets { det: inputs.targets.det.as_ref().map(copy_targets).transpose()? },
+            host_known: copy_of(inputs.host_known)?,
+            lr: Tensor::f_full([], inputs.lr, (Kind::Float, inputs.batch.images.device()))?,
+            lr_value: inputs.lr,
+        })
+    }
+
+    /// The step inputs these tensors are.
+    fn inputs(&self) -> StepInputs<'_> {
+        StepInputs {
+            batch: &self.batch,
+            targets: &self.targets,
+            host_known: &self.host_known,
+            lr: self.lr_value,
+        }
+    }
+
+    /// Copies `inputs` into these tensors; `false` (nothing copied) when a tensor's shape or
+    /// dtype differs, or only one side has detection targets.
     fn load(&self, inputs: &StepInputs<'_>) -> Result<bool, WorkerError> {
         let Some(pairs) = self.pairs(inputs) else { return Ok(false) };
         for (dst, src) in pairs {
@@ -208,7 +239,7 @@ impl Captured {
     }
 
     /// The static tensors and the tensors of `inputs` to copy into them, in the same order;
-    /// `None` when any pair differs in shape or dtype, or only one side has detection targets.
+    /// `None` when they do not fit (see [`Self::load`]).
     fn pairs<'a>(&'a self, inputs: &StepInputs<'a>) -> Option<Vec<(&'a Tensor, &'a Tensor)>> {
         let (mut dst, mut src) = (batch_tensors(&self.batch), batch_tensors(inputs.batch));
         match (&self.targets.det, &inputs.targets.det) {

@@ -6,11 +6,12 @@ use mtl_job::JobConfig;
 use tch::{Device, Tensor};
 
 use super::super::job::open_job;
-use super::super::{StepValues, Trainer};
-use super::WARMUP_STEPS;
+use super::super::{losses, StepInputs, StepValues, Trainer};
+use super::{StaticInputs, WARMUP_STEPS};
 use crate::collective::LocalCollective;
 use crate::data::{Batch, Loader, LoaderConfig};
 use crate::model::MultiTaskModel;
+use crate::optim::Lr;
 use crate::task::Task;
 
 const BATCH: usize = 8;
@@ -143,4 +144,58 @@ fn a_captured_step_trains_as_eager_steps_do_on_cuda() {
         }
         assert!(got_params.iter().all(|p| p.isfinite().all().int64_value(&[]) == 1));
     }
+}
+
+/// A trainer on a copy of `initial`.
+fn trainer(cfg: &JobConfig, initial: &MultiTaskModel) -> Trainer {
+    let (_, _, mut model) = open_job(cfg, initial.var_store().device()).unwrap();
+    model.var_store_mut().copy(initial.var_store()).unwrap();
+    Trainer::new(cfg, model, Box::new(LocalCollective)).unwrap()
+}
+
+/// What a replay does, run eagerly on the CPU: a step on the static inputs, after another
+/// batch and learning rate were loaded into them, trains exactly as a step on that batch and
+/// rate (up to the rate's f32 rounding). So every input reaches the step through the static
+/// tensors (nothing of the batch they were copied from stays) and the rate through its scalar;
+/// a batch of another size does not load.
+#[test]
+fn a_step_on_static_inputs_trains_as_a_step_on_the_batch_loaded_into_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = job(dir.path(), "optimizer = \"adamw\"");
+    let (_, _, initial) = open_job(&cfg, Device::Cpu).unwrap();
+    let batches = batches(&cfg, Device::Cpu, &initial);
+    let (mut eager, mut statics_trainer) = (trainer(&cfg, &initial), trainer(&cfg, &initial));
+    let prepared: Vec<(losses::Targets, Tensor)> = batches
+        .iter()
+        .map(|b| {
+            let targets = losses::build_targets(&eager.model, b).unwrap();
+            let host_known = losses::host_known_counts(b, &targets, false).unwrap();
+            (targets, host_known)
+        })
+        .collect();
+    let inputs = |i: usize, lr: f64| StepInputs {
+        batch: &batches[i],
+        targets: &prepared[i].0,
+        host_known: &prepared[i].1,
+        lr,
+    };
+    let statics = StaticInputs::copy_of(&inputs(0, 0.5)).unwrap();
+    for (i, lr) in [(1, 0.01), (2, 0.003), (3, 0.02)] {
+        assert!(statics.load(&inputs(i, lr)).unwrap(), "batch {i} fits");
+        let got =
+            statics_trainer.device_step(&statics.inputs(), Lr::Tensor(&statics.lr)).unwrap().read().unwrap();
+        let want = eager.device_step(&inputs(i, lr), Lr::Value(lr)).unwrap().read().unwrap();
+        assert_eq!(got.samples, want.samples);
+        for task in Task::ALL {
+            let (a, b) = (got.losses.value(task).unwrap(), want.losses.value(task).unwrap());
+            assert!((a - b).abs() <= 1e-5 * b.abs(), "step on batch {i}, {}: {a} vs {b}", task.name());
+        }
+    }
+    for ((name, a), (_, b)) in statics_trainer.model.parameters().iter().zip(eager.model.parameters()) {
+        let diff = (a - &b).abs().max().double_value(&[]);
+        assert!(diff <= 1e-6, "{name}: {diff}");
+    }
+    let half = batches.len() - 2;
+    assert_eq!(batches[half].ids.len(), BATCH / 2);
+    assert!(!statics.load(&inputs(half, 0.01)).unwrap(), "a half batch does not fit");
 }
