@@ -273,8 +273,9 @@ pub struct TrainSection {
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub channels_last: bool,
     /// Capture the training step in a CUDA graph after a few eager steps and replay it for every
-    /// full batch (one launch instead of thousands of kernels). CUDA only; with one rank (more
-    /// train eagerly), `weighting.strategy` fixed or uncertainty, and not with SyncBatchNorm.
+    /// full batch (one launch instead of thousands of kernels). CUDA only; standalone training
+    /// (`worker run` trains eagerly), `weighting.strategy` fixed or uncertainty, and not with
+    /// SyncBatchNorm.
     /// Off until measured on our GPUs (docs/PERFORMANCE.md). Like `cudnn_benchmark`, not part
     /// of the config hash and left out of the written config at its default.
     #[serde(skip_serializing_if = "std::ops::Not::not")]

@@ -47,27 +47,22 @@ int mtl_cuda_graphs_built() {
 #endif
 }
 
-// With `on`, makes this thread's current stream on CUDA device `device` one of LibTorch's pool
-// streams (graphs cannot be captured on the legacy default stream); without, the default stream
-// again (what the NCCL collective orders itself after). Either switch first waits for every
-// kernel queued on the device; nothing happens when the stream is already the one asked for.
-int mtl_cuda_side_stream(int device, int on, char* err, size_t err_len) {
+// Makes this thread's current stream on CUDA device `device` one of LibTorch's pool streams
+// (graphs cannot be captured on the legacy default stream), after every kernel queued on the
+// device has finished; nothing when the current stream is already not the default one.
+int mtl_cuda_side_stream(int device, char* err, size_t err_len) {
   return guarded("cuda side stream", err, err_len, [&] {
 #ifdef MTL_CUDA
     auto index = static_cast<c10::DeviceIndex>(device);
     // The generic guard: CUDAGuard's inline implementation would need libcudart at link time.
     c10::DeviceGuard guard(c10::Device(c10::DeviceType::CUDA, index));
-    auto default_stream = c10::cuda::getDefaultCUDAStream(index);
-    bool on_default = c10::cuda::getCurrentCUDAStream(index) == default_stream;
-    if (on_default != (on != 0)) {
+    if (c10::cuda::getCurrentCUDAStream(index) != c10::cuda::getDefaultCUDAStream(index)) {
       return;
     }
     c10::cuda::device_synchronize();
-    c10::cuda::setCurrentCUDAStream(
-        on ? c10::cuda::getStreamFromPool(/*isHighPriority=*/false, index) : default_stream);
+    c10::cuda::setCurrentCUDAStream(c10::cuda::getStreamFromPool(/*isHighPriority=*/false, index));
 #else
     (void)device;
-    (void)on;
     no_cuda();
 #endif
   });
@@ -101,7 +96,8 @@ int mtl_cuda_graph_capture_begin(void* g, char* err, size_t err_len) {
 }
 
 // Ends the capture begun on `g` and instantiates the graph. Also the way out of a capture
-// whose step failed: the graph is then unusable and the caller frees it.
+// whose step failed: the graph is then unusable, and the caller stops training (LibTorch's
+// allocators may still count that capture as under way).
 int mtl_cuda_graph_capture_end(void* g, char* err, size_t err_len) {
   return guarded("cuda graph capture_end", err, err_len, [&] {
 #ifdef MTL_CUDA

@@ -95,15 +95,9 @@ impl Optimizer {
     /// Counts a step whose update the device ran without a call to [`Self::step`]: a replay
     /// of a CUDA graph that captured one (its per-parameter state lives on the device).
     pub(crate) fn count_replayed_step(&mut self) {
-        self.restore_steps(self.steps() + 1);
-    }
-
-    /// Sets the step count back to `steps` (a captured step that failed counted one that the
-    /// device never took).
-    pub(crate) fn restore_steps(&mut self, steps: u64) {
         match self {
-            Self::Sgd(o) => o.steps = steps,
-            Self::AdamW(o) => o.steps = steps,
+            Self::Sgd(o) => o.steps += 1,
+            Self::AdamW(o) => o.steps += 1,
         }
     }
 

@@ -58,7 +58,7 @@ pub fn run(
         return Err(WorkerError::Data { key: "--steps".into(), message: "must be at least 1".into() });
     }
     let (train, _, model) = open_job(cfg, device)?;
-    let mut trainer = Trainer::new(cfg, model, Box::new(LocalCollective))?;
+    let mut trainer = Trainer::new(cfg, model, Box::new(LocalCollective))?.with_cuda_graphs(&cfg.train)?;
     let batch_size = cfg.train.batch_size as usize;
     let wanted = opts.batches.max(1) * batch_size;
     if train.ids.len() < batch_size {

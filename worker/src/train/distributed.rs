@@ -104,6 +104,13 @@ pub(crate) fn train(
     let info = train.dataset.info.clone();
     // One rank alone until the generation's collective is connected.
     let mut trainer = Trainer::new(&cfg, model, Box::new(LocalCollective))?.with_stop(session.stop());
+    if cfg.train.cuda_graphs {
+        // The collective of a later generation may be NCCL, which orders itself after the
+        // default stream that a captured step leaves (train/graph.rs).
+        tracing::warn!(
+            "train.cuda_graphs: only standalone training captures its step; `worker run` trains eagerly"
+        );
+    }
     let fresh = session.placement.state_root.is_none() && session.placement.resume.is_none();
     let mut start = regroup::start_generation(session, &mut trainer, &listener, &train, None)?;
     if fresh {

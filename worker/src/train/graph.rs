@@ -15,9 +15,12 @@
 //! learning rate) comes in as a device tensor.
 //!
 //! Batches of another size (an epoch's tail, a batch with unreadable images) train eagerly on
-//! the same stream. A world of more than one rank trains eagerly on the default stream, for
-//! good: the NCCL collective orders itself after that stream (`collective/nccl.rs`). A capture
-//! that fails is logged and training goes on eagerly.
+//! the same stream. Only a trainer that stays a world of one takes a graph
+//! ([`Trainer::with_cuda_graphs`]: `worker train --standalone` and `worker bench-step`): a
+//! distributed trainer may be handed an NCCL collective at any generation, and NCCL orders
+//! itself after the default stream (`collective/nccl.rs`), which a pool stream does not wait
+//! for. A capture that fails stops training with an error that says to switch graphs off: after
+//! a failed capture LibTorch's allocators may still count a capture under way.
 //!
 //! Not verified on a GPU yet (none was available while this was written). The CPU tests cover
 //! what runs without one: a step on the static inputs after another batch and rate were loaded
@@ -42,7 +45,7 @@ pub(crate) const WARMUP_STEPS: u32 = 3;
 
 extern "C" {
     fn mtl_cuda_graphs_built() -> c_int;
-    fn mtl_cuda_side_stream(device: c_int, on: c_int, err: *mut c_char, err_len: usize) -> c_int;
+    fn mtl_cuda_side_stream(device: c_int, err: *mut c_char, err_len: usize) -> c_int;
     fn mtl_cuda_graph_new(out: *mut *mut c_void, err: *mut c_char, err_len: usize) -> c_int;
     fn mtl_cuda_graph_capture_begin(g: *mut c_void, err: *mut c_char, err_len: usize) -> c_int;
     fn mtl_cuda_graph_capture_end(g: *mut c_void, err: *mut c_char, err_len: usize) -> c_int;
@@ -57,24 +60,19 @@ pub(crate) fn built_with_cuda_graphs() -> bool {
     unsafe { mtl_cuda_graphs_built() != 0 }
 }
 
-/// The trainer's CUDA graph of its step: warming up, captured, or given up.
+/// The trainer's CUDA graph of its step: warming up, then captured.
 #[derive(Debug)]
 pub(crate) struct StepGraph {
     device: i32,
     /// Full batches still to train eagerly before the capture.
     warmup_left: u32,
     captured: Option<Captured>,
-    /// Set when a capture failed or a step had more than one rank: every later step is eager.
-    given_up: bool,
 }
 
 impl StepGraph {
     /// The graph of a trainer on `device`, which must be a CUDA device, with the shim built for
     /// it. Errors name `train.cuda_graphs`.
     pub(crate) fn new(device: Device) -> Result<Self, WorkerError> {
-        let refuse = |message: String| {
-            WorkerError::Config(mtl_job::JobConfigError::Invalid { key: "train.cuda_graphs".into(), message })
-        };
         let Device::Cuda(index) = device else {
             let on = format!("{device:?}").to_lowercase();
             return Err(refuse(format!("needs a CUDA device, and this worker trains on {on}")));
@@ -84,76 +82,53 @@ impl StepGraph {
                 "this worker was built without the CUDA runtime headers (see worker/build.rs)".into(),
             ));
         }
-        Ok(Self { device: index as i32, warmup_left: WARMUP_STEPS, captured: None, given_up: false })
+        Ok(Self { device: index as i32, warmup_left: WARMUP_STEPS, captured: None })
     }
 
-    /// One training step of `trainer` on `inputs`: a replay of the captured graph when the
-    /// batch fits it, else an eager step (a warm-up, or one the graph cannot take), capturing
-    /// the graph once the warm-up is over.
+    /// One training step of `trainer` (a world of one) on `inputs`: a replay of the captured
+    /// graph when the batch fits it, else an eager step (a warm-up, or a batch the graph cannot
+    /// take), capturing the graph once the warm-up is over. A capture that fails is an error
+    /// that says how to train without graphs.
     pub(crate) fn step(
         &mut self,
         trainer: &mut Trainer,
         inputs: &StepInputs<'_>,
     ) -> Result<StepReport, WorkerError> {
-        let world = trainer.world_size();
-        if world != 1 {
-            // The NCCL collective orders itself after the default stream: back to it, for good.
-            if !self.given_up {
-                tracing::warn!(
-                    world,
-                    "train.cuda_graphs: not captured with more than one rank; training eagerly"
-                );
-                self.captured = None;
-                self.given_up = true;
-            }
-            self.side_stream(false)?;
-            return trainer.device_step(inputs, Lr::Value(inputs.lr));
-        }
         // Every step on the same pool stream, eager or not: the graph's memory and the eager
         // steps' then never race on a stream boundary.
-        self.side_stream(true)?;
-        let full = inputs.batch.ids.len() == trainer.batch_size;
-        if self.given_up || !full {
+        shim::call(|err, len| {
+            // SAFETY: the shim writes at most `len` bytes of message into `err`.
+            unsafe { mtl_cuda_side_stream(self.device, err, len) }
+        })?;
+        if inputs.batch.ids.len() != trainer.batch_size {
             return trainer.device_step(inputs, Lr::Value(inputs.lr));
         }
         if let Some(captured) = &self.captured {
-            if captured.load(inputs)? {
-                captured.graph.replay()?;
-                trainer.count_replayed_step();
-                return captured.report.copied(trainer.steps_done(), inputs.lr);
+            if !captured.inputs.load(inputs)? {
+                return trainer.device_step(inputs, Lr::Value(inputs.lr));
             }
-            return trainer.device_step(inputs, Lr::Value(inputs.lr));
+            captured.graph.replay()?;
+            trainer.count_replayed_step();
+            return captured.report.copied(trainer.steps_done(), inputs.lr);
         }
         if self.warmup_left > 0 {
             self.warmup_left -= 1;
             return trainer.device_step(inputs, Lr::Value(inputs.lr));
         }
-        match Captured::capture(trainer, inputs) {
-            Ok(captured) => {
-                captured.graph.replay()?;
-                let report = captured.report.copied(trainer.steps_done(), inputs.lr)?;
-                tracing::info!(step = trainer.steps_done(), "train.cuda_graphs: training step captured");
-                self.captured = Some(captured);
-                Ok(report)
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "train.cuda_graphs: could not capture the training step; training eagerly");
-                self.given_up = true;
-                trainer.device_step(inputs, Lr::Value(inputs.lr))
-            }
-        }
+        let captured = Captured::capture(trainer, inputs).map_err(|e| {
+            refuse(format!("could not capture the training step ({e}); train with train.cuda_graphs = false"))
+        })?;
+        captured.graph.replay()?;
+        let report = captured.report.copied(trainer.steps_done(), inputs.lr)?;
+        tracing::info!(step = trainer.steps_done(), "train.cuda_graphs: training step captured");
+        self.captured = Some(captured);
+        Ok(report)
     }
 }
 
-impl StepGraph {
-    /// Makes this thread's current stream a pool stream (`on`) or the default stream.
-    fn side_stream(&self, on: bool) -> Result<(), WorkerError> {
-        shim::call(|err, len| {
-            // SAFETY: the shim writes at most `len` bytes of message into `err`.
-            unsafe { mtl_cuda_side_stream(self.device, c_int::from(on), err, len) }
-        })?;
-        Ok(())
-    }
+/// An error about `train.cuda_graphs`.
+fn refuse(message: String) -> WorkerError {
+    WorkerError::Config(mtl_job::JobConfigError::Invalid { key: "train.cuda_graphs".into(), message })
 }
 
 /// A captured step: the graph, its static inputs, and the captured step's report (tensors
@@ -167,29 +142,32 @@ struct Captured {
 
 impl Captured {
     /// Captures one step of `trainer` on copies of `inputs` (the capture runs nothing; the
-    /// caller replays it for this batch). On failure the trainer's host-side step counters are
-    /// as before.
+    /// caller replays it for this batch).
     fn capture(trainer: &mut Trainer, inputs: &StepInputs<'_>) -> Result<Self, WorkerError> {
         let statics = StaticInputs::copy_of(inputs)?;
         let graph = CudaGraph::new()?;
-        let counters = trainer.step_counters();
         graph.capture_begin()?;
-        let captured = trainer.device_step(&statics.inputs(), Lr::Tensor(&statics.lr));
-        // The capture ends in every case: a stream left capturing fails all later work.
-        let ended = graph.capture_end();
-        let report = match (captured, ended) {
-            (Ok(report), Ok(())) => report,
-            (Err(e), _) | (Ok(_), Err(e)) => {
-                trainer.restore_step_counters(counters);
-                return Err(e);
-            }
+        let captured = {
+            // A panic inside the step still ends the capture (a stream left capturing fails
+            // every later call on it).
+            let _end_on_panic = EndCaptureOnPanic(&graph);
+            trainer.device_step(&statics.inputs(), Lr::Tensor(&statics.lr))
         };
+        let ended = graph.capture_end();
+        let report = captured?;
+        ended?;
         Ok(Self { graph, inputs: statics, report })
     }
+}
 
-    /// Copies `inputs` into the static inputs; `false` (nothing copied) when they do not fit.
-    fn load(&self, inputs: &StepInputs<'_>) -> Result<bool, WorkerError> {
-        self.inputs.load(inputs)
+/// Ends a capture when dropped during a panic.
+struct EndCaptureOnPanic<'a>(&'a CudaGraph);
+
+impl Drop for EndCaptureOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let _ = self.0.capture_end();
+        }
     }
 }
 
@@ -207,12 +185,17 @@ struct StaticInputs {
 
 impl StaticInputs {
     /// Copies of `inputs`, in new memory.
+    /// Copies of `inputs`, in new memory on the batch's device (targets built on the host for
+    /// a hand-made batch included: the captured step must read nothing from the host).
     fn copy_of(inputs: &StepInputs<'_>) -> Result<Self, WorkerError> {
+        let device = inputs.batch.images.device();
         Ok(Self {
-            batch: copy_batch(inputs.batch)?,
-            targets: Targets { det: inputs.targets.det.as_ref().map(copy_targets).transpose()? },
-            host_known: copy_of(inputs.host_known)?,
-            lr: Tensor::f_full([], inputs.lr, (Kind::Float, inputs.batch.images.device()))?,
+            batch: copy_batch(inputs.batch, device)?,
+            targets: Targets {
+                det: inputs.targets.det.as_ref().map(|t| copy_targets(t, device)).transpose()?,
+            },
+            host_known: copy_to(inputs.host_known, device)?,
+            lr: Tensor::f_full([], inputs.lr, (Kind::Float, device))?,
             lr_value: inputs.lr,
         })
     }
@@ -228,7 +211,7 @@ impl StaticInputs {
     }
 
     /// Copies `inputs` into these tensors; `false` (nothing copied) when a tensor's shape or
-    /// dtype differs, or only one side has detection targets.
+    /// dtype differs, one is not on the device, or only one side has detection targets.
     fn load(&self, inputs: &StepInputs<'_>) -> Result<bool, WorkerError> {
         let Some(pairs) = self.pairs(inputs) else { return Ok(false) };
         for (dst, src) in pairs {
@@ -253,7 +236,8 @@ impl StaticInputs {
         dst.push(&self.host_known);
         src.push(inputs.host_known);
         let fits = dst.len() == src.len()
-            && dst.iter().zip(&src).all(|(d, s)| d.size() == s.size() && d.kind() == s.kind());
+            && dst.iter().zip(&src).all(|(d, s)| d.size() == s.size() && d.kind() == s.kind())
+            && src.iter().all(|s| s.device() == self.lr.device());
         fits.then(|| dst.into_iter().zip(src).collect())
     }
 }
@@ -268,38 +252,45 @@ fn target_tensors(t: &FcosTargets) -> [&Tensor; 3] {
     [&t.labels, &t.ltrb, &t.labelled]
 }
 
-/// A batch whose device tensors are copies of `b`'s (memory the graph owns for its replays).
-fn copy_batch(b: &Batch) -> Result<Batch, WorkerError> {
+/// A batch whose tensors are copies of `b`'s on `device` (memory the graph owns for its
+/// replays). Its detection targets are left out: the step takes them from its inputs.
+fn copy_batch(b: &Batch, device: Device) -> Result<Batch, WorkerError> {
+    let copy = |t: &Tensor| copy_to(t, device);
     Ok(Batch {
         ids: b.ids.clone(),
-        images: copy_of(&b.images)?,
+        images: copy(&b.images)?,
         class_target: match &b.class_target {
-            ClassTarget::Single(t) => ClassTarget::Single(copy_of(t)?),
-            ClassTarget::Multi(t) => ClassTarget::Multi(copy_of(t)?),
+            ClassTarget::Single(t) => ClassTarget::Single(copy(t)?),
+            ClassTarget::Multi(t) => ClassTarget::Multi(copy(t)?),
         },
-        class_labelled: copy_of(&b.class_labelled)?,
+        class_labelled: copy(&b.class_labelled)?,
         boxes: b.boxes.clone(),
         boxes_labelled: b.boxes_labelled.clone(),
-        mask_target: copy_of(&b.mask_target)?,
-        mask_labelled: copy_of(&b.mask_labelled)?,
+        mask_target: copy(&b.mask_target)?,
+        mask_labelled: copy(&b.mask_labelled)?,
         originals: b.originals.clone(),
-        det_targets: b.det_targets.as_ref().map(copy_targets).transpose()?,
+        det_targets: None,
         colour_jitter: None,
     })
 }
 
 /// A copy of `t` in new memory.
 pub(super) fn copy_of(t: &Tensor) -> Result<Tensor, tch::TchError> {
-    let mut out = t.f_empty_like()?;
+    copy_to(t, t.device())
+}
+
+/// A copy of `t` in new memory on `device`.
+fn copy_to(t: &Tensor, device: Device) -> Result<Tensor, tch::TchError> {
+    let mut out = Tensor::f_empty(t.size(), (t.kind(), device))?;
     out.f_copy_(t)?;
     Ok(out)
 }
 
-fn copy_targets(t: &FcosTargets) -> Result<FcosTargets, WorkerError> {
+fn copy_targets(t: &FcosTargets, device: Device) -> Result<FcosTargets, WorkerError> {
     Ok(FcosTargets {
-        labels: copy_of(&t.labels)?,
-        ltrb: copy_of(&t.ltrb)?,
-        labelled: copy_of(&t.labelled)?,
+        labels: copy_to(&t.labels, device)?,
+        ltrb: copy_to(&t.ltrb, device)?,
+        labelled: copy_to(&t.labelled, device)?,
         num_positives: t.num_positives,
         sizes: t.sizes,
     })

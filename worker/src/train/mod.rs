@@ -347,17 +347,6 @@ impl Trainer {
         } else {
             None
         };
-        let graph = if cfg.train.cuda_graphs {
-            if flat.is_none() {
-                return Err(WorkerError::Config(mtl_job::JobConfigError::Invalid {
-                    key: "train.cuda_graphs".into(),
-                    message: "needs every gradient in the one flat buffer, and this model's are not".into(),
-                }));
-            }
-            Some(graph::StepGraph::new(device)?)
-        } else {
-            None
-        };
         // One plain backward pass, no SyncBatchNorm layers reducing inside it
         // (docs/ARCHITECTURE.md); the collective is checked in `plan_overlap`.
         let overlap_bucket_bytes = (flat.is_some()
@@ -380,7 +369,7 @@ impl Trainer {
             device,
             bf16: cfg.train.precision == mtl_job::Precision::Bf16,
             batch_size: cfg.train.batch_size as usize,
-            graph,
+            graph: None,
             stop: None,
         };
         trainer.plan_overlap()?;
@@ -402,6 +391,23 @@ impl Trainer {
         Ok(())
     }
 
+    /// Captures the step in a CUDA graph when `train.cuda_graphs` asks for it (`graph`). Only
+    /// for a trainer that stays a world of one (standalone training, `worker bench-step`);
+    /// errors name the key (not a CUDA device, the gradients not in one flat buffer).
+    pub(crate) fn with_cuda_graphs(mut self, train: &mtl_job::TrainSection) -> Result<Self, WorkerError> {
+        if !train.cuda_graphs {
+            return Ok(self);
+        }
+        if self.flat.is_none() {
+            return Err(WorkerError::Config(mtl_job::JobConfigError::Invalid {
+                key: "train.cuda_graphs".into(),
+                message: "needs every gradient in the one flat buffer, and this model's are not".into(),
+            }));
+        }
+        self.graph = Some(graph::StepGraph::new(self.device)?);
+        Ok(self)
+    }
+
     /// Every step tells the other ranks whether `stop` was requested on this one (see
     /// [`StepReport::stop_requested`]).
     pub(crate) fn with_stop(mut self, stop: crate::stop::StopRequest) -> Self {
@@ -412,18 +418,6 @@ impl Trainer {
     /// Optimizer steps taken so far.
     pub(crate) fn steps_done(&self) -> u64 {
         self.step
-    }
-
-    /// The host-side step counters (the trainer's and the optimizer's), to restore after a
-    /// captured step that failed.
-    fn step_counters(&self) -> (u64, u64) {
-        (self.step, self.optimizer.steps())
-    }
-
-    /// Restores [`Self::step_counters`].
-    fn restore_step_counters(&mut self, (step, optimizer_steps): (u64, u64)) {
-        self.step = step;
-        self.optimizer.restore_steps(optimizer_steps);
     }
 
     /// Counts a step that a replay of a captured graph took on the device.

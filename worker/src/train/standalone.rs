@@ -87,7 +87,7 @@ pub fn run(
 ) -> Result<Summary, WorkerError> {
     let (train, val, model) = open_job(cfg, device)?;
     let dir = cfg.checkpoint.dir_path(&cfg.job.name);
-    let mut trainer = Trainer::new(cfg, model, Box::new(LocalCollective))?;
+    let mut trainer = Trainer::new(cfg, model, Box::new(LocalCollective))?.with_cuda_graphs(&cfg.train)?;
     let start = match &opts.resume {
         Some(from) => checkpoint::open(from)?.restore(&mut trainer, cfg, &train)?,
         None => {

@@ -63,7 +63,11 @@ fn cuda_graphs_on_a_cpu_trainer_are_refused_before_any_step() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = job(dir.path(), "cuda_graphs = true");
     let (_, _, model) = open_job(&cfg, Device::Cpu).unwrap();
-    let err = Trainer::new(&cfg, model, Box::new(LocalCollective)).err().expect("refused").to_string();
+    let err = Trainer::new(&cfg, model, Box::new(LocalCollective))
+        .and_then(|t| t.with_cuda_graphs(&cfg.train))
+        .err()
+        .expect("refused")
+        .to_string();
     assert!(err.contains("train.cuda_graphs") && err.contains("CUDA device"), "{err}");
 }
 
@@ -95,13 +99,14 @@ fn train(
 ) -> (Vec<StepValues>, Vec<Tensor>, bool) {
     let (_, _, mut model) = open_job(cfg, initial.var_store().device()).unwrap();
     model.var_store_mut().copy(initial.var_store()).unwrap();
-    let mut trainer = Trainer::new(cfg, model, Box::new(LocalCollective)).unwrap();
+    let mut trainer =
+        Trainer::new(cfg, model, Box::new(LocalCollective)).unwrap().with_cuda_graphs(&cfg.train).unwrap();
     let mut reports = Vec::new();
     for batch in batches {
         reports.push(trainer.step(batch).unwrap().read().unwrap());
     }
     assert_eq!(trainer.steps_done(), batches.len() as u64);
-    let captured = trainer.graph.as_ref().is_some_and(|g| g.captured.is_some() && !g.given_up);
+    let captured = trainer.graph.as_ref().is_some_and(|g| g.captured.is_some());
     let params = trainer.model.parameters().into_iter().map(|(_, t)| t.to_device(Device::Cpu)).collect();
     (reports, params, captured)
 }
