@@ -124,10 +124,18 @@ impl FcosTargets {
 
     /// The targets on `device` (non-blocking copies, see `data::batch::moved`).
     pub(crate) fn to_device(&self, device: Device) -> Result<Self, TchError> {
+        self.map_tensors(|t| moved(t, device))
+    }
+
+    /// The same targets with `f` applied to each tensor.
+    pub(crate) fn map_tensors(
+        &self,
+        f: impl Fn(&Tensor) -> Result<Tensor, TchError>,
+    ) -> Result<Self, TchError> {
         Ok(FcosTargets {
-            labels: moved(&self.labels, device)?,
-            ltrb: moved(&self.ltrb, device)?,
-            labelled: moved(&self.labelled, device)?,
+            labels: f(&self.labels)?,
+            ltrb: f(&self.ltrb)?,
+            labelled: f(&self.labelled)?,
             num_positives: self.num_positives,
             sizes: self.sizes,
         })

@@ -287,13 +287,7 @@ fn copy_to(t: &Tensor, device: Device) -> Result<Tensor, tch::TchError> {
 }
 
 fn copy_targets(t: &FcosTargets, device: Device) -> Result<FcosTargets, WorkerError> {
-    Ok(FcosTargets {
-        labels: copy_to(&t.labels, device)?,
-        ltrb: copy_to(&t.ltrb, device)?,
-        labelled: copy_to(&t.labelled, device)?,
-        num_positives: t.num_positives,
-        sizes: t.sizes,
-    })
+    Ok(t.map_tensors(|x| copy_to(x, device))?)
 }
 
 /// An `at::cuda::CUDAGraph`, freed on drop.
