@@ -127,7 +127,7 @@ impl StepGraph {
 }
 
 /// An error about `train.cuda_graphs`.
-fn refuse(message: String) -> WorkerError {
+pub(super) fn refuse(message: String) -> WorkerError {
     WorkerError::Config(mtl_job::JobConfigError::Invalid { key: "train.cuda_graphs".into(), message })
 }
 
@@ -184,7 +184,6 @@ struct StaticInputs {
 }
 
 impl StaticInputs {
-    /// Copies of `inputs`, in new memory.
     /// Copies of `inputs`, in new memory on the batch's device (targets built on the host for
     /// a hand-made batch included: the captured step must read nothing from the host).
     fn copy_of(inputs: &StepInputs<'_>) -> Result<Self, WorkerError> {

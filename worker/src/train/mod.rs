@@ -399,10 +399,9 @@ impl Trainer {
             return Ok(self);
         }
         if self.flat.is_none() {
-            return Err(WorkerError::Config(mtl_job::JobConfigError::Invalid {
-                key: "train.cuda_graphs".into(),
-                message: "needs every gradient in the one flat buffer, and this model's are not".into(),
-            }));
+            return Err(graph::refuse(
+                "needs every gradient in the one flat buffer, and this model's are not".into(),
+            ));
         }
         self.graph = Some(graph::StepGraph::new(self.device)?);
         Ok(self)

@@ -90,6 +90,13 @@ fn batches(cfg: &JobConfig, device: Device, model: &MultiTaskModel) -> Vec<Batch
     out
 }
 
+/// A trainer on a copy of `initial`.
+fn trainer(cfg: &JobConfig, initial: &MultiTaskModel) -> Trainer {
+    let (_, _, mut model) = open_job(cfg, initial.var_store().device()).unwrap();
+    model.var_store_mut().copy(initial.var_store()).unwrap();
+    Trainer::new(cfg, model, Box::new(LocalCollective)).unwrap()
+}
+
 /// Trains on `batches` with `cfg` from `initial`'s weights; the reports read after each step,
 /// the final parameters, and whether a graph was captured.
 fn train(
@@ -97,10 +104,7 @@ fn train(
     initial: &MultiTaskModel,
     batches: &[Batch],
 ) -> (Vec<StepValues>, Vec<Tensor>, bool) {
-    let (_, _, mut model) = open_job(cfg, initial.var_store().device()).unwrap();
-    model.var_store_mut().copy(initial.var_store()).unwrap();
-    let mut trainer =
-        Trainer::new(cfg, model, Box::new(LocalCollective)).unwrap().with_cuda_graphs(&cfg.train).unwrap();
+    let mut trainer = trainer(cfg, initial).with_cuda_graphs(&cfg.train).unwrap();
     let mut reports = Vec::new();
     for batch in batches {
         reports.push(trainer.step(batch).unwrap().read().unwrap());
@@ -149,13 +153,6 @@ fn a_captured_step_trains_as_eager_steps_do_on_cuda() {
         }
         assert!(got_params.iter().all(|p| p.isfinite().all().int64_value(&[]) == 1));
     }
-}
-
-/// A trainer on a copy of `initial`.
-fn trainer(cfg: &JobConfig, initial: &MultiTaskModel) -> Trainer {
-    let (_, _, mut model) = open_job(cfg, initial.var_store().device()).unwrap();
-    model.var_store_mut().copy(initial.var_store()).unwrap();
-    Trainer::new(cfg, model, Box::new(LocalCollective)).unwrap()
 }
 
 /// What a replay does, run eagerly on the CPU: a step on the static inputs, after another
